@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One-command set-up of the rat-plugins stack into .venv/ at the repository root.
+#
+# Idempotent: a finished install leaves a stamp (hash of the pinned requirements and of this
+# script); a later run with the same stamp checks the imports and installs nothing.  Safe to
+# interrupt: every step checks what is already there, the mmcv wheel is built in a temporary
+# folder and renamed into the cache only when complete, and the stamp is written last.
+#
+# Environment:
+#   RAT_PLUGINS_PYTHON       interpreter for the venv (default: python3.11, else python3)
+#   RAT_PLUGINS_WHEEL_CACHE  where the compiled mmcv wheel is kept (default ~/.cache/rat-plugins/wheels)
+#   RAT_PLUGINS_SKIP_DETECTRON2=1  do not install the detectron2 redistribution
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+PY="$VENV/bin/python"
+CONSTRAINTS="$REPO/requirements/constraints.txt"
+RUNTIME="$REPO/requirements/runtime.txt"
+WHEEL_CACHE="${RAT_PLUGINS_WHEEL_CACHE:-$HOME/.cache/rat-plugins/wheels}"
+STAMP="$VENV/.rat-plugins-install-stamp"
+
+MMCV_VERSION=2.1.0
+D2_WHEEL=sal_detectron2-0.7.2-cp310-none-any.whl
+D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+
+STEP="starting"
+HINT=""
+step() { STEP="$1"; HINT="${2:-}"; echo "==> [install] $STEP"; }
+fail() {
+  echo "!!! [install] step failed: $STEP" >&2
+  [ -n "$HINT" ] && echo "!!! what to do: $HINT" >&2
+  echo "!!! re-running 'make test' (or tools/install.sh) resumes from this step." >&2
+  exit 1
+}
+# pip with the constraints file; the site's find-links warnings are noise, keep real errors.
+pip_install() {
+  "$PY" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS" "$@" 2>&1 \
+    | grep -v "^WARNING: Location 'file:" ; return "${PIPESTATUS[0]}"
+}
+stamp_value() {
+  cat "$CONSTRAINTS" "$RUNTIME" "$REPO/setup.py" "$REPO/tools/install.sh" | sha256sum | cut -d' ' -f1
+}
+stack_imports_ok() {
+  "$PY" - <<'EOF' >/dev/null 2>&1
+import os, torch, mmcv, mmengine, mmdet, mmseg, rat_plugins
+if os.environ.get("RAT_PLUGINS_SKIP_DETECTRON2", "0") != "1":
+    import detectron2
+from mmcv.ops import nms
+boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
+_, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
+assert keep.tolist() == [0, 2], keep
+EOF
+}
+
+# -- 0. already done? ---------------------------------------------------------------------------
+if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] && stack_imports_ok; then
+  echo "==> [install] environment up to date ($VENV); nothing to install"
+  exit 0
+fi
+
+# -- 1. virtual environment ---------------------------------------------------------------------
+step "virtual environment at .venv" "install Python 3.11 with venv support (apt-get install python3.11-venv) or set RAT_PLUGINS_PYTHON"
+if ! { [ -x "$PY" ] && "$PY" -c "import sys, pip; assert sys.version_info[:2] >= (3, 10)" 2>/dev/null; }; then
+  BASE_PY="${RAT_PLUGINS_PYTHON:-$(command -v python3.11 || command -v python3)}"
+  [ -n "$BASE_PY" ] || fail
+  rm -rf "$VENV"
+  "$BASE_PY" -m venv "$VENV" || fail
+fi
+"$PY" -c "import sys; print('    python', sys.version.split()[0])"
+
+# -- 2. torch -----------------------------------------------------------------------------------
+step "torch and torchvision (pinned)" "check that pip can reach the package registry and that the disk has ~6 GB free"
+pip_install torch torchvision || fail
+
+# -- 3. build tools: mmcv's setup.py and mmengine need pkg_resources, gone from setuptools >= 81 -
+step "build tools (setuptools<70 for mmcv/mmengine, wheel, ninja)"
+pip_install setuptools wheel ninja || fail
+
+# -- 4. pure-Python dependencies ----------------------------------------------------------------
+step "runtime dependencies (requirements/runtime.txt)" "see the pip error above; versions are pinned in requirements/constraints.txt"
+pip_install -r "$RUNTIME" || fail
+
+# -- 5. mmcv with CPU ops, compiled once into the wheel cache ------------------------------------
+step "mmcv $MMCV_VERSION with compiled ops" "the build needs g++ and about 20-40 minutes on 2 cores; its log is kept in the cache folder"
+TORCH_TAG="$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")"
+MMCV_CACHE="$WHEEL_CACHE/torch-$TORCH_TAG"
+mmcv_ok() { "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; }
+if mmcv_ok; then
+  echo "    mmcv $MMCV_VERSION already installed"
+else
+  mkdir -p "$MMCV_CACHE" || fail
+  WHEEL="$(ls "$MMCV_CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1)"
+  if [ -z "$WHEEL" ]; then
+    BUILD_DIR="$(mktemp -d "$MMCV_CACHE/.build-XXXXXX")" || fail
+    echo "    building mmcv from source in $BUILD_DIR (log: $MMCV_CACHE/build.log)"
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary=:all: \
+      "mmcv==$MMCV_VERSION" -d "$BUILD_DIR/src" 2>&1 | grep -v "^WARNING: Location 'file:"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail
+    # torch >= 2.10 headers need C++20; mmcv's setup.py forces -std=c++17 (see cxx20_wrapper.sh).
+    if ! env MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" CXX="$REPO/tools/cxx20_wrapper.sh" \
+        "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -v \
+        -w "$BUILD_DIR/out" "$BUILD_DIR"/src/mmcv-*.tar.gz >"$MMCV_CACHE/build.log" 2>&1; then
+      tail -n 30 "$MMCV_CACHE/build.log"
+      fail
+    fi
+    BUILT="$(ls "$BUILD_DIR"/out/mmcv-*.whl | head -n1)"
+    mv "$BUILT" "$MMCV_CACHE/" || fail
+    rm -rf "$BUILD_DIR"
+    WHEEL="$MMCV_CACHE/$(basename "$BUILT")"
+  fi
+  echo "    installing $WHEEL"
+  pip_install --no-deps "$WHEEL" || fail
+  mmcv_ok || { HINT="delete $MMCV_CACHE and re-run to rebuild the wheel"; fail; }
+fi
+
+# -- 6. mmdet / mmseg (no deps: they would replace our mmcv build) -----------------------------
+step "mmdet and mmsegmentation"
+pip_install --no-deps mmdet mmsegmentation || fail
+
+# -- 7. detectron2 ------------------------------------------------------------------------------
+step "detectron2" "build detectron2 from source into .venv yourself, or set RAT_PLUGINS_SKIP_DETECTRON2=1"
+if "$PY" -c "import detectron2" 2>/dev/null; then
+  echo "    detectron2 already importable: keeping it"
+elif [ "${RAT_PLUGINS_SKIP_DETECTRON2:-0}" = 1 ]; then
+  echo "    skipped (RAT_PLUGINS_SKIP_DETECTRON2=1)"
+else
+  # The only registry build with sources is a redistribution tagged cp310 but pure Python in
+  # practice; its compiled _C does not load on 3.11 and detectron2 falls back without it.
+  D2_DIR="$WHEEL_CACHE/detectron2"
+  mkdir -p "$D2_DIR" || fail
+  if [ ! -f "$D2_DIR/$D2_WHEEL" ]; then
+    TMP_D2="$(mktemp -d "$D2_DIR/.dl-XXXXXX")" || fail
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+      --python-version 3.10 sal-detectron2==0.7.2 -d "$TMP_D2" 2>&1 | grep -v "^WARNING: Location 'file:"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail
+    mv "$TMP_D2/$D2_WHEEL" "$D2_DIR/$D2_WHEEL" && rm -rf "$TMP_D2" || fail
+  fi
+  echo "$D2_SHA256  $D2_DIR/$D2_WHEEL" | sha256sum -c --quiet - \
+    || { HINT="checksum mismatch: delete $D2_DIR and re-run"; fail; }
+  PURE="$D2_DIR/${D2_WHEEL/cp310-none-any/py3-none-any}"
+  cp "$D2_DIR/$D2_WHEEL" "$PURE.tmp" && mv "$PURE.tmp" "$PURE" || fail
+  pip_install --no-deps "$PURE" || fail
+fi
+
+# -- 8. the project itself ----------------------------------------------------------------------
+step "rat-plugins (editable)"
+pip_install --no-deps --no-build-isolation -e "$REPO" || fail
+
+# -- 9. check -----------------------------------------------------------------------------------
+step "checking the stack (imports, mmcv.ops.nms)" "run: $PY -c 'import mmcv.ops, detectron2, mmseg, mmdet' to see the error"
+stack_imports_ok || fail
+stamp_value >"$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"
+echo "==> [install] done: $VENV"
