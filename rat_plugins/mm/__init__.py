@@ -1,0 +1,12 @@
+"""OpenMMLab adapters. Importing this package registers every component into mmseg / mmdet.
+
+Configs load it with ``custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)``.
+"""
+from .._optional import framework_missing_error
+
+try:
+    import mmdet  # noqa: F401
+    import mmengine  # noqa: F401
+    import mmseg  # noqa: F401
+except ImportError as e:
+    raise framework_missing_error(getattr(e, "name", None) or "mmseg", "rat_plugins.mm", e) from e
