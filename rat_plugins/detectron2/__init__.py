@@ -6,3 +6,5 @@ try:
     from detectron2.modeling import BACKBONE_REGISTRY  # noqa: F401
 except ImportError as e:  # one clear error instead of a traceback deep in an adapter
     raise framework_missing_error("detectron2", "rat_plugins.detectron2", e) from e
+
+from . import data, engine, schedule, vim  # noqa: E402,F401  (registration happens on import)

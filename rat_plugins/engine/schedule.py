@@ -1,0 +1,38 @@
+"""Epoch-based schedules expressed in iterations (what detectron2's iteration-based trainer needs)."""
+import math
+from dataclasses import dataclass
+
+__all__ = ["EpochSchedule", "epoch_schedule"]
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    iters_per_epoch: int
+    max_iter: int
+    warmup_iters: int
+    milestones: tuple  # iterations at which the learning rate is multiplied by 0.1
+
+    @property
+    def warmup_fraction(self) -> float:
+        return min(1.0, self.warmup_iters / self.max_iter)
+
+
+def epoch_schedule(num_images: int, batch_size: int, epochs: int, warmup_iters: int = 500,
+                   decay_at=(0.7, 0.9)) -> EpochSchedule:
+    """iterations = ceil(num_images / batch_size) * epochs; multistep decay at fractions of it.
+
+    Args:
+        num_images: images in the training split (every image counts, as in the seed's epochs).
+        batch_size: the effective (total) batch, whatever the micro-batch.
+        epochs: number of passes over the training split.
+        warmup_iters: linear warm-up length, capped at the schedule length.
+        decay_at: fractions of ``max_iter`` where the learning rate drops by 10x.
+    """
+    if num_images <= 0:
+        raise ValueError(f"the training split has {num_images} images; cannot build an epoch schedule")
+    if batch_size <= 0 or epochs <= 0:
+        raise ValueError(f"batch_size ({batch_size}) and epochs ({epochs}) must be positive")
+    iters_per_epoch = math.ceil(num_images / batch_size)
+    max_iter = iters_per_epoch * epochs
+    milestones = tuple(int(round(f * max_iter)) for f in decay_at)
+    return EpochSchedule(iters_per_epoch, max_iter, min(warmup_iters, max_iter), milestones)
