@@ -8,5 +8,8 @@ try:
     import mmdet  # noqa: F401
     import mmengine  # noqa: F401
     import mmseg  # noqa: F401
+    import mmcv.ops  # noqa: F401  (compiled ops: mmdet needs them at model build)
 except ImportError as e:
     raise framework_missing_error(getattr(e, "name", None) or "mmseg", "rat_plugins.mm", e) from e
+
+from . import runner  # noqa: E402,F401

@@ -1,0 +1,94 @@
+"""Shared logic of tools/train.py and tools/test.py for mmseg / mmdet configs (OpenMMLab CLI)."""
+import argparse
+import difflib
+import logging
+import os
+import os.path as osp
+
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+__all__ = ["train_parser", "test_parser", "load_config", "build_runner", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A config file or --cfg-options entry that cannot be used as given."""
+
+
+def _common(parser):
+    parser.add_argument("config", help="config file path")
+    parser.add_argument("--work-dir", help="the dir to save logs and models")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override settings, key=value (as OpenMMLab's tools)")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    return parser
+
+
+def train_parser():
+    p = _common(argparse.ArgumentParser(description="Train an mmseg / mmdet config"))
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    return p
+
+
+def test_parser():
+    p = _common(argparse.ArgumentParser(description="Evaluate an mmseg / mmdet checkpoint"))
+    p.add_argument("checkpoint", help="checkpoint file")
+    p.add_argument("--out", help="dump predictions (mmseg: folder, mmdet: .pkl)")
+    return p
+
+
+def _check_options(cfg, options):
+    """Refuse --cfg-options keys whose parent exists but the leaf does not (likely a typo)."""
+    for key in options or {}:
+        node, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(node, (list, tuple)) and part.isdigit():
+                node = node[int(part)]
+                continue
+            if not hasattr(node, "keys") or part not in node:
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                if i == len(parts) - 1 and "type" in getattr(node, "keys", lambda: [])():
+                    break  # adding a constructor argument to a registered type is legitimate
+                close = difflib.get_close_matches(part, known, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"--cfg-options key {key!r}: {'.'.join(parts[:i + 1])!r} is not in the config.{hint}")
+            node = node[part]
+
+
+def load_config(args) -> Config:
+    if not osp.isfile(args.config):
+        raise ConfigError(f"config file not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    _check_options(cfg, args.cfg_options)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.launcher != "none" and not torch.cuda.is_available():
+        # CPU processes cannot use NCCL; gloo is the CPU backend of torch.distributed.
+        cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+    if getattr(args, "amp", False):
+        if cfg.optim_wrapper.type == "AmpOptimWrapper":
+            print_log("AMP training is already enabled in your config.", logger="current", level=logging.WARNING)
+        elif cfg.optim_wrapper.type != "OptimWrapper":
+            raise ConfigError(f"--amp needs optim_wrapper.type OptimWrapper, got {cfg.optim_wrapper.type}")
+        else:
+            cfg.optim_wrapper.type = "AmpOptimWrapper"
+            cfg.optim_wrapper.loss_scale = "dynamic"
+    if getattr(args, "resume", False):
+        cfg.resume = True
+    return cfg
+
+
+def build_runner(cfg: Config) -> Runner:
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = "0"
+    return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
