@@ -5,7 +5,9 @@ epoch schedules, final test evaluation, peak memory, config-key checking.
 under detectron2's stock ``tools/lazyconfig_train_net.py`` (without the extras noted here).
 """
 import difflib
+import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -192,11 +194,24 @@ def do_train(args, cfg):
                     accumulation, cfg.dataloader.train.total_batch_size)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    started = time.time()
     trainer.train(start_iter, cfg.train.max_iter)
+    result = None
     if "final_test" in cfg.dataloader:
         logger.info("Final evaluation on the test split")
-        return do_test(cfg, model, "final_test")
-    return None
+        result = do_test(cfg, model, "final_test")
+    if comm.is_main_process():
+        # Marks the run finished (run_all_ofat.sh skips it; summarize_ofat.py reads it).
+        _write_json_atomic(os.path.join(cfg.train.output_dir, "final_metrics.json"), dict(
+            test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started))
+    return result
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
 
 
 def load_config(args):

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from rat_plugins.data.roboflow import FILTERED_NAME, ORIGINAL_NAME, filter_roboflow_coco
+
+
+def _export(tmp_path, annotations, images=None):
+    images = images or [dict(id=0, file_name="a.jpg", width=100, height=80),
+                        dict(id=1, file_name="b.jpg", width=100, height=80)]
+    data = dict(info={}, licenses=[], images=images, annotations=annotations,
+                categories=[dict(id=0, name="heads", supercategory="none"),
+                            dict(id=1, name="head", supercategory="heads")])
+    path = tmp_path / ORIGINAL_NAME
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _ann(i, bbox, image_id=0):
+    return dict(id=i, image_id=image_id, category_id=1, bbox=bbox, area=bbox[2] * bbox[3], iscrowd=0, segmentation=[])
+
+
+def test_filter_drops_supercategory_and_invalid_boxes(tmp_path):
+    src = _export(tmp_path, [_ann(1, [10, 10, 20, 20]), _ann(2, [5, 5, 0, 10]), _ann(3, [90, 70, 30, 30]),
+                             _ann(4, [200, 200, 10, 10]), _ann(5, [1, 1, -3, 4])])
+    before = src.read_bytes()
+    stats = filter_roboflow_coco(src)
+    assert src.read_bytes() == before  # the original is never edited
+    out = json.loads((tmp_path / FILTERED_NAME).read_text())
+    assert out["categories"] == [dict(id=1, name="head", supercategory="none")]
+    assert [a["id"] for a in out["annotations"]] == [1, 3]
+    assert out["annotations"][1]["bbox"] == [90.0, 70.0, 10.0, 10.0]  # clipped to the image
+    assert stats["dropped_degenerate"] == 2 and stats["dropped_outside"] == 1 and stats["clipped"] == 1
+    assert stats["images_without_boxes"] == 1 and stats["boxes"] == 2
+
+
+def test_filter_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="synthetic heads"):
+        filter_roboflow_coco(tmp_path / "missing" / ORIGINAL_NAME)
+    bad = tmp_path / ORIGINAL_NAME
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=str(bad)):
+        filter_roboflow_coco(bad)
+    src = _export(tmp_path, [_ann(1, [1, 1, 5, 5], image_id=7)])
+    with pytest.raises(ValueError, match="unknown image id 7"):
+        filter_roboflow_coco(src)
+    assert not (tmp_path / FILTERED_NAME).exists()  # nothing half-written
+
+
+def test_filter_refuses_to_overwrite_original(tmp_path):
+    src = _export(tmp_path, [_ann(1, [1, 1, 5, 5])])
+    with pytest.raises(ValueError, match="refusing"):
+        filter_roboflow_coco(src, src)
