@@ -238,9 +238,11 @@ def main(args):
         model.to(cfg.train.device)
         model = create_ddp_model(model, **_ddp_kwargs(cfg))
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-        result = do_test(cfg, model)
+        result = {"valid": do_test(cfg, model)}
         if "final_test" in cfg.dataloader:
-            result = {"valid": result, "test": do_test(cfg, model, "final_test")}
+            result["test"] = do_test(cfg, model, "final_test")
+        if comm.is_main_process():
+            _write_json_atomic(os.path.join(cfg.train.output_dir, "eval_metrics.json"), result)
         print(result)
         return result
     try:
