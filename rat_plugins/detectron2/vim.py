@@ -15,9 +15,10 @@ class ViM(Backbone):
         **kwargs: passed to ``VimBackbone`` (embed_dim, depth, freeze, checkpoint, ...).
     """
 
-    def __init__(self, out_feature: str = "last_feat", **kwargs):
+    def __init__(self, out_feature: str = "last_feat", checkpoint=None, **kwargs):
         super().__init__()
-        self.net = VimBackbone(**kwargs)
+        # configs write "" for "no checkpoint" (a command-line override cannot write None)
+        self.net = VimBackbone(checkpoint=checkpoint or None, **kwargs)
         self._out_features = [out_feature]
         self._out_feature_strides = {out_feature: self.net.patch_size}
         self._out_feature_channels = {out_feature: self.net.embed_dim}
