@@ -67,7 +67,7 @@ def test_two_cpu_processes_with_micro_batches(heads_data, tmp_path):
                     "train.warmup_iters=1", f"train.output_dir={out}"],
                    env={"RAT_DATASETS": str(heads_data)})
     log = (out / "log.txt").read_text()
-    assert "Gradient accumulation: 2 micro-batches of 2 per optimizer step" in log, proc.stdout[-2000:]
+    assert "Gradient accumulation: 2 micro-batches of 2 images (all processes) per optimizer step" in log, proc.stdout[-2000:]
     assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 2
 
 

@@ -190,7 +190,7 @@ def do_train(args, cfg):
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
     if accumulation > 1:
-        logger.info("Gradient accumulation: %d micro-batches of %d per optimizer step",
+        logger.info("Gradient accumulation: %d micro-batches of %d images (all processes) per optimizer step",
                     accumulation, cfg.dataloader.train.total_batch_size)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
