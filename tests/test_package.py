@@ -56,3 +56,10 @@ def test_list_shows_registries_and_unavailable_pieces():
 def test_tools_dir_is_not_a_package():
     # detectron2's wheel installs a top-level `tools` package; ours must not shadow it.
     assert not (REPO / "tools" / "__init__.py").exists()
+
+
+def test_install_is_idempotent():
+    # `make test` ran tools/install.sh just before the suite: a second run must install nothing.
+    proc = run_cmd(["bash", "tools/install.sh"])
+    assert "nothing to install" in proc.stdout, proc.stdout
+    assert "==> [install] torch" not in proc.stdout
