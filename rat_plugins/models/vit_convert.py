@@ -126,9 +126,15 @@ def load_timm_vit_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path!r} is not a loadable PyTorch checkpoint of ViT weights "
-                         f"(torch.load(weights_only=True) failed: {first})") from e
+        text = f"{e} {e.__context__ or ''}"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            why = (f"it stores objects of class {found.group(1)}, which torch.load(weights_only=True) refuses; "
+                   "only tensors, plain containers and argparse.Namespace are allowed")
+        else:
+            cause = str(e.__context__ or e).strip().splitlines()
+            why = f"torch.load(weights_only=True) failed: {cause[0] if cause else type(e).__name__}"
+        raise ValueError(f"{path!r} is not a loadable PyTorch checkpoint of ViT weights ({why})") from e
     state = obj
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
