@@ -176,7 +176,8 @@ def test_round_trip_through_timm_layout(tmp_path):
 
 def test_genuine_timm_model_matches():
     """A real timm VisionTransformer's state dict gives the same final features in mmseg."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     torch.manual_seed(0)
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=PATCH, embed_dim=E, depth=DEPTH, num_heads=2, mlp_ratio=4, qkv_bias=True,

@@ -13,3 +13,4 @@ except ImportError as e:
     raise framework_missing_error(getattr(e, "name", None) or "mmseg", "rat_plugins.mm", e) from e
 
 from . import runner  # noqa: E402,F401
+from . import setr, metrics  # noqa: E402,F401  (SETR encoder, vessel metrics)

@@ -1,0 +1,108 @@
+"""Binary (vessel) segmentation metrics for mmseg: Dice, IoU, accuracy, sensitivity, specificity.
+
+mmseg's ``IoUMetric`` reports class means (``mIoU``, ``mDice``, ``aAcc``); vessel segmentation is
+judged on the foreground class alone, together with sensitivity and specificity. ``VesselMetric``
+keeps everything ``IoUMetric`` reports and adds those numbers for ``foreground_index``.
+
+Counting (per image, pixels whose label is not ``ignore_index``): TP, FP, FN, TN of the foreground
+class. ``Dice = 2TP / (2TP + FP + FN)``, ``IoU = TP / (TP + FP + FN)``,
+``Accuracy = (TP + TN) / N``, ``Sensitivity = TP / (TP + FN)``, ``Specificity = TN / (TN + FP)``.
+
+Empty cases, one rule for every ratio: **a ratio whose denominator is 0 is 1.0** (perfect). Its
+denominator is 0 only when the errors it counts are 0 as well: an empty prediction on an empty
+ground truth has Dice = IoU = 1.0; sensitivity is 1.0 when the ground truth has no vessel (no vessel
+can be missed), specificity is 1.0 when every pixel is vessel. When no pixel is evaluated at all
+(everything ignored) every value is NaN: there is nothing to score. An empty prediction on a
+non-empty ground truth scores Dice = IoU = Sensitivity = 0; a non-empty prediction on an empty
+ground truth scores Dice = IoU = 0 and Sensitivity = 1.
+
+``aggregate='dataset'`` (default, as ``IoUMetric`` and the usual DRIVE protocol) pools the counts
+of all images; ``aggregate='image'`` averages the per-image values. Values are percentages
+(0-100), like ``IoUMetric``'s.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import numpy as np
+from mmengine.logging import MMLogger, print_log
+from mmseg.evaluation.metrics import IoUMetric
+from mmseg.registry import METRICS
+
+__all__ = ["VesselMetric", "binary_scores"]
+
+SCORE_NAMES = ("Dice", "IoU", "Accuracy", "Sensitivity", "Specificity")
+
+
+def _ratio(num: float, den: float) -> float:
+    return 1.0 if den == 0 else float(num) / float(den)
+
+
+def binary_scores(tp: float, fp: float, fn: float, tn: float) -> Dict[str, float]:
+    """Dice, IoU, accuracy, sensitivity and specificity (fractions in [0, 1]) from counts.
+
+    The empty-case rule of the module docstring: 0 / 0 counts as 1.0; NaN everywhere when
+    ``tp + fp + fn + tn == 0``.
+    """
+    if tp + fp + fn + tn == 0:
+        return {k: float("nan") for k in SCORE_NAMES}
+    return OrderedDict(
+        Dice=_ratio(2 * tp, 2 * tp + fp + fn),
+        IoU=_ratio(tp, tp + fp + fn),
+        Accuracy=_ratio(tp + tn, tp + fp + fn + tn),
+        Sensitivity=_ratio(tp, tp + fn),
+        Specificity=_ratio(tn, tn + fp),
+    )
+
+
+@METRICS.register_module()
+class VesselMetric(IoUMetric):
+    """``IoUMetric`` plus Dice, IoU, accuracy, sensitivity, specificity of the foreground class.
+
+    Args:
+        foreground_index: label of the foreground (vessel) class. Default 1.
+        aggregate: ``'dataset'`` pools pixel counts over all images; ``'image'`` averages
+            per-image scores.
+        iou_metrics: what ``IoUMetric`` adds (class means). Default ``['mIoU', 'mDice']``.
+        **kwargs: ``IoUMetric`` arguments (``ignore_index``, ``prefix``, ``output_dir``, ...).
+
+    Keys reported: ``Dice``, ``IoU``, ``Accuracy``, ``Sensitivity``, ``Specificity`` (foreground,
+    percent) and ``IoUMetric``'s ``aAcc``, ``mIoU``, ``mAcc``, ``mDice``.
+    """
+
+    def __init__(self, foreground_index: int = 1, aggregate: str = "dataset",
+                 iou_metrics: Sequence[str] = ("mIoU", "mDice"), **kwargs):
+        if aggregate not in ("dataset", "image"):
+            raise ValueError(f"VesselMetric: aggregate must be 'dataset' or 'image', got {aggregate!r}")
+        super().__init__(iou_metrics=list(iou_metrics), **kwargs)
+        self.foreground_index = int(foreground_index)
+        self.aggregate = aggregate
+
+    def _counts(self, area_intersect, area_pred, area_label):
+        f = self.foreground_index
+        n = float(area_label.sum())
+        tp = float(area_intersect[f])
+        fp = float(area_pred[f]) - tp
+        fn = float(area_label[f]) - tp
+        return tp, fp, fn, n - tp - fp - fn
+
+    def compute_metrics(self, results: List) -> Dict[str, float]:
+        if self.format_only:
+            return super().compute_metrics(results)
+        num_classes = len(self.dataset_meta["classes"])
+        if not 0 <= self.foreground_index < num_classes:
+            raise ValueError(f"VesselMetric: foreground_index {self.foreground_index} is not a class of "
+                             f"{self.dataset_meta['classes']}")
+        if self.aggregate == "dataset":
+            inter, _, pred, label = (sum(r[i] for r in results) for i in range(4))
+            scores = binary_scores(*self._counts(inter, pred, label))
+        else:
+            per_image = [binary_scores(*self._counts(r[0], r[2], r[3])) for r in results]
+            scores = {k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan")
+                      for k in SCORE_NAMES}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            metrics = super().compute_metrics(results)
+        metrics.update({k: round(v * 100, 2) for k, v in scores.items()})
+        name = self.dataset_meta["classes"][self.foreground_index]
+        print_log(f"{name} ({self.aggregate}): " + ", ".join(f"{k} {metrics[k]:.2f}" for k in SCORE_NAMES),
+                  logger=MMLogger.get_current_instance())
+        return metrics

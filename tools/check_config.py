@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Check an mmseg config before training: model, parameter counts, one forward pass, weights, data.
+
+    python tools/check_config.py CONFIG [--cfg-options k=v ...]
+
+Prints the total / trainable / frozen parameter counts (per part), runs one forward pass at the
+configured input size, checks the pretrained-weights file (and converts it, when present) and the
+dataset folders of the train / val / test loaders. Everything missing is reported with one
+``MISSING:`` line each; the exit status is 1 when something is missing or fails, 2 for a config
+error, else 0.
+"""
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+import torch
+from mmengine.config import DictAction
+from mmengine.registry import DefaultScope
+from mmengine.utils import import_modules_from_strings
+from rat_plugins.mm.runner import ConfigError, load_config
+
+_HINT_DATA = ("create it from raw DRIVE with tools/convert_drive.py, or a synthetic stand-in with "
+              "`python -m rat_plugins.data.synthetic fundus --out <folder> --layout mmseg`")
+
+
+def _parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings, key=value")
+    return p
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def _counts(module):
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable, total - trainable
+
+
+def _weight_files(cfg):
+    """(config field, path) of every weights file the config points at."""
+    out = []
+    bb = cfg.model.get("backbone", {})
+    if bb.get("pretrained_timm"):
+        out.append(("model.backbone.pretrained_timm", bb["pretrained_timm"]))
+    for where, node in (("model", cfg.model), ("model.backbone", bb)):
+        init = node.get("init_cfg")
+        if isinstance(init, dict) and init.get("checkpoint"):
+            out.append((f"{where}.init_cfg.checkpoint", init["checkpoint"]))
+        if isinstance(node.get("pretrained"), str):
+            out.append((f"{where}.pretrained", node["pretrained"]))
+    if cfg.get("load_from"):
+        out.append(("load_from", cfg.load_from))
+    return out
+
+
+def _innermost_dataset(ds):
+    while isinstance(ds, dict) and "dataset" in ds and "data_prefix" not in ds:
+        ds = ds["dataset"]
+    return ds
+
+
+def _check_data(cfg, missing, lines):
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if not cfg.get(loader):
+            continue
+        ds = _innermost_dataset(cfg[loader].get("dataset", {}))
+        root = ds.get("data_root", "") or ""
+        prefix = ds.get("data_prefix", {}) or {}
+        img_suffix = ds.get("img_suffix", ".png")
+        seg_suffix = ds.get("seg_map_suffix", "_manual1.png" if ds.get("type") == "DRIVEDataset" else ".png")
+        name = loader.replace("_dataloader", "")
+        ok = True
+        counts = {}
+        for key, suffix in (("img_path", img_suffix), ("seg_map_path", seg_suffix)):
+            if key not in prefix:
+                continue
+            folder = os.path.join(root, prefix[key])
+            if not os.path.isdir(folder):
+                missing.append(f"{name} data: folder {folder} ({loader}.dataset.data_prefix.{key}) does not exist; "
+                               + _HINT_DATA)
+                ok = False
+                continue
+            n = sum(1 for f in os.listdir(folder) if f.endswith(suffix))
+            counts[key] = n
+            if n == 0:
+                missing.append(f"{name} data: no *{suffix} files in {folder}")
+                ok = False
+        if ok:
+            lines.append(f"data {name}: ok, {counts.get('img_path', '?')} images, "
+                         f"{counts.get('seg_map_path', '?')} annotations under {root}")
+
+
+def _input_size(cfg):
+    for size in (cfg.model.get("data_preprocessor", {}).get("size"), cfg.get("crop_size"),
+                 cfg.model.get("backbone", {}).get("img_size")):
+        if size:
+            return (size, size) if isinstance(size, int) else tuple(size)
+    return (224, 224)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(SimpleNamespace(config=args.config, cfg_options=args.cfg_options, work_dir=None,
+                                          launcher="none"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    scope = cfg.get("default_scope", "mmseg")
+    DefaultScope.get_instance(f"check_config-{time.time()}", scope_name=scope)
+    from mmseg.registry import MODELS
+
+    missing, lines = [], [f"config: {args.config}"]
+
+    # weights
+    weight_files = _weight_files(cfg)
+    absent = {field for field, path in weight_files if not os.path.isfile(path)}
+    for field, path in weight_files:
+        if field in absent:
+            missing.append(f"weights: {path} ({field}) not found (relative paths start at {os.getcwd()})")
+        else:
+            lines.append(f"weights: {field} = {path}: found")
+
+    # model + parameters
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as e:  # noqa: BLE001  (report any build failure as one line)
+        missing.append(f"model: cannot be built: {type(e).__name__}: {e}")
+        model = None
+    if model is not None:
+        if not (absent & {"model.backbone.pretrained_timm", "model.backbone.init_cfg.checkpoint",
+                          "model.init_cfg.checkpoint", "model.backbone.pretrained"}):
+            try:
+                model.init_weights()  # converts and loads the pretrained encoder (report in the log)
+                if weight_files:
+                    lines.append("weights: loaded into the model")
+            except Exception as e:  # noqa: BLE001
+                missing.append(f"weights: cannot be loaded: {type(e).__name__}: {e}")
+        else:
+            lines.append("weights: not loaded (file missing); forward pass with random weights")
+        total, trainable, frozen = _counts(model)
+        lines.append(f"parameters: total {_fmt(total)} ({total}), trainable {_fmt(trainable)} ({trainable}), "
+                     f"frozen {_fmt(frozen)} ({frozen})")
+        for name, child in model.named_children():
+            t, tr, fr = _counts(child)
+            if t:
+                lines.append(f"  {name:<12} {type(child).__name__:<26} total {_fmt(t):>9}  trainable {_fmt(tr):>9}"
+                             f"  frozen {_fmt(fr):>9}")
+        h, w = _input_size(cfg)
+        model.eval()
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():
+                logits = model(torch.zeros(1, 3, h, w), mode="tensor")
+            dt = time.perf_counter() - start
+            stride = h / logits.shape[-2] if logits.shape[-2] else float("nan")
+            lines.append(f"forward: input 1x3x{h}x{w} -> logits {'x'.join(map(str, logits.shape))} "
+                         f"(decode head stride {stride:g}) in {dt:.2f} s")
+        except Exception as e:  # noqa: BLE001
+            missing.append(f"forward: failed at 1x3x{h}x{w}: {type(e).__name__}: {e}")
+
+    _check_data(cfg, missing, lines)
+    for line in lines:
+        print(line)
+    for line in missing:
+        print(f"MISSING: {line}")
+    print("result: " + (f"{len(missing)} problem(s)" if missing else "ok"))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
