@@ -66,7 +66,7 @@ def list_components(out=sys.stdout) -> int:
             unavailable.append((module, f"{what}: not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
     try:
         from rat_plugins.models.ops import selective_scan as scan
-        print(f"selective scan backend on CPU: {scan.cpu_backend_name()}", file=out)
+        print(f"selective scan backend on CPU: {scan.backend_for()}", file=out)
     except Exception as e:
         unavailable.append(("selective scan", f"{type(e).__name__}: {e}"))
     print("unavailable:" if unavailable else "unavailable: none", file=out)
