@@ -14,3 +14,4 @@ except ImportError as e:
 
 from . import runner  # noqa: E402,F401
 from . import setr, metrics  # noqa: E402,F401  (SETR encoder, vessel metrics)
+from . import vim  # noqa: E402,F401  (ViM backbone, Roboflow COCO dataset)
