@@ -3,7 +3,7 @@
 custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
 default_scope = 'mmdet'
 
-data_root = 'datasets/coco/'
+data_root = '{{$RAT_DATASETS:datasets}}/coco/'  # RAT_DATASETS as in datasets/README.md
 image_size = 640
 classes = ('head', )
 
