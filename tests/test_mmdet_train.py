@@ -39,7 +39,7 @@ def test_yolox_vim_trains_one_epoch(heads_data, tmp_path, tool):
 
 
 def test_unknown_cfg_option_is_one_clear_error(heads_data):
-    proc = run_cmd([sys.executable, "tools/train.py", str(CONFIG), "--cfg-options", "train_cfg.max_epoch=1"],
+    proc = run_cmd([sys.executable, "tools/train.py", str(CONFIG), "--cfg-options", "default_hooks.checkpont.interval=2"],
                    env={"RAT_DATASETS": str(heads_data)}, check=False)
     assert proc.returncode == 2
-    assert "max_epoch" in proc.stderr and "max_epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert "checkpont" in proc.stderr and "Did you mean checkpoint" in proc.stderr and "Traceback" not in proc.stderr
