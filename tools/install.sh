@@ -33,10 +33,12 @@ fail() {
   echo "!!! re-running 'make test' (or tools/install.sh) resumes from this step." >&2
   exit 1
 }
-# pip with the constraints file; the site's find-links warnings are noise, keep real errors.
+# pip with the constraints file. Noise filtered out: the site's find-links warnings, and pip's
+# resolver note about the detectron2 redistribution's metadata pins (numpy<2, black), which are
+# not real runtime needs. Real errors still show and fail the step.
 pip_install() {
   "$PY" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS" "$@" 2>&1 \
-    | grep -v "^WARNING: Location 'file:" ; return "${PIPESTATUS[0]}"
+    | grep -vE "^WARNING: Location 'file:|^ERROR: pip's dependency resolver does not currently|^This behaviour is the source of the following|^sal-detectron2 0.7.2 requires" ; return "${PIPESTATUS[0]}"
 }
 stamp_value() {
   cat "$CONSTRAINTS" "$RUNTIME" "$REPO/setup.py" "$REPO/tools/install.sh" | sha256sum | cut -d' ' -f1
@@ -73,8 +75,9 @@ fi
 step "torch and torchvision (pinned)" "check that pip can reach the package registry and that the disk has ~6 GB free"
 pip_install torch torchvision || fail
 
-# -- 3. build tools: mmcv's setup.py and mmengine need pkg_resources, gone from setuptools >= 81 -
-step "build tools (setuptools<70 for mmcv/mmengine, wheel, ninja)"
+# -- 3. build tools: detectron2's model_zoo and mmengine import pkg_resources (gone from setuptools
+# >= 81) and torch 2.14 asks for setuptools >= 77: the pin is 80.x --------------------------------
+step "build tools (setuptools 80 with pkg_resources, wheel, ninja)"
 pip_install setuptools wheel ninja || fail
 
 # -- 4. pure-Python dependencies ----------------------------------------------------------------
@@ -97,13 +100,17 @@ else
     "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary=:all: \
       "mmcv==$MMCV_VERSION" -d "$BUILD_DIR/src" 2>&1 | grep -v "^WARNING: Location 'file:"
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail
+    # mmcv 2.1.0's setup.py needs an older setuptools (pkg_resources API of < 70) while it builds.
+    "$PY" -m pip install --disable-pip-version-check -q "setuptools<70" 2>&1 | grep -v "^WARNING: Location 'file:"
     # torch >= 2.10 headers need C++20; mmcv's setup.py forces -std=c++17 (see cxx20_wrapper.sh).
     if ! env MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" CXX="$REPO/tools/cxx20_wrapper.sh" \
         "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -v \
         -w "$BUILD_DIR/out" "$BUILD_DIR"/src/mmcv-*.tar.gz >"$MMCV_CACHE/build.log" 2>&1; then
       tail -n 30 "$MMCV_CACHE/build.log"
+      pip_install setuptools
       fail
     fi
+    pip_install setuptools || fail  # back to the pinned version
     BUILT="$(ls "$BUILD_DIR"/out/mmcv-*.whl | head -n1)"
     mv "$BUILT" "$MMCV_CACHE/" || fail
     rm -rf "$BUILD_DIR"
