@@ -141,7 +141,9 @@ def _mmseg_vit(img=32, **kw):
                 out_indices=(0, DEPTH - 1), qkv_bias=True, patch_bias=True, final_norm=True,
                 norm_cfg=dict(type="LN", eps=1e-6), with_cls_token=True)
     args.update(kw)
-    return VisionTransformer(**args).eval()
+    vit = VisionTransformer(**args)
+    vit.eval()  # mmseg's VisionTransformer.train() returns None
+    return vit
 
 
 def test_round_trip_through_timm_layout(tmp_path):

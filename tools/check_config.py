@@ -34,7 +34,7 @@ def _parser():
 
 
 def _fmt(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k" if n else "0"
 
 
 def _counts(module):
@@ -67,6 +67,7 @@ def _innermost_dataset(ds):
 
 
 def _check_data(cfg, missing, lines):
+    reported = set()
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         if not cfg.get(loader):
             continue
@@ -83,14 +84,18 @@ def _check_data(cfg, missing, lines):
                 continue
             folder = os.path.join(root, prefix[key])
             if not os.path.isdir(folder):
-                missing.append(f"{name} data: folder {folder} ({loader}.dataset.data_prefix.{key}) does not exist; "
-                               + _HINT_DATA)
+                if folder not in reported:
+                    missing.append(f"{name} data: folder {folder} does not exist "
+                                   f"({loader}.dataset.data_prefix.{key})")
+                reported.add(folder)
                 ok = False
                 continue
             n = sum(1 for f in os.listdir(folder) if f.endswith(suffix))
             counts[key] = n
             if n == 0:
-                missing.append(f"{name} data: no *{suffix} files in {folder}")
+                if folder not in reported:
+                    missing.append(f"{name} data: no *{suffix} files in {folder}")
+                reported.add(folder)
                 ok = False
         if ok:
             lines.append(f"data {name}: ok, {counts.get('img_path', '?')} images, "
@@ -137,15 +142,14 @@ def main(argv=None):
         missing.append(f"model: cannot be built: {type(e).__name__}: {e}")
         model = None
     if model is not None:
-        if not (absent & {"model.backbone.pretrained_timm", "model.backbone.init_cfg.checkpoint",
-                          "model.init_cfg.checkpoint", "model.backbone.pretrained"}):
+        backbone = getattr(model, "backbone", None)
+        if getattr(backbone, "pretrained_timm", None) and "model.backbone.pretrained_timm" not in absent:
             try:
-                model.init_weights()  # converts and loads the pretrained encoder (report in the log)
-                if weight_files:
-                    lines.append("weights: loaded into the model")
+                backbone.init_weights()  # converts and loads the encoder weights; the report is logged
+                lines.append("weights: model.backbone.pretrained_timm converted and loaded")
             except Exception as e:  # noqa: BLE001
                 missing.append(f"weights: cannot be loaded: {type(e).__name__}: {e}")
-        else:
+        elif getattr(backbone, "pretrained_timm", None):
             lines.append("weights: not loaded (file missing); forward pass with random weights")
         total, trainable, frozen = _counts(model)
         lines.append(f"parameters: total {_fmt(total)} ({total}), trainable {_fmt(trainable)} ({trainable}), "
@@ -173,6 +177,8 @@ def main(argv=None):
         print(line)
     for line in missing:
         print(f"MISSING: {line}")
+    if any(" data: " in line for line in missing):
+        print(f"hint: {_HINT_DATA}")
     print("result: " + (f"{len(missing)} problem(s)" if missing else "ok"))
     return 1 if missing else 0
 

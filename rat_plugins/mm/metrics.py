@@ -20,6 +20,7 @@ ground truth scores Dice = IoU = 0 and Sensitivity = 1.
 of all images; ``aggregate='image'`` averages the per-image values. Values are percentages
 (0-100), like ``IoUMetric``'s.
 """
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
@@ -97,9 +98,12 @@ class VesselMetric(IoUMetric):
             scores = binary_scores(*self._counts(inter, pred, label))
         else:
             per_image = [binary_scores(*self._counts(r[0], r[2], r[3])) for r in results]
-            scores = {k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan")
-                      for k in SCORE_NAMES}
-        with np.errstate(invalid="ignore", divide="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                scores = {k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan")
+                          for k in SCORE_NAMES}
+        with warnings.catch_warnings():  # all-NaN classes (nothing evaluated): NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
             metrics = super().compute_metrics(results)
         metrics.update({k: round(v * 100, 2) for k, v in scores.items()})
         name = self.dataset_meta["classes"][self.foreground_index]
