@@ -40,7 +40,7 @@ def test_baseline_trains_under_project_tool_and_resumes(heads_data, tmp_path):
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     # resume with one more epoch: continues at iteration 4 and stops at 8
-    run_cmd(args[:-1] + ["train.epochs=2", f"train.output_dir={out}", "--resume"], env=env)
+    run_cmd(args[:2] + ["--resume"] + args[2:-1] + ["train.epochs=2", f"train.output_dir={out}"], env=env)
     iters = [m["iteration"] for m in _metrics(out) if "total_loss" in m]
     assert iters[:4] == [0, 1, 2, 3] and iters[4:] == [4, 5, 6, 7]
     assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 8

@@ -16,3 +16,9 @@ def test_schedule_rejects_empty_split():
     with pytest.raises(ValueError, match="0 images"):
         epoch_schedule(0, 8, 1)
     assert epoch_schedule(3, 8, 2).warmup_iters == 2  # warm-up capped at the run length
+
+
+def test_short_schedules_keep_valid_milestones():
+    for n in range(3, 12):
+        m = epoch_schedule(n, 1, 1).milestones
+        assert 0 < m[0] < m[1] < n, (n, m)

@@ -34,5 +34,9 @@ def epoch_schedule(num_images: int, batch_size: int, epochs: int, warmup_iters: 
         raise ValueError(f"batch_size ({batch_size}) and epochs ({epochs}) must be positive")
     iters_per_epoch = math.ceil(num_images / batch_size)
     max_iter = iters_per_epoch * epochs
-    milestones = tuple(int(round(f * max_iter)) for f in decay_at)
+    # fvcore wants strictly increasing milestones below max_iter: clamp for very short runs
+    milestones = [min(int(round(f * max_iter)), max_iter - 1) for f in decay_at]
+    for i in range(len(milestones) - 2, -1, -1):
+        milestones[i] = min(milestones[i], milestones[i + 1] - 1)
+    milestones = tuple(milestones)
     return EpochSchedule(iters_per_epoch, max_iter, min(warmup_iters, max_iter), milestones)
