@@ -11,8 +11,8 @@ figures do not mix. One step = data preprocessing + forward + loss + backward + 
 
 Reported per mode: median step time; on CUDA the peak allocated memory
 (``torch.cuda.max_memory_allocated``); on CPU the process's peak resident memory and its growth
-since the model was built (warm-up and timed steps), plus two exact counts: bytes autograd saves for backward in one step, and bytes of
-gradients + optimizer state.
+since the model was built (warm-up and timed steps), plus exact counts: bytes autograd saves for
+backward in one step, gradient bytes, and AdamW state bytes.
 """
 import argparse
 import json
@@ -140,9 +140,10 @@ def _child(args):
             losses = model.train_step(d, optim)
         sync()
         times.append(time.perf_counter() - start)
-    state_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    for st in optim.optimizer.state.values():
-        state_bytes += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    # gradients exist between backward and zero_grad (set to None after each step): one per trainable value
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state_bytes = sum(v.numel() * v.element_size() for st in optim.optimizer.state.values()
+                      for v in st.values() if torch.is_tensor(v))
     bb_total = sum(p.numel() for p in model.backbone.parameters())
     result = dict(
         mode=args.child,
@@ -155,7 +156,8 @@ def _child(args):
         total_params=sum(p.numel() for p in model.parameters()),
         backbone_params=bb_total,
         saved_for_backward_mb=saved["bytes"] / 2**20,
-        grads_and_optimizer_state_mb=state_bytes / 2**20,
+        grads_mb=grad_bytes / 2**20,
+        optimizer_state_mb=state_bytes / 2**20,
     )
     if device.type == "cuda":
         result["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -188,12 +190,12 @@ def main(argv=None):
     r0 = results[0]
     print(f"SETR-MLA train step, {os.path.basename(args.config)}, input {args.batch}x3x{args.size}x{args.size}, "
           f"{r0['device']} ({r0['threads']} threads), median of {args.steps} steps after {args.warmup} warm-up")
-    cols = ["mode", "step s", "trainable", "saved for bwd MB", "grads+opt MB"]
+    cols = ["mode", "step s", "trainable", "saved for bwd MB", "grads MB", "AdamW state MB"]
     cols += ["peak alloc MB"] if "peak_allocated_mb" in r0 else ["peak RSS MB", "RSS growth MB"]
     print(" | ".join(cols))
     for r in results:
         row = [r["mode"], f"{r['step_s']:.3f}", f"{r['trainable_params'] / 1e6:.2f} M",
-               f"{r['saved_for_backward_mb']:.1f}", f"{r['grads_and_optimizer_state_mb']:.1f}"]
+               f"{r['saved_for_backward_mb']:.1f}", f"{r['grads_mb']:.1f}", f"{r['optimizer_state_mb']:.1f}"]
         if "peak_allocated_mb" in r:
             row.append(f"{r['peak_allocated_mb']:.1f}")
         else:
