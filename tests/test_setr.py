@@ -255,7 +255,11 @@ def test_stock_mmseg_train_tool_frozen_config(tmp_path, data_root, timm_file):
     assert "FrozenVisionTransformer" in log and "ignored 2 non-encoder keys" in log
     assert "pos_embed interpolated (bicubic, cls slot kept) from a 14x14 to a 2x2 patch grid" in log
     vis = glob.glob(str(work / "*" / "vis_data"))[0]
-    assert glob.glob(os.path.join(vis, "events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(glob.glob(os.path.join(vis, "events.out.tfevents.*"))[0])
+    events.Reload()
+    assert {"loss", "lr", "Dice", "IoU", "Accuracy", "Sensitivity", "Specificity"} <= set(events.Tags()["scalars"])
     records = [json.loads(line) for line in open(os.path.join(vis, "scalars.json"))]
     train_keys = set().union(*(r for r in records if "loss" in r))
     val = [r for r in records if "Dice" in r]
