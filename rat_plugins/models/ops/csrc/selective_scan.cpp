@@ -1,0 +1,320 @@
+// CPU selective-scan recurrence for rat_plugins.models.ops.selective_scan.
+//
+// The exponentials exp(delta * A) are computed by ATen outside this file, one chunk of time
+// steps at a time (vectorised over [batch, dim, chunk, state]); what is left here is the cheap
+// sequential part, parallel over batch x dim with at::parallel_for:
+//
+//   forward   s_t = dA_t * s_{t-1} + delta_t * u_t * B_t ;  y_t = sum_n C_t[n] s_t[n]
+//   backward  the reverse-time adjoint h_t = dL/ds_t = gy_t C_t + dA_{t+1} * h_{t+1}, with the
+//             states of the chunk recomputed from the state saved at the chunk start.
+//
+// Layouts (all contiguous, same floating dtype):
+//   dA        [batch, dim, T, state]      exp(delta * A) for time steps t0 .. t0+T-1
+//   delta, u  [batch, dim, L]             delta already biased / softplus-ed
+//   Bm, Cm    [batch, groups, L, state]   (time-major per group: the state axis is contiguous)
+//   state     [batch, dim, state]         carried across chunks, updated in place
+// Only the headers needed (not <torch/extension.h>): the first-use compile takes seconds, not a minute.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// Largest state size of the generic (not unrolled) path; mamba-ssm's kernel allows 256.
+constexpr int64_t kMaxState = 256;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RAT_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define RAT_CLONES
+#endif
+
+void check_inputs(const at::Tensor& dA, const at::Tensor& delta, const at::Tensor& u,
+                  const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& state,
+                  int64_t t0) {
+  TORCH_CHECK(dA.dim() == 4 && delta.dim() == 3 && u.dim() == 3 && Bm.dim() == 4 &&
+                  Cm.dim() == 4 && state.dim() == 3,
+              "selective_scan cpp: bad tensor ranks");
+  for (const at::Tensor* t : {&dA, &delta, &u, &Bm, &Cm, &state}) {
+    TORCH_CHECK(t->is_contiguous(), "selective_scan cpp: tensors must be contiguous");
+    TORCH_CHECK(t->device().is_cpu(), "selective_scan cpp: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == dA.scalar_type(), "selective_scan cpp: dtypes differ");
+  }
+  const int64_t batch = dA.size(0), dim = dA.size(1), T = dA.size(2), N = dA.size(3);
+  const int64_t L = delta.size(2), G = Bm.size(1);
+  TORCH_CHECK(delta.size(0) == batch && delta.size(1) == dim && u.sizes() == delta.sizes(),
+              "selective_scan cpp: delta / u shape");
+  TORCH_CHECK(Bm.size(0) == batch && Bm.size(2) == L && Bm.size(3) == N && Cm.sizes() == Bm.sizes(),
+              "selective_scan cpp: B / C shape");
+  TORCH_CHECK(G > 0 && dim % G == 0, "selective_scan cpp: groups must divide dim");
+  TORCH_CHECK(state.size(0) == batch && state.size(1) == dim && state.size(2) == N,
+              "selective_scan cpp: state shape");
+  TORCH_CHECK(t0 >= 0 && t0 + T <= L, "selective_scan cpp: chunk out of range");
+  TORCH_CHECK(N >= 1 && N <= kMaxState, "selective_scan cpp: state size must be in [1, 256]");
+}
+
+int64_t grain_for(int64_t work_per_item) {
+  // at least ~16k multiply-adds per task so that tiny problems do not pay for thread start-up
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_item));
+}
+
+// Per-(batch, dim) row of the forward recurrence over T steps. NS > 0: state size known at compile
+// time (fully unrolled and vectorised); NS == 0: any size.
+template <typename scalar_t, int NS>
+inline __attribute__((always_inline)) void fwd_row(
+    const scalar_t* __restrict__ dA, const scalar_t* __restrict__ del, const scalar_t* __restrict__ uu,
+    const scalar_t* __restrict__ Bg, const scalar_t* __restrict__ Cg, scalar_t* __restrict__ yy,
+    scalar_t* __restrict__ st, int64_t T, int64_t N_) {
+  const int64_t N = NS > 0 ? NS : N_;
+  scalar_t s[NS > 0 ? NS : kMaxState];
+  for (int64_t n = 0; n < N; ++n) s[n] = st[n];
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t du = del[t] * uu[t];
+    const scalar_t* a = dA + t * N;
+    const scalar_t* bt = Bg + t * N;
+    const scalar_t* ct = Cg + t * N;
+    scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      s[n] = a[n] * s[n] + du * bt[n];
+      acc += ct[n] * s[n];
+    }
+    yy[t] = acc;
+  }
+  for (int64_t n = 0; n < N; ++n) st[n] = s[n];
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void fwd_row_any(
+    const scalar_t* dA, const scalar_t* del, const scalar_t* uu, const scalar_t* Bg, const scalar_t* Cg,
+    scalar_t* yy, scalar_t* st, int64_t T, int64_t N) {
+  switch (N) {
+    case 16: fwd_row<scalar_t, 16>(dA, del, uu, Bg, Cg, yy, st, T, N); break;
+    case 8: fwd_row<scalar_t, 8>(dA, del, uu, Bg, Cg, yy, st, T, N); break;
+    default: fwd_row<scalar_t, 0>(dA, del, uu, Bg, Cg, yy, st, T, N);
+  }
+}
+
+// Rows of float / double, compiled twice (AVX2 + FMA and baseline x86-64), picked at load time.
+RAT_CLONES void fwd_rows(const float* dA, const float* del, const float* uu, const float* Bg,
+                         const float* Cg, float* yy, float* st, int64_t T, int64_t N) {
+  fwd_row_any<float>(dA, del, uu, Bg, Cg, yy, st, T, N);
+}
+RAT_CLONES void fwd_rows(const double* dA, const double* del, const double* uu, const double* Bg,
+                         const double* Cg, double* yy, double* st, int64_t T, int64_t N) {
+  fwd_row_any<double>(dA, del, uu, Bg, Cg, yy, st, T, N);
+}
+
+template <typename scalar_t>
+void fwd_impl(const at::Tensor& dA_, const at::Tensor& delta_, const at::Tensor& u_,
+              const at::Tensor& B_, const at::Tensor& C_, at::Tensor& state_, at::Tensor& y_,
+              int64_t t0) {
+  const int64_t batch = dA_.size(0), dim = dA_.size(1), T = dA_.size(2), N = dA_.size(3);
+  const int64_t L = delta_.size(2), G = B_.size(1), dpg = dim / G;
+  const scalar_t* dA = dA_.data_ptr<scalar_t>();
+  const scalar_t* delta = delta_.data_ptr<scalar_t>();
+  const scalar_t* u = u_.data_ptr<scalar_t>();
+  const scalar_t* Bp = B_.data_ptr<scalar_t>();
+  const scalar_t* Cp = C_.data_ptr<scalar_t>();
+  scalar_t* state = state_.data_ptr<scalar_t>();
+  scalar_t* y = y_.data_ptr<scalar_t>();
+
+  at::parallel_for(0, batch * dim, grain_for(T * N), [&](int64_t begin, int64_t end) {
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int64_t b = bd / dim, d = bd % dim, g = d / dpg;
+      fwd_rows(dA + bd * T * N, delta + bd * L + t0, u + bd * L + t0, Bp + ((b * G + g) * L + t0) * N,
+               Cp + ((b * G + g) * L + t0) * N, y + bd * L + t0, state + bd * N, T, N);
+    }
+  });
+}
+
+// Per-(batch, dim) row of the backward pass over one chunk: recompute the states from s_init into S,
+// then run the adjoint h backwards in time (H receives h_t = dL/ds_t).
+template <typename scalar_t, int NS>
+inline __attribute__((always_inline)) void bwd_row(
+    const scalar_t* __restrict__ dA, const scalar_t* __restrict__ del, const scalar_t* __restrict__ uu,
+    const scalar_t* __restrict__ Bg, const scalar_t* __restrict__ Cg, const scalar_t* __restrict__ Ad,
+    const scalar_t* __restrict__ gyy, const scalar_t* __restrict__ s_init, scalar_t* __restrict__ hio,
+    scalar_t* __restrict__ gAd, scalar_t* __restrict__ gdel, scalar_t* __restrict__ guu,
+    scalar_t* __restrict__ S, scalar_t* __restrict__ H, int64_t T, int64_t N_) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const int64_t N = NS > 0 ? NS : N_;
+  scalar_t s[NS > 0 ? NS : kMaxState];
+  scalar_t h[NS > 0 ? NS : kMaxState];
+  acc_t gA[NS > 0 ? NS : kMaxState];
+  // 1. states of the chunk
+  for (int64_t n = 0; n < N; ++n) s[n] = s_init[n];
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t du = del[t] * uu[t];
+    const scalar_t* a = dA + t * N;
+    const scalar_t* bt = Bg + t * N;
+    scalar_t* out = S + t * N;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      s[n] = a[n] * s[n] + du * bt[n];
+      out[n] = s[n];
+    }
+  }
+  // 2. reverse-time adjoint
+  for (int64_t n = 0; n < N; ++n) {
+    h[n] = hio[n];
+    gA[n] = 0;
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const scalar_t* a = dA + t * N;
+    const scalar_t* bt = Bg + t * N;
+    const scalar_t* ct = Cg + t * N;
+    const scalar_t* sprev = t > 0 ? S + (t - 1) * N : s_init;
+    scalar_t* Ht = H + t * N;
+    const scalar_t gyt = gyy[t];
+    const scalar_t dt = del[t];
+    scalar_t sum_hB = 0, sum_gaA = 0;
+#pragma omp simd reduction(+ : sum_hB, sum_gaA)
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t hn = h[n] + gyt * ct[n];
+      Ht[n] = hn;
+      const scalar_t gx = hn * sprev[n] * a[n];  // dL / d(delta_t A_n), through exp
+      sum_gaA += gx * Ad[n];
+      gA[n] += acc_t(gx) * acc_t(dt);
+      sum_hB += hn * bt[n];
+      h[n] = a[n] * hn;
+    }
+    gdel[t] = sum_gaA + uu[t] * sum_hB;
+    guu[t] = dt * sum_hB;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    hio[n] = h[n];
+    gAd[n] = static_cast<scalar_t>(acc_t(gAd[n]) + gA[n]);
+  }
+}
+
+#define RAT_BWD_ARGS(T_)                                                                        \
+  const T_ *dA, const T_ *del, const T_ *uu, const T_ *Bg, const T_ *Cg, const T_ *Ad,          \
+      const T_ *gyy, const T_ *s_init, T_ *hio, T_ *gAd, T_ *gdel, T_ *guu, T_ *S, T_ *H,       \
+      int64_t T, int64_t N
+#define RAT_BWD_DISPATCH(T_)                                                                    \
+  switch (N) {                                                                                  \
+    case 16: bwd_row<T_, 16>(dA, del, uu, Bg, Cg, Ad, gyy, s_init, hio, gAd, gdel, guu, S, H, T, N); break; \
+    case 8: bwd_row<T_, 8>(dA, del, uu, Bg, Cg, Ad, gyy, s_init, hio, gAd, gdel, guu, S, H, T, N); break;   \
+    default: bwd_row<T_, 0>(dA, del, uu, Bg, Cg, Ad, gyy, s_init, hio, gAd, gdel, guu, S, H, T, N);         \
+  }
+
+RAT_CLONES void bwd_rows(RAT_BWD_ARGS(float)) { RAT_BWD_DISPATCH(float) }
+RAT_CLONES void bwd_rows(RAT_BWD_ARGS(double)) { RAT_BWD_DISPATCH(double) }
+
+template <typename scalar_t>
+void bwd_impl(const at::Tensor& dA_, const at::Tensor& delta_, const at::Tensor& u_,
+              const at::Tensor& B_, const at::Tensor& C_, const at::Tensor& A_,
+              const at::Tensor& gy_, const at::Tensor& s0_, at::Tensor& h_, at::Tensor& gA_,
+              at::Tensor& gdelta_, at::Tensor& gu_, at::Tensor& S_, at::Tensor& H_, int64_t t0) {
+  const int64_t batch = dA_.size(0), dim = dA_.size(1), T = dA_.size(2), N = dA_.size(3);
+  const int64_t L = delta_.size(2), G = B_.size(1), dpg = dim / G;
+  const scalar_t* dA = dA_.data_ptr<scalar_t>();
+  const scalar_t* delta = delta_.data_ptr<scalar_t>();
+  const scalar_t* u = u_.data_ptr<scalar_t>();
+  const scalar_t* Bp = B_.data_ptr<scalar_t>();
+  const scalar_t* Cp = C_.data_ptr<scalar_t>();
+  const scalar_t* Ap = A_.data_ptr<scalar_t>();
+  const scalar_t* gy = gy_.data_ptr<scalar_t>();
+  const scalar_t* s0 = s0_.data_ptr<scalar_t>();
+  scalar_t* hp = h_.data_ptr<scalar_t>();
+  scalar_t* gA = gA_.data_ptr<scalar_t>();
+  scalar_t* gdelta = gdelta_.data_ptr<scalar_t>();
+  scalar_t* gu = gu_.data_ptr<scalar_t>();
+  scalar_t* S = S_.data_ptr<scalar_t>();
+  scalar_t* H = H_.data_ptr<scalar_t>();
+
+  at::parallel_for(0, batch * dim, grain_for(4 * T * N), [&](int64_t begin, int64_t end) {
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int64_t b = bd / dim, d = bd % dim, g = d / dpg;
+      const int64_t bgo = ((b * G + g) * L + t0) * N;
+      bwd_rows(dA + bd * T * N, delta + bd * L + t0, u + bd * L + t0, Bp + bgo, Cp + bgo, Ap + d * N,
+               gy + bd * L + t0, s0 + bd * N, hp + bd * N, gA + bd * N, gdelta + bd * L + t0,
+               gu + bd * L + t0, S + bd * T * N, H + bd * T * N, T, N);
+    }
+  });
+}
+
+template <typename scalar_t>
+void reduce_impl(const at::Tensor& X_, const at::Tensor& w_, at::Tensor& out_, int64_t t0) {
+  // out[b, g, t0 + t, n] = sum_{d in group g} w[b, d, t0 + t] * X[b, d, t, n]
+  const int64_t batch = X_.size(0), dim = X_.size(1), T = X_.size(2), N = X_.size(3);
+  const int64_t L = w_.size(2), G = out_.size(1), dpg = dim / G;
+  const scalar_t* X = X_.data_ptr<scalar_t>();
+  const scalar_t* w = w_.data_ptr<scalar_t>();
+  scalar_t* out = out_.data_ptr<scalar_t>();
+  at::parallel_for(0, batch * G * T, grain_for(dpg * N), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> acc(N);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i % T, bg = i / T, b = bg / G, g = bg % G;
+      std::fill(acc.begin(), acc.end(), scalar_t(0));
+      for (int64_t dd = 0; dd < dpg; ++dd) {
+        const int64_t bd = b * dim + g * dpg + dd;
+        const scalar_t wv = w[bd * L + t0 + t];
+        const scalar_t* x = X + (bd * T + t) * N;
+        for (int64_t n = 0; n < N; ++n) acc[n] += wv * x[n];
+      }
+      std::copy(acc.begin(), acc.end(), out + (bg * L + t0 + t) * N);
+    }
+  });
+}
+
+}  // namespace
+
+// y[:, :, t0:t0+T] = scan of the chunk; state updated in place.
+void scan_fwd_chunk(at::Tensor dA, at::Tensor delta, at::Tensor u, at::Tensor Bm, at::Tensor Cm,
+                    at::Tensor state, at::Tensor y, int64_t t0) {
+  check_inputs(dA, delta, u, Bm, Cm, state, t0);
+  TORCH_CHECK(y.is_contiguous() && y.sizes() == delta.sizes() && y.scalar_type() == dA.scalar_type(),
+              "selective_scan cpp: y");
+  AT_DISPATCH_FLOATING_TYPES(dA.scalar_type(), "selective_scan_fwd_chunk", [&] {
+    fwd_impl<scalar_t>(dA, delta, u, Bm, Cm, state, y, t0);
+  });
+}
+
+// Backward of one chunk. h (in/out): adjoint carried in from the later chunks; gA (in/out):
+// per-(batch, dim) partial sums; gdelta / gu written for the chunk; S / H ([batch, dim, T, state])
+// receive the states and adjoints of the chunk (reduced over dim into dC / dB by reduce_over_dim).
+void scan_bwd_chunk(at::Tensor dA, at::Tensor delta, at::Tensor u, at::Tensor Bm, at::Tensor Cm,
+                    at::Tensor A, at::Tensor gy, at::Tensor s0, at::Tensor h, at::Tensor gA,
+                    at::Tensor gdelta, at::Tensor gu, at::Tensor S, at::Tensor H, int64_t t0) {
+  check_inputs(dA, delta, u, Bm, Cm, s0, t0);
+  for (const at::Tensor* t : {&A, &gy, &h, &gA, &gdelta, &gu, &S, &H}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == dA.scalar_type(),
+                "selective_scan cpp: backward buffers must be contiguous and of one dtype");
+  }
+  TORCH_CHECK(A.size(0) == dA.size(1) && A.size(1) == dA.size(3), "selective_scan cpp: A shape");
+  TORCH_CHECK(gy.sizes() == delta.sizes() && gdelta.sizes() == delta.sizes() &&
+                  gu.sizes() == delta.sizes(), "selective_scan cpp: gradient shapes");
+  TORCH_CHECK(h.sizes() == s0.sizes() && gA.sizes() == s0.sizes(), "selective_scan cpp: h / gA");
+  TORCH_CHECK(S.sizes() == dA.sizes() && H.sizes() == dA.sizes(), "selective_scan cpp: S / H");
+  AT_DISPATCH_FLOATING_TYPES(dA.scalar_type(), "selective_scan_bwd_chunk", [&] {
+    bwd_impl<scalar_t>(dA, delta, u, Bm, Cm, A, gy, s0, h, gA, gdelta, gu, S, H, t0);
+  });
+}
+
+void reduce_over_dim(at::Tensor X, at::Tensor w, at::Tensor out, int64_t t0) {
+  TORCH_CHECK(X.dim() == 4 && w.dim() == 3 && out.dim() == 4, "reduce_over_dim: ranks");
+  TORCH_CHECK(X.is_contiguous() && w.is_contiguous() && out.is_contiguous(), "reduce_over_dim: contiguity");
+  TORCH_CHECK(X.scalar_type() == w.scalar_type() && X.scalar_type() == out.scalar_type(), "reduce_over_dim: dtypes");
+  TORCH_CHECK(out.size(0) == X.size(0) && X.size(1) % out.size(1) == 0 && out.size(3) == X.size(3) &&
+                  w.size(0) == X.size(0) && w.size(1) == X.size(1) && out.size(2) == w.size(2) &&
+                  t0 >= 0 && t0 + X.size(2) <= w.size(2),
+              "reduce_over_dim: shapes");
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "selective_scan_reduce", [&] {
+    reduce_impl<scalar_t>(X, w, out, t0);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_fwd_chunk", &scan_fwd_chunk, "selective scan forward over one chunk (CPU)");
+  m.def("scan_bwd_chunk", &scan_bwd_chunk, "selective scan backward over one chunk (CPU)");
+  m.def("reduce_over_dim", &reduce_over_dim, "sum_d w[b,d,t] X[b,d,t,n] per group (CPU)");
+  m.def("num_threads", []() { return at::get_num_threads(); }, "ATen intra-op threads");
+}

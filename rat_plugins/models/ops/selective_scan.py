@@ -1,0 +1,452 @@
+"""Selective scan (the Mamba S6 recurrence) that runs anywhere.
+
+``selective_scan`` is a drop-in for mamba-ssm's ``selective_scan_fn`` (same arguments, layouts and
+results)::
+
+    delta = delta + delta_bias[:, None]           (if delta_bias is given)
+    delta = softplus(delta)                       (if delta_softplus)
+    s_t   = exp(delta_t * A) * s_{t-1} + delta_t * B_t * u_t       (per dim d and state n)
+    y_t   = sum_n C_t[n] * s_t[n] + D * u_t
+    y     = y * silu(z)                           (if z is given)
+
+Layouts: ``u``, ``delta``, ``z``: [batch, dim, L]; ``A``: [dim, state] (real); ``B``, ``C``:
+[batch, state, L] or [batch, groups, state, L] (groups divide dim; channel d uses group
+d // (dim // groups)); ``D``, ``delta_bias``: [dim]. Returns ``y`` (dtype of ``u``) or
+``(y, last_state)`` with ``last_state`` [batch, dim, state].
+
+Backends (:func:`backend_for` says which one a tensor gets):
+
+- ``mamba_ssm``: mamba-ssm's fused CUDA kernel, for CUDA tensors when ``mamba_ssm`` imports
+  (imported lazily; never required).
+- ``cpp``: CPU. The exponentials ``exp(delta * A)`` are computed by ATen, vectorised over whole
+  [batch, dim, chunk, state] blocks (chunks of L bound the memory); only the sequential
+  recurrence runs in a small C++ kernel (``csrc/selective_scan.cpp``, compiled on first use with
+  ``torch.utils.cpp_extension.load`` into torch's extension cache, which ``TORCH_EXTENSIONS_DIR``
+  overrides), parallel over batch x dim. Backward is the reverse-time adjoint recurrence with
+  the states recomputed chunk by chunk from the states saved at chunk starts.
+- ``torch``: pure PyTorch, differentiable by autograd, any device. Per chunk of L the pairs
+  (exp(delta A), delta B u) are combined by a log-depth inclusive scan (Hillis-Steele) using only
+  products of decays (no division, no exp of positive numbers, so it is as stable as the
+  sequential recurrence); chunks are chained by their boundary states.
+
+Choice: the environment variable ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` |
+``torch`` (or the ``backend=`` argument). ``auto`` uses mamba-ssm for CUDA tensors when installed,
+else the C++ kernel on the CPU, else the torch path; if the C++ kernel cannot be built (no
+compiler, no ninja, build error) ``auto`` warns once and uses the torch path, while an explicit
+``cpp`` raises. The CPU backends compute in float32 (float64 if any input is float64) and return
+``y`` in the dtype of ``u``.
+"""
+import logging
+import os
+import shutil
+import threading
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "selective_scan",
+    "backend_for",
+    "available_backends",
+    "load_cpp_extension",
+    "BACKEND_ENV",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "RAT_PLUGINS_SCAN_BACKEND"
+_REQUESTS = ("auto", "cpp", "torch", "mamba_ssm")
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "selective_scan.cpp")
+_EXT_NAME = "rat_plugins_selective_scan_cpu"
+
+# C++ path: elements of one [batch, dim, chunk, state] block of exponentials (2 MiB in fp32, so a
+# thread's share stays in its L2 cache between the ATen exp and the recurrence)
+_CPP_BLOCK_ELEMS = 1 << 19
+_TORCH_CHUNK = 64
+
+_lock = threading.Lock()
+_ext = None
+_ext_error: Optional[BaseException] = None
+_warned = False
+_mamba_fn = None
+_mamba_checked = False
+
+
+# ------------------------------------------------------------------------------------------------
+# backend selection
+
+
+def _mamba_selective_scan_fn():
+    """mamba-ssm's ``selective_scan_fn`` or None (imported once, lazily)."""
+    global _mamba_fn, _mamba_checked
+    if not _mamba_checked:
+        _mamba_checked = True
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        except Exception:  # ImportError, or a broken CUDA build raising at import
+            selective_scan_fn = None
+        _mamba_fn = selective_scan_fn
+    return _mamba_fn
+
+
+def _compiler_problem() -> Optional[str]:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        return f"no C++ compiler found (`{cxx}` is not on PATH; set CXX or install g++)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def load_cpp_extension(strict: bool = False):
+    """Build (first call only; cached on disk afterwards) and import the C++ CPU kernel.
+
+    Returns the extension module, or None when it cannot be built and ``strict`` is False (a
+    warning is emitted once). With ``strict`` a build failure raises RuntimeError.
+    """
+    global _ext, _ext_error, _warned
+    with _lock:
+        if _ext is None and _ext_error is None:
+            problem = _compiler_problem()
+            if problem is not None:
+                _ext_error = RuntimeError(problem)
+            else:
+                try:
+                    from torch.utils import cpp_extension
+
+                    logger.info("building the selective-scan CPU kernel (once; cached in torch's extension dir)")
+                    _ext = cpp_extension.load(
+                        name=_EXT_NAME,
+                        sources=[_SRC],
+                        extra_cflags=["-O3", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"],
+                        verbose=False,
+                    )
+                except Exception as e:  # compiler errors surface as RuntimeError / CalledProcessError
+                    _ext_error = e
+        if _ext is None:
+            if strict:
+                raise RuntimeError(
+                    f"the selective-scan C++ kernel could not be built ({_ext_error}); unset "
+                    f"{BACKEND_ENV} or set it to 'torch' to use the pure PyTorch scan"
+                ) from _ext_error
+            if not _warned:
+                _warned = True
+                warnings.warn(
+                    f"selective_scan: C++ CPU kernel unavailable ({_ext_error}); using the pure "
+                    "PyTorch chunked scan (slower)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _ext
+
+
+def _requested(backend: Optional[str]) -> str:
+    req = (backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")).strip().lower()
+    if req == "":
+        req = "auto"
+    if req not in _REQUESTS:
+        src = "backend=" if backend is not None else f"{BACKEND_ENV}="
+        raise ValueError(f"{src}{req!r} is not one of {', '.join(_REQUESTS)}")
+    return req
+
+
+def backend_for(tensor: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> str:
+    """Name of the backend ``selective_scan`` uses for tensors like ``tensor`` (default: CPU).
+
+    One of ``'mamba_ssm'``, ``'cpp'``, ``'torch'``. May build the C++ kernel (first call only).
+    """
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    req = _requested(backend)
+    if req == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if _mamba_selective_scan_fn() is not None:
+            return "mamba_ssm"
+        if req == "mamba_ssm":
+            raise RuntimeError("backend 'mamba_ssm' requested but mamba_ssm cannot be imported "
+                               "(on a CUDA machine: `pip install -e .[cuda]`)")
+        return "torch"  # the C++ kernel is CPU-only
+    if req == "mamba_ssm":
+        raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got a {device.type} tensor")
+    if device.type != "cpu":
+        return "torch"
+    if req == "cpp":
+        load_cpp_extension(strict=True)
+        return "cpp"
+    return "cpp" if load_cpp_extension(strict=False) is not None else "torch"
+
+
+def available_backends() -> dict:
+    """``{backend: available?}`` for a quick report (builds the C++ kernel if needed)."""
+    return {
+        "mamba_ssm": _mamba_selective_scan_fn() is not None and torch.cuda.is_available(),
+        "cpp": load_cpp_extension(strict=False) is not None,
+        "torch": True,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be [batch, dim, L], got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} != u shape {tuple(u.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported by this selective_scan (real A only)")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be [dim={dim}, state], got {tuple(A.shape)}")
+    N = A.shape[1]
+    groups = []
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() == 3 and M.shape == (batch, N, L):
+            groups.append(1)
+        elif M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (N, L) and M.shape[1] > 0 \
+                and dim % M.shape[1] == 0:
+            groups.append(M.shape[1])
+        else:
+            raise ValueError(
+                f"{name} must be [batch={batch}, state={N}, L={L}] or [batch, groups, state, L] with "
+                f"groups dividing dim={dim}; got {tuple(M.shape)}"
+            )
+    if groups[0] != groups[1]:
+        raise ValueError(f"B and C must have the same number of groups, got {groups[0]} and {groups[1]}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z shape {tuple(z.shape)} != u shape {tuple(u.shape)}")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (dim,):
+            raise ValueError(f"{name} must be [dim={dim}], got {tuple(v.shape)}")
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _as_groups(M: torch.Tensor) -> torch.Tensor:
+    return M.unsqueeze(1) if M.dim() == 3 else M
+
+
+def _process_delta(delta, delta_bias, delta_softplus, dtype):
+    d = delta.to(dtype)
+    if delta_bias is not None:
+        d = d + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        d = F.softplus(d)
+    return d
+
+
+def _cpp_chunk(batch: int, dim: int, state: int, L: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(16, min(max(L, 1), _CPP_BLOCK_ELEMS // max(1, batch * dim * state)))
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ backend
+
+
+def _exp_block(buf: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, t0: int, T: int) -> torch.Tensor:
+    """exp(delta[:, :, t0:t0+T, None] * A[:, None, :]) written into (a prefix of) ``buf``."""
+    b, d, _ = delta.shape
+    n = A.shape[1]
+    out = buf.view(-1)[: b * d * T * n].view(b, d, T, n)
+    torch.mul(delta[:, :, t0:t0 + T, None], A[:, None, :], out=out)
+    return out.exp_()
+
+
+def _cpp_forward(ext, u, delta, A, Bt, Ct, chunk, keep_checkpoints):
+    b, d, L = u.shape
+    n = A.shape[1]
+    state = u.new_zeros(b, d, n)
+    y = torch.empty_like(u)
+    checkpoints = []
+    buf = u.new_empty(b * d * min(chunk, L) * n)
+    for t0 in range(0, L, chunk):
+        T = min(chunk, L - t0)
+        if keep_checkpoints:
+            checkpoints.append(state.clone())
+        dA = _exp_block(buf, delta, A, t0, T)
+        ext.scan_fwd_chunk(dA, delta, u, Bt, Ct, state, y, t0)
+    ck = torch.stack(checkpoints) if checkpoints else u.new_zeros(0, b, d, n)
+    return y, state, ck
+
+
+class _SelectiveScanCpp(torch.autograd.Function):
+    """Forward / backward of the whole op (delta bias + softplus, D skip, z gate included)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+        ext = load_cpp_extension(strict=True)
+        cdt = _compute_dtype(u, delta, A, B, C)
+        uf = u.to(cdt).contiguous()
+        dlt = _process_delta(delta, delta_bias, delta_softplus, cdt).contiguous()
+        Af = A.to(cdt).contiguous()
+        Bt = _as_groups(B).to(cdt).transpose(-1, -2).contiguous()  # [b, g, L, n]
+        Ct = _as_groups(C).to(cdt).transpose(-1, -2).contiguous()
+        needs_grad = any(ctx.needs_input_grad)
+        y, last, checkpoints = _cpp_forward(ext, uf, dlt, Af, Bt, Ct, chunk, needs_grad)
+        if D is not None:
+            y = y + D.to(cdt)[:, None] * uf
+        out = y * F.silu(z.to(cdt)) if z is not None else y
+        if needs_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints,
+                                  y if z is not None else None)
+            ctx.delta_softplus = delta_softplus
+            ctx.chunk = chunk
+            ctx.cdt = cdt
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, gout, glast):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints, y = ctx.saved_tensors
+        ext = load_cpp_extension(strict=True)
+        cdt, chunk = ctx.cdt, ctx.chunk
+        uf = u.to(cdt).contiguous()
+        dlt = _process_delta(delta, delta_bias, ctx.delta_softplus, cdt).contiguous()
+        Af = A.to(cdt).contiguous()
+        Bt = _as_groups(B).to(cdt).transpose(-1, -2).contiguous()
+        Ct = _as_groups(C).to(cdt).transpose(-1, -2).contiguous()
+        b, d, L = uf.shape
+        n, g = Af.shape[1], Bt.shape[1]
+
+        gout = gout.to(cdt) if gout is not None else uf.new_zeros(b, d, L)
+        gz = None
+        if z is not None:
+            zf = z.to(cdt)
+            sig = torch.sigmoid(zf)
+            gy = (gout * zf * sig).contiguous()
+            gz = gout * y * (sig * (1 + zf * (1 - sig)))
+        else:
+            gy = gout.contiguous()
+
+        h = glast.to(cdt).contiguous().clone() if glast is not None else uf.new_zeros(b, d, n)
+        gA_part = uf.new_zeros(b, d, n)
+        gdelta = torch.empty_like(dlt)
+        gu = torch.empty_like(uf)
+        gBt = uf.new_empty(b, g, L, n)
+        gCt = uf.new_empty(b, g, L, n)
+        du = (dlt * uf).contiguous()
+        Tmax = min(chunk, L)
+        buf = uf.new_empty(b * d * Tmax * n)
+        S_buf = uf.new_empty(b * d * Tmax * n)
+        H_buf = uf.new_empty(b * d * Tmax * n)
+        starts = list(range(0, L, chunk))
+        for ci in reversed(range(len(starts))):
+            t0 = starts[ci]
+            T = min(chunk, L - t0)
+            dA = _exp_block(buf, dlt, Af, t0, T)
+            S = S_buf[: b * d * T * n].view(b, d, T, n)
+            H = H_buf[: b * d * T * n].view(b, d, T, n)
+            ext.scan_bwd_chunk(dA, dlt, uf, Bt, Ct, Af, gy, checkpoints[ci].contiguous(), h, gA_part,
+                               gdelta, gu, S, H, t0)
+            ext.reduce_over_dim(S, gy, gCt, t0)
+            ext.reduce_over_dim(H, du, gBt, t0)
+
+        gD = None
+        if D is not None:
+            gD = (gy * uf).sum((0, 2))
+            gu = gu + D.to(cdt)[:, None] * gy
+        if ctx.delta_softplus:
+            pre = delta.to(cdt) if delta_bias is None else delta.to(cdt) + delta_bias.to(cdt)[:, None]
+            gdelta = gdelta * torch.sigmoid(pre)
+        gbias = gdelta.sum((0, 2)) if delta_bias is not None else None
+        gB = gBt.transpose(-1, -2)
+        gC = gCt.transpose(-1, -2)
+        if B.dim() == 3:
+            gB, gC = gB.squeeze(1), gC.squeeze(1)
+
+        def cast(gr, like):
+            return None if gr is None or like is None else gr.to(like.dtype)
+
+        return (cast(gu, u), cast(gdelta, delta), cast(gA_part.sum(0), A), cast(gB, B), cast(gC, C),
+                cast(gD, D), cast(gz, z), cast(gbias, delta_bias), None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure PyTorch backend
+
+
+def _scan_torch_core(u, delta, A, B4, C4, chunk):
+    """States by chunked log-depth scans; returns (y without D / z, last_state)."""
+    b, d, L = u.shape
+    n, g = A.shape[1], B4.shape[1]
+    dg = d // g
+    Bt = B4.transpose(-1, -2)  # [b, g, L, n]
+    Ct = C4.transpose(-1, -2)
+    s = u.new_zeros(b, d, n)
+    ys = []
+    for t0 in range(0, L, chunk):
+        T = min(chunk, L - t0)
+        dl = delta[:, :, t0:t0 + T]
+        a = torch.exp(dl.unsqueeze(-1) * A[:, None, :])  # [b, d, T, n]
+        x = (dl * u[:, :, t0:t0 + T]).view(b, g, dg, T, 1) * Bt[:, :, None, t0:t0 + T, :]
+        x = x.reshape(b, d, T, n)
+        k = 1
+        while k < T:  # inclusive scan of (a, x) under (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2)
+            x = torch.cat([x[:, :, :k], x[:, :, k:] + a[:, :, k:] * x[:, :, :-k]], dim=2)
+            a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+            k *= 2
+        states = x + a * s.unsqueeze(2)  # a is now the prefix product of the decays
+        y = (states.view(b, g, dg, T, n) * Ct[:, :, None, t0:t0 + T, :]).sum(-1)
+        ys.append(y.reshape(b, d, T))
+        s = states[:, :, -1]
+    y = torch.cat(ys, dim=2) if ys else u.new_zeros(b, d, 0)
+    return y, s
+
+
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    cdt = _compute_dtype(u, delta, A, B, C)
+    uf = u.to(cdt)
+    dlt = _process_delta(delta, delta_bias, delta_softplus, cdt)
+    y, last = _scan_torch_core(uf, dlt, A.to(cdt), _as_groups(B).to(cdt), _as_groups(C).to(cdt), chunk)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * uf
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(u.dtype), last
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry point
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend: Optional[str] = None,
+                   chunk_size: Optional[int] = None):
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature (see the module docstring).
+
+    Args:
+        u, delta: [batch, dim, L] input and step sizes.
+        A: [dim, state] real state matrix (diagonal per channel).
+        B, C: [batch, state, L] or [batch, groups, state, L] input-dependent projections.
+        D: optional [dim] skip weight. z: optional [batch, dim, L] gate (y * silu(z)).
+        delta_bias: optional [dim] added to delta. delta_softplus: apply softplus to delta.
+        return_last_state: also return the final state [batch, dim, state].
+        backend: override ``RAT_PLUGINS_SCAN_BACKEND`` ('auto' | 'cpp' | 'torch' | 'mamba_ssm').
+        chunk_size: time steps per chunk of the CPU backends (default: memory-bounded for
+            ``cpp``, 64 for ``torch``); results do not depend on it beyond rounding.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = backend_for(u, backend)
+    if name == "mamba_ssm":
+        return _mamba_selective_scan_fn()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                          delta_softplus=delta_softplus,
+                                          return_last_state=return_last_state)
+    batch, dim, L = u.shape
+    if name == "cpp" and A.shape[1] > 256:  # the C++ kernel keeps the state on the stack
+        name = "torch"
+    if name == "cpp":
+        chunk = _cpp_chunk(batch, dim, A.shape[1], L, chunk_size)
+        out, last = _SelectiveScanCpp.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
+    else:
+        chunk = max(1, int(chunk_size)) if chunk_size is not None else _TORCH_CHUNK
+        out, last = _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    return (out, last) if return_last_state else out
