@@ -286,10 +286,6 @@ def test_project_train_tool_resume_continues(tmp_path, data_root):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not torch.cuda.is_available(), raises=AssertionError, strict=True,
-    reason="mmengine 0.10.7's init_dist calls torch.cuda.set_device on CPU machines; rat_plugins/mm/runner.py "
-           "must create the gloo process group itself before building the Runner (remove this mark then)")
 def test_dist_train_two_cpu_processes(tmp_path, data_root):
     work = tmp_path / "work"
     proc = run_cmd(["bash", str(REPO / "tools/dist_train.sh"), str(SMALL), "2", "--work-dir", str(work),

@@ -73,8 +73,11 @@ def load_config(args) -> Config:
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.launcher != "none" and not torch.cuda.is_available():
-        # CPU processes cannot use NCCL; gloo is the CPU backend of torch.distributed.
+        # CPU processes cannot use NCCL; gloo is the CPU backend of torch.distributed. DDP takes
+        # no device ids for CPU modules.
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+        if cfg.get("model_wrapper_cfg") is None:
+            cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
     if getattr(args, "amp", False):
         if cfg.optim_wrapper.type == "AmpOptimWrapper":
             print_log("AMP training is already enabled in your config.", logger="current", level=logging.WARNING)
@@ -91,4 +94,11 @@ def load_config(args) -> Config:
 def build_runner(cfg: Config) -> Runner:
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = "0"
+    if cfg.get("launcher", "none") != "none" and not torch.cuda.is_available():
+        import torch.distributed as dist
+
+        # mmengine's init_dist calls torch.cuda.set_device unconditionally; starting the gloo
+        # group first makes the Runner skip it (it only initialises when none exists).
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
     return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
