@@ -680,6 +680,9 @@ def load_vim_checkpoint(path) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ViM checkpoint not found: {path}. Put the official ViM weights there, "
                                 f"or set model.backbone.net.checkpoint='' to start from random weights")
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise RuntimeError(f"loading {path} needs torch >= 2.5 (torch.serialization.safe_globals), "
+                           f"found torch {torch.__version__}")
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
