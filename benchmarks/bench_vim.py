@@ -119,13 +119,20 @@ def machine_rates(repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's). On a shared, busy machine 1 thread is "
+                             "often faster: every parallel op waits for its slowest thread")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rep = 2 if args.quick else 5
     torch.manual_seed(0)
     cpu_backend = backend_for(torch.zeros(1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"selective-scan backend for CPU tensors: {cpu_backend}")
-    print(f"(load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} CPUs: timings are noisy if others run)")
+    load = os.getloadavg()[0]
+    print(f"load average {load:.1f} over {os.cpu_count()} CPUs"
+          + (": other processes are running, timings are noisy" if load > 0.5 else ""))
 
     print("\n== selective scan: batch 1, dim 384, state 16 (softplus delta + bias, D, z) ==")
     print(f"{'L':>5} {'pass':>8} {'reference ms':>13} {cpu_backend + ' ms':>10} {'speed-up':>9} "

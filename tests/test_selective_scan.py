@@ -145,10 +145,13 @@ def test_matches_sequential_reference_fp32(backend, cfg, L):
         assert_close(grads[name], g_ref[name], f"d{name} (chunk {chunk})")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "torch", "torch-small-blocks"])
 @pytest.mark.parametrize("cfg", list(CONFIGS))
-def test_matches_reference_fp64_tightly(backend, cfg):
+def test_matches_reference_fp64_tightly(backend, cfg, monkeypatch):
     """In float64 the only differences are rounding: any chunking gives the reference to 1e-10."""
+    if backend == "torch-small-blocks":  # several blocks of chunks, chained by their states
+        monkeypatch.setattr(ss, "_TORCH_BLOCK_ELEMS", 2 * 4 * 4 * 10)
+        backend = "torch"
     if backend not in cpu_backends():
         pytest.skip("C++ kernel cannot be built here")
     L = 53
