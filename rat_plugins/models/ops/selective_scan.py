@@ -94,13 +94,23 @@ def _mamba_selective_scan_fn():
     return _mamba_fn
 
 
+def _cpp_extension_module():
+    # importing it logs a CUDA_HOME warning on CUDA builds of torch: irrelevant for a CPU kernel
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _compiler_problem() -> Optional[str]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx.split()[0]) is None:
         return f"no C++ compiler found (`{cxx}` is not on PATH; set CXX or install g++)"
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
+    if not _cpp_extension_module().is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
 
@@ -119,8 +129,7 @@ def load_cpp_extension(strict: bool = False):
                 _ext_error = RuntimeError(problem)
             else:
                 try:
-                    from torch.utils import cpp_extension
-
+                    cpp_extension = _cpp_extension_module()
                     logger.info("building the selective-scan CPU kernel (once; cached in torch's extension dir)")
                     _ext = cpp_extension.load(
                         name=_EXT_NAME,
@@ -364,7 +373,9 @@ class _SelectiveScanCpp(torch.autograd.Function):
         gB = gBt.transpose(-1, -2)
         gC = gCt.transpose(-1, -2)
         if B.dim() == 3:
-            gB, gC = gB.squeeze(1), gC.squeeze(1)
+            gB = gB.squeeze(1)
+        if C.dim() == 3:
+            gC = gC.squeeze(1)
 
         def cast(gr, like):
             return None if gr is None or like is None else gr.to(like.dtype)
