@@ -131,7 +131,7 @@ def cpu_backends():
 @pytest.mark.parametrize("L", [1, 7, 196, 1600])
 def test_matches_sequential_reference_fp32(backend, cfg, L):
     if backend not in cpu_backends():
-        pytest.skip("C++ kernel cannot be built here (the torch fallback is tested)")
+        pytest.fail("the C++ selective-scan kernel did not build (g++ is expected on every test machine)")
     weights, (y_ref, s_ref, g_ref) = reference_results(L, cfg)
     rng = random.Random(f"{backend}-{cfg}-{L}")
     chunk = rng.randint(1, min(L, 300))  # random chunk boundaries
@@ -153,7 +153,7 @@ def test_matches_reference_fp64_tightly(backend, cfg, monkeypatch):
         monkeypatch.setattr(ss, "_TORCH_BLOCK_ELEMS", 2 * 4 * 4 * 10)
         backend = "torch"
     if backend not in cpu_backends():
-        pytest.skip("C++ kernel cannot be built here")
+        pytest.fail("the C++ selective-scan kernel did not build (g++ is expected on every test machine)")
     L = 53
     weights, (y_ref, s_ref, g_ref) = reference_results(L, cfg)
     for chunk in (1, 5, 16, 53, 64):
@@ -168,7 +168,7 @@ def test_matches_reference_fp64_tightly(backend, cfg, monkeypatch):
 
 def test_cpp_gradcheck():
     if "cpp" not in cpu_backends():
-        pytest.skip("C++ kernel cannot be built here")
+        pytest.fail("the C++ selective-scan kernel did not build (g++ is expected on every test machine)")
     x = make_inputs(9, "grouped_gated_last", torch.float64)
     x["delta_bias"] = torch.randn(x["u"].shape[1], dtype=torch.float64)
     names = list(x)
