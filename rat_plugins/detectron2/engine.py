@@ -215,10 +215,12 @@ def _write_json_atomic(path, obj):
 
 
 def load_config(args):
+    if not os.path.isfile(args.config_file):
+        raise ConfigError(f"config file not found: {args.config_file}")
     try:
         cfg = LazyConfig.load(args.config_file)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {args.config_file}") from e
+    except FileNotFoundError as e:  # a dataset the config registers at load time is missing
+        raise ConfigError(str(e)) from e
     check_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if getattr(args, "micro_batch", None):
