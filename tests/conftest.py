@@ -22,6 +22,14 @@ def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory):
+    """Runs under test keep their frozen-feature caches in a temporary folder, not work_dirs/."""
+    path = tmp_path_factory.mktemp("feature_cache")
+    os.environ["RAT_FEATURE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def heads_data(tmp_path_factory):
     """A small synthetic Roboflow head export (train/valid/test), shared by the detectron2 tests."""

@@ -1,8 +1,13 @@
 """ViM (Vision Mamba) as a detectron2 Backbone: one stride-16 map for SimpleFeaturePyramid."""
+import logging
+
 from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
+from ..models.feature_cache import CachedFrozenForward
 from ..models.vim import VimBackbone
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ViM", "build_vim_backbone", "add_vim_config"]
 
@@ -12,13 +17,21 @@ class ViM(Backbone):
 
     Args:
         out_feature: name of the single output (ViTDet's SimpleFeaturePyramid reads ``last_feat``).
+        feature_cache_dir: with ``freeze=True``, keep each image view's features on disk there and
+            reuse them (see :mod:`rat_plugins.models.feature_cache`); "" turns the cache off. Ignored,
+            with a log line, when the backbone trains.
         **kwargs: passed to ``VimBackbone`` (embed_dim, depth, freeze, checkpoint, ...).
     """
 
-    def __init__(self, out_feature: str = "last_feat", checkpoint=None, **kwargs):
+    def __init__(self, out_feature: str = "last_feat", checkpoint=None, feature_cache_dir: str = "", **kwargs):
         super().__init__()
         # configs write "" for "no checkpoint" (a command-line override cannot write None)
         self.net = VimBackbone(checkpoint=checkpoint or None, **kwargs)
+        self._cached_net = None
+        if feature_cache_dir and self.net.freeze:
+            self._cached_net = CachedFrozenForward(self.net, feature_cache_dir)
+        elif feature_cache_dir:
+            logger.info("ViM trains (freeze=False): the frozen-feature cache is off")
         self._out_features = [out_feature]
         self._out_feature_strides = {out_feature: self.net.patch_size}
         self._out_feature_channels = {out_feature: self.net.embed_dim}
@@ -28,7 +41,8 @@ class ViM(Backbone):
         return self.net.patch_size
 
     def forward(self, x):
-        return {self._out_features[0]: self.net(x)}
+        net = self._cached_net or self.net
+        return {self._out_features[0]: net(x)}
 
 
 def add_vim_config(cfg: CfgNode) -> None:

@@ -573,6 +573,13 @@ class VimBackbone(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False if self.freeze else mode)
 
+    def extra_repr(self) -> str:
+        # the settings that change the output without changing a weight shape (also part of the
+        # frozen-feature cache key)
+        return (f"patch_size={self.patch_size}, pt_hw_seq_len={self.pt_hw_seq_len}, if_rope={self.if_rope}, "
+                f"if_rope_residual={self.if_rope_residual}, last_layer_process={self.last_layer_process!r}, "
+                f"if_abs_pos_embed={self.if_abs_pos_embed}, freeze={self.freeze}")
+
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed"}

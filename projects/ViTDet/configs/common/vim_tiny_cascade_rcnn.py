@@ -1,4 +1,6 @@
 # ViM-tiny (frozen) -> SimpleFeaturePyramid P2-P6 -> RPN -> 3-stage Cascade R-CNN, boxes only.
+import os
+
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
@@ -20,6 +22,9 @@ model.backbone = L(SimpleFeaturePyramid)(
         freeze=True,
         checkpoint="ckpts/vim_tiny_pretrained.pth",
         out_feature="last_feat",
+        # frozen features of each image view computed once and shared by the runs of a sweep;
+        # model.backbone.net.feature_cache_dir="" turns it off
+        feature_cache_dir=os.environ.get("RAT_FEATURE_CACHE", "work_dirs/feature_cache"),
     ),
     in_feature="${.net.out_feature}",
     out_channels=256,

@@ -1,0 +1,150 @@
+"""Disk cache for the outputs of a frozen backbone, one file per input image.
+
+A frozen backbone maps the same input to the same features in every iteration, epoch and sweep run,
+so on CPU (and on small GPUs) recomputing them is most of a training step. The cache key is
+
+* the module's fingerprint: a hash of its class, its configuration (``extra_repr`` and the
+  attributes named in ``config_attrs``), every tensor of its ``state_dict`` (so the checkpoint's
+  content, not its path) and the rat_plugins version (a change to the forward code invalidates);
+* the input's content: a hash of the exact tensor the module receives for that image (dtype,
+  shape, bytes), which already encodes the image, its resize, its flip state and its normalisation.
+
+Features are stored as float16 when they fit (half the disk and I/O) and float32 otherwise. To keep
+results independent of whether an entry was a hit or a miss, fresh features go through the same
+rounding before they are returned.
+"""
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FrozenFeatureCache", "CachedFrozenForward", "module_fingerprint"]
+
+_FLOAT16_MAX = 65504.0
+
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().cpu()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def module_fingerprint(module: nn.Module, config_attrs: Iterable[str] = ()) -> str:
+    """Hash of what determines a frozen module's output apart from its input."""
+    from .. import __version__
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(module).__module__}.{type(module).__qualname__}|{__version__}|".encode())
+    for sub in module.modules():  # configuration that lives outside the weights
+        h.update(f"{type(sub).__name__}({sub.extra_repr()})|".encode())
+    for name in config_attrs:
+        h.update(f"{name}={getattr(module, name)!r}|".encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        _tensor_digest(h, tensor)
+    return h.hexdigest()
+
+
+def _compact(features: torch.Tensor) -> torch.Tensor:
+    """float32 features as float16 where every value fits; anything else unchanged."""
+    if features.dtype != torch.float32 or features.numel() == 0:
+        return features
+    if bool(torch.isfinite(features).all()) and float(features.abs().max()) < _FLOAT16_MAX:
+        return features.to(torch.float16)
+    return features
+
+
+def _expand(features: torch.Tensor) -> torch.Tensor:
+    return features.float() if features.dtype == torch.float16 else features
+
+
+class FrozenFeatureCache:
+    """Per-image feature files under ``root/<module fingerprint>/``, written atomically."""
+
+    def __init__(self, root: Union[str, os.PathLike], fingerprint: str):
+        self.root = Path(root).expanduser() / fingerprint
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def input_key(x: torch.Tensor) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        _tensor_digest(h, x)
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.pt"
+
+    def load(self, key: str) -> Optional[torch.Tensor]:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: recompute and replace it
+            logger.warning("feature cache entry %s is unreadable (%s); recomputing it", path, e)
+            return None
+
+    def save(self, key: str, features: torch.Tensor) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(features.cpu().clone(), f)
+            os.replace(tmp, path)  # readers see the old file or the whole new one
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+class CachedFrozenForward:
+    """Calls ``module`` only on the images of a batch whose features are not cached yet.
+
+    ``module`` must be frozen (no trainable parameter) and treat the images of a batch
+    independently, which holds for a ViM/ViT backbone in eval mode. This is a plain callable, not
+    an ``nn.Module``, so the owner's state dict keeps the module's keys once.
+
+    Args:
+        module: the frozen module; its state (checkpoint loaded) must be final at the first call.
+        cache_dir: the cache root; entries of other modules and checkpoints live beside each other.
+        config_attrs: module attributes that change its output without changing its weights.
+    """
+
+    def __init__(self, module: nn.Module, cache_dir: Union[str, os.PathLike], config_attrs: Iterable[str] = ()):
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError("a feature cache needs a frozen module; freeze it or turn the cache off")
+        self.module = module
+        self.cache_dir = cache_dir
+        self.config_attrs = tuple(config_attrs)
+        self._cache: Optional[FrozenFeatureCache] = None
+
+    @property
+    def cache(self) -> FrozenFeatureCache:
+        if self._cache is None:
+            self._cache = FrozenFeatureCache(self.cache_dir, module_fingerprint(self.module, self.config_attrs))
+            logger.info("frozen-feature cache in %s", self._cache.root)
+        return self._cache
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        keys = [cache.input_key(x[i]) for i in range(x.shape[0])]
+        found = [cache.load(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            with torch.no_grad():
+                fresh = self.module(x[missing])
+            for j, i in enumerate(missing):
+                found[i] = _compact(fresh[j])
+                cache.save(keys[i], found[i])
+        cache.hits += x.shape[0] - len(missing)
+        cache.misses += len(missing)
+        return torch.stack([_expand(f) for f in found]).to(x.device)
