@@ -40,11 +40,13 @@ OUT="$REPO/work_dirs/ofat_$NAME"
 OVERRIDES=()
 if [ "$QUICK" = 1 ]; then
   OUT="${OUT}_quick"
-  # Smoke schedule on small images. No pretrained ViM weights can be assumed here: the backbone
-  # starts from random weights (kept frozen) unless ckpts/vim_tiny_pretrained.pth exists.
+  # Smoke schedule on small images, with fewer RoIs per image (the 4-conv box heads over 512 RoIs
+  # dominate a CPU step). No pretrained ViM weights can be assumed here: the backbone starts from
+  # random weights (kept frozen) unless ckpts/vim_tiny_pretrained.pth exists.
   OVERRIDES+=(dataloader.image_size=${RAT_QUICK_IMAGE_SIZE:-128} train.epochs=${RAT_QUICK_EPOCHS:-12}
               train.warmup_iters=20 dataloader.train.num_workers=0 dataloader.test.num_workers=0
-              dataloader.final_test.num_workers=0 train.log_period=5)
+              dataloader.final_test.num_workers=0 train.log_period=5
+              model.roi_heads.batch_size_per_image=128 "model.proposal_generator.post_nms_topk=[500,100]")
   if [ ! -f "$REPO/ckpts/vim_tiny_pretrained.pth" ]; then
     echo "WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly" \
          "initialised (frozen); figures show the machinery works, not the model's real accuracy." >&2

@@ -15,4 +15,5 @@ except ImportError as e:
 from . import runner  # noqa: E402,F401
 from . import setr, metrics  # noqa: E402,F401  (SETR encoder, vessel metrics)
 from . import vim  # noqa: E402,F401  (ViM backbone, Roboflow COCO dataset)
+from . import maxvit_rnn  # noqa: E402,F401  (RVT's MaxViT-RNN backbone)
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
