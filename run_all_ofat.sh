@@ -7,10 +7,11 @@
 # Finished runs (final_metrics.json present) are skipped; a failed run does not stop the others;
 # the end prints which finished and which failed, with their logs. --clean stops the runs this
 # script started (by their PID files, nothing else) and removes work_dirs/ofat_* and the
-# filtered annotation files, after confirmation (--yes skips the question).
+# filtered annotation files, after confirmation (--yes skips the question). RAT_WORK_DIRS moves
+# work_dirs/ elsewhere.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-WORK="$REPO/work_dirs"
+WORK="${RAT_WORK_DIRS:-$REPO/work_dirs}"
 DATA="${RAT_DATASETS:-${DETECTRON2_DATASETS:-$REPO/datasets}}/coco"
 NAMES=(baseline_lr0.001_bs8_adamw_ep100 ofat_lr0.01_bs8_adamw_ep100 ofat_lr0.005_bs8_adamw_ep100
        ofat_lr0.001_bs16_adamw_ep100 ofat_lr0.001_bs32_adamw_ep100 ofat_lr0.001_bs8_sgd_ep100

@@ -22,3 +22,20 @@ def test_short_schedules_keep_valid_milestones():
     for n in range(3, 12):
         m = epoch_schedule(n, 1, 1).milestones
         assert 0 < m[0] < m[1] < n, (n, m)
+    # runs too short for two decays keep what fits, and one learning-rate value per phase
+    assert epoch_schedule(2, 1, 1).milestones == (1,) and epoch_schedule(2, 1, 1).lr_factors == (1.0, 0.1)
+    assert epoch_schedule(1, 1, 1).milestones == () and epoch_schedule(1, 1, 1).lr_factors == (1.0,)
+
+
+def test_very_short_runs_build_a_valid_detectron2_scheduler():
+    from detectron2.config import instantiate
+
+    from rat_plugins.detectron2.schedule import multistep_with_warmup
+
+    for max_iter in (1, 2, 3, 10):
+        sched = epoch_schedule(max_iter, 1, 1, warmup_iters=0)
+        lr = multistep_with_warmup()
+        lr.scheduler.milestones, lr.scheduler.values = list(sched.milestones), list(sched.lr_factors)
+        lr.scheduler.num_updates, lr.warmup_length = max_iter, sched.warmup_fraction
+        multiplier = instantiate(lr)
+        assert multiplier(0.99) == pytest.approx(0.1 ** len(sched.milestones))

@@ -32,13 +32,13 @@ def main() -> int:
         print(f"== no head-detection data in {data}: writing the synthetic sample", flush=True)
         sh([sys.executable, "-m", "rat_plugins.data.synthetic", "heads", "--out", str(data)])
 
-    out = REPO / "work_dirs" / f"ofat_{BASELINE}_quick"
-    size = os.environ.get("RAT_QUICK_IMAGE_SIZE", "128")
+    work_dirs = Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs"))
+    out = work_dirs / f"ofat_{BASELINE}_quick"
     print("== the untrained detector on the test split (reference)", flush=True)
-    untrained_dir = REPO / "work_dirs" / "demo_untrained"
-    sh([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(CONFIG), "--eval-only",
-        f"dataloader.image_size={size}", "model.backbone.net.checkpoint=", f"train.output_dir={untrained_dir}",
-        "dataloader.test.num_workers=0", "dataloader.final_test.num_workers=0"])
+    untrained_dir = work_dirs / "demo_untrained"
+    # the quick-mode model exactly, with its heads as initialised (no checkpoint is loaded)
+    sh([str(REPO / "run_single_ofat.sh"), BASELINE, "--quick", "--eval-only", "train.init_checkpoint=",
+        f"train.output_dir={untrained_dir}"])
     untrained = json.loads((untrained_dir / "eval_metrics.json").read_text())["test"]["bbox"]
 
     print("== training the OFAT baseline in quick mode", flush=True)

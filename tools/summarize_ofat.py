@@ -78,8 +78,9 @@ def summarize_run(name: str, run_dir: Path) -> dict:
                          ("AP_medium", "APm"), ("AP_large", "APl")):
             value = test.get(key)
             row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
-    if evals:
-        best_iter = max(evals, key=lambda e: e[1])[0]
+    scored = [e for e in evals if e[1] == e[1]]  # NaN (nothing detected yet) never counts as best
+    if scored:
+        best_iter = max(scored, key=lambda e: e[1])[0]
         per_epoch = iters_per_epoch(run_dir)
         row["best_epoch"] = str(round((best_iter + 1) / per_epoch)) if per_epoch else f"iter {best_iter}"
     seconds = training_seconds(run_dir)
@@ -129,7 +130,7 @@ def plot(rows, out_dir: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dirs", type=Path, default=REPO / "work_dirs")
+    parser.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
     parser.add_argument("--out", type=Path, default=None, help="where to write the table and plots")
     args = parser.parse_args(argv)
     out_dir = args.out or args.work_dirs

@@ -92,11 +92,12 @@ def check_overrides(cfg, overrides) -> None:
     flat = set()
 
     def walk(node, prefix):
-        for k, v in node.items():
+        items = node.items() if isinstance(node, dict) or OmegaConf.is_dict(node) else enumerate(node)
+        for k, v in items:
             key = f"{prefix}{k}"
             flat.add(key)
-            if isinstance(v, dict) or OmegaConf.is_dict(v):
-                walk(v, key + ".")
+            if isinstance(v, (dict, list)) or OmegaConf.is_dict(v) or OmegaConf.is_list(v):
+                walk(v, key + ".")  # list items by index, as OmegaConf addresses them (a.0.b)
 
     walk(cfg, "")
     for item in overrides:
@@ -128,6 +129,7 @@ def apply_epoch_schedule(cfg) -> None:
     train.checkpointer.period = sched.iters_per_epoch
     if "lr_multiplier" in cfg and "scheduler" in cfg.lr_multiplier:
         cfg.lr_multiplier.scheduler.milestones = list(sched.milestones)
+        cfg.lr_multiplier.scheduler.values = list(sched.lr_factors)
         cfg.lr_multiplier.scheduler.num_updates = sched.max_iter
         cfg.lr_multiplier.warmup_length = sched.warmup_fraction
 

@@ -35,5 +35,6 @@ def set_epoch_schedule(train, lr_multiplier, dataloader, epochs: int, dataset: s
     train.eval_period = sched.iters_per_epoch
     train.checkpointer.period = sched.iters_per_epoch
     lr_multiplier.scheduler.milestones = list(sched.milestones)
+    lr_multiplier.scheduler.values = list(sched.lr_factors)
     lr_multiplier.scheduler.num_updates = sched.max_iter
     lr_multiplier.warmup_length = sched.warmup_fraction

@@ -13,6 +13,11 @@ class EpochSchedule:
     milestones: tuple  # iterations at which the learning rate is multiplied by 0.1
 
     @property
+    def lr_factors(self) -> tuple:
+        """Learning-rate multipliers before the first milestone and after each (1, 0.1, ...)."""
+        return tuple(0.1 ** i for i in range(len(self.milestones) + 1))
+
+    @property
     def warmup_fraction(self) -> float:
         return min(1.0, self.warmup_iters / self.max_iter)
 
@@ -34,9 +39,10 @@ def epoch_schedule(num_images: int, batch_size: int, epochs: int, warmup_iters: 
         raise ValueError(f"batch_size ({batch_size}) and epochs ({epochs}) must be positive")
     iters_per_epoch = math.ceil(num_images / batch_size)
     max_iter = iters_per_epoch * epochs
-    # fvcore wants strictly increasing milestones below max_iter: clamp for very short runs
+    # fvcore wants strictly increasing milestones in (0, max_iter): clamp for short runs, and drop
+    # the decays a run of a few iterations has no room for
     milestones = [min(int(round(f * max_iter)), max_iter - 1) for f in decay_at]
     for i in range(len(milestones) - 2, -1, -1):
         milestones[i] = min(milestones[i], milestones[i + 1] - 1)
-    milestones = tuple(milestones)
+    milestones = tuple(m for m in milestones if m > 0)
     return EpochSchedule(iters_per_epoch, max_iter, min(warmup_iters, max_iter), milestones)

@@ -1,0 +1,151 @@
+"""run_single_ofat.sh, run_all_ofat.sh and tools/summarize_ofat.py end to end."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cmd
+from test_detectron2_train import TINY
+
+BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
+NAMES = ["baseline_lr0.001_bs8_adamw_ep100", "ofat_lr0.01_bs8_adamw_ep100", "ofat_lr0.005_bs8_adamw_ep100",
+         "ofat_lr0.001_bs16_adamw_ep100", "ofat_lr0.001_bs32_adamw_ep100", "ofat_lr0.001_bs8_sgd_ep100",
+         "ofat_lr0.001_bs8_rmsprop_ep100", "ofat_lr0.001_bs8_adamw_ep150", "ofat_lr0.001_bs8_adamw_ep200"]
+
+# Stands in for the Python interpreter in run_all_ofat.sh tests: "trains" by writing the files a
+# finished run leaves, and fails for the SGD config, so the orchestration is tested in seconds.
+FAKE_PYTHON = """#!/usr/bin/env bash
+out=""; cfg=""
+for a in "$@"; do
+  case "$a" in train.output_dir=*) out="${a#train.output_dir=}" ;; */OFAT/*.py) cfg="$a" ;; esac
+done
+case "$cfg" in *sgd*) echo "simulated failure in $cfg" >&2; exit 3 ;; esac
+mkdir -p "$out" && echo "$@" >"$out/args.txt" && echo '{"test": {}}' >"$out/final_metrics.json"
+"""
+
+
+def _fake_python(tmp_path):
+    path = tmp_path / "fake_python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.mark.slow
+def test_single_quick_run_trains_resumes_and_runs_in_background(heads_data, tmp_path):
+    env = {"RAT_DATASETS": str(heads_data), "RAT_WORK_DIRS": str(tmp_path)}
+    tiny = TINY + ["train.epochs=1", "dataloader.train.total_batch_size=4"]
+    proc = run_cmd(["./run_single_ofat.sh", BASELINE, "--quick", *tiny], env=env)
+    out = tmp_path / f"ofat_{BASELINE}_quick"
+    assert "randomly initialised" in proc.stderr  # quick mode without ckpts/ warns
+    for name in ("log.txt", "metrics.json", "model_final.pth", "final_metrics.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 2  # ceil(8 / 4) x 1
+
+    again = run_cmd(["./run_single_ofat.sh", BASELINE, "--quick", *tiny], env=env)
+    assert "resuming from model_final.pth" in again.stdout
+
+    started = run_cmd(["./run_single_ofat.sh", "ofat_lr0.01_bs8_adamw_ep100", "--background", *tiny], env=env)
+    bg = tmp_path / "ofat_ofat_lr0.01_bs8_adamw_ep100"
+    assert f"tail -f {bg}/run.log" in started.stdout
+    pid = int((bg / "run.pid").read_text())
+    deadline = time.time() + 600
+    while time.time() < deadline and os.path.exists(f"/proc/{pid}") and \
+            open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        time.sleep(1)
+    assert (bg / "final_metrics.json").is_file(), (bg / "run.log").read_text()[-3000:]
+
+
+def test_unknown_name_lists_the_configs(tmp_path):
+    proc = run_cmd(["./run_single_ofat.sh", "baseline_lr0.1"], env={"RAT_WORK_DIRS": str(tmp_path)}, check=False)
+    assert proc.returncode == 2
+    assert "no OFAT config named 'baseline_lr0.1'" in proc.stderr and "ofat_lr0.01_bs8_adamw_ep100" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_all_skips_finished_continues_past_failures_and_reports(tmp_path):
+    work = tmp_path / "work"
+    done = work / "ofat_ofat_lr0.01_bs8_adamw_ep100"
+    done.mkdir(parents=True)
+    (done / "final_metrics.json").write_text("{}")
+    proc = run_cmd(["./run_all_ofat.sh", "--micro-batch", "2", "optimizer.lr=0.002"], check=False,
+                   env={"RAT_WORK_DIRS": str(work), "PYTHON": str(_fake_python(tmp_path))})
+    assert proc.returncode == 1  # one run failed
+    assert "7 finished now, 1 finished before, 1 failed" in proc.stdout
+    sgd = work / "ofat_ofat_lr0.001_bs8_sgd_ep100"
+    assert f"FAILED:   ofat_lr0.001_bs8_sgd_ep100  (log: {sgd}/run.log)" in proc.stdout
+    assert "simulated failure" in (sgd / "run.log").read_text()
+    assert not (done / "args.txt").exists()  # skipped, not rerun
+    ran = [n for n in NAMES if (work / f"ofat_{n}" / "args.txt").is_file()]
+    assert len(ran) == 7 and "ofat_lr0.01_bs8_adamw_ep100" not in ran
+    args = (work / f"ofat_{BASELINE}" / "args.txt").read_text().split()
+    assert args[args.index("--micro-batch") + 1] == "2" and args[-1] == "optimizer.lr=0.002"  # user's last
+    assert not list(work.glob("**/run.pid")) and not (work / ".run_all_ofat.pid").exists()
+
+
+def test_clean_stops_only_its_own_runs_and_keeps_originals(tmp_path):
+    work = tmp_path / "work"
+    data = tmp_path / "datasets"
+    (data / "coco" / "train").mkdir(parents=True)
+    original = data / "coco" / "train" / "_annotations.coco.json"
+    original.write_text("{}")
+    filtered = original.with_name("_annotations.coco_filtered.json")
+    filtered.write_text("{}")
+    run_dir = work / f"ofat_{BASELINE}"
+    run_dir.mkdir(parents=True)
+    # two look-alike training processes; only the one named in a PID file was started by the script
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "lazyconfig_train_net"]
+    ours = subprocess.Popen(sleeper)
+    bystander = subprocess.Popen(sleeper)
+    try:
+        (run_dir / "run.pid").write_text(str(ours.pid))
+        env = {"RAT_WORK_DIRS": str(work), "RAT_DATASETS": str(data)}
+        # without --yes it asks on the terminal; with none (a new session has no controlling one)
+        # the answer is no
+        refused = subprocess.run(["./run_all_ofat.sh", "--clean"], cwd=REPO, env={**os.environ, **env},
+                                 capture_output=True, text=True, timeout=60, start_new_session=True)
+        assert refused.returncode == 1 and "nothing removed" in refused.stdout and run_dir.is_dir()
+        proc = run_cmd(["./run_all_ofat.sh", "--clean", "--yes"], env=env)
+        assert "cleaned" in proc.stdout
+        assert ours.wait(timeout=30) == -signal.SIGTERM
+        assert bystander.poll() is None
+        assert not run_dir.exists() and not filtered.exists() and original.is_file()
+    finally:
+        for p in (ours, bystander):
+            if p.poll() is None:
+                p.kill()
+
+
+def _write_run(run_dir, evals, final=None, per_epoch=2):
+    run_dir.mkdir(parents=True)
+    lines = [{"iteration": i, "total_loss": 3.0 - 0.1 * i, "peak_memory_mb": 100.0 + i} for i in range(6)]
+    lines += [{"iteration": it, "bbox/AP50": ap, "bbox/AP": ap / 2} for it, ap in evals]
+    (run_dir / "metrics.json").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    (run_dir / "config.yaml").write_text(f"train:\n  eval_period: {per_epoch}\n")
+    (run_dir / "log.txt").write_text("[d2.engine.hooks]: Total training time: 0:01:05 (0:00:01 on hooks)\n")
+    if final is not None:
+        (run_dir / "final_metrics.json").write_text(json.dumps({"test": {"bbox": final}}))
+
+
+def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
+    nan = float("nan")
+    _write_run(tmp_path / f"ofat_{BASELINE}", [(1, nan), (3, 40.0), (5, 35.0)],
+               final={"AP50": 41.25, "AP": 20.0, "APs": nan, "APm": 18.0, "APl": 30.0})
+    _write_run(tmp_path / "ofat_ofat_lr0.01_bs8_adamw_ep100", [(1, 5.0)])  # still training
+    run_cmd([sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(tmp_path)])
+    table = (tmp_path / "ofat_summary.md").read_text().splitlines()
+    row = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")] for line in table[2:]}
+    assert row[BASELINE] == [BASELINE, "finished", "41.2", "20.0", "—", "18.0", "30.0", "0:01:05", "2", "105"]
+    assert row["ofat_lr0.01_bs8_adamw_ep100"][1:3] == ["unfinished", "—"]  # no test figure, not 0
+    assert row["ofat_lr0.001_bs8_sgd_ep100"][1:] == ["missing"] + ["—"] * 8
+    assert len(row) == 9
+    csv = (tmp_path / "ofat_summary.csv").read_text().splitlines()
+    assert csv[0].startswith("experiment,status,mAP@0.5") and len(csv) == 10
+    for png in ("ofat_loss.png", "ofat_val_map.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
