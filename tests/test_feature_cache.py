@@ -79,7 +79,7 @@ def test_storage_is_float16_unless_values_do_not_fit(tmp_path):
     large = CachedFrozenForward(Scale(1e6), tmp_path)
     out = large(torch.ones(1, 2, 2))
     assert torch.equal(out, torch.full((1, 2, 2), 1e6))  # kept exact in float32
-    dtypes = {torch.load(p, weights_only=True).dtype for p in cache_files(tmp_path)}
+    dtypes = {torch.load(p, weights_only=True)["outputs"][0].dtype for p in cache_files(tmp_path)}
     assert dtypes == {torch.float16, torch.float32}
 
 
@@ -92,7 +92,7 @@ def test_unreadable_entry_is_recomputed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert torch.equal(cached(x), good)
     assert "unreadable" in caplog.text
-    assert torch.equal(torch.load(entry, weights_only=True).float(), good[0])
+    assert torch.equal(torch.load(entry, weights_only=True)["outputs"][0].float(), good[0])
     assert not [p for p in cache_files(tmp_path) if p.name.endswith(".tmp")]
 
 
@@ -112,3 +112,21 @@ def test_detectron2_backbone_uses_the_cache_only_when_frozen(tmp_path):
     trainable = ViM(embed_dim=32, depth=2, pt_hw_seq_len=4, freeze=False, feature_cache_dir=str(tmp_path / "off"))
     trainable(x)["last_feat"].sum().backward()
     assert not (tmp_path / "off").exists()
+
+
+def test_several_outputs_per_image(tmp_path):
+    class Layers(torch.nn.Module):  # like a ViT returning the layers an MLA neck reads
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4).requires_grad_(False)
+
+        def forward(self, x):
+            return tuple(self.proj(x) * k for k in range(1, 5))
+
+    cached = CachedFrozenForward(Layers(), tmp_path)
+    x = torch.randn(3, 2, 4)
+    first = cached(x)
+    second = cached(x[[2, 0]])
+    assert isinstance(first, tuple) and len(first) == 4 and cached.cache.hits == 2
+    for a, b in zip(first, second):
+        assert torch.equal(a[[2, 0]], b)

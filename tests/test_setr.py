@@ -335,3 +335,34 @@ def test_mmengine_checkpoints_load_weights_only_with_a_narrow_allow_list(tmp_pat
     for obj, name in ((HistoryBuffer, "__init__"), (os, "system"), (torch, "load")):
         with pytest.raises(pickle.UnpicklingError, match="refuses getattr"):
             history_buffer_getattr(obj, name)
+
+
+def test_frozen_encoder_features_cached_per_view(timm_file, tmp_path):
+    """With feature_cache_dir the frozen encoder's four MLA layers come from disk on a repeat view."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+
+    def build(**backbone):
+        cfg = Config.fromfile(str(FROZEN))
+        cfg.merge_from_dict({k: v for k, v in TINY.items() if k.startswith("model.")})
+        cfg.model.backbone.pretrained_timm = str(timm_file[0])
+        cfg.model.backbone.update(backbone)
+        with DefaultScope.overwrite_default_scope("mmseg"):
+            model = MODELS.build(cfg.model)
+        model.init_weights()
+        return model.eval()
+
+    plain = build()
+    cached = build(feature_cache_dir=str(tmp_path))
+    assert set(cached.state_dict()) == set(plain.state_dict())
+    x = torch.randn(2, 3, SIZE, SIZE)
+    first = cached.backbone(x)
+    again = cached.backbone(x)
+    reference = plain.backbone(x)
+    assert len(first) == 4 and cached.backbone._cached_forward.cache.hits == 2
+    for a, b, ref in zip(first, again, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref, rtol=1e-3, atol=2e-3)  # float16 storage
+    with pytest.raises(ValueError, match="feature_cache_dir needs frozen=True"):
+        build(frozen=False, feature_cache_dir=str(tmp_path))

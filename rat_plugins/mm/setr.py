@@ -11,6 +11,10 @@ what it lacks for a frozen foundation-model encoder:
 - ``pretrained_timm=PATH``: weights in timm / DeiT layout (e.g. ``VFM_Fundus_weights.pth``),
   converted by :func:`rat_plugins.models.vit_convert.convert_timm_vit_to_mmseg` in
   ``init_weights`` and loaded strictly; the conversion report is logged.
+- ``feature_cache_dir=DIR`` (frozen only): the encoder's outputs (the layers MLA reads) for each
+  input view are kept on disk and reused (:mod:`rat_plugins.models.feature_cache`). Only views
+  that recur benefit: validation and test, or training without random augmentation; with random
+  rotation / scaling every training view is new and the cache only grows, so it is off by default.
 """
 import os
 
@@ -19,6 +23,7 @@ from mmengine.logging import print_log
 from mmseg.models.backbones import VisionTransformer
 from mmseg.registry import MODELS
 
+from ..models.feature_cache import CachedFrozenForward
 from ..models.vit_convert import convert_timm_vit_to_mmseg, load_timm_vit_checkpoint
 
 __all__ = ["FrozenVisionTransformer"]
@@ -33,21 +38,32 @@ class FrozenVisionTransformer(VisionTransformer):
         pretrained_timm: path of a timm / DeiT ViT checkpoint loaded in ``init_weights``
             (config field ``model.backbone.pretrained_timm``); ``None`` for mmseg's own
             initialisation (random, or ``init_cfg``).
+        feature_cache_dir: cache the frozen encoder's outputs per input view there (None: off).
         **kwargs: mmseg ``VisionTransformer`` arguments. For timm weights use
             ``patch_bias=True``, ``final_norm=True``, ``qkv_bias=True`` and
             ``norm_cfg=dict(type='LN', eps=1e-6)``.
     """
 
-    def __init__(self, *args, frozen: bool = True, pretrained_timm=None, **kwargs):
+    # settings that change the outputs without changing a weight (part of the cache key)
+    _OUTPUT_SETTINGS = ("img_size", "patch_size", "interpolate_mode", "out_indices", "out_origin",
+                        "with_cls_token", "output_cls_token", "pre_norm", "final_norm")
+
+    def __init__(self, *args, frozen: bool = True, pretrained_timm=None, feature_cache_dir=None, **kwargs):
         if pretrained_timm is not None and (kwargs.get("init_cfg") or kwargs.get("pretrained")):
             raise ValueError("FrozenVisionTransformer: set either pretrained_timm or init_cfg / pretrained, not both")
         super().__init__(*args, **kwargs)
         self.frozen = bool(frozen)
         self.pretrained_timm = pretrained_timm
+        if feature_cache_dir and not self.frozen:
+            raise ValueError("FrozenVisionTransformer: feature_cache_dir needs frozen=True (a training "
+                             "encoder's outputs change every step); set feature_cache_dir=None")
         if self.frozen:
             for p in self.parameters():
                 p.requires_grad_(False)
             self.train(False)
+        # a plain attribute, not a submodule: the state dict keeps the encoder's keys once
+        self._cached_forward = (CachedFrozenForward(self, feature_cache_dir, self._OUTPUT_SETTINGS,
+                                                    compute=self._encode) if feature_cache_dir else None)
 
     def init_weights(self):
         if self.pretrained_timm is None:
@@ -83,6 +99,11 @@ class FrozenVisionTransformer(VisionTransformer):
         return self
 
     def forward(self, inputs):
+        if self._cached_forward is not None:
+            return self._cached_forward(inputs)
+        return self._encode(inputs)
+
+    def _encode(self, inputs):
         if self.frozen:
             with torch.no_grad():
                 return super().forward(inputs)

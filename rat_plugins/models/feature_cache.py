@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -82,23 +82,28 @@ class FrozenFeatureCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pt"
 
-    def load(self, key: str) -> Optional[torch.Tensor]:
+    def load(self, key: str) -> Optional[dict]:
+        """``{"outputs": [per-output tensors of one image], "sequence": bool}`` or None."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(entry, dict) and isinstance(entry.get("outputs"), list)):
+                raise ValueError("not a feature cache entry")
+            return entry
         except Exception as e:  # a truncated or foreign file: recompute and replace it
             logger.warning("feature cache entry %s is unreadable (%s); recomputing it", path, e)
             return None
 
-    def save(self, key: str, features: torch.Tensor) -> None:
+    def save(self, key: str, entry: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(features.cpu().clone(), f)
+                torch.save({"outputs": [t.cpu().clone() for t in entry["outputs"]],
+                            "sequence": entry["sequence"]}, f)
             os.replace(tmp, path)  # readers see the old file or the whole new one
         except BaseException:
             if os.path.exists(tmp):
@@ -117,12 +122,16 @@ class CachedFrozenForward:
         module: the frozen module; its state (checkpoint loaded) must be final at the first call.
         cache_dir: the cache root; entries of other modules and checkpoints live beside each other.
         config_attrs: module attributes that change its output without changing its weights.
+        compute: what computes the features of a batch (default: ``module`` itself; a module that
+            owns its cache passes its uncached forward).
     """
 
-    def __init__(self, module: nn.Module, cache_dir: Union[str, os.PathLike], config_attrs: Iterable[str] = ()):
+    def __init__(self, module: nn.Module, cache_dir: Union[str, os.PathLike], config_attrs: Iterable[str] = (),
+                 compute: Optional[Callable] = None):
         if any(p.requires_grad for p in module.parameters()):
             raise ValueError("a feature cache needs a frozen module; freeze it or turn the cache off")
         self.module = module
+        self.compute = compute or module
         self.cache_dir = cache_dir
         self.config_attrs = tuple(config_attrs)
         self._cache: Optional[FrozenFeatureCache] = None
@@ -134,17 +143,23 @@ class CachedFrozenForward:
             logger.info("frozen-feature cache in %s", self._cache.root)
         return self._cache
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor):
+        """``module(x)`` for a batch ``x``; the output is a tensor or a tuple / list of tensors
+        (e.g. the several encoder layers an MLA neck reads), each with the batch first."""
         cache = self.cache
         keys = [cache.input_key(x[i]) for i in range(x.shape[0])]
         found = [cache.load(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             with torch.no_grad():
-                fresh = self.module(x[missing])
+                fresh = self.compute(x[missing])
+            sequence = isinstance(fresh, (tuple, list))
+            parts = fresh if sequence else (fresh,)
             for j, i in enumerate(missing):
-                found[i] = _compact(fresh[j])
+                found[i] = {"outputs": [_compact(p[j]) for p in parts], "sequence": sequence}
                 cache.save(keys[i], found[i])
         cache.hits += x.shape[0] - len(missing)
         cache.misses += len(missing)
-        return torch.stack([_expand(f) for f in found]).to(x.device)
+        outputs = [torch.stack([_expand(f["outputs"][k]) for f in found]).to(x.device)
+                   for k in range(len(found[0]["outputs"]))]
+        return tuple(outputs) if found[0]["sequence"] else outputs[0]
