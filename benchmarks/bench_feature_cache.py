@@ -5,7 +5,8 @@ Three runs of tools/lazyconfig_train_net.py, side by side, on the synthetic head
 
 * ``off``  — cache disabled (``model.backbone.net.feature_cache_dir=""``);
 * ``cold`` — empty cache: epoch 1 fills it, epoch 2 hits the views seen before (flips differ);
-* ``warm`` — the cache left by ``cold``, as the next run of a sweep sees it.
+* ``warm`` — the cache left by ``cold``, as the next run of a sweep sees it (same seed, so the
+  random backbone is the same; with a checkpoint the weights are the same anyway).
 
 Each run is a separate process; the table gives the training time from detectron2's log
 ("Overall training speed" line: iterations and seconds) and the whole process wall time, with
@@ -34,7 +35,7 @@ def run(name, data, cache, out, args):
     overrides = [f"dataloader.image_size={args.image_size}", "model.backbone.net.checkpoint=",
                  "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
                  *[f"model.roi_heads.box_heads.{i}.conv_dims=[64,64,64,64]" for i in range(3)],
-                 f"model.backbone.net.feature_cache_dir={cache}", "train.epochs=2", "train.warmup_iters=2",
+                 f"model.backbone.net.feature_cache_dir={cache}", "train.seed=0", "train.epochs=2", "train.warmup_iters=2",
                  "train.device=cpu", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
                  "dataloader.final_test.num_workers=0", f"train.output_dir={out / name}"]
     env = dict(os.environ, RAT_DATASETS=str(data), OMP_NUM_THREADS=str(args.threads))

@@ -10,6 +10,7 @@ train.init_checkpoint = ""  # the backbone loads its own checkpoint (model.backb
 train.device = "cuda" if torch.cuda.is_available() else "cpu"
 train.log_period = 20
 train.checkpointer.max_to_keep = 3
+train.seed = -1  # detectron2's default (a new seed per run); e.g. train.seed=0 to repeat a run exactly
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
 if train.device == "cpu":
     train.ddp.device_ids = None  # CPU processes (gloo) take no device ids
