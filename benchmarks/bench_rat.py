@@ -19,12 +19,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -50,17 +51,6 @@ def dense_estimate_gb(size):
     return 5 * matrix / GB
 
 
-def timed(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_layer_case(impl, size, repeats, warmup):
     from spatial_grouping_attention import DenseSpatialGroupingAttention
 
@@ -72,7 +62,7 @@ def run_layer_case(impl, size, repeats, warmup):
     x = torch.randn(1, size * size, LAYER["feature_dims"])
     with torch.no_grad():
         baseline = current_rss_bytes()
-        seconds = timed(lambda: layer(x, (1.0, 1.0), (size, size)), repeats, warmup)
+        seconds = median_time(lambda: layer(x, (1.0, 1.0), (size, size)), repeats, warmup)
     return dict(seconds=seconds, peak=peak_rss_bytes(), added=peak_rss_bytes() - baseline)
 
 
@@ -104,7 +94,7 @@ def run_rat_case(size, repeats, warmup):
     image = torch.randn(1, 3, size, size)
     with torch.no_grad():
         baseline = current_rss_bytes()
-        seconds = timed(lambda: model(image), repeats, warmup)
+        seconds = median_time(lambda: model(image), repeats, warmup)
     runs = repeats + warmup
     return dict(seconds=seconds, peak=peak_rss_bytes(), added=peak_rss_bytes() - baseline,
                 grouping=spent["grouping"] / runs, mr_attn=spent["multi-res attention"] / runs,

@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from rat_plugins.models.ops.selective_scan import backend_for, selective_scan  # noqa: E402
 from rat_plugins.models.vim import vim_tiny  # noqa: E402
 
+from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 
 def reference_scan(u, delta, A, B, C, D, z, delta_bias):
     """Sequential reference: one time step at a time (softplus delta, D skip, z gate)."""
@@ -44,17 +46,6 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias):
         s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
         ys.append((s * C[:, None, :, t]).sum(-1))
     return (torch.stack(ys, -1) + D[:, None] * u) * F.silu(z)
-
-
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def scan_inputs(L, dim=384, state=16, batch=1, seed=0):
