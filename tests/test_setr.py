@@ -3,8 +3,11 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,19 +271,29 @@ def test_stock_mmseg_train_tool_frozen_config(tmp_path, data_root, timm_file):
 
 
 @pytest.mark.slow
-def test_project_train_tool_resume_continues(tmp_path, data_root):
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_root):
+    """SIGKILL a training run once it has a checkpoint; --resume continues at that iteration."""
     work = tmp_path / "work"
-    env = {"RAT_DATASETS": str(data_root)}
-    run_cmd([sys.executable, str(REPO / "tools/train.py"), str(SMALL), "--work-dir", str(work),
-             *cfg_options(train_cfg__max_iters=2, train_cfg__val_interval=2)], env=env, timeout=600)
-    assert (work / "iter_2.pth").is_file() and not (work / "iter_4.pth").exists()
-    proc = run_cmd([sys.executable, str(REPO / "tools/train.py"), str(SMALL), "--work-dir", str(work), "--resume",
-                    *cfg_options()], env=env, timeout=600)
+    env = {**os.environ, "RAT_DATASETS": str(data_root), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(REPO / "tools/train.py"), str(SMALL), "--work-dir", str(work)]
+    run = subprocess.Popen(args + cfg_options(train_cfg__max_iters=10000, train_cfg__val_interval=10000),
+                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (work / "last_checkpoint").is_file() and time.time() < deadline and run.poll() is None:
+            time.sleep(0.5)
+        assert (work / "last_checkpoint").is_file(), "the run wrote no checkpoint"
+    finally:
+        run.kill()
+        run.wait()
+    last = int(re.search(r"iter_(\d+)\.pth", (work / "last_checkpoint").read_text()).group(1))
+    proc = run_cmd(args + ["--resume"] + cfg_options(train_cfg__max_iters=last + 2, train_cfg__val_interval=last + 2),
+                   env={"RAT_DATASETS": str(data_root)}, timeout=600)
     out = proc.stdout + proc.stderr
-    assert "resumed epoch: 0, iter: 2" in out
-    assert "Iter(train) [3/4]" in out and "Iter(train) [1/4]" not in out
-    ckpt = torch.load(work / "iter_4.pth", map_location="cpu", weights_only=False)
-    assert ckpt["meta"]["iter"] == 4
+    assert f"resumed epoch: 0, iter: {last}" in out
+    assert f"Iter(train) [{last + 1}/{last + 2}]" in out and "Iter(train) [1/" not in out
+    ckpt = torch.load(work / f"iter_{last + 2}.pth", map_location="cpu", weights_only=False)
+    assert ckpt["meta"]["iter"] == last + 2
     assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in ckpt["state_dict"]) - sum(
         1 for k in ckpt["state_dict"] if "running_" in k or "num_batches" in k)
 
