@@ -16,4 +16,5 @@ from . import runner  # noqa: E402,F401
 from . import setr, metrics  # noqa: E402,F401  (SETR encoder, vessel metrics)
 from . import vim  # noqa: E402,F401  (ViM backbone, Roboflow COCO dataset)
 from . import maxvit_rnn  # noqa: E402,F401  (RVT's MaxViT-RNN backbone)
+from . import yolox_rvt  # noqa: E402,F401  (RVT PAFPN neck, size-aware YOLOX head)
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
