@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """SETR-MLA training step with the encoder frozen vs trainable: step time and memory, side by side.
 
+A third mode, ``frozen-cached``, repeats one batch with the frozen-feature cache on
+(``model.backbone.feature_cache_dir``): the warm-up step fills the cache, the timed steps read the
+encoder's four MLA layers from disk, as validation does from the second evaluation on.
+
     python benchmarks/bench_setr.py [--config CONFIG] [--size 224] [--batch 2] [--steps 3]
         [--warmup 1] [--device cpu|cuda] [--threads N] [--cfg-options k=v ...] [--json OUT]
 
@@ -23,6 +27,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("frozen", "frozen-cached", "trainable")
 DEFAULT_CONFIG = os.path.join(HERE, "..", "projects", "SETR", "configs", "setr_vit-b16_mla_frozen_fundus.py")
 
 
@@ -37,7 +42,7 @@ def _parser():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cfg-options", nargs="+", default=[], help="extra key=value overrides")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--child", choices=("frozen", "trainable"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     return p
 
 
@@ -75,8 +80,12 @@ def _child(args):
         torch.set_num_threads(args.threads)
     cfg = Config.fromfile(args.config)
     size = (args.size, args.size)
-    opts = {"model.backbone.frozen": args.child == "frozen", "model.backbone.pretrained_timm": None,
+    opts = {"model.backbone.frozen": args.child != "trainable", "model.backbone.pretrained_timm": None,
             "model.backbone.img_size": size, "model.data_preprocessor.size": size}
+    if args.child == "frozen-cached":
+        import tempfile
+
+        opts["model.backbone.feature_cache_dir"] = tempfile.mkdtemp(prefix="setr-feature-cache-")
     if args.cfg_options:
         action = DictAction(option_strings=[], dest="o")
         ns = argparse.Namespace()
@@ -105,7 +114,10 @@ def _child(args):
             samples.append(s)
         return dict(inputs=inputs, data_samples=samples)
 
-    data = [batch() for _ in range(args.warmup + args.steps)]
+    if args.child == "frozen-cached":  # the same view again: every timed step is a cache hit
+        data = [batch()] * (args.warmup + args.steps)
+    else:
+        data = [batch() for _ in range(args.warmup + args.steps)]
     saved = {"bytes": 0}
     seen = set()
 
@@ -173,7 +185,7 @@ def main(argv=None):
     if args.child:
         return _child(args)
     results = []
-    for mode in ("frozen", "trainable"):
+    for mode in MODES:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--size", str(args.size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--child", mode]

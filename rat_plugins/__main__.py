@@ -35,7 +35,7 @@ def _lazycall_components():
     """Classes of the detectron2 adapters that LazyConfig files can LazyCall."""
     import rat_plugins.detectron2 as d2
     found = []
-    for mod_name in ("vim", "maxvit_rnn", "data", "engine", "schedule") + tuple(getattr(d2, "EXTRA_MODULES", ())):
+    for mod_name in ("vim", "maxvit_rnn", "rat", "data", "engine", "schedule") + tuple(getattr(d2, "EXTRA_MODULES", ())):
         mod = importlib.import_module(f"rat_plugins.detectron2.{mod_name}")
         for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)

@@ -96,6 +96,9 @@ else
   WHEEL="$(ls "$MMCV_CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1)"
   if [ -z "$WHEEL" ]; then
     BUILD_DIR="$(mktemp -d "$MMCV_CACHE/.build-XXXXXX")" || fail
+    # an interrupted build leaves no half-built folder behind (the next run starts the build anew)
+    trap 'rm -rf "$BUILD_DIR"' EXIT
+    trap 'exit 130' INT TERM
     echo "    building mmcv from source in $BUILD_DIR (log: $MMCV_CACHE/build.log)"
     "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary=:all: \
       "mmcv==$MMCV_VERSION" -d "$BUILD_DIR/src" 2>&1 | grep -v "^WARNING: Location 'file:"
@@ -114,6 +117,7 @@ else
     BUILT="$(ls "$BUILD_DIR"/out/mmcv-*.whl | head -n1)"
     mv "$BUILT" "$MMCV_CACHE/" || fail
     rm -rf "$BUILD_DIR"
+    trap - EXIT INT TERM
     WHEEL="$MMCV_CACHE/$(basename "$BUILT")"
   fi
   echo "    installing $WHEEL"

@@ -7,4 +7,4 @@ try:
 except ImportError as e:  # one clear error instead of a traceback deep in an adapter
     raise framework_missing_error("detectron2", "rat_plugins.detectron2", e) from e
 
-from . import data, engine, maxvit_rnn, schedule, vim  # noqa: E402,F401  (registration happens on import)
+from . import data, engine, maxvit_rnn, rat, schedule, vim  # noqa: E402,F401  (registration happens on import)

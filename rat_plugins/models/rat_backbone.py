@@ -1,0 +1,282 @@
+"""RAT (the package's ``ResolutionAwareTransformer``) as a multi-scale backbone: feature maps per
+pyramid level and block, in 2D or 3D.
+
+:class:`RATBackbone` subclasses the package's model (same submodules and state-dict keys, so its
+weights load either way) and adds what a detector or segmenter needs:
+
+- input: one image ``[B, C, H, W]`` / ``[B, C, D, H, W]``, from which the pyramid given by
+  ``scales`` is built by area resizing, or an explicit pyramid (list of tensors, one per level);
+  a pixel spacing per level (default: ``spacing / scale``); optional masks;
+- output (:meth:`RATBackbone.forward_features`): ``NC[D]HW`` maps named ``level<l>_block<b>``, the
+  tokens of every level after every block reshaped onto the grid the package reports
+  (``out_grid_shape``);
+- attention per block: the package's dense layer or
+  :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention` (same weights).
+
+Strides. The package's input projection keeps the grid (stride 1, "same" padding) and every
+block's grouping layer is a strided conv with kernel ``k`` and padding ``(k - 1) // 2``, all
+blocks with the same per-axis ``stride``. After block ``b`` (0-based) of level ``l``, along each
+axis::
+
+    out_grid_shape = ceil(level_size / stride ** (b + 1))        (odd k; even k gives one less)
+    out_spacing    = level_spacing * stride ** (b + 1)
+    stride_lb      = stride ** (b + 1) / scale_l                 (in pixels of the input image)
+                   = out_spacing / spacing    when level_spacing = spacing / scale_l (the default)
+
+The defaults here, ``sga_kernel_size=5, stride=2`` (the package's are 7 and 3), give strides
+2, 4, 8, ... per block, and with ``scales=(1, 1/2, 1/4)`` level ``l`` block ``b`` has stride
+``2 ** (l + b + 1)``; levels are resized to ``ceil(size * scale)``, so every map of stride ``S``
+has ``ceil(size / S)`` rows and columns whichever level it comes from. For detectron2's FPN pick
+one map per stride (e.g. all blocks of level 0, then the last block of each coarser level): FPN
+asks for strides that double from one input to the next.
+
+Block loop. The package's forward multiplies each block's (groups x pixels) attention matrices
+into the previous block's: memory the size of the dense attention, and a local layer returns no
+such matrices, so a dense block after a local one raises KeyError there. Here they are dropped
+(:meth:`RATBackbone._forward_sga`); features do not use them.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from rat_plugins._optional import require
+from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
+
+_rat = require("resolution_aware_transformer", "rat_plugins.models.rat_backbone")
+ResolutionAwareTransformer = _rat.ResolutionAwareTransformer
+to_tuple = require("spatial_grouping_attention.utils", "rat_plugins.models.rat_backbone").to_tuple
+
+__all__ = ["RATBackbone", "FeatureInfo", "block_attention_kinds", "tokens_to_map"]
+
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+Masks = Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One output map: its name, where it comes from, its per-axis stride and its channels."""
+
+    name: str
+    level: int
+    block: int
+    stride: Tuple[float, ...]
+    channels: int
+
+
+def block_attention_kinds(attention: Union[str, Sequence[str]], num_blocks: int) -> Tuple[str, ...]:
+    """Per-block grouping attention, ``"dense"`` or ``"local"``.
+
+    Args:
+        attention: ``"dense"``, ``"local"`` (alias ``"sparse"``, the issue's and the package's
+            name for windowed attention), ``"mixed"`` (local in the first ``ceil(num_blocks / 2)``
+            blocks, which see the finest grids, dense after), or one of ``dense``/``local``/
+            ``sparse`` per block.
+        num_blocks: blocks of the model.
+    """
+    if isinstance(attention, str):
+        if attention == "mixed":
+            num_local = math.ceil(num_blocks / 2)
+            return ("local",) * num_local + ("dense",) * (num_blocks - num_local)
+        attention = [attention] * num_blocks
+    kinds = tuple("local" if kind == "sparse" else kind for kind in attention)
+    if len(kinds) != num_blocks or any(kind not in ("dense", "local") for kind in kinds):
+        raise ValueError(f"attention must be 'dense', 'local', 'sparse', 'mixed' or one of 'dense'/'local'/"
+                         f"'sparse' per block ({num_blocks} blocks), got {attention!r}")
+    return kinds
+
+
+def tokens_to_map(tokens: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+    """``[B, N, C]`` row-major tokens -> ``[B, C, *grid_shape]`` map."""
+    batch, num_tokens, channels = tokens.shape
+    if num_tokens != math.prod(grid_shape):
+        raise ValueError(f"{num_tokens} tokens do not fill the grid {tuple(grid_shape)}")
+    return tokens.transpose(1, 2).reshape(batch, channels, *grid_shape)
+
+
+class RATBackbone(ResolutionAwareTransformer):
+    """The package's ``ResolutionAwareTransformer`` returning feature maps per level and block.
+
+    Args:
+        spatial_dims: 2 (``[B, C, H, W]``) or 3 (``[B, C, D, H, W]``).
+        input_features: image channels.
+        feature_dims: channels of every map.
+        num_blocks: grouping + multi-resolution attention blocks; one map per level per block.
+        sga_kernel_size: grouping conv kernel (odd keeps grids at ``ceil(size / stride)``).
+        stride: grouping conv stride per block (int or per axis, e.g. ``(1, 2, 2)`` for
+            anisotropic 3D stacks).
+        scales: resize factor of each pyramid level relative to the input image, in (0, 1]
+            (a number or one per axis); ``(1.0,)`` is a single level. Strides are counted in
+            pixels of the scale-1 image.
+        attention: grouping attention per block, see :func:`block_attention_kinds`.
+        local_window: keyword arguments of the local layers (``neighborhood_kernel``,
+            ``neighborhood_dilation``, ``chunk_elements``); see
+            :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention`.
+        spacing: pixel spacing of the scale-1 image (number or per axis); level ``l`` defaults
+            to ``spacing / scales[l]``.
+        **rat_kwargs: the package's other arguments (``num_heads``, ``iters``, ``mlp_ratio``,
+            ``proj_kernel_size``, ``learnable_rose``, ``rose_initial_scaling``, ...).
+
+    :meth:`forward_features` is the multi-scale method the adapters call; ``forward`` stays the
+    package's (last block's token dicts), now also with local and mixed blocks.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        input_features: int = 3,
+        feature_dims: int = 128,
+        num_blocks: int = 4,
+        sga_kernel_size: Union[int, Sequence[int]] = 5,
+        stride: Union[int, Sequence[int]] = 2,
+        scales: Sequence[Union[float, Sequence[float]]] = (1.0,),
+        attention: Union[str, Sequence[str]] = "dense",
+        local_window: Optional[dict] = None,
+        spacing: Optional[Union[float, Sequence[float]]] = None,
+        **rat_kwargs,
+    ) -> None:
+        if "sga_attention_type" in rat_kwargs:  # the package's "sparse" type needs NATTEN (CUDA only)
+            raise ValueError(f"RATBackbone takes attention= ('dense' / 'local' / 'mixed' / per block), not "
+                             f"sga_attention_type={rat_kwargs['sga_attention_type']!r}")
+        if rat_kwargs.get("leading_tokens"):  # no place on a grid, and the package's forward never feeds them
+            raise ValueError("RATBackbone does not take leading_tokens")
+        kinds = block_attention_kinds(attention, num_blocks)
+        super().__init__(spatial_dims=spatial_dims, input_features=input_features, feature_dims=feature_dims,
+                         num_blocks=num_blocks, sga_attention_type="dense", sga_kernel_size=sga_kernel_size,
+                         stride=stride, spacing=spacing, **rat_kwargs)
+        self.attention_kinds = kinds
+        for block, kind in enumerate(kinds):
+            if kind == "local":  # same weights as the dense layer the package built
+                self.sga_layers[block] = LocalSpatialGroupingAttention.from_layer(self.sga_layers[block],
+                                                                                  **(local_window or {}))
+        self.scales = tuple(tuple(float(s) for s in to_tuple(scale, spatial_dims)) for scale in scales)
+        if not self.scales or any(not 0 < s <= 1 for scale in self.scales for s in scale):
+            raise ValueError(f"scales must be in (0, 1], one per pyramid level, got {scales!r}")
+        self.feature_info = [
+            FeatureInfo(name=f"level{level}_block{block}", level=level, block=block, channels=feature_dims,
+                        stride=tuple(_integral(s ** (block + 1) / sc) for s, sc in zip(self.stride, scale)))
+            for level, scale in enumerate(self.scales) for block in range(num_blocks)
+        ]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.scales)
+
+    @property
+    def spacing(self) -> Tuple[float, ...]:
+        """Pixel spacing of the scale-1 image (e.g. halve it to evaluate at twice the resolution)."""
+        return tuple(self._default_spacing)
+
+    @spacing.setter
+    def spacing(self, value: Union[float, Sequence[float]]) -> None:
+        self._default_spacing = tuple(float(s) for s in to_tuple(value, self.spatial_dims))
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def level_sizes(self, image_size: Sequence[int]) -> List[Tuple[int, ...]]:
+        """Grid of each pyramid level for a scale-1 image of ``image_size``: ``ceil(size * scale)``."""
+        # the tolerance keeps e.g. 30 * 0.1 = 3.0000000000000004 at 3
+        return [tuple(math.ceil(n * s - 1e-6) for n, s in zip(image_size, scale)) for scale in self.scales]
+
+    def build_pyramid(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """One image -> one tensor per level, area-resized (an average: no aliasing)."""
+        return [image if size == tuple(image.shape[2:]) else F.interpolate(image, size=size, mode="area")
+                for size in self.level_sizes(image.shape[2:])]
+
+    def _levels(self, images: Images) -> List[torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            if images.dim() != self.spatial_dims + 2:
+                raise ValueError(f"expected a [B, C, {'D, ' * (self.spatial_dims == 3)}H, W] image, "
+                                 f"got shape {tuple(images.shape)}")
+            return self.build_pyramid(images)
+        levels = list(images)
+        if len(levels) != self.num_levels:
+            raise ValueError(f"got {len(levels)} pyramid levels, the model has scales {self.scales}")
+        # the strides this model reports hold only for levels of the sizes its scales give
+        base = [n / s for n, s in zip(levels[0].shape[2:], self.scales[0])]
+        for level, (x, scale) in enumerate(zip(levels, self.scales)):
+            expected = [n * s for n, s in zip(base, scale)]
+            if x.dim() != self.spatial_dims + 2 or any(abs(n - e) > 1 for n, e in zip(x.shape[2:], expected)):
+                raise ValueError(f"level {level} has shape {tuple(x.shape)}; scales {self.scales} and level 0 "
+                                 f"{tuple(levels[0].shape)} call for a grid of about {tuple(expected)}")
+        return levels
+
+    def _level_spacing(self, spacing, num_levels: int) -> List[Tuple[float, ...]]:
+        """None / number / per-axis spacing of the scale-1 image, or one per-axis spacing per level."""
+        if spacing is not None and not isinstance(spacing, (int, float)) and len(spacing) > 0 \
+                and not isinstance(spacing[0], (int, float)):
+            if len(spacing) != num_levels:
+                raise ValueError(f"got {len(spacing)} spacings for {num_levels} levels")
+            return [tuple(float(s) for s in to_tuple(level, self.spatial_dims)) for level in spacing]
+        base = self.spacing if spacing is None else to_tuple(spacing, self.spatial_dims)
+        return [tuple(float(b) / s for b, s in zip(base, scale)) for scale in self.scales]
+
+    def _level_masks(self, masks: Masks, levels: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """One bool mask per level, or None (forms: see :meth:`forward_blocks`)."""
+        if masks is None:
+            return None
+        if isinstance(masks, torch.Tensor):
+            masks = [masks if tuple(masks.shape[1:]) == tuple(x.shape[2:]) else
+                     F.interpolate(masks[:, None].float(), size=x.shape[2:], mode="area")[:, 0] > 0
+                     for x in levels]
+        masks = list(masks)
+        if len(masks) != len(levels):
+            raise ValueError(f"got {len(masks)} masks for {len(levels)} levels")
+        if all(m is None for m in masks):
+            return None
+        # the package dilates every mask it is given: a level without one gets an empty mask
+        return [torch.zeros(x.shape[:1] + x.shape[2:], dtype=torch.bool, device=x.device) if m is None
+                else m.bool() for m, x in zip(masks, levels)]
+
+    # -- forward --------------------------------------------------------------------------------
+    def _forward_sga(self, layer, out):
+        """The package's step without its attention products (see the module docstring)."""
+        for state in out:
+            result = layer(state["x_out"], state["out_spacing"], state["out_grid_shape"], state["mask"])
+            result.pop("attn_q", None)
+            result.pop("attn_k", None)
+            state.update(result)
+            state["mask"] = None  # as in the package: masked tokens are replaced in the first block only
+        return out
+
+    def forward_blocks(self, images: Images, spacing=None, masks: Masks = None) -> List[List[dict]]:
+        """The package's per-level dicts (``x_out`` ``[B, N, C]`` tokens, ``out_grid_shape``,
+        ``out_spacing``) after every block: ``result[block][level]``.
+
+        Args:
+            images: one image (the pyramid is built from it) or one tensor per level.
+            spacing: None (``self.spacing``), the scale-1 image's spacing (number or per axis;
+                levels get ``spacing / scale``), or one per-axis spacing per level.
+            masks: None, one ``[B, *grid]`` bool mask of the input image (resized to each level:
+                a level pixel is masked when any pixel under it is), or one (or None) per level.
+                True marks a pixel whose token the package replaces by its learned mask embedding
+                (after dilating the mask by the projection kernel), in the first block only.
+        """
+        levels = self._levels(images)
+        out = self._prepare_inputs(levels, self._level_spacing(spacing, len(levels)),
+                                   self._level_masks(masks, levels))
+        # the package's forward, recording every block (it returns the last one only)
+        for state in out:
+            state["x_out"] = self.init_proj(state["x_out"]).flatten(2).transpose(1, 2)
+        per_block = []
+        for sga_layer, mr_attn_layer in zip(self.sga_layers, self.mr_attn_layers):
+            out = self._forward_mr_attn(mr_attn_layer, self._forward_sga(sga_layer, out))
+            per_block.append([dict(state) for state in out])
+        return per_block
+
+    def forward_features(self, images: Images, spacing=None, masks: Masks = None) -> Dict[str, torch.Tensor]:
+        """``{name: [B, feature_dims, *grid]}`` in :attr:`feature_info` order (level-major);
+        arguments as in :meth:`forward_blocks`."""
+        per_block = self.forward_blocks(images, spacing, masks)
+        return {info.name: tokens_to_map(per_block[info.block][info.level]["x_out"],
+                                         per_block[info.block][info.level]["out_grid_shape"])
+                for info in self.feature_info}
+
+    def __repr__(self) -> str:
+        return (f"RATBackbone{self.spatial_dims}D(feature_dims={self.feature_dims}, num_blocks={self.num_blocks}, "
+                f"scales={self.scales}, attention={self.attention_kinds})")
+
+
+def _integral(value: float) -> Union[int, float]:
+    return int(round(value)) if abs(value - round(value)) < 1e-9 else value
