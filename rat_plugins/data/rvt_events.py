@@ -1,0 +1,331 @@
+"""Random-access clips from RVT's preprocessed event layout (eTraM, Gen1, 1Mpx; formats.md section 6).
+
+Layout of one split (``datasets/README.md``, ``events/<name>/``)::
+
+    <root>/<split>/<sequence>/event_representations_v2/<repr_name>/
+        event_representations.h5 | event_representations_ds2_nearest.h5   ('data': uint8 [T, C, H, W])
+        objframe_idx_2_repr_idx.npy
+    <root>/<split>/<sequence>/labels_v2/labels.npz   ('labels', 'objframe_idx_2_label_idx')
+
+One sample per labelled frame: the ``sequence_length`` (L) consecutive representations that end at
+the frame's representation, with that frame's boxes. Rules this module fixes:
+
+- **Clips at a sequence start** (fewer than L representations before the labelled frame):
+  ``short_clips="pad"`` (default) puts zero histograms *in front* so every clip has length L and
+  batches stack; ``valid`` is False on the padding. ``short_clips="drop"`` skips those labelled
+  frames instead, as RVT's random-access dataset does.
+- ``is_first`` is True at the first valid step of every clip: a random-access clip has no history,
+  so the recurrent state is zeroed there (``MaxVitRnn.forward_clip(..., sequence_start=is_first)``);
+  zero padding before that step therefore never reaches the state. ``starts_sequence`` says whether
+  that step is also representation 0 of the recording.
+- **Boxes** are xyxy in pixels of the histogram that is read. Labels are stored in sensor pixels;
+  the ``*_ds2_nearest`` histogram is the sensor grid halved, so its boxes are multiplied by 0.5
+  (as RVT does when ``downsample_by_factor_2`` is set); the full-resolution file needs no scaling.
+- Class names come from the caller (``class_names``); a class id outside them is an error.
+
+HDF5 files are opened on first read in each process (a forked DataLoader worker reopens its own
+handles), never kept open by ``__init__``. Real RVT downloads compress ``data`` with Blosc, which
+h5py reads only after ``import hdf5plugin``; that import is attempted when a file is opened and
+required only when the file's filter is not otherwise available.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .._optional import require
+
+__all__ = ["RVTEventClips", "EventSequence", "REPR_FILE", "REPR_FILE_DS2", "DEFAULT_REPR_NAME"]
+
+REPR_FILE = "event_representations.h5"
+REPR_FILE_DS2 = "event_representations_ds2_nearest.h5"
+DEFAULT_REPR_NAME = "stacked_histogram_dt=50_nbins=10"
+_SHORT_CLIP_RULES = ("pad", "drop")
+
+
+@dataclass
+class EventSequence:
+    """One recording of a split: its files and the label index (small arrays, loaded eagerly)."""
+
+    name: str
+    h5_path: Path
+    labels_path: Path
+    num_representations: int
+    frame_repr_idx: np.ndarray  # [K] representation index of labelled frame k (increasing)
+    frame_label_start: np.ndarray  # [K + 1] label rows of frame k: start[k]:start[k + 1]
+    labels: np.ndarray  # RVT's structured label records
+
+    def frame_labels(self, k: int) -> np.ndarray:
+        return self.labels[self.frame_label_start[k]:self.frame_label_start[k + 1]]
+
+
+def _missing_filters(dataset) -> List[str]:
+    """Names of the HDF5 filters ``dataset`` is compressed with that this process cannot decode."""
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            missing.append(f"{name.decode(errors='replace') or 'unnamed'} (id {code})")
+    return missing
+
+
+def _open_h5(path: Path):
+    """Open a representation file read-only and return ``(file, dataset 'data')`` with clear errors."""
+    h5py = require("h5py", "rat_plugins.data.rvt_events")
+    try:  # registers Blosc / LZ4 / Zstd filters; the gzip-compressed synthetic files do not need it
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        hdf5plugin = None
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"cannot open the HDF5 file '{path}' ({e}); it is corrupt or truncated: "
+                      "copy it again or re-run RVT's preprocessing for this sequence") from e
+    if "data" not in f:
+        keys = list(f.keys())
+        f.close()
+        raise OSError(f"'{path}' has no dataset 'data' (found {keys}); it is not an RVT representation file")
+    dset = f["data"]
+    missing = _missing_filters(dset)
+    if missing:
+        f.close()
+        hint = ("`pip install hdf5plugin`" if hdf5plugin is None
+                else "an hdf5plugin version that provides these filters")
+        raise ImportError(f"'{path}' is compressed with HDF5 filter(s) {', '.join(missing)} that this "
+                          f"installation cannot decode. To fix: {hint}.")
+    if dset.ndim != 4:
+        f.close()
+        raise OSError(f"'{path}': 'data' must be [T, C, H, W], got shape {dset.shape}")
+    return f, dset
+
+
+def _load_npz(path: Path, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise ValueError(f"'{path}' lacks {missing} (has {npz.files}); expected RVT's labels_v2 layout")
+            return {k: npz[k] for k in keys}
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise OSError(f"cannot read '{path}' ({e}); copy it again or re-run RVT's preprocessing") from e
+
+
+class RVTEventClips:
+    """Clips of L event representations ending at labelled frames of one split.
+
+    Args:
+        root: dataset folder holding the splits, e.g. ``dataset_root() / "events/etram"``.
+        split: ``train`` / ``val`` / ``test``.
+        class_names: names of the class ids 0..K-1 (eTraM has 8), taken from the config.
+        repr_name: folder under ``event_representations_v2``.
+        downsample: True reads ``event_representations_ds2_nearest.h5`` (half the sensor size,
+            boxes scaled by 0.5), False ``event_representations.h5`` (sensor size, boxes as stored).
+        sequence_length: L, representations per clip.
+        short_clips: ``"pad"`` (zero-pad in front, mask them invalid) or ``"drop"`` (skip labelled
+            frames with fewer than L representations before them), see the module docstring.
+        all_labels: also return the boxes of every labelled frame inside the clip (per step).
+        sequences: optional subset of sequence folder names (default: every folder of the split).
+
+    Each sample (:meth:`__getitem__`) is a dict: ``clip`` uint8 [L, C, H, W] (unnormalised
+    counts), ``valid`` / ``is_first`` / ``labelled`` bool [L], ``repr_indices`` int64 [L] (-1 on
+    padding), ``starts_sequence`` bool, ``bboxes`` float32 [N, 4] xyxy and ``labels`` int64 [N] of
+    the final frame, ``sequence``, ``objframe_idx``, ``repr_idx``, ``timestamp_us``; with
+    ``all_labels`` also ``step_bboxes`` / ``step_labels`` (lists of L arrays, empty where a step
+    has no label).
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], split: str, class_names: Sequence[str],
+                 repr_name: str = DEFAULT_REPR_NAME, downsample: bool = True, sequence_length: int = 5,
+                 short_clips: str = "pad", all_labels: bool = False, sequences: Optional[Sequence[str]] = None):
+        if not class_names:
+            raise ValueError("class_names is empty: pass the dataset's class names from the config "
+                             "(e.g. the 8 eTraM classes), index i naming class id i")
+        if int(sequence_length) < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        if short_clips not in _SHORT_CLIP_RULES:
+            raise ValueError(f"short_clips must be one of {_SHORT_CLIP_RULES}, got {short_clips!r}")
+        self.root = Path(root)
+        self.split = split
+        self.class_names = tuple(str(c) for c in class_names)
+        self.repr_name = repr_name
+        self.downsample = bool(downsample)
+        self.h5_name = REPR_FILE_DS2 if self.downsample else REPR_FILE
+        self.label_scale = 0.5 if self.downsample else 1.0
+        self.sequence_length = int(sequence_length)
+        self.short_clips = short_clips
+        self.all_labels = bool(all_labels)
+
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            have = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+            raise FileNotFoundError(
+                f"split folder '{split_dir}' does not exist (found {have or 'nothing'} in '{self.root}'); "
+                "place RVT's preprocessed train/ val/ test/ folders there (datasets/README.md, events) or "
+                "write a synthetic set: python -m rat_plugins.data.synthetic events --out " + str(self.root))
+        names = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if sequences is None else list(sequences)
+        if not names:
+            raise FileNotFoundError(f"split folder '{split_dir}' holds no sequence folders")
+        self._chw: Optional[Tuple[int, ...]] = None
+        self.sequences: List[EventSequence] = [self._load_sequence(split_dir / n) for n in names]
+        self.channels, self.height, self.width = self._chw
+
+        # One sample per labelled frame: (sequence index, labelled frame index).
+        first_full = self.sequence_length - 1
+        self._index: List[Tuple[int, int]] = [
+            (s, k) for s, seq in enumerate(self.sequences) for k, r in enumerate(seq.frame_repr_idx)
+            if short_clips == "pad" or r >= first_full]
+        self._handles: Dict[int, object] = {}
+        self._owner_pid = os.getpid()
+
+    # ------------------------------------------------------------------ discovery (no h5 kept open)
+
+    def _load_sequence(self, seq_dir: Path) -> EventSequence:
+        repr_dir = seq_dir / "event_representations_v2" / self.repr_name
+        if not repr_dir.is_dir():
+            parent = repr_dir.parent
+            have = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+            raise FileNotFoundError(
+                f"representation folder '{repr_dir}' does not exist (found {have or 'nothing'} in '{parent}'); "
+                "set repr_name to one of those, or preprocess this representation with RVT's "
+                "scripts/genx/preprocess_dataset.py")
+        h5_path = repr_dir / self.h5_name
+        if not h5_path.is_file():
+            other = REPR_FILE if self.downsample else REPR_FILE_DS2
+            fix = (f"set downsample={not self.downsample} to read '{other}', which is there"
+                   if (repr_dir / other).is_file() else "preprocess it with RVT's scripts")
+            raise FileNotFoundError(f"'{h5_path}' does not exist; {fix}")
+        repr_idx_path = repr_dir / "objframe_idx_2_repr_idx.npy"
+        labels_path = seq_dir / "labels_v2" / "labels.npz"
+        for p in (repr_idx_path, labels_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"'{p}' does not exist; the sequence '{seq_dir}' is incomplete "
+                                        "(RVT's layout needs it next to the representations)")
+        frame_repr_idx = np.load(repr_idx_path, allow_pickle=False).astype(np.int64)
+        npz = _load_npz(labels_path, ("labels", "objframe_idx_2_label_idx"))
+        labels, starts = npz["labels"], npz["objframe_idx_2_label_idx"].astype(np.int64)
+        for field in ("x", "y", "w", "h", "class_id"):
+            if labels.dtype.names is None or field not in labels.dtype.names:
+                raise ValueError(f"'{labels_path}': 'labels' lacks field '{field}' (has {labels.dtype.names})")
+        if len(starts) != len(frame_repr_idx):
+            raise ValueError(f"'{labels_path}' indexes {len(starts)} labelled frames but '{repr_idx_path}' "
+                             f"{len(frame_repr_idx)}; the two files come from different preprocessing runs")
+        if len(frame_repr_idx) and np.any(np.diff(frame_repr_idx) <= 0):
+            raise ValueError(f"'{repr_idx_path}' is not strictly increasing")
+        if len(labels) and int(labels["class_id"].max()) >= len(self.class_names):
+            bad = int(labels["class_id"].max())
+            raise ValueError(f"'{labels_path}' has class id {bad} but class_names has {len(self.class_names)} "
+                             f"names {self.class_names}; give class_names for every id of this dataset "
+                             "in the config")
+
+        # Read the shape only and close again, so no handle exists when DataLoader workers fork.
+        f, dset = _open_h5(h5_path)
+        try:
+            shape = tuple(int(v) for v in dset.shape)
+        finally:
+            f.close()
+        if len(frame_repr_idx) and frame_repr_idx[-1] >= shape[0]:
+            raise ValueError(f"'{repr_idx_path}' points at representation {frame_repr_idx[-1]} but '{h5_path}' "
+                             f"holds {shape[0]}")
+        if self._chw is None:
+            self._chw = shape[1:]
+        elif self._chw != shape[1:]:
+            raise ValueError(f"'{h5_path}' has [C, H, W] = {shape[1:]} but earlier sequences of the split "
+                             f"{self._chw}; a split must hold one representation size")
+        return EventSequence(name=seq_dir.name, h5_path=h5_path, labels_path=labels_path,
+                             num_representations=shape[0], frame_repr_idx=frame_repr_idx,
+                             frame_label_start=np.append(starts, len(labels)), labels=labels)
+
+    # ------------------------------------------------------------------ labels (no h5 access)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _boxes(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        x, y = rows["x"].astype(np.float32), rows["y"].astype(np.float32)
+        w, h = rows["w"].astype(np.float32), rows["h"].astype(np.float32)
+        boxes = np.stack([x, y, x + w, y + h], axis=1).reshape(-1, 4) * np.float32(self.label_scale)
+        return boxes.astype(np.float32), rows["class_id"].astype(np.int64)
+
+    def sample_info(self, i: int) -> dict:
+        """Which frame sample ``i`` ends at and its boxes; reads no representation."""
+        s, k = self._index[i]
+        seq = self.sequences[s]
+        rows = seq.frame_labels(k)
+        boxes, labels = self._boxes(rows)
+        return dict(sequence=seq.name, sequence_index=s, objframe_idx=k, repr_idx=int(seq.frame_repr_idx[k]),
+                    timestamp_us=int(rows["t"][0]) if len(rows) and "t" in rows.dtype.names else -1,
+                    bboxes=boxes, labels=labels)
+
+    # ------------------------------------------------------------------ representations (lazy h5)
+
+    def _dataset(self, s: int):
+        if self._owner_pid != os.getpid():  # forked worker: the parent's handles are not ours to use
+            self._handles, self._owner_pid = {}, os.getpid()
+        if s not in self._handles:
+            self._handles[s] = _open_h5(self.sequences[s].h5_path)
+        return self._handles[s][1]
+
+    def close(self) -> None:
+        """Close the HDF5 files this process opened."""
+        if self._owner_pid == os.getpid():
+            for f, _ in self._handles.values():
+                f.close()
+        self._handles = {}
+
+    def __getstate__(self):  # pickled for spawned workers: send no open files
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} clips")
+        info = self.sample_info(i)
+        s, end = info["sequence_index"], info["repr_idx"]
+        seq = self.sequences[s]
+        L = self.sequence_length
+        start = max(0, end - L + 1)
+        pad = L - (end + 1 - start)
+        dset = self._dataset(s)
+        try:
+            real = dset[start:end + 1]
+        except OSError as e:
+            raise OSError(f"cannot read representations {start}..{end} of '{seq.h5_path}' ({e}); the file is "
+                          "corrupt: copy it again or re-run RVT's preprocessing") from e
+        clip = np.zeros((L,) + real.shape[1:], dtype=real.dtype)
+        clip[pad:] = real
+        valid = np.arange(L) >= pad
+        is_first = np.zeros(L, bool)
+        is_first[pad] = True
+        repr_indices = np.full(L, -1, np.int64)
+        repr_indices[pad:] = np.arange(start, end + 1)
+
+        # Labelled frames inside the clip: frame_repr_idx is increasing, so one searchsorted.
+        frames = np.searchsorted(seq.frame_repr_idx, repr_indices[pad:])
+        frames = np.minimum(frames, len(seq.frame_repr_idx) - 1)
+        hit = seq.frame_repr_idx[frames] == repr_indices[pad:]
+        labelled = np.zeros(L, bool)
+        labelled[pad:] = hit
+        out = dict(info, clip=clip, valid=valid, is_first=is_first, labelled=labelled, repr_indices=repr_indices,
+                   starts_sequence=bool(start == 0))
+        if self.all_labels:
+            empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+            per_step = [empty] * L
+            for t in np.flatnonzero(labelled):
+                per_step[t] = self._boxes(seq.frame_labels(int(frames[t - pad])))
+            out["step_bboxes"] = [b for b, _ in per_step]
+            out["step_labels"] = [c for _, c in per_step]
+        return out
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root='{self.root}', split='{self.split}', sequences={len(self.sequences)}, "
+                f"clips={len(self)}, L={self.sequence_length}, file={self.h5_name}, "
+                f"CxHxW={self.channels}x{self.height}x{self.width}, classes={len(self.class_names)})")
