@@ -20,3 +20,4 @@ from . import yolox_rvt  # noqa: E402,F401  (RVT PAFPN neck, size-aware YOLOX he
 from . import rvt_data  # noqa: E402,F401  (RVT-layout event clips dataset, PackEventClip)
 from . import rat  # noqa: E402,F401  (RAT backbone: maps per pyramid level and block)
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
+from . import rvt_detector  # noqa: E402,F401  (recurrent YOLOX over event clips, clip preprocessor)

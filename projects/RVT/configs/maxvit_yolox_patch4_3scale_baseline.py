@@ -1,0 +1,84 @@
+# RVT baseline on eTraM, on mmdet: MaxViT-RNN (base size, stem patch 4) -> 3-level YOLOX PAFPN on
+# stages 2-4 (strides 8/16/32) -> mmdet's YOLOX head, 100k iterations. Clips of 5 event histograms
+# ending at a labelled frame, loss on that frame. Data: RVT's preprocessed layout under
+# <dataset root>/events/etram (RAT_DATASETS, as in datasets/README.md).
+#
+#   python tools/train.py projects/RVT/configs/maxvit_yolox_patch4_3scale_baseline.py
+# One-line overrides (--cfg-options ...):
+#   mixed precision (RVT trains with precision 16):  optim_wrapper.type=AmpOptimWrapper   (or --amp)
+#   the seed's fallback when batch 2 does not fit:   train_dataloader.batch_size=1 optim_wrapper.accumulative_counts=2
+#     (the schedule counts iterations, i.e. batches of 1: double train_cfg.max_iters and param_scheduler.0.end
+#      to keep the number of samples seen)
+#   linear lr scaling from RVT's batch 12:           auto_scale_lr.enable=True
+custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
+default_scope = 'mmdet'
+
+data_root = '{{$RAT_DATASETS:datasets}}/events/etram/'
+# eTraM's class ids (eTraM repository, rvt_eTram/gen4_class_labels.py)
+classes = ('pedestrian', 'car', 'bicycle', 'bus', 'motorbike', 'truck', 'tram', 'wheelchair')
+sequence_length = 5  # RVT gen4 (1 Mpx) experiment: 5 representations of 50 ms per clip
+max_iters = 100_000
+val_interval = 10_000  # RVT gen4: val_check_interval 10000
+
+model = dict(
+    type='RecurrentYOLOX',
+    # pads bottom / right to the backbone's multiple (64 here: stride 32 x partition_split 2); counts stay raw
+    data_preprocessor=dict(type='EventClipDataPreprocessor'),
+    backbone=dict(type='MaxViTRNN', variant='base', in_chans=20, patch_size=4, partition_split=2,
+                  out_indices=(1, 2, 3)),  # RVT in_stages [2, 3, 4]
+    # RVT's head width int(256 * 512 / 1024) = 128; out_convs are RVT's head stems
+    neck=dict(type='RVTPAFPN', in_channels=[128, 256, 512], depth=0.67, act='silu', out_channels=128),
+    bbox_head=dict(type='YOLOXHead', num_classes=len(classes), in_channels=128, feat_channels=128,
+                   stacked_convs=2, strides=(8, 16, 32)),
+    train_cfg=dict(assigner=dict(type='SimOTAAssigner', center_radius=2.5)),
+    # RVT's postprocess: confidence 0.1, NMS IoU 0.45
+    test_cfg=dict(score_thr=0.1, nms=dict(type='nms', iou_threshold=0.45)))
+
+
+def _split(split, test_mode):
+    return dict(type='RVTEventDataset', data_root=data_root, split=split, metainfo=dict(classes=classes),
+                sequence_length=sequence_length, test_mode=test_mode, pipeline=[dict(type='PackEventClip')])
+
+
+train_dataloader = dict(batch_size=2, num_workers=4, persistent_workers=False,
+                        sampler=dict(type='InfiniteSampler', shuffle=True), dataset=_split('train', False))
+val_dataloader = dict(batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
+                      sampler=dict(type='DefaultSampler', shuffle=False), dataset=_split('val', True))
+test_dataloader = dict(batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
+                       sampler=dict(type='DefaultSampler', shuffle=False), dataset=_split('test', True))
+# COCO ground truth from the data samples (boxes in ds2 histogram pixels); AP_s/m/l and per-class AP
+val_evaluator = dict(type='CocoMetric', ann_file=None, metric='bbox', classwise=True, format_only=False)
+test_evaluator = val_evaluator
+
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=val_interval)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+
+# RVT's optimiser and schedule (uzh-rpg/RVT modules/detection.py configure_optimizers, config/general.yaml,
+# config/experiment/gen4/default.yaml): AdamW without weight decay, gradients clipped by value at 1.0,
+# max lr 3.46e-4 (tuned for batch 12), one cycle with linear annealing, 0.5 % warm-up from max / 20,
+# no momentum cycling, ending at max / 10000 (PyTorch's final_div_factor divides the initial lr:
+# 10000 / 20 = 500).
+lr = 3.46e-4
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=lr, weight_decay=0.0),
+                     clip_grad=dict(type='value', clip_value=1.0))
+param_scheduler = [
+    dict(type='OneCycleLR', eta_max=lr, pct_start=0.005, div_factor=20, final_div_factor=500,
+         anneal_strategy='linear', by_epoch=False, begin=0, end=max_iters),
+]
+auto_scale_lr = dict(enable=False, base_batch_size=12)
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'), logger=dict(type='LoggerHook', interval=50),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=val_interval, max_keep_ckpts=3,
+                    save_best='coco/bbox_mAP', rule='greater'),
+    sampler_seed=dict(type='DistSamplerSeedHook'), visualization=dict(type='DetVisualizationHook'))
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+vis_backends = [dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')]
+visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False

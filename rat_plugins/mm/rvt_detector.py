@@ -1,0 +1,186 @@
+"""RVT as an mmdet detector: ``type='RecurrentYOLOX'`` and ``type='EventClipDataPreprocessor'``.
+
+RVT (github.com/uzh-rpg/RVT, ``modules/detection.py``) runs a recurrent backbone over a clip of
+event representations, carrying the LSTM states from step to step, and computes the YOLOX loss on
+the features of the labelled frames only. Here the clip comes from
+:class:`rat_plugins.mm.rvt_data.RVTEventDataset`: one clip per labelled frame, the label on its last
+step, front-padded where the sequence is shorter than the clip (``valid`` / ``is_first`` masks in
+the data samples). Everything after the backbone is mmdet's ``YOLOX`` (neck, head, SimOTA, losses,
+inference); only feature extraction changes.
+
+Config sketch::
+
+    model = dict(type='RecurrentYOLOX',
+                 data_preprocessor=dict(type='EventClipDataPreprocessor'),   # pads to the backbone's multiple
+                 backbone=dict(type='MaxViTRNN', ...), neck=dict(type='RVTPAFPN', ...),
+                 bbox_head=dict(type='SizeAwareYOLOXHead', ...), train_cfg=..., test_cfg=...)
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmdet.models.detectors import YOLOX
+from mmdet.registry import MODELS as MMDET_MODELS
+from mmdet.structures import OptSampleList, SampleList
+from mmengine.model import BaseDataPreprocessor
+from torch import Tensor
+
+from ..models.maxvit_rnn import MaxVitRnn
+
+__all__ = ["EventClipDataPreprocessor", "RecurrentYOLOX"]
+
+
+@MMDET_MODELS.register_module()
+class EventClipDataPreprocessor(BaseDataPreprocessor):
+    """Stack event clips ``[T, C, H, W]`` into ``[B, T, C, H, W]`` float, padded bottom / right.
+
+    RVT pads every event tensor with zeros at the bottom and right (``utils/padding.py``,
+    ``InputPadderFromShape``, type ``corner``) to ``ceil(side / m) * m`` with ``m`` the backbone's
+    padding multiple (RVT: ``32 * partition_split_32``; here ``MaxVitRnn.pad_multiple``, the deepest
+    stride times ``partition_split``, which is RVT's value for patch 4 and half of it for patch 2).
+    The same rule pads every clip of the batch to the batch's largest height / width. Boxes need no
+    change: padding adds pixels after the image, never before it.
+
+    Counts stay counts: the tensor is only cast to float (RVT feeds raw histogram counts, no mean /
+    std), so a uint8 count of 7 is 7.0 afterwards.
+
+    Args:
+        pad_size_divisor: ``m`` above. None: :class:`RecurrentYOLOX` sets it to its backbone's
+            ``pad_multiple`` when it is built, so the config cannot disagree with the backbone.
+        pad_value: value of the padded pixels (0: no events, as RVT).
+        non_blocking: copy to the device asynchronously (mmengine option).
+    """
+
+    def __init__(self, pad_size_divisor: Optional[int] = None, pad_value: float = 0.0, non_blocking: bool = False):
+        super().__init__(non_blocking)
+        if pad_size_divisor is not None and int(pad_size_divisor) < 1:
+            raise ValueError(f"pad_size_divisor must be a positive integer or None, got {pad_size_divisor}")
+        self.pad_size_divisor = None if pad_size_divisor is None else int(pad_size_divisor)
+        self.pad_value = pad_value
+
+    def padded_size(self, height: int, width: int) -> Tuple[int, int]:
+        """``(ceil(height / m) * m, ceil(width / m) * m)`` (no change while the divisor is unset)."""
+        m = self.pad_size_divisor or 1
+        return -(-height // m) * m, -(-width // m) * m
+
+    def forward(self, data: dict, training: bool = False) -> dict:
+        data = self.cast_data(data)
+        clips: List[Tensor] = list(data["inputs"])
+        if any(c.ndim != 4 for c in clips):
+            raise ValueError("EventClipDataPreprocessor expects clips [T, C, H, W] (PackEventClip output), got "
+                             f"shapes {[tuple(c.shape) for c in clips]}")
+        if len({tuple(c.shape[:2]) for c in clips}) != 1:
+            raise ValueError(f"clips of one batch must share T and C, got {[tuple(c.shape) for c in clips]}")
+        height = max(int(c.shape[-2]) for c in clips)
+        width = max(int(c.shape[-1]) for c in clips)
+        pad_h, pad_w = self.padded_size(height, width)
+        batch = torch.stack([F.pad(c.float(), (0, pad_w - c.shape[-1], 0, pad_h - c.shape[-2]), value=self.pad_value)
+                             for c in clips])
+        samples = data.get("data_samples")
+        if samples is not None:
+            # what mmdet's DetDataPreprocessor records; the head decodes in padded-input pixels
+            for sample in samples:
+                sample.set_metainfo(dict(batch_input_shape=(pad_h, pad_w), pad_shape=(pad_h, pad_w)))
+        return dict(inputs=batch, data_samples=samples)
+
+
+@MMDET_MODELS.register_module()
+class RecurrentYOLOX(YOLOX):
+    """mmdet's ``YOLOX`` whose backbone runs recurrently over event clips ``[B, T, C, H, W]``.
+
+    Feature extraction steps through the clip with the backbone's ``net`` (a
+    :class:`~rat_plugins.models.maxvit_rnn.MaxVitRnn`), carrying the LSTM states; per sample the
+    state is zeroed before a step where ``is_first`` is set (a sequence starts there) and left
+    untouched by a step where ``valid`` is False (front padding of a short clip), so padded steps
+    change nothing. Steps valid for no sample are skipped. The neck and head see the backbone maps of
+    the last step, the labelled frame, as RVT's random-access sampling does; loss, prediction and
+    ``_forward`` are otherwise mmdet's.
+
+    Every clip starts from a zero state: clips are sampled at random, so consecutive batches are
+    not consecutive in time (RVT's streaming mode, which carries states across batches, is not
+    implemented). Inputs without masks (e.g. ``[B, C, H, W]`` images or clips without data samples)
+    run as clips whose every step is valid, starting a new sequence at step 0.
+
+    Args:
+        backbone: a backbone with a recurrent ``net`` and ``out_indices`` (``type='MaxViTRNN'``).
+        **kwargs: ``YOLOX`` arguments (neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
+            init_cfg). A ``data_preprocessor`` with ``pad_size_divisor=None`` gets the backbone's
+            padding multiple.
+    """
+
+    def __init__(self, backbone: dict, **kwargs):
+        super().__init__(backbone=backbone, **kwargs)
+        net = getattr(self.backbone, "net", None)
+        if not isinstance(net, MaxVitRnn) or not hasattr(self.backbone, "out_indices"):
+            raise TypeError(f"RecurrentYOLOX needs a recurrent backbone with .net (MaxVitRnn) and .out_indices "
+                            f"(type='MaxViTRNN'), got {type(self.backbone).__name__}")
+        preprocessor = self.data_preprocessor
+        if isinstance(preprocessor, EventClipDataPreprocessor):
+            if preprocessor.pad_size_divisor is None:
+                preprocessor.pad_size_divisor = net.pad_multiple
+            elif preprocessor.pad_size_divisor % net.pad_multiple:
+                raise ValueError(f"data_preprocessor.pad_size_divisor={preprocessor.pad_size_divisor} is not a "
+                                 f"multiple of the backbone's padding multiple {net.pad_multiple}; leave it None")
+
+    @staticmethod
+    def clip_masks(batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, Tensor]:
+        """``(valid, is_first)``, bool ``[B, T]``, from the data samples (all valid, start at 0 without)."""
+        B, T = batch_inputs.shape[:2]
+        device = batch_inputs.device
+        if not batch_data_samples or "valid" not in batch_data_samples[0]:
+            is_first = torch.zeros(B, T, dtype=torch.bool, device=device)
+            is_first[:, 0] = True
+            return torch.ones(B, T, dtype=torch.bool, device=device), is_first
+        valid = torch.stack([torch.as_tensor(s.valid, dtype=torch.bool) for s in batch_data_samples]).to(device)
+        is_first = torch.stack([torch.as_tensor(s.is_first, dtype=torch.bool) for s in batch_data_samples]).to(device)
+        if valid.shape != (B, T) or is_first.shape != (B, T):
+            raise ValueError(f"valid / is_first masks must be [B, T] = [{B}, {T}], got {tuple(valid.shape)} and "
+                             f"{tuple(is_first.shape)}")
+        if not valid[:, -1].all():
+            raise ValueError("the last step of every clip must be valid: it is the labelled frame")
+        return valid, is_first
+
+    def backbone_clip_features(self, batch_inputs: Tensor, valid: Tensor, is_first: Tensor) -> Tuple[Tensor, ...]:
+        """Backbone maps (``out_indices``) of the last step after running the clip recurrently."""
+        net: MaxVitRnn = self.backbone.net
+        states = None
+        features = None
+        for t in range(batch_inputs.shape[1]):
+            if not valid[:, t].any():
+                continue
+            states = net.reset_states(states, is_first[:, t])
+            features, new_states = net(batch_inputs[:, t], states)
+            states = self._keep_where_invalid(states, new_states, valid[:, t])
+        return tuple(features[i + 1] for i in self.backbone.out_indices)
+
+    @staticmethod
+    def _keep_where_invalid(old, new, valid: Tensor):
+        """``new`` states for the valid samples, ``old`` (zero where there is none yet) for the others."""
+        if bool(valid.all()):
+            return new
+        keep = valid.view(-1, 1, 1, 1)
+        out = []
+        for s, (h, c) in enumerate(new):
+            h0, c0 = (torch.zeros_like(h), torch.zeros_like(c)) if old is None or old[s] is None else old[s]
+            out.append((torch.where(keep, h, h0), torch.where(keep, c, c0)))
+        return out
+
+    def extract_feat(self, batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, ...]:
+        """Neck output for a clip ``[B, T, C, H, W]`` (or a single step ``[B, C, H, W]``)."""
+        if batch_inputs.ndim == 4:
+            batch_inputs = batch_inputs[:, None]
+        valid, is_first = self.clip_masks(batch_inputs, batch_data_samples)
+        x = self.backbone_clip_features(batch_inputs, valid, is_first)
+        return self.neck(x) if self.with_neck else x
+
+    # mmdet's SingleStageDetector bodies, passing the samples (they hold the masks) to extract_feat
+    def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> dict:
+        return self.bbox_head.loss(self.extract_feat(batch_inputs, batch_data_samples), batch_data_samples)
+
+    def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList, rescale: bool = True) -> SampleList:
+        results = self.bbox_head.predict(self.extract_feat(batch_inputs, batch_data_samples), batch_data_samples,
+                                         rescale=rescale)
+        return self.add_pred_to_datasample(batch_data_samples, results)
+
+    def _forward(self, batch_inputs: Tensor, batch_data_samples: OptSampleList = None):
+        return self.bbox_head.forward(self.extract_feat(batch_inputs, batch_data_samples))
