@@ -213,8 +213,10 @@ def main(argv=None):
         else:
             row += [f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f}"]
         print(" | ".join(row))
-    fr, tr = results
-    print(f"frozen / trainable step time: {fr['step_s'] / tr['step_s']:.2f}")
+    by_mode = {r["mode"]: r for r in results}
+    fr, fc, tr = by_mode["frozen"], by_mode["frozen-cached"], by_mode["trainable"]
+    print(f"frozen / trainable step time: {fr['step_s'] / tr['step_s']:.2f}; "
+          f"frozen with cache hits / frozen: {fc['step_s'] / fr['step_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, size=args.size, batch=args.batch, results=results), f, indent=1)

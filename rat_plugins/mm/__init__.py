@@ -21,3 +21,4 @@ from . import rvt_data  # noqa: E402,F401  (RVT-layout event clips dataset, Pack
 from . import rat  # noqa: E402,F401  (RAT backbone: maps per pyramid level and block)
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
 from . import rvt_detector  # noqa: E402,F401  (recurrent YOLOX over event clips, clip preprocessor)
+from . import isic  # noqa: E402,F401  (ISIC 2018 dataset, LesionMetric, RAT ablation backbone)

@@ -10,6 +10,23 @@
 #     (the schedule counts iterations, i.e. batches of 1: double train_cfg.max_iters and param_scheduler.0.end
 #      to keep the number of samples seen)
 #   linear lr scaling from RVT's batch 12:           auto_scale_lr.enable=True
+# What this run is for; tools/experiment_record.py writes the experiment record from these fields
+# and from the config itself (python tools/experiment_record.py CONFIG --baseline BASE).
+experiment = dict(
+    name='RVT-B baseline on eTraM (patch 4, 3 scales, 100k)',
+    hypothesis=('RVT-B (MaxViT-RNN, stem patch 4, PAFPN on stages 2-4, YOLOX head) reimplemented on mmdet '
+                'trains stably on eTraM and gives the reference COCO AP / AP_small / per-class AP that the '
+                'small-object variants are compared against.'),
+    success_criteria=[
+        'training reaches 100k iterations with finite losses (no NaN / inf after the 0.5 % warm-up)',
+        'coco/bbox_mAP on eTraM val rises over the 10 evaluations and the best checkpoint is kept',
+        'the best checkpoint gives AP, AP50, AP_small / medium / large and per-class AP for all 8 classes',
+    ],
+    failure_criteria=[
+        'losses diverge or stay flat after the warm-up',
+        'coco/bbox_mAP at 100k is not above its value at 10k',
+    ],
+    gpus=1)
 custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
 default_scope = 'mmdet'
 

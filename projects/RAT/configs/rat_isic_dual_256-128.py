@@ -1,0 +1,12 @@
+# RAT, two scales (256 + 128 built from one 256x256 image), UPerHead on all 8 maps by stride
+# (level 0: strides 2..16, level 1: 4..32).
+_base_ = [
+    '_base_/models/rat_uper.py',
+    '_base_/datasets/isic2018.py',
+    '_base_/schedules/adamw_cosine_20k.py',
+    '_base_/default_runtime.py',
+]
+out_indices = (0, 1, 4, 2, 5, 3, 6, 7)
+model = dict(
+    backbone=dict(scales=(1.0, 0.5), out_indices=out_indices),
+    decode_head=dict(in_channels=[128] * 8, in_index=tuple(range(8))))
