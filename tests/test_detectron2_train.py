@@ -107,3 +107,21 @@ def test_all_ofat_configs_build_with_their_schedules(heads_data, monkeypatch):
         assert cfg.train.max_iter == per_epoch * int(ep[2:]) and cfg.train.eval_period == per_epoch
         assert cfg.model.backbone.net.freeze is True
         assert cfg.model.roi_heads.num_classes == 1
+
+
+OTHER_OFAT = sorted(p.stem for p in OFAT.glob("ofat_*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["project", "stock"])
+@pytest.mark.parametrize("name", OTHER_OFAT)
+def test_every_ofat_config_trains_under_both_tools(heads_data, tmp_path, name, tool):
+    """Each OFAT variant (optimizer, batch, lr, epochs) instantiates and takes optimizer steps."""
+    script = REPO / "tools/lazyconfig_train_net.py" if tool == "project" else stock_tool()
+    short = (["train.epochs=1"] if tool == "project" else
+             ["train.max_iter=2", "train.eval_period=2", "train.checkpointer.period=2"])
+    run_cmd([sys.executable, str(script), "--config-file", str(OFAT / f"{name}.py"), *TINY, *short,
+             "train.warmup_iters=1", f"train.output_dir={tmp_path}"], env={"RAT_DATASETS": str(heads_data)})
+    losses = [m for m in _metrics(tmp_path) if "total_loss" in m]
+    assert losses and all(m["total_loss"] == m["total_loss"] for m in losses)  # trained, no NaN
+    assert (tmp_path / "model_final.pth").is_file()
