@@ -22,6 +22,21 @@ def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
     return proc
 
 
+@pytest.fixture(autouse=True)
+def fresh_mmengine_default_scope():
+    """Each test starts without an mmengine default scope.
+
+    A Runner (or a config with ``default_scope``) leaves its scope as the process-wide current one,
+    so a later test building from mmdet's registries would look in mmseg's, or the reverse.
+    """
+    yield
+    try:
+        from mmengine.registry import DefaultScope
+    except ImportError:
+        return
+    DefaultScope._instance_dict.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def feature_cache_dir(tmp_path_factory):
     """Runs under test keep their frozen-feature caches in a temporary folder, not work_dirs/."""

@@ -1,0 +1,93 @@
+"""Ablation variants of the RAT package's layers that the package itself does not offer.
+
+- :class:`AbsolutePositionConv`: the input projection plus a fixed sine-cosine absolute position
+  embedding (the package only has rotary encodings);
+- :class:`StandardMHAGrouping`: the dense grouping layer with plain multi-head attention (softmax
+  over keys only, no renormalisation over queries).
+
+Both keep the package's parameters and state-dict keys. Pure torch + the RAT package.
+"""
+import torch
+import torch.nn.functional as F
+
+from .._optional import require
+
+__all__ = ["sincos_position_map", "AbsolutePositionConv", "StandardMHAGrouping"]
+
+
+def sincos_position_map(grid_shape, channels: int, ref_size: float, device=None, dtype=None) -> torch.Tensor:
+    """``[1, channels, *grid_shape]`` fixed sine-cosine embedding of each cell's centre.
+
+    Per axis, the centre ``(i + 0.5) / n`` of cell ``i`` of ``n`` times ``ref_size`` is embedded with
+    ``channels // (2 * ndim)`` frequencies ``10000 ** (-k / F)`` (ViT / MAE style), sines then
+    cosines; the remaining channels (if ``channels`` is not a multiple of ``2 * ndim``) are zero.
+    """
+    ndim = len(grid_shape)
+    num_freq = channels // (2 * ndim)
+    if num_freq == 0:
+        raise ValueError(f"absolute position embedding needs at least {2 * ndim} channels, got {channels}")
+    omega = 10000.0 ** (-torch.arange(num_freq, device=device, dtype=torch.float64) / num_freq)
+    axes = [(torch.arange(n, device=device, dtype=torch.float64) + 0.5) / n * ref_size for n in grid_shape]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    parts = []
+    for g in grids:
+        angle = g[..., None] * omega  # [*grid, F]
+        parts += [angle.sin(), angle.cos()]
+    pe = torch.cat(parts, dim=-1)
+    pe = F.pad(pe, (0, channels - pe.shape[-1]))
+    return pe.movedim(-1, 0)[None].to(dtype or torch.get_default_dtype())
+
+
+class AbsolutePositionConv(torch.nn.Conv2d):
+    """The package's input projection (same weights and keys) plus :func:`sincos_position_map`."""
+
+    ref_size: float = 256.0
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, ref_size: float) -> "AbsolutePositionConv":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict(), strict=True)
+        new.ref_size = float(ref_size)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + sincos_position_map(y.shape[2:], y.shape[1], self.ref_size, y.device, y.dtype)
+
+
+_sga = require("spatial_grouping_attention", "rat_plugins.models.rat_ablations")
+
+
+class StandardMHAGrouping(_sga.DenseSpatialGroupingAttention):
+    """The package's dense grouping layer with standard multi-head attention: each strided-conv
+    query attends to the input tokens with a softmax over keys and is updated by the weighted
+    values, with no renormalisation over queries (no competition of groups for pixels). Same
+    parameters and state-dict keys; returns no attention matrices."""
+
+    @classmethod
+    def from_layer(cls, layer) -> "StandardMHAGrouping":
+        layer.__class__ = cls  # same modules, parameters and buffers; only the forward differs
+        return layer
+
+    def forward(self, x, input_spacing, input_grid_shape, mask=None):
+        q_spacing = self._calculate_strided_spacing(input_spacing)
+        q_grid_shape = self._calculate_strided_grid_shape(input_grid_shape)
+        batch, n_in, dims = x.shape
+        if mask is not None:
+            x = torch.where((mask.to(x.device) > 0).flatten(1).unsqueeze(-1),
+                            self.mask_embedding.expand(batch, n_in, dims), x)
+        x_out = self.strider(x.transpose(1, 2).reshape(batch, dims, *input_grid_shape))
+        x_out = self.norm1(x_out.flatten(2).transpose(1, 2))
+        n_out = x_out.shape[1]
+        for _ in range(self.iters):
+            k, v = self.kv(x).chunk(2, dim=-1)
+            k = self.temp * self.rose(k, input_spacing, input_grid_shape, flatten=False).transpose(1, 2)
+            q = self.rose(self.q(x_out), q_spacing, q_grid_shape, flatten=False).transpose(1, 2)
+            v = v.reshape(*k.shape)
+            # the package's logits q.k (temperature in k), softmax over keys: standard attention
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N_out, d]
+            x_out = x_out + self.norm2(out.reshape(batch, n_out, dims))  # the package's head merge
+            x_out = x_out + self.norm3(self.mlp(x_out))
+        return {"x_out": x_out, "out_grid_shape": q_grid_shape, "out_spacing": q_spacing}
