@@ -15,6 +15,7 @@ from conftest import REPO, run_cmd
 import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, RAT, RATAblation)
 from rat_plugins.data.synthetic import make_isic
 from rat_plugins.mm.isic import ISIC_FOLDERS, ISIC2018Dataset, RATAblation, StandardMHAGrouping
+from rat_plugins.mm.rat_experiments import quick_overrides
 
 CONFIG_DIR = REPO / "projects" / "RAT" / "configs"
 MAIN = sorted(CONFIG_DIR.glob("*.py"))
@@ -40,31 +41,10 @@ def _load(config):
 
 
 def tiny(cfg, work_dir, iters=2):
-    """64x64 images, 2 heads, 1 grouping iteration, small head; keeps each config's own factor
-    (depth, feature dims, attention, positional encoding)."""
-    bb = cfg.model.backbone
-    if bb.feature_dims == 128 and "dims_" not in cfg.filename:  # dims ablations keep 128 / 256
-        bb.feature_dims = 16
-    bb.update(num_heads=2, iters=1)
-    head = cfg.model.decode_head
-    head.update(in_channels=[bb.feature_dims] * len(head.in_index), channels=16, pool_scales=(1, 2))
-    cfg.model.data_preprocessor.size = (SIZE, SIZE)
-    cfg.train_dataloader.dataset.pipeline[2].scale = (SIZE, SIZE)
-    for loader in ("val_dataloader", "test_dataloader"):
-        cfg[loader].dataset.pipeline[1].scale = (SIZE, SIZE)
-    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        cfg[loader].update(num_workers=0, persistent_workers=False)
-    cfg.train_dataloader.batch_size = 2
-    cfg.train_cfg.update(max_iters=iters, val_interval=1000)
-    cfg.param_scheduler[0].end = iters
-    cfg.default_hooks.checkpoint.interval = 1000
-    cfg.default_hooks.logger.interval = 1
-    cfg.vis_backends = [dict(type="LocalVisBackend")]
-    cfg.visualizer.vis_backends = cfg.vis_backends
-    cfg.env_cfg.cudnn_benchmark = False
-    cfg.randomness = dict(seed=0)
-    cfg.work_dir = str(work_dir)
-    return cfg
+    """64x64 images, 2 heads, 1 grouping iteration, widths / 8 (the dims ablations keep their ratio),
+    no validation; keeps each config's own factor (scales, depth, attention, positional encoding)."""
+    return quick_overrides(cfg, work_dir, size=SIZE, iters=iters, width_factor=0.125, num_heads=2,
+                           grouping_iters=1, batch_size=2, val_interval=1000)
 
 
 def sorted_by_stride(backbone_cfg):
@@ -170,11 +150,11 @@ def test_config_set_and_ablation_deltas():
 
 @pytest.mark.parametrize("config", ALL, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_config_trains_two_iterations(config, data_root, tmp_path, monkeypatch):
-    from mmengine.runner import Runner
+    from rat_plugins.mm.runner import build_runner
 
     monkeypatch.setenv("RAT_DATASETS", str(data_root))
     cfg = tiny(_load(config), tmp_path / "work")
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     before = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
     runner.train()
     model = runner.model
@@ -182,8 +162,7 @@ def test_config_trains_two_iterations(config, data_root, tmp_path, monkeypatch):
     # the config's factor reached the model
     want = _load(config).model.backbone
     assert net.num_blocks == want.num_blocks and net.num_levels == len(want.scales)
-    if "dims_" in config.name:
-        assert net.feature_dims == want.feature_dims
+    assert net.feature_dims == want.feature_dims // 8
     if want.get("attention") == "mha":
         assert all(isinstance(layer, StandardMHAGrouping) for layer in net.sga_layers)
     elif want.attention in ("dense", "sparse"):

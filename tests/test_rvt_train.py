@@ -18,8 +18,8 @@ BASELINE = CONFIGS / "maxvit_yolox_patch4_3scale_baseline.py"
 PATCH2 = CONFIGS / "patch2_4scale_sizeaware_200k.py"
 
 
-@pytest.fixture(scope="module")
-def mmdet_scope():
+@pytest.fixture
+def mmdet_scope():  # per test: conftest clears the default scope after every test
     import rat_plugins.mm  # noqa: F401  (registers RecurrentYOLOX, EventClipDataPreprocessor)
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope

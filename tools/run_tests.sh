@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Runs the pytest suite in .venv; exit code 5 (no test collected) counts as a failure.
+# Test files go under one fixed folder that pytest empties at the start of each run, and
+# only failed tests keep theirs (pytest.ini), so repeated runs cannot fill the disk.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-.venv/bin/python -m pytest tests -ra "$@"
+tmp_root="${TMPDIR:-/tmp}"
+basetemp="$tmp_root/rat-plugins-pytest-$(id -u)"
+# The training tests write checkpoints and feature caches: about 1 GB at the peak.
+need_mb=2048
+free_mb=$(df -Pm "$tmp_root" | awk 'NR==2 {print $4}')
+if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+  echo "run_tests: only ${free_mb} MB free in $tmp_root; the tests need about ${need_mb} MB." >&2
+  echo "run_tests: free space there (old pytest folders: rm -rf $tmp_root/pytest-of-*) or set TMPDIR to a roomier disk." >&2
+  exit 1
+fi
+.venv/bin/python -m pytest tests -ra --basetemp="$basetemp" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

@@ -1,4 +1,4 @@
-"""Dataset registration for detectron2: the Roboflow head-detection export."""
+"""Dataset registration for detectron2: the Roboflow head-detection export and COCO 2017."""
 import logging
 from pathlib import Path
 
@@ -8,10 +8,15 @@ from detectron2.data.datasets import register_coco_instances
 from ..data.paths import dataset_root
 from ..data.roboflow import FILTERED_NAME, ORIGINAL_NAME, filter_roboflow_coco
 
-__all__ = ["register_custom_coco", "num_images", "head_detection_mapper"]
+__all__ = ["register_custom_coco", "register_coco2017", "num_images", "head_detection_mapper"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+# split -> (annotation file, image folder), relative to the coco2017/ folder
+COCO2017_SPLITS = {
+    "train": ("annotations/instances_train2017.json", "train2017"),
+    "val": ("annotations/instances_val2017.json", "val2017"),
+}
 
 
 def register_custom_coco(root=None, name="heads", splits=SPLITS) -> dict:
@@ -39,6 +44,52 @@ def register_custom_coco(root=None, name="heads", splits=SPLITS) -> dict:
         MetadataCatalog.get(dataset_name).set(thing_classes=stats[split]["categories"],
                                               num_images=stats[split]["images"])
     return stats
+
+
+def register_coco2017(root=None, names=("train", "val")) -> list:
+    """Register COCO 2017 at ``<root>/{annotations,train2017,val2017}`` as ``coco2017_<split>``.
+
+    detectron2's builtin ``coco_2017_*`` names point at ``<dataset root>/coco/``, which here holds
+    the head-detection export, hence names of our own. ``thing_classes`` come from the annotation
+    file when detectron2 first loads it (80 for real COCO, fewer for the synthetic set). Calling
+    again with the same paths is a no-op, so configs can call this at load time; other paths
+    replace the earlier registration (with a warning).
+
+    Args:
+        root: the ``coco2017`` folder (default ``<dataset root>/coco2017``).
+        names: splits to register, out of ``"train"`` and ``"val"``.
+    Returns:
+        the registered dataset names.
+    Raises:
+        FileNotFoundError: an annotation file or image folder is missing.
+    """
+    root = Path(root) if root is not None else dataset_root() / "coco2017"
+    unknown = [split for split in names if split not in COCO2017_SPLITS]
+    if unknown:
+        raise ValueError(f"unknown COCO 2017 splits {unknown}; choose from {list(COCO2017_SPLITS)}")
+    registered = []
+    for split in names:
+        ann, img = (root / rel for rel in COCO2017_SPLITS[split])
+        missing = ([] if ann.is_file() else [f"annotation file {ann}"]) + \
+                  ([] if img.is_dir() else [f"image folder {img}/"])
+        if missing:
+            raise FileNotFoundError(
+                f"COCO 2017 ({split}): missing {' and '.join(missing)}. Unzip train2017.zip, val2017.zip "
+                f"and annotations_trainval2017.zip from cocodataset.org into {root}/ (layout: datasets/README.md, "
+                f"section coco2017/; $RAT_DATASETS names the folder that holds coco2017/), or make the "
+                f"synthetic sample: python -m rat_plugins.data.synthetic coco --out {root}")
+        name = f"coco2017_{split}"
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (meta.get("json_file"), meta.get("image_root")) == (str(ann), str(img)):
+                registered.append(name)
+                continue
+            logger.warning("re-registering %s: %s -> %s", name, meta.get("json_file"), ann)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, str(ann), str(img))
+        registered.append(name)
+    return registered
 
 
 def num_images(dataset_name: str) -> int:

@@ -4,6 +4,7 @@ import difflib
 import logging
 import os
 import os.path as osp
+import time
 
 import torch
 from mmengine.config import Config, DictAction
@@ -11,7 +12,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-__all__ = ["train_parser", "test_parser", "load_config", "build_runner", "ConfigError"]
+__all__ = ["train_parser", "test_parser", "load_config", "build_runner", "unique_instance_names", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -91,7 +92,30 @@ def load_config(args) -> Config:
     return cfg
 
 
+def unique_instance_names(cfg: Config) -> Config:
+    """Give this run's visualizer a name no earlier Runner of the process used.
+
+    mmengine keeps visualizers by name, process-wide, and the configs name theirs 'visualizer':
+    a second Runner in the same process (a sweep, a test after a train) would get the first run's
+    visualizer back and write its scalars into the first run's work dir.
+    """
+    from mmengine.visualization import Visualizer
+
+    def subclasses(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from subclasses(sub)
+
+    vis = cfg.get("visualizer")
+    # every class keeps its own instances (SegLocalVisualizer, DetLocalVisualizer, ...)
+    if isinstance(vis, dict) and any(c.check_instance_created(vis.get("name", "visualizer"))
+                                     for c in subclasses(Visualizer)):
+        vis["name"] = f"{vis.get('name', 'visualizer')}_{time.time_ns()}"
+    return cfg
+
+
 def build_runner(cfg: Config) -> Runner:
+    unique_instance_names(cfg)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = "0"
     if cfg.get("launcher", "none") != "none" and not torch.cuda.is_available():
