@@ -22,6 +22,15 @@ def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
     return proc
 
 
+def detectron2_stock_tool() -> Path:
+    """detectron2's own tools/lazyconfig_train_net.py, as the wheel installs it in site-packages."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tools.lazyconfig_train_net")
+    assert spec is not None and "site-packages" in spec.origin, spec
+    return Path(spec.origin)
+
+
 @pytest.fixture(autouse=True)
 def fresh_mmengine_default_scope():
     """Each test starts without an mmengine default scope.

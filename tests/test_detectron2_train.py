@@ -1,12 +1,10 @@
 """OFAT configs through the project's and detectron2's stock lazyconfig_train_net.py (tiny sizes)."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cmd
+from conftest import REPO, detectron2_stock_tool as stock_tool, run_cmd
 
 OFAT = REPO / "projects/ViTDet/configs/OFAT"
 BASELINE = OFAT / "baseline_lr0.001_bs8_adamw_ep100.py"
@@ -17,12 +15,6 @@ TINY = ["dataloader.image_size=64", "model.backbone.net.depth=2", "model.backbon
         "model.proposal_generator.pre_nms_topk=[64,64]", "model.proposal_generator.post_nms_topk=[32,32]",
         "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
         "dataloader.final_test.num_workers=0", "train.device=cpu", "train.log_period=1"]
-
-
-def stock_tool() -> Path:
-    spec = importlib.util.find_spec("tools.lazyconfig_train_net")
-    assert spec is not None and "site-packages" in spec.origin, spec
-    return Path(spec.origin)
 
 
 def _metrics(out):
@@ -110,13 +102,8 @@ def test_all_ofat_configs_build_with_their_schedules(heads_data, monkeypatch):
 
 
 OTHER_OFAT = sorted(p.stem for p in OFAT.glob("ofat_*.py"))
-# The optimizer variants build other optimizer classes: both tools. The lr / batch / epoch variants
-# change numbers only, so they alternate between the tools to keep the suite within its budget
-# (each run is a fresh process of ~20 s); the baseline runs under both tools above.
-VARIANT_RUNS = [(name, tool) for name in OTHER_OFAT if "sgd" in name or "rmsprop" in name
-                for tool in ("project", "stock")]
-VARIANT_RUNS += [(name, ("project", "stock")[i % 2])
-                 for i, name in enumerate(n for n in OTHER_OFAT if "sgd" not in n and "rmsprop" not in n)]
+# Every variant under both tools (the baseline runs under both above): ~20 s a fresh process each.
+VARIANT_RUNS = [(name, tool) for name in OTHER_OFAT for tool in ("project", "stock")]
 
 
 @pytest.mark.slow

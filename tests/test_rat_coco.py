@@ -1,14 +1,12 @@
 """RAT + FPN Faster R-CNN on COCO 2017 (projects/RAT/configs/coco): the config builds with the
 strides FPN needs, trains and evaluates under the project's and detectron2's stock tool (tiny
 sizes, synthetic COCO), and a missing dataset is one clear error."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cmd
+from conftest import REPO, detectron2_stock_tool as stock_tool, run_cmd
 
 CONFIG = REPO / "projects/RAT/configs/coco/rat_fpn_3level_coco.py"
 # 64x64 images (the synthetic set is 192x192), a 16-wide RAT with 2 heads and 1 grouping
@@ -33,12 +31,6 @@ def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     make_coco(root / "coco2017", n=6, seed=0, size=192)  # 6 train, 3 val images
     return root
-
-
-def stock_tool() -> Path:
-    spec = importlib.util.find_spec("tools.lazyconfig_train_net")
-    assert spec is not None and "site-packages" in spec.origin, spec
-    return Path(spec.origin)
 
 
 def _metrics(out):

@@ -271,7 +271,7 @@ def render(cfg_path, base_path, cfg, base, exp) -> dict:
               "## The project's tools", "", "```bash", f"python tools/train.py {rel} --work-dir {work}",
               f"tools/dist_train.sh {rel} {gpus} --work-dir {work}", "```", "",
               f"## {lib}'s stock `tools/train.py`", "",
-              f"(`rat_plugins` installed in the environment: the config's `custom_imports` registers it)", "",
+              "(`rat_plugins` installed in the environment: the config's `custom_imports` registers it)", "",
               "```bash", stock, "```", ""]
     variants = exp.get("variants") or {}
     if variants:

@@ -14,7 +14,7 @@ if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
   echo "run_tests: free space there (old pytest folders: rm -rf $tmp_root/pytest-of-*) or set TMPDIR to a roomier disk." >&2
   exit 1
 fi
-.venv/bin/python -m pytest tests -ra --basetemp="$basetemp" "$@"
+.venv/bin/python -m pytest tests -ra --durations=20 --basetemp="$basetemp" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

@@ -3,8 +3,8 @@
 _base_ = [
     '_base_/models/rat_uper.py',
     '_base_/datasets/isic2018.py',
-    '_base_/schedules/adamw_cosine_20k.py',
-    '_base_/default_runtime.py',
+    '../../SETR/configs/_base_/schedules/adamw_cosine_20k.py',
+    '../../SETR/configs/_base_/default_runtime.py',
 ]
 out_indices = (0, 1, 4, 2, 5, 3, 6, 7)
 model = dict(
