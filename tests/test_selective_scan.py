@@ -183,6 +183,34 @@ def test_cpp_gradcheck():
     assert torch.autograd.gradcheck(f, leaves, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("state", [5, 16, 32])  # 16 / 32: the vectorised kernel; others: the generic one
+@pytest.mark.parametrize("L", [1, 7, 33, 196])  # 33: gate epilogue of 2 x 16 steps + a 1-step tail
+def test_cpp_inference_path_matches_reference(cfg, state, L):
+    """Without autograd the C++ backend runs one fused call (exp, recurrence, D skip and z gate)."""
+    if "cpp" not in cpu_backends():
+        pytest.fail("the C++ selective-scan kernel did not build (g++ is expected on every test machine)")
+    groups, use_z, softplus, use_bias, use_D, last = CONFIGS[cfg]
+    g = torch.Generator().manual_seed(L * 100 + state)
+    batch, dim = 2, 4
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    bc = (batch, groups, state, L) if groups else (batch, state, L)
+    # without softplus, delta must be >= 0 itself (else exp(delta A) > 1 and the states overflow)
+    delta = r(batch, dim, L) * 0.5 - 1 if softplus else r(batch, dim, L).abs() * 0.3
+    x = {"u": r(batch, dim, L), "delta": delta, "A": -torch.exp(r(dim, state) * 0.5),
+         "B": r(*bc), "C": r(*bc), "D": r(dim) if use_D else None, "z": r(batch, dim, L) if use_z else None,
+         "delta_bias": r(dim) * 0.3 if use_bias else None}
+    y_ref, s_ref = ref_fn(x, softplus, True)
+    for dtype in (torch.float32, torch.float64):
+        xt = {k: (v.to(dtype) if v is not None else None) for k, v in x.items()}
+        with torch.inference_mode():
+            y, s = project_fn("cpp", None)(xt, softplus, True)
+        assert y.dtype == dtype
+        rtol = 1e-5 if dtype == torch.float32 else 1e-10
+        assert_close(y, y_ref, f"y ({dtype}, inference)", rtol=rtol)
+        assert_close(s, s_ref, f"last_state ({dtype}, inference)", rtol=rtol)
+
+
 def test_output_dtype_and_inference_mode():
     x = make_inputs(20, "gated_softplus")
     for backend in cpu_backends():
