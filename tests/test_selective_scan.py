@@ -211,6 +211,21 @@ def test_cpp_inference_path_matches_reference(cfg, state, L):
         assert_close(s, s_ref, f"last_state ({dtype}, inference)", rtol=rtol)
 
 
+def test_cpp_inference_softplus_over_its_whole_range():
+    """The kernel's own softplus(delta + bias) (log1p trick, threshold 20), read out directly: with
+    A = -1e30 every state forgets its past (exp(delta A) = 0), so with u = 1, B = 1, C = 1/16
+    the output y_t is delta_t after bias and softplus, from 1e-13 up to 30."""
+    L, state, dim = 64, 16, 3  # 64 steps: the 16-wide vector prologue, no scalar tail
+    delta = torch.linspace(-30, 30, dim * L).view(1, dim, L)
+    bias = torch.tensor([0.0, 0.5, -0.25])
+    ones = torch.ones(1, state, L)
+    with torch.inference_mode():
+        y = selective_scan(torch.ones(1, dim, L), delta, torch.full((dim, state), -1e30), ones, ones / state,
+                           delta_bias=bias, delta_softplus=True, backend="cpp")
+    want = F.softplus((delta + bias[:, None]).double())
+    torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=0)
+
+
 def test_output_dtype_and_inference_mode():
     x = make_inputs(20, "gated_softplus")
     for backend in cpu_backends():

@@ -228,8 +228,9 @@ class BiMambaV2(nn.Module):
         sizes = [self.dt_rank, self.d_state, self.d_state]
         dt_f, B_f, C_f = dbl_f.split(sizes, dim=-1)
         dt_b, B_b, C_b = dbl_b.split(sizes, dim=-1)
-        delta = torch.cat([F.linear(dt_f, self.dt_proj.weight), F.linear(dt_b, self.dt_proj_b.weight)], -1)
-        delta = delta.transpose(1, 2)  # [b, 2 d_inner, L]
+        # computed as W @ dt^T: [b, 2 d_inner, L] comes out contiguous, as the scan reads it
+        delta = torch.cat([torch.matmul(self.dt_proj.weight, dt_f.transpose(1, 2)),
+                           torch.matmul(self.dt_proj_b.weight, dt_b.transpose(1, 2))], 1)
         Bm = torch.stack([B_f, B_b], dim=1).transpose(-1, -2)  # [b, 2, state, L]
         Cm = torch.stack([C_f, C_b], dim=1).transpose(-1, -2)
         A = -torch.exp(torch.cat([self.A_log, self.A_b_log], 0).float())

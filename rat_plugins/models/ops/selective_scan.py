@@ -22,7 +22,9 @@ Backends (:func:`backend_for` says which one a tensor gets):
   ``torch.utils.cpp_extension.load`` into torch's extension cache, which ``TORCH_EXTENSIONS_DIR``
   overrides), parallel over batch x dim. Forward: one pass per (batch, dim) row that computes
   ``exp(delta * A)`` inside the recurrence with a polynomial exp vectorised over the state axis
-  (relative error < 2e-7), so the L x dim x state exponentials never go through memory.
+  (relative error < 2e-7), so the L x dim x state exponentials never go through memory; without
+  autograd the same pass also applies softplus(delta + bias) before and the D skip and z gate
+  after (vectorised over time), so a ViM mixer's scan reads and writes each row once.
   Backward: the reverse-time adjoint recurrence, with the exponentials of each chunk of time
   steps computed by ATen over [batch, dim, chunk, state] blocks (chunks of L bound the memory) and
   the states recomputed chunk by chunk from those the forward saved at chunk starts.
@@ -294,13 +296,14 @@ def _cpp_forward(ext, u, delta, A, Bt, Ct, chunk, keep_checkpoints):
     return y, state, ck
 
 
-def _cpp_forward_gated(ext, u, delta, A, Bt, Ct, D, z):
-    """Forward without a backward pass: one kernel call, ``(y + D u) * silu(z)`` included."""
+def _cpp_forward_fused(ext, u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus):
+    """Forward without a backward pass: one kernel call that also applies softplus(delta + bias)
+    before the recurrence and ``(y + D u) * silu(z)`` after it."""
     b, d, L = u.shape
     state = u.new_zeros(b, d, A.shape[1])
     y = torch.empty_like(u)
     if L:
-        ext.scan_fwd_fused(A, delta, u, Bt, Ct, state, y, 0, L, D, z)
+        ext.scan_fwd_fused(A, delta, u, Bt, Ct, state, y, 0, L, D, z, delta_bias, bool(delta_softplus))
     return y, state
 
 
@@ -312,16 +315,15 @@ class _SelectiveScanCpp(torch.autograd.Function):
         ext = load_cpp_extension(strict=True)
         cdt = _compute_dtype(u, delta, A, B, C)
         uf = u.to(cdt).contiguous()
-        dlt = _process_delta(delta, delta_bias, delta_softplus, cdt).contiguous()
         Af = A.to(cdt).contiguous()
         Bt = _as_groups(B).to(cdt).transpose(-1, -2).contiguous()  # [b, g, L, n]
         Ct = _as_groups(C).to(cdt).transpose(-1, -2).contiguous()
         needs_grad = any(ctx.needs_input_grad)
-        if not needs_grad:  # inference: D skip and z gate inside the kernel, one pass over y
-            Df = D.to(cdt).contiguous() if D is not None else None
-            zf = z.to(cdt).contiguous() if z is not None else None
-            out, last = _cpp_forward_gated(ext, uf, dlt, Af, Bt, Ct, Df, zf)
+        if not needs_grad:  # inference: one kernel call, delta bias + softplus, D skip and z gate inside
+            opt = [t.to(cdt).contiguous() if t is not None else None for t in (D, z, delta_bias)]
+            out, last = _cpp_forward_fused(ext, uf, delta.to(cdt).contiguous(), Af, Bt, Ct, *opt, delta_softplus)
             return out.to(u.dtype), last
+        dlt = _process_delta(delta, delta_bias, delta_softplus, cdt).contiguous()
         y, last, checkpoints = _cpp_forward(ext, uf, dlt, Af, Bt, Ct, chunk, needs_grad)
         if D is not None:
             y = y + D.to(cdt)[:, None] * uf

@@ -1,20 +1,23 @@
 // CPU selective-scan recurrence for rat_plugins.models.ops.selective_scan.
 //
-// Forward: the exponentials exp(delta * A) are computed inside the recurrence with a polynomial
-// exp that the compiler vectorises over the state axis (no [batch, dim, L, state] block is ever
-// written to memory). Backward: the exponentials of one chunk of time steps come from ATen
+// Forward (scan_fwd_fused): exp(delta * A) is computed inside the recurrence, 16 lanes of the state
+// at a time with GCC vector extensions (no [batch, dim, L, state] block is ever written to
+// memory); optionally softplus(delta + bias) is applied to the row first and (y + D u) * silu(z)
+// after. Backward (scan_bwd_chunk): the exponentials of one chunk of time steps come from ATen
 // (vectorised over [batch, dim, chunk, state]) and the sequential part runs here. Both are
 // parallel over batch x dim with at::parallel_for:
 //
-//   forward   s_t = dA_t * s_{t-1} + delta_t * u_t * B_t ;  y_t = sum_n C_t[n] s_t[n]
+//   forward   s_t = exp(delta_t A) * s_{t-1} + delta_t * u_t * B_t ;  y_t = sum_n C_t[n] s_t[n]
 //   backward  the reverse-time adjoint h_t = dL/ds_t = gy_t C_t + dA_{t+1} * h_{t+1}, with the
 //             states of the chunk recomputed from the state saved at the chunk start.
 //
 // Layouts (all contiguous, same floating dtype):
-//   dA        [batch, dim, T, state]      exp(delta * A) for time steps t0 .. t0+T-1
-//   delta, u  [batch, dim, L]             delta already biased / softplus-ed
+//   dA        [batch, dim, T, state]      exp(delta * A) for time steps t0 .. t0+T-1 (backward)
+//   delta, u  [batch, dim, L]             delta biased / softplus-ed unless the forward does it
 //   Bm, Cm    [batch, groups, L, state]   (time-major per group: the state axis is contiguous)
 //   state     [batch, dim, state]         carried across chunks, updated in place
+// Functions compiled for several ISA levels (target_clones, picked at load time) are the ones
+// whose loops gain from wider vectors.
 // Only the headers needed (not <torch/extension.h>): the first-use compile takes seconds, not a minute.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -116,6 +119,40 @@ inline __attribute__((always_inline)) float sum16(v16f c) {  // a tree: halves a
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
+// softplus(x) = log(1 + e^x) as torch computes it (x itself above 20), 16 lanes. log1p(w) is
+// log(u) * w / (u - 1) with u = 1 + w (exact to a few ulp where log(1 + w) alone loses the low
+// bits of w; w itself where u rounds to 1); log(u) is Cephes' logf (mantissa in
+// [sqrt(1/2), sqrt(2)), degree-9 polynomial, exponent times ln2 split in two).
+inline __attribute__((always_inline)) v16f log16(v16f u) {  // u > 0, finite
+  const v16i bits = reinterpret_cast<const v16i&>(u);
+  v16i e = ((bits >> 23) & 0xff) - 126;                      // u = m 2^e, m in [0.5, 1)
+  const v16i mbits = (bits & 0x007fffff) | 0x3f000000;
+  v16f m = reinterpret_cast<const v16f&>(mbits);
+  const v16i small = m < 0.70710678118654752f;              // -1 where m < sqrt(1/2)
+  e += small;                                                // e - 1 there
+  m = (small != 0) ? m + m : m;
+  const v16f x = m - 1.0f, z = x * x;
+  v16f y = v16f{} + 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  const v16f ef = __builtin_convertvector(e, v16f);
+  y = y * x * z + ef * -2.12194440e-4f - 0.5f * z;
+  return x + y + ef * 0.693359375f;
+}
+
+inline __attribute__((always_inline)) v16f softplus16(v16f x) {
+  const v16f w = exp16(x < 20.0f ? x : v16f{} + 20.0f);
+  const v16f u = 1.0f + w, um1 = u - 1.0f;
+  const v16f lp = um1 == 0.0f ? w : log16(u) * (w / (um1 == 0.0f ? v16f{} + 1.0f : um1));
+  return x > 20.0f ? x : lp;
+}
+
 // Per-(batch, dim) row of the fused forward over T steps, s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t,
 // for float state sizes that are multiples of 16 (ViM: 16): the state lives in registers.
 template <int NV>
@@ -181,6 +218,27 @@ void fused_rows(const double* Ad, const double* del, const double* uu, const dou
   fused_row_any<double>(Ad, del, uu, Bg, Cg, yy, st, T, N);
 }
 
+// Prologue of one row: out_t = softplus(delta_t + bias) (either part optional), 16 steps at a time.
+RAT_FUSED_CLONES void delta_row(float* out, const float* del, float bias, bool softplus, int64_t T) {
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    v16f v = load16(del + t) + bias;
+    if (softplus) v = softplus16(v);
+    std::memcpy(out + t, &v, sizeof(v16f));
+  }
+  for (; t < T; ++t) {
+    const float v = del[t] + bias;
+    out[t] = softplus && v <= 20.0f ? std::log1p(std::exp(v)) : v;
+  }
+}
+
+void delta_row(double* out, const double* del, double bias, bool softplus, int64_t T) {
+  for (int64_t t = 0; t < T; ++t) {
+    const double v = del[t] + bias;
+    out[t] = softplus && v <= 20.0 ? std::log1p(std::exp(v)) : v;
+  }
+}
+
 // Epilogue of one row: y_t = (y_t + D u_t) * silu(z_t) (either part optional), 16 steps at a time.
 RAT_FUSED_CLONES void gate_row(float* yy, const float* uu, const float* zz, float Dd, bool has_d, int64_t T) {
   int64_t t = 0;
@@ -211,7 +269,7 @@ void gate_row(double* yy, const double* uu, const double* zz, double Dd, bool ha
 template <typename scalar_t>
 void fused_impl(const at::Tensor& A_, const at::Tensor& delta_, const at::Tensor& u_, const at::Tensor& B_,
                 const at::Tensor& C_, at::Tensor& state_, at::Tensor& y_, int64_t t0, int64_t T,
-                const at::Tensor& D_, const at::Tensor& z_) {
+                const at::Tensor& D_, const at::Tensor& z_, const at::Tensor& bias_, bool softplus) {
   const int64_t batch = delta_.size(0), dim = delta_.size(1), L = delta_.size(2), N = A_.size(1);
   const int64_t G = B_.size(1), dpg = dim / G;
   const scalar_t* A = A_.data_ptr<scalar_t>();
@@ -224,84 +282,22 @@ void fused_impl(const at::Tensor& A_, const at::Tensor& delta_, const at::Tensor
   const bool has_d = D_.defined(), has_z = z_.defined();
   const scalar_t* Dp = has_d ? D_.data_ptr<scalar_t>() : nullptr;
   const scalar_t* zp = has_z ? z_.data_ptr<scalar_t>() : nullptr;
+  const bool has_bias = bias_.defined(), prologue = has_bias || softplus;
+  const scalar_t* biasp = has_bias ? bias_.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, batch * dim, grain_for(4 * T * N), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> dt_row(prologue ? T : 0);
     for (int64_t bd = begin; bd < end; ++bd) {
       const int64_t b = bd / dim, d = bd % dim, g = d / dpg;
-      fused_rows(A + d * N, delta + bd * L + t0, u + bd * L + t0, Bp + ((b * G + g) * L + t0) * N,
+      const scalar_t* dt = delta + bd * L + t0;
+      if (prologue) {  // softplus(delta + bias) of this row only: it stays in cache for the scan
+        delta_row(dt_row.data(), dt, has_bias ? biasp[d] : scalar_t(0), softplus, T);
+        dt = dt_row.data();
+      }
+      fused_rows(A + d * N, dt, u + bd * L + t0, Bp + ((b * G + g) * L + t0) * N,
                  Cp + ((b * G + g) * L + t0) * N, y + bd * L + t0, state + bd * N, T, N);
       if (has_d || has_z)  // while the row is still in cache
         gate_row(y + bd * L + t0, u + bd * L + t0, has_z ? zp + bd * L + t0 : nullptr,
                  has_d ? Dp[d] : scalar_t(0), has_d, T);
-    }
-  });
-}
-
-// Per-(batch, dim) row of the forward recurrence over T steps. NS > 0: state size known at compile
-// time (fully unrolled and vectorised); NS == 0: any size.
-template <typename scalar_t, int NS>
-inline __attribute__((always_inline)) void fwd_row(
-    const scalar_t* __restrict__ dA, const scalar_t* __restrict__ del, const scalar_t* __restrict__ uu,
-    const scalar_t* __restrict__ Bg, const scalar_t* __restrict__ Cg, scalar_t* __restrict__ yy,
-    scalar_t* __restrict__ st, int64_t T, int64_t N_) {
-  const int64_t N = NS > 0 ? NS : N_;
-  scalar_t s[NS > 0 ? NS : kMaxState];
-  for (int64_t n = 0; n < N; ++n) s[n] = st[n];
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t du = del[t] * uu[t];
-    const scalar_t* a = dA + t * N;
-    const scalar_t* bt = Bg + t * N;
-    const scalar_t* ct = Cg + t * N;
-    scalar_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t n = 0; n < N; ++n) {
-      s[n] = a[n] * s[n] + du * bt[n];
-      acc += ct[n] * s[n];
-    }
-    yy[t] = acc;
-  }
-  for (int64_t n = 0; n < N; ++n) st[n] = s[n];
-}
-
-template <typename scalar_t>
-inline __attribute__((always_inline)) void fwd_row_any(
-    const scalar_t* dA, const scalar_t* del, const scalar_t* uu, const scalar_t* Bg, const scalar_t* Cg,
-    scalar_t* yy, scalar_t* st, int64_t T, int64_t N) {
-  switch (N) {
-    case 16: fwd_row<scalar_t, 16>(dA, del, uu, Bg, Cg, yy, st, T, N); break;
-    case 8: fwd_row<scalar_t, 8>(dA, del, uu, Bg, Cg, yy, st, T, N); break;
-    default: fwd_row<scalar_t, 0>(dA, del, uu, Bg, Cg, yy, st, T, N);
-  }
-}
-
-// Rows of float / double, compiled twice (AVX2 + FMA and baseline x86-64), picked at load time.
-RAT_CLONES void fwd_rows(const float* dA, const float* del, const float* uu, const float* Bg,
-                         const float* Cg, float* yy, float* st, int64_t T, int64_t N) {
-  fwd_row_any<float>(dA, del, uu, Bg, Cg, yy, st, T, N);
-}
-RAT_CLONES void fwd_rows(const double* dA, const double* del, const double* uu, const double* Bg,
-                         const double* Cg, double* yy, double* st, int64_t T, int64_t N) {
-  fwd_row_any<double>(dA, del, uu, Bg, Cg, yy, st, T, N);
-}
-
-template <typename scalar_t>
-void fwd_impl(const at::Tensor& dA_, const at::Tensor& delta_, const at::Tensor& u_,
-              const at::Tensor& B_, const at::Tensor& C_, at::Tensor& state_, at::Tensor& y_,
-              int64_t t0) {
-  const int64_t batch = dA_.size(0), dim = dA_.size(1), T = dA_.size(2), N = dA_.size(3);
-  const int64_t L = delta_.size(2), G = B_.size(1), dpg = dim / G;
-  const scalar_t* dA = dA_.data_ptr<scalar_t>();
-  const scalar_t* delta = delta_.data_ptr<scalar_t>();
-  const scalar_t* u = u_.data_ptr<scalar_t>();
-  const scalar_t* Bp = B_.data_ptr<scalar_t>();
-  const scalar_t* Cp = C_.data_ptr<scalar_t>();
-  scalar_t* state = state_.data_ptr<scalar_t>();
-  scalar_t* y = y_.data_ptr<scalar_t>();
-
-  at::parallel_for(0, batch * dim, grain_for(T * N), [&](int64_t begin, int64_t end) {
-    for (int64_t bd = begin; bd < end; ++bd) {
-      const int64_t b = bd / dim, d = bd % dim, g = d / dpg;
-      fwd_rows(dA + bd * T * N, delta + bd * L + t0, u + bd * L + t0, Bp + ((b * G + g) * L + t0) * N,
-               Cp + ((b * G + g) * L + t0) * N, y + bd * L + t0, state + bd * N, T, N);
     }
   });
 }
@@ -439,29 +435,22 @@ void reduce_impl(const at::Tensor& X_, const at::Tensor& w_, at::Tensor& out_, i
 
 }  // namespace
 
-// y[:, :, t0:t0+T] = scan of the chunk; state updated in place.
-void scan_fwd_chunk(at::Tensor dA, at::Tensor delta, at::Tensor u, at::Tensor Bm, at::Tensor Cm,
-                    at::Tensor state, at::Tensor y, int64_t t0) {
-  check_inputs(dA, delta, u, Bm, Cm, state, t0);
-  TORCH_CHECK(y.is_contiguous() && y.sizes() == delta.sizes() && y.scalar_type() == dA.scalar_type(),
-              "selective_scan cpp: y");
-  AT_DISPATCH_FLOATING_TYPES(dA.scalar_type(), "selective_scan_fwd_chunk", [&] {
-    fwd_impl<scalar_t>(dA, delta, u, Bm, Cm, state, y, t0);
-  });
-}
-
 // y[:, :, t0:t0+T] = scan of the chunk with the exponentials computed in place; state updated in place.
-// D ([dim]) and z ([batch, dim, L]), when given (defined), are applied to the chunk's y as well:
-// y = (y + D u) * silu(z).
+// delta_bias ([dim]) and delta_softplus, when given, turn delta into softplus(delta + bias) row by row
+// first; D ([dim]) and z ([batch, dim, L]) are applied to the chunk's y after: y = (y + D u) * silu(z).
 void scan_fwd_fused(at::Tensor A, at::Tensor delta, at::Tensor u, at::Tensor Bm, at::Tensor Cm,
                     at::Tensor state, at::Tensor y, int64_t t0, int64_t T, c10::optional<at::Tensor> D,
-                    c10::optional<at::Tensor> z) {
+                    c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias, bool delta_softplus) {
   TORCH_CHECK(A.dim() == 2 && delta.dim() == 3 && A.size(0) == delta.size(1),
               "selective_scan cpp: A must be [dim, state]");
   check_chunk(A, T, A.size(1), delta, u, Bm, Cm, state, t0);
   TORCH_CHECK(y.is_contiguous() && y.sizes() == delta.sizes() && y.scalar_type() == delta.scalar_type(),
               "selective_scan cpp: y");
   const at::Tensor Dt = D.has_value() ? *D : at::Tensor(), zt = z.has_value() ? *z : at::Tensor();
+  const at::Tensor bt = delta_bias.has_value() ? *delta_bias : at::Tensor();
+  if (bt.defined())
+    TORCH_CHECK(bt.is_contiguous() && bt.dim() == 1 && bt.size(0) == delta.size(1) &&
+                    bt.scalar_type() == delta.scalar_type(), "selective_scan cpp: delta_bias must be [dim]");
   if (Dt.defined())
     TORCH_CHECK(Dt.is_contiguous() && Dt.dim() == 1 && Dt.size(0) == delta.size(1) &&
                     Dt.scalar_type() == delta.scalar_type(), "selective_scan cpp: D must be [dim]");
@@ -469,7 +458,7 @@ void scan_fwd_fused(at::Tensor A, at::Tensor delta, at::Tensor u, at::Tensor Bm,
     TORCH_CHECK(zt.is_contiguous() && zt.sizes() == delta.sizes() && zt.scalar_type() == delta.scalar_type(),
                 "selective_scan cpp: z must be [batch, dim, L]");
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "selective_scan_fwd_fused", [&] {
-    fused_impl<scalar_t>(A, delta, u, Bm, Cm, state, y, t0, T, Dt, zt);
+    fused_impl<scalar_t>(A, delta, u, Bm, Cm, state, y, t0, T, Dt, zt, bt, delta_softplus);
   });
 }
 
@@ -508,10 +497,10 @@ void reduce_over_dim(at::Tensor X, at::Tensor w, at::Tensor out, int64_t t0) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_fwd_chunk", &scan_fwd_chunk, "selective scan forward over one chunk (CPU)");
   m.def("scan_fwd_fused", &scan_fwd_fused, "selective scan forward over one chunk, exponentials fused (CPU)",
         py::arg("A"), py::arg("delta"), py::arg("u"), py::arg("B"), py::arg("C"), py::arg("state"), py::arg("y"),
-        py::arg("t0"), py::arg("T"), py::arg("D") = py::none(), py::arg("z") = py::none());
+        py::arg("t0"), py::arg("T"), py::arg("D") = py::none(), py::arg("z") = py::none(),
+        py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false);
   m.def("scan_bwd_chunk", &scan_bwd_chunk, "selective scan backward over one chunk (CPU)");
   m.def("reduce_over_dim", &reduce_over_dim, "sum_d w[b,d,t] X[b,d,t,n] per group (CPU)");
   m.def("num_threads", []() { return at::get_num_threads(); }, "ATen intra-op threads");
