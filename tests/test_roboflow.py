@@ -51,3 +51,27 @@ def test_filter_refuses_to_overwrite_original(tmp_path):
     src = _export(tmp_path, [_ann(1, [1, 1, 5, 5])])
     with pytest.raises(ValueError, match="refusing"):
         filter_roboflow_coco(src, src)
+
+
+def test_registration_follows_the_dataset_folder(tmp_path):
+    """The same folder twice is a no-op; another folder under the same name replaces it."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from rat_plugins.data.synthetic import make_heads
+    from rat_plugins.detectron2.data import register_custom_coco
+
+    first, second = tmp_path / "a" / "coco", tmp_path / "b" / "coco"
+    make_heads(first, n=4, seed=0, size=64)
+    make_heads(second, n=8, seed=1, size=64)
+    try:
+        assert set(register_custom_coco(first, name="reg_test")) == {"train", "valid", "test"}
+        assert register_custom_coco(first, name="reg_test") == {}  # nothing redone
+        assert set(register_custom_coco(second, name="reg_test")) == {"train", "valid", "test"}
+        meta = MetadataCatalog.get("reg_test_train")
+        assert meta.image_root == str(second / "train") and meta.num_images == 8
+        assert len(DatasetCatalog.get("reg_test_train")) == 8
+    finally:
+        for split in ("train", "valid", "test"):
+            if f"reg_test_{split}" in DatasetCatalog.list():
+                DatasetCatalog.remove(f"reg_test_{split}")
+                MetadataCatalog.remove(f"reg_test_{split}")

@@ -19,12 +19,27 @@ COCO2017_SPLITS = {
 }
 
 
+def _registered_elsewhere(name: str, json_file: Path, image_root: Path):
+    """None: ``name`` is free. False: registered with these paths (nothing to do). True: it was
+    registered with other paths; that registration is removed so the caller can register anew."""
+    if name not in DatasetCatalog.list():
+        return None
+    meta = MetadataCatalog.get(name)
+    if (meta.get("json_file"), meta.get("image_root")) == (str(json_file), str(image_root)):
+        return False
+    logger.warning("re-registering %s: %s -> %s", name, meta.get("json_file"), json_file)
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+    return True
+
+
 def register_custom_coco(root=None, name="heads", splits=SPLITS) -> dict:
     """Register ``<root>/{train,valid,test}/_annotations.coco.json`` as ``<name>_<split>``.
 
     Each split gets ``_annotations.coco_filtered.json`` beside its original (see
     :func:`rat_plugins.data.roboflow.filter_roboflow_coco`), which is what detectron2 reads.
-    Registering again under the same name is a no-op, so configs can call this at load time.
+    Registering the same folder again is a no-op, so configs can call this at load time; another
+    folder under the same name replaces the earlier registration (with a warning).
 
     Args:
         root: the export's folder (default ``<dataset root>/coco``).
@@ -36,9 +51,9 @@ def register_custom_coco(root=None, name="heads", splits=SPLITS) -> dict:
     stats = {}
     for split in splits:
         dataset_name = f"{name}_{split}"
-        if dataset_name in DatasetCatalog.list():
-            continue
         split_dir = root / split
+        if _registered_elsewhere(dataset_name, split_dir / FILTERED_NAME, split_dir) is False:
+            continue
         stats[split] = filter_roboflow_coco(split_dir / ORIGINAL_NAME, split_dir / FILTERED_NAME)
         register_coco_instances(dataset_name, {}, str(split_dir / FILTERED_NAME), str(split_dir))
         MetadataCatalog.get(dataset_name).set(thing_classes=stats[split]["categories"],
@@ -79,14 +94,9 @@ def register_coco2017(root=None, names=("train", "val")) -> list:
                 f"section coco2017/; $RAT_DATASETS names the folder that holds coco2017/), or make the "
                 f"synthetic sample: python -m rat_plugins.data.synthetic coco --out {root}")
         name = f"coco2017_{split}"
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if (meta.get("json_file"), meta.get("image_root")) == (str(ann), str(img)):
-                registered.append(name)
-                continue
-            logger.warning("re-registering %s: %s -> %s", name, meta.get("json_file"), ann)
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        if _registered_elsewhere(name, ann, img) is False:
+            registered.append(name)
+            continue
         register_coco_instances(name, {}, str(ann), str(img))
         registered.append(name)
     return registered
