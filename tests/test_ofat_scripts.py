@@ -149,3 +149,19 @@ def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
     assert csv[0].startswith("experiment,status,mAP@0.5") and len(csv) == 10
     for png in ("ofat_loss.png", "ofat_val_map.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_loss_report_per_term():
+    """make demo's summary: every loss term early vs late (the total alone can rise while learning)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rat_demo", REPO / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    records = [{"iteration": i, "loss_cls": 1.0 - 0.1 * i, "loss_box_reg": 0.1 * i,
+                "total_loss": 1.0} for i in range(10)]
+    report = demo.loss_report(records, window=2).splitlines()
+    assert report[0].endswith("(0-1 / 8-9):")
+    assert report[1].split() == ["loss_box_reg", "0.050", "->", "0.850"]
+    assert report[2].split() == ["loss_cls", "0.950", "->", "0.150"]
+    assert report[3].split() == ["total_loss", "1.000", "->", "1.000"]
