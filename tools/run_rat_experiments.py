@@ -21,6 +21,7 @@ the configs run as written (datasets under $RAT_DATASETS or ./datasets) - for GP
 multi-GPU training use ``tools/dist_train.sh`` per config and this tool's ``robustness`` group after.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -28,11 +29,12 @@ import time
 import traceback
 from pathlib import Path
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+from rat_plugins._atomic import atomic_write_text
 from rat_plugins.mm.rat_experiments import (METRICS, evaluate_at_resolutions, plot_robustness, quick_overrides,
-                                            robustness_rows, write_table, write_text_atomic)
+                                            robustness_rows, write_table)
 from rat_plugins.mm.runner import build_runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,16 +91,17 @@ def train_and_test(config: Path, group: str, args) -> dict:
     runner.train()
     train_seconds = time.perf_counter() - start
     checkpoint = best_checkpoint(work_dir)
-    test_cfg = load_run_config(config, work_dir, args)
+    test_cfg = copy.deepcopy(cfg)  # the Runner worked on its own copy: cfg is as loaded
     test_cfg.load_from = str(checkpoint)
+    test_cfg.experiment_name = f"{config.stem}_test_{time.time_ns()}"
     metrics = build_runner(test_cfg).test()
     # the exact config that ran, for tools/evaluate_robustness.py and for the record
     run_config = work_dir / "run_config.py"
-    write_text_atomic(run_config, cfg.pretty_text)
+    atomic_write_text(run_config, cfg.pretty_text)
     result = {"group": group, "experiment": config.stem, "status": "ok", "config": str(config),
               "run_config": str(run_config), "checkpoint": str(checkpoint), "iters": cfg.train_cfg.max_iters,
               "train_seconds": round(train_seconds, 1), **{k: float(v) for k, v in metrics.items()}}
-    write_text_atomic(result_path, json.dumps(result, indent=2))
+    atomic_write_text(result_path, json.dumps(result, indent=2))
     return result
 
 
@@ -151,14 +154,8 @@ def parse_args(argv=None):
                    f"(default 128 256 512 1024; --quick: {' '.join(map(str, QUICK_RESOLUTIONS))})")
     p.add_argument("--max-attention-gb", type=float, default=8.0)
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
-    p.add_argument("--cfg-options", nargs="+", default=None, help="overrides for every run, key=value")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
     args = p.parse_args(argv)
-    if args.cfg_options:
-        from mmengine.config import DictAction
-
-        ns = argparse.Namespace()
-        DictAction(option_strings=[], dest="opts")(None, ns, args.cfg_options)
-        args.cfg_options = ns.opts
     args.groups = list(GROUPS) if "all" in args.groups else [g for g in GROUPS if g in args.groups]
     args.work_dir = args.work_dir or ("work_dirs/rat_quick" if args.quick else "work_dirs/rat")
     args.resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else [128, 256, 512, 1024])

@@ -8,9 +8,9 @@ to the image and degenerate boxes dropped.
 """
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from .._atomic import atomic_write_text
 
 __all__ = ["filter_roboflow_coco", "FILTERED_NAME", "ORIGINAL_NAME", "atomic_write_json"]
 
@@ -21,16 +21,7 @@ FILTERED_NAME = "_annotations.coco_filtered.json"
 
 def atomic_write_json(obj, path) -> None:
     """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj))
 
 
 def _load_coco(path: Path) -> dict:

@@ -24,6 +24,7 @@ from detectron2.utils.events import get_event_storage
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from .._atomic import atomic_write_text
 from ..engine.schedule import epoch_schedule
 
 __all__ = ["AccumulatingTrainer", "PeakMemoryHook", "apply_epoch_schedule", "check_overrides",
@@ -210,10 +211,7 @@ def do_train(args, cfg):
 
 
 def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def load_config(args):

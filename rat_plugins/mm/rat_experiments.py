@@ -26,29 +26,16 @@ from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config
 
+from rat_plugins._atomic import atomic_write_text
+
 __all__ = [
     "quick_overrides", "resize_transforms", "training_resolution", "set_eval_resolution",
-    "dense_attention_gb", "evaluate_at_resolutions", "robustness_rows", "write_table", "write_text_atomic",
+    "dense_attention_gb", "evaluate_at_resolutions", "robustness_rows", "write_table",
     "plot_robustness", "METRICS", "DEGRADATION_LIMIT_PCT",
 ]
 
 METRICS = ("Dice", "IoU", "Sensitivity", "Specificity", "Accuracy")
 DEGRADATION_LIMIT_PCT = 10.0  # the seed study's success criterion
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (no half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- config surgery
@@ -251,8 +238,8 @@ def write_table(rows: List[dict], columns: Sequence[str], md_path, csv_path, tit
     writer.writeheader()
     for r in rows:
         writer.writerow({c: r.get(c, "") for c in columns})
-    write_text_atomic(md_path, markdown)
-    write_text_atomic(csv_path, buf.getvalue())
+    atomic_write_text(md_path, markdown)
+    atomic_write_text(csv_path, buf.getvalue())
     return markdown
 
 

@@ -278,20 +278,17 @@ def _exp_block(buf: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, t0: int,
     return out.exp_()
 
 
-def _cpp_forward(ext, u, delta, A, Bt, Ct, chunk, keep_checkpoints):
-    """The fused kernel over chunks of ``chunk`` steps; the state at each chunk start is kept for
-    the backward pass when ``keep_checkpoints``."""
+def _cpp_forward(ext, u, delta, A, Bt, Ct, chunk):
+    """The fused kernel over chunks of ``chunk`` steps, keeping the state at each chunk start for
+    the backward pass."""
     b, d, L = u.shape
     n = A.shape[1]
     state = u.new_zeros(b, d, n)
     y = torch.empty_like(u)
     checkpoints = []
-    step = chunk if keep_checkpoints else max(L, 1)  # without a backward pass: one call
-    for t0 in range(0, L, step):
-        T = min(step, L - t0)
-        if keep_checkpoints:
-            checkpoints.append(state.clone())
-        ext.scan_fwd_fused(A, delta, u, Bt, Ct, state, y, t0, T)
+    for t0 in range(0, L, chunk):
+        checkpoints.append(state.clone())
+        ext.scan_fwd_fused(A, delta, u, Bt, Ct, state, y, t0, min(chunk, L - t0))
     ck = torch.stack(checkpoints) if checkpoints else u.new_zeros(0, b, d, n)
     return y, state, ck
 
@@ -324,7 +321,7 @@ class _SelectiveScanCpp(torch.autograd.Function):
             out, last = _cpp_forward_fused(ext, uf, delta.to(cdt).contiguous(), Af, Bt, Ct, *opt, delta_softplus)
             return out.to(u.dtype), last
         dlt = _process_delta(delta, delta_bias, delta_softplus, cdt).contiguous()
-        y, last, checkpoints = _cpp_forward(ext, uf, dlt, Af, Bt, Ct, chunk, needs_grad)
+        y, last, checkpoints = _cpp_forward(ext, uf, dlt, Af, Bt, Ct, chunk)
         if D is not None:
             y = y + D.to(cdt)[:, None] * uf
         out = y * F.silu(z.to(cdt)) if z is not None else y

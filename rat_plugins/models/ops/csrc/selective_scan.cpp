@@ -16,8 +16,9 @@
 //   delta, u  [batch, dim, L]             delta biased / softplus-ed unless the forward does it
 //   Bm, Cm    [batch, groups, L, state]   (time-major per group: the state axis is contiguous)
 //   state     [batch, dim, state]         carried across chunks, updated in place
-// Functions compiled for several ISA levels (target_clones, picked at load time) are the ones
-// whose loops gain from wider vectors.
+// Functions marked RAT_CLONES are compiled for the x86-64-v4 / v3 ISA levels and the baseline
+// (target_clones, picked at load time by CPU features: arch=haswell clones are matched by CPU
+// model and were never picked on newer CPUs).
 // Only the headers needed (not <torch/extension.h>): the first-use compile takes seconds, not a minute.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -37,7 +38,7 @@ namespace {
 constexpr int64_t kMaxState = 256;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RAT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define RAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RAT_CLONES
 #endif
@@ -199,13 +200,7 @@ inline __attribute__((always_inline)) void fused_row_any(
   for (int64_t n = 0; n < N; ++n) st[n] = s[n];
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RAT_FUSED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RAT_FUSED_CLONES
-#endif
-
-RAT_FUSED_CLONES void fused_rows(const float* Ad, const float* del, const float* uu, const float* Bg,
+RAT_CLONES void fused_rows(const float* Ad, const float* del, const float* uu, const float* Bg,
                                  const float* Cg, float* yy, float* st, int64_t T, int64_t N) {
   switch (N) {
     case 16: fused_row_vec<1>(Ad, del, uu, Bg, Cg, yy, st, T); break;
@@ -218,29 +213,42 @@ void fused_rows(const double* Ad, const double* del, const double* uu, const dou
   fused_row_any<double>(Ad, del, uu, Bg, Cg, yy, st, T, N);
 }
 
+// Scalar prologue / epilogue (double rows, and the last T % 16 steps of float rows).
+template <typename scalar_t>
+inline void delta_steps(scalar_t* out, const scalar_t* del, scalar_t bias, bool softplus, int64_t t, int64_t T) {
+  for (; t < T; ++t) {
+    const scalar_t v = del[t] + bias;
+    out[t] = softplus && v <= scalar_t(20) ? std::log1p(std::exp(v)) : v;
+  }
+}
+
+template <typename scalar_t>
+inline void gate_steps(scalar_t* yy, const scalar_t* uu, const scalar_t* zz, scalar_t Dd, bool has_d, int64_t t,
+                       int64_t T) {
+  for (; t < T; ++t) {
+    scalar_t v = yy[t] + (has_d ? Dd * uu[t] : scalar_t(0));
+    if (zz != nullptr) v = v * zz[t] / (scalar_t(1) + std::exp(-zz[t]));
+    yy[t] = v;
+  }
+}
+
 // Prologue of one row: out_t = softplus(delta_t + bias) (either part optional), 16 steps at a time.
-RAT_FUSED_CLONES void delta_row(float* out, const float* del, float bias, bool softplus, int64_t T) {
+RAT_CLONES void delta_row(float* out, const float* del, float bias, bool softplus, int64_t T) {
   int64_t t = 0;
   for (; t + 16 <= T; t += 16) {
     v16f v = load16(del + t) + bias;
     if (softplus) v = softplus16(v);
     std::memcpy(out + t, &v, sizeof(v16f));
   }
-  for (; t < T; ++t) {
-    const float v = del[t] + bias;
-    out[t] = softplus && v <= 20.0f ? std::log1p(std::exp(v)) : v;
-  }
+  delta_steps(out, del, bias, softplus, t, T);
 }
 
 void delta_row(double* out, const double* del, double bias, bool softplus, int64_t T) {
-  for (int64_t t = 0; t < T; ++t) {
-    const double v = del[t] + bias;
-    out[t] = softplus && v <= 20.0 ? std::log1p(std::exp(v)) : v;
-  }
+  delta_steps(out, del, bias, softplus, 0, T);
 }
 
 // Epilogue of one row: y_t = (y_t + D u_t) * silu(z_t) (either part optional), 16 steps at a time.
-RAT_FUSED_CLONES void gate_row(float* yy, const float* uu, const float* zz, float Dd, bool has_d, int64_t T) {
+RAT_CLONES void gate_row(float* yy, const float* uu, const float* zz, float Dd, bool has_d, int64_t T) {
   int64_t t = 0;
   for (; t + 16 <= T; t += 16) {
     v16f yv = load16(yy + t);
@@ -251,19 +259,11 @@ RAT_FUSED_CLONES void gate_row(float* yy, const float* uu, const float* zz, floa
     }
     std::memcpy(yy + t, &yv, sizeof(v16f));
   }
-  for (; t < T; ++t) {
-    float v = yy[t] + (has_d ? Dd * uu[t] : 0.0f);
-    if (zz != nullptr) v = v * zz[t] / (1.0f + std::exp(-zz[t]));
-    yy[t] = v;
-  }
+  gate_steps(yy, uu, zz, Dd, has_d, t, T);
 }
 
 void gate_row(double* yy, const double* uu, const double* zz, double Dd, bool has_d, int64_t T) {
-  for (int64_t t = 0; t < T; ++t) {
-    double v = yy[t] + (has_d ? Dd * uu[t] : 0.0);
-    if (zz != nullptr) v = v * zz[t] / (1.0 + std::exp(-zz[t]));
-    yy[t] = v;
-  }
+  gate_steps(yy, uu, zz, Dd, has_d, 0, T);
 }
 
 template <typename scalar_t>
