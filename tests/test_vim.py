@@ -467,3 +467,91 @@ def test_vision_mamba_forward_backward():
 def test_factories():
     assert vim_tiny_backbone(depth=1).embed_dim == 192
     assert vim_tiny(device="meta").embed_dim == 192
+
+
+# ------------------------------------------------------------------------------------------------
+# (5) the fused CPU inference path of the mixer (d_state 16, float32, no autograd)
+
+from rat_plugins.models.ops import selective_scan as scan_ops  # noqa: E402
+from rat_plugins.models.vim import BiMambaV2  # noqa: E402
+
+needs_cpp = pytest.mark.skipif(not scan_ops.available_backends()["cpp"],
+                               reason="the C++ scan kernel cannot be built on this machine")
+
+
+def ref_mixer_full(h, p, divide_out=True, gamma=None):
+    """ref_mixer with optional sum instead of mean and layer scale; h [L, d_model]."""
+    x, z = (h @ p["in_proj.weight"].T).chunk(2, dim=-1)
+    y = ref_direction(x, z, p, "") + ref_direction(x.flip(0), z.flip(0), p, "_b").flip(0)
+    out = (y / 2 if divide_out else y) @ p["out_proj.weight"].T
+    return out * gamma if gamma is not None else out
+
+
+@needs_cpp
+@pytest.mark.parametrize("L", [1, 2, 5, 33])
+@pytest.mark.parametrize("variant", [{}, {"if_divide_out": False, "init_layer_scale": 0.5}])
+def test_fused_mixer_matches_step_by_step_reference(L, variant):
+    mixer = randomize_(BiMambaV2(d_model=E, d_state=16, **variant), seed=L).eval()  # inner 32: two blocks
+    p = {k: v.detach().double() for k, v in mixer.state_dict().items()}
+    h = torch.randn(3, L, E, generator=torch.Generator().manual_seed(L))
+    with torch.no_grad():
+        out = mixer(h)
+    assert mixer._fused_cache is not None, "the fused path did not run"
+    for b in range(3):
+        expected = ref_mixer_full(h[b].double(), p, variant.get("if_divide_out", True), p.get("gamma"))
+        assert torch.allclose(out[b].double(), expected, rtol=1e-5, atol=1e-5), (out[b] - expected).abs().max()
+
+
+@needs_cpp
+def test_fused_mixer_without_conv_bias_and_under_inference_mode(monkeypatch):
+    mixer = randomize_(BiMambaV2(d_model=E, d_state=16, conv_bias=False), seed=7).eval()
+    h = torch.randn(2, 9, E)
+    with torch.inference_mode():
+        fused = mixer(h)
+    monkeypatch.setenv(scan_ops.BACKEND_ENV, "torch")  # the unfused path
+    with torch.no_grad():
+        plain = mixer(h)
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+def test_fused_path_only_without_autograd_and_its_cache_follows_the_parameters(monkeypatch):
+    model = tiny_vim(d_state=16)
+    mixer = model.layers[0].mixer
+    img = torch.randn(2, 3, 32, 32)
+    # with autograd the unfused, differentiable path runs and the cache is never built
+    model(img).sum().backward()
+    assert mixer._fused_cache is None and mixer.A_b_log.grad is not None
+    with torch.no_grad():
+        first = model(img)
+    assert mixer._fused_cache is not None
+    # an optimizer-style in-place update and a load_state_dict must both reach the fused path
+    with torch.no_grad():
+        mixer.x_proj_b.weight.mul_(1.5)
+        mixer.A_log.add_(0.3)
+        updated = model(img)
+    model.load_state_dict(tiny_vim(d_state=16).state_dict() | {"layers.1.mixer.D_b": torch.full((2 * E,), 3.0)})
+    with torch.no_grad():
+        loaded = model(img)
+    monkeypatch.setenv(scan_ops.BACKEND_ENV, "torch")
+    with torch.no_grad():
+        plain_loaded = model(img)
+        model.load_state_dict(tiny_vim(d_state=16).state_dict())  # the original weights
+        with torch.no_grad():
+            mixer.x_proj_b.weight.mul_(1.5)
+            mixer.A_log.add_(0.3)
+        plain_updated = model(img)
+    assert not torch.allclose(first, updated, rtol=1e-3)
+    assert torch.allclose(updated, plain_updated, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loaded, plain_loaded, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+def test_fused_scan_rejects_positive_A():
+    ext = scan_ops.load_cpp_extension(strict=True)
+    b, L, di, R = 1, 4, 16, 2
+    args = [torch.zeros(b, L, 2 * di), torch.zeros(2, b, L, di), torch.zeros(2, b * L, R + 32),
+            torch.zeros(2, R, di), torch.full((2, 16, di), 0.5), torch.zeros(2, di), torch.zeros(2, di),
+            torch.empty(b, L, di)]
+    with pytest.raises(RuntimeError, match="A must be <= 0"):
+        ext.bimamba_scan(*args, 0.5)
