@@ -165,3 +165,17 @@ def test_demo_loss_report_per_term():
     assert report[1].split() == ["loss_box_reg", "0.050", "->", "0.850"]
     assert report[2].split() == ["loss_cls", "0.950", "->", "0.150"]
     assert report[3].split() == ["total_loss", "1.000", "->", "1.000"]
+
+
+def test_demo_verdict_states_each_claim():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rat_demo", REPO / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    falling = [{"iteration": i, "total_loss": 3.0 - 0.1 * i} for i in range(20)]
+    rising = [{"iteration": i, "total_loss": 1.0 + 0.1 * i} for i in range(20)]
+    assert demo.verdict(falling, 0.0, 5.0) == (
+        "total loss fell: yes (2.800 -> 1.300); test AP50 beat the untrained model: yes (0.0 -> 5.0)")
+    assert demo.verdict(rising, 2.0, 1.0) == (
+        "total loss fell: NO (1.200 -> 2.700); test AP50 beat the untrained model: NO (2.0 -> 1.0)")

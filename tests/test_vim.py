@@ -542,6 +542,10 @@ def test_fused_path_only_without_autograd_and_its_cache_follows_the_parameters(m
             mixer.A_log.add_(0.3)
         plain_updated = model(img)
     assert not torch.allclose(first, updated, rtol=1e-3)
+    slow = BiMambaV2(d_model=E, d_state=16, use_fast_path=False).eval()
+    with torch.no_grad():
+        slow(torch.randn(1, 4, E))
+    assert slow._fused_cache is None
     assert torch.allclose(updated, plain_updated, rtol=1e-5, atol=1e-6)
     assert torch.allclose(loaded, plain_loaded, rtol=1e-5, atol=1e-6)
 

@@ -156,6 +156,7 @@ class BiMambaV2(nn.Module):
             ceil(d_model / 16)). dt_min, dt_max, dt_init, dt_scale, dt_init_floor: dt
             initialisation. conv_bias, bias: biases of conv1d / in_proj and out_proj.
         if_divide_out: average instead of sum the two directions. init_layer_scale: layer scale.
+        use_fast_path: allow the fused CPU inference path (False: always the unfused computation).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -170,6 +171,7 @@ class BiMambaV2(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.layer_idx = layer_idx
+        self.use_fast_path = use_fast_path  # as officially: False forces the unfused computation
         self.if_divide_out = if_divide_out
         self.init_layer_scale = init_layer_scale
         if init_layer_scale is not None:
@@ -220,7 +222,9 @@ class BiMambaV2(nn.Module):
 
     def _fused_kernels(self, hidden_states: torch.Tensor):
         """The C++ extension when the fused inference path applies to this call, else None."""
-        if hidden_states.device.type != "cpu" or self.d_state != 16 or self.d_inner % 16:
+        if not self.use_fast_path or hidden_states.device.type != "cpu":
+            return None
+        if self.d_state != 16 or self.d_inner % 16:
             return None
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
