@@ -42,7 +42,8 @@ if [ "$QUICK" = 1 ]; then
   OUT="${OUT}_quick"
   # Smoke schedule on small images with a CPU-sized pyramid and RoI stage: 64 channels in the
   # feature pyramid, RPN and box heads, fewer RoIs per image (the 4-conv, 256-wide heads over 512
-  # RoIs per image take ~40 s a step on 2 cores; 64 pyramid channels halve a 128 px step again). No pretrained ViM weights can be assumed here: the backbone starts from random
+  # RoIs per image take ~40 s a step on 2 cores; 64 pyramid channels halve a 128 px step again).
+  # No pretrained ViM weights can be assumed here: the backbone starts from random
   # weights (kept frozen) unless ckpts/vim_tiny_pretrained.pth exists; the fixed seed makes that
   # random backbone the same in every quick run, so they share the frozen-feature cache.
   OVERRIDES+=(dataloader.image_size=${RAT_QUICK_IMAGE_SIZE:-128} train.epochs=${RAT_QUICK_EPOCHS:-24}

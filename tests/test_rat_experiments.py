@@ -2,11 +2,9 @@
 tools/evaluate_robustness.py (resolutions, spacing, degradation table, plot, memory refusal)."""
 import csv
 import json
-import math
 import sys
 
 import pytest
-import torch
 from conftest import REPO, run_cmd
 from mmengine.config import Config
 

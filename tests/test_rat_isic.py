@@ -1,8 +1,6 @@
 """RAT on ISIC 2018: the dataset on make_isic files, layout errors, every config in projects/RAT/configs
 (main + ablations) trained 2 iterations in process, one through mmseg's stock tools/train.py."""
-import copy
 import importlib.util
-import math
 import os
 import shutil
 import sys

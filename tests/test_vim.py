@@ -85,11 +85,12 @@ def ref_direction(x, z, p, sfx):
     return torch.stack(ys) * silu(z)
 
 
-def ref_mixer(h, p):
+def ref_mixer(h, p, divide_out=True, gamma=None):
+    """h [L, d_model]; the two directions averaged (summed without divide_out), times gamma."""
     x, z = (h @ p["in_proj.weight"].T).chunk(2, dim=-1)
-    y_f = ref_direction(x, z, p, "")
-    y_b = ref_direction(x.flip(0), z.flip(0), p, "_b").flip(0)
-    return ((y_f + y_b) / 2) @ p["out_proj.weight"].T
+    y = ref_direction(x, z, p, "") + ref_direction(x.flip(0), z.flip(0), p, "_b").flip(0)
+    out = (y / 2 if divide_out else y) @ p["out_proj.weight"].T
+    return out * gamma if gamma is not None else out
 
 
 def ref_layers(x, sd, depth, rope=None):
@@ -479,14 +480,6 @@ needs_cpp = pytest.mark.skipif(not scan_ops.available_backends()["cpp"],
                                reason="the C++ scan kernel cannot be built on this machine")
 
 
-def ref_mixer_full(h, p, divide_out=True, gamma=None):
-    """ref_mixer with optional sum instead of mean and layer scale; h [L, d_model]."""
-    x, z = (h @ p["in_proj.weight"].T).chunk(2, dim=-1)
-    y = ref_direction(x, z, p, "") + ref_direction(x.flip(0), z.flip(0), p, "_b").flip(0)
-    out = (y / 2 if divide_out else y) @ p["out_proj.weight"].T
-    return out * gamma if gamma is not None else out
-
-
 @needs_cpp
 @pytest.mark.parametrize("L", [1, 2, 5, 33])
 @pytest.mark.parametrize("variant", [{}, {"if_divide_out": False, "init_layer_scale": 0.5}])
@@ -498,7 +491,7 @@ def test_fused_mixer_matches_step_by_step_reference(L, variant):
         out = mixer(h)
     assert mixer._fused_cache is not None, "the fused path did not run"
     for b in range(3):
-        expected = ref_mixer_full(h[b].double(), p, variant.get("if_divide_out", True), p.get("gamma"))
+        expected = ref_mixer(h[b].double(), p, variant.get("if_divide_out", True), p.get("gamma"))
         assert torch.allclose(out[b].double(), expected, rtol=1e-5, atol=1e-5), (out[b] - expected).abs().max()
 
 

@@ -37,6 +37,12 @@ def sh(cmd, **kw):
     subprocess.run(cmd, cwd=REPO, check=True, **kw)
 
 
+def window_means(records, term: str, window: int):
+    """``term``'s mean over the first and over the last ``window`` records."""
+    head, tail = records[:window], records[-window:]
+    return sum(r[term] for r in head) / len(head), sum(r[term] for r in tail) / len(tail)
+
+
 def loss_report(records, window=5):
     """Each loss term's mean over the first and the last ``window`` logged iterations.
 
@@ -49,8 +55,7 @@ def loss_report(records, window=5):
     lines = [f"training losses, mean of the first / last {window} logged iterations "
              f"({head[0]['iteration']}-{head[-1]['iteration']} / {tail[0]['iteration']}-{tail[-1]['iteration']}):"]
     for term in terms:
-        first = sum(r[term] for r in head) / len(head)
-        last = sum(r[term] for r in tail) / len(tail)
+        first, last = window_means(records, term, window)
         lines.append(f"  {term:<22} {first:7.3f} -> {last:7.3f}")
     return "\n".join(lines)
 
@@ -58,8 +63,7 @@ def loss_report(records, window=5):
 def verdict(records, untrained_ap50: float, trained_ap50: float, window: int = 5) -> str:
     """The demo's two claims, each stated as met or not: the total loss fell (mean of the last
     ``window`` logged iterations below that of the first) and test AP50 beat the untrained model's."""
-    first = sum(r["total_loss"] for r in records[:window]) / len(records[:window])
-    last = sum(r["total_loss"] for r in records[-window:]) / len(records[-window:])
+    first, last = window_means(records, "total_loss", window)
     fell = "yes" if last < first else "NO"
     beat = "yes" if trained_ap50 > untrained_ap50 else "NO"
     return (f"total loss fell: {fell} ({first:.3f} -> {last:.3f}); "

@@ -94,10 +94,8 @@ def register_coco2017(root=None, names=("train", "val")) -> list:
                 f"section coco2017/; $RAT_DATASETS names the folder that holds coco2017/), or make the "
                 f"synthetic sample: python -m rat_plugins.data.synthetic coco --out {root}")
         name = f"coco2017_{split}"
-        if _registered_elsewhere(name, ann, img) is False:
-            registered.append(name)
-            continue
-        register_coco_instances(name, {}, str(ann), str(img))
+        if _registered_elsewhere(name, ann, img) is not False:  # free, or held by other paths
+            register_coco_instances(name, {}, str(ann), str(img))
         registered.append(name)
     return registered
 

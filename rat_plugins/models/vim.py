@@ -226,14 +226,12 @@ class BiMambaV2(nn.Module):
             return None
         if self.d_state != 16 or self.d_inner % 16:
             return None
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())):
+        grad = torch.is_grad_enabled()
+        if hidden_states.dtype != torch.float32 or (grad and hidden_states.requires_grad):
             return None
-        if hidden_states.dtype != torch.float32 or any(p.dtype != torch.float32 for p in self.parameters()):
+        if any(p.dtype != torch.float32 or (grad and p.requires_grad) for p in self.parameters()):
             return None
-        if backend_for(hidden_states) != "cpp":
-            return None
-        ext = load_cpp_extension()
-        return ext if ext is not None and hasattr(ext, "bimamba_scan") else None
+        return load_cpp_extension() if backend_for(hidden_states) == "cpp" else None
 
     def _fused_params(self):
         """Both directions' parameters stacked as the fused kernels read them, cached: the key is

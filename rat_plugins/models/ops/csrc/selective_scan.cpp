@@ -110,6 +110,10 @@ inline __attribute__((always_inline)) v16f load16(const float* p) {
   return v;
 }
 
+inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline __attribute__((always_inline)) v16f silu16(v16f x) { return x / (1.0f + exp16(-x)); }
+
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
@@ -178,7 +182,7 @@ inline __attribute__((always_inline)) void fused_row_vec(
     }
     yy[t] = sum16(c);
   }
-  for (int k = 0; k < NV; ++k) std::memcpy(st + 16 * k, &s[k], sizeof(v16f));
+  for (int k = 0; k < NV; ++k) store16(st + 16 * k, s[k]);
 }
 
 // Any state size and dtype: the exponentials one at a time.
@@ -238,7 +242,7 @@ RAT_CLONES void delta_row(float* out, const float* del, float bias, bool softplu
   for (; t + 16 <= T; t += 16) {
     v16f v = load16(del + t) + bias;
     if (softplus) v = softplus16(v);
-    std::memcpy(out + t, &v, sizeof(v16f));
+    store16(out + t, v);
   }
   delta_steps(out, del, bias, softplus, t, T);
 }
@@ -253,11 +257,8 @@ RAT_CLONES void gate_row(float* yy, const float* uu, const float* zz, float Dd, 
   for (; t + 16 <= T; t += 16) {
     v16f yv = load16(yy + t);
     if (has_d) yv += load16(uu + t) * Dd;
-    if (zz != nullptr) {
-      const v16f zv = load16(zz + t);
-      yv = yv * zv / (1.0f + exp16(-zv));
-    }
-    std::memcpy(yy + t, &yv, sizeof(v16f));
+    if (zz != nullptr) yv *= silu16(load16(zz + t));
+    store16(yy + t, yv);
   }
   gate_steps(yy, uu, zz, Dd, has_d, t, T);
 }
@@ -504,8 +505,6 @@ void reduce_over_dim(at::Tensor X, at::Tensor w, at::Tensor out, int64_t t0) {
 // Channels are contiguous here, so 16 channels fill one vector and the state sum needs no
 // horizontal add. Both functions take float32 contiguous tensors; dim must be a multiple of 16.
 
-inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-
 // 2^x for x <= 0, 16 lanes, in about half the operations of exp16 (the scan's decays exp(delta A)
 // with A < 0 and delta >= 0, A prescaled by log2(e)): x = n + f with n = round(x) by the
 // 1.5 * 2^23 trick, whose integer sits in the low bits of x + 1.5 * 2^23 and gives 2^n's exponent
@@ -543,7 +542,7 @@ RAT_CLONES void conv_silu_rows(const float* xz, const float* w, const float* bia
         if (src < 0 || src >= L) continue;
         acc += load16(w + (dir * K + k) * dim + c) * load16(xz + (b * L + src) * 2 * dim + c);
       }
-      store16(out + c, acc / (1.0f + exp16(-acc)));
+      store16(out + c, silu16(acc));
     }
   }
 }
@@ -602,8 +601,7 @@ inline __attribute__((always_inline)) void bimamba_block(
         s[n] = exp2_nonpos16(a[n] * dt) * s[n] + du * bt[n];
         y += s[n] * ct[n];
       }
-      const v16f zz = load16(xz + (b * L + t) * 2 * dim + dim + c0);
-      y = (y + dv * uu) * zz / (1.0f + exp16(-zz)) * scale;
+      y = (y + dv * uu) * silu16(load16(xz + (b * L + t) * 2 * dim + dim + c0)) * scale;
       float* o = out + (b * L + t) * dim + c0;
       store16(o, dir == 0 ? y : load16(o) + y);
     }
@@ -639,7 +637,7 @@ void bimamba_scan(at::Tensor xz, at::Tensor u, at::Tensor dbl, at::Tensor dt_w, 
   for (int64_t i = 0; i < At.numel(); ++i)  // the decays use a 2^x that needs x <= 0
     TORCH_CHECK(Ap[i] <= 0.0f, "bimamba_scan: A must be <= 0 (A = -exp(A_log))");
   const float* p[7] = {xz.data_ptr<float>(), u.data_ptr<float>(), dbl.data_ptr<float>(), dt_w.data_ptr<float>(),
-                       At.data_ptr<float>(), D.data_ptr<float>(), bias.data_ptr<float>()};
+                       Ap, D.data_ptr<float>(), bias.data_ptr<float>()};
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, batch * (dim / 16), 1, [&](int64_t begin, int64_t end) {
