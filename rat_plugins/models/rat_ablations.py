@@ -5,12 +5,15 @@
 - :class:`StandardMHAGrouping`: the dense grouping layer with plain multi-head attention (softmax
   over keys only, no renormalisation over queries).
 
-Both keep the package's parameters and state-dict keys. Pure torch + the RAT package.
+Both keep the package's parameters and state-dict keys; :class:`~rat_plugins.models.rat_backbone.RATBackbone`
+selects them with ``pos_embed='absolute'`` and ``attention='mha'``.
 """
 import torch
 import torch.nn.functional as F
 
 from .._optional import require
+
+_sga = require("spatial_grouping_attention", "rat_plugins.models.rat_ablations")
 
 __all__ = ["sincos_position_map", "AbsolutePositionConv", "StandardMHAGrouping"]
 
@@ -55,9 +58,6 @@ class AbsolutePositionConv(torch.nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         return y + sincos_position_map(y.shape[2:], y.shape[1], self.ref_size, y.device, y.dtype)
-
-
-_sga = require("spatial_grouping_attention", "rat_plugins.models.rat_ablations")
 
 
 class StandardMHAGrouping(_sga.DenseSpatialGroupingAttention):

@@ -1,37 +1,14 @@
 """Spatial grouping attention restricted to local windows: RAT's grouping layer at 1024² on a CPU.
 
-The package ``spatial-grouping-attention`` offers two layers. Its dense one materialises
-(batch, heads, groups, pixels) attention matrices (a 256x256 input needs tens of GB). Its sparse
-one calls NATTEN, which runs on CUDA only; as published it passes pixel keys as NATTEN's queries
-and group queries as NATTEN's keys, which NATTEN takes only on one grid (stride 1), and the
-base forward then uses NATTEN's (..., window) scores as (groups, pixels) matrices.
-
-:class:`LocalSpatialGroupingAttention` subclasses the package's ``SpatialGroupingAttention``:
-same constructor arguments, same parameters and state-dict keys, so weights move both ways
-(:meth:`LocalSpatialGroupingAttention.from_layer` converts a built layer). Each group attends
-only to a window of input tokens around it; for each chunk of groups the window's keys and
-values are gathered, so memory is O(groups x window), and the (groups x pixels) matrix never
-exists. Pure PyTorch: CPU and CUDA, 1D / 2D / 3D, autograd.
-
-Window of a group, per axis (:func:`axis_window_positions`):
-
-- centre: the input position ``g * stride``. That is the centre of the group's strided-conv
-  receptive field (the package pads by ``(kernel - 1) // 2``) and the position RoSE gives the
-  group (its spacing is the input spacing times the stride);
-- ``neighborhood_kernel`` positions ``neighborhood_dilation`` apart (the sparse variant's
-  argument names); by default the strider's ``kernel_size``, i.e. the pixels the group was
-  pooled from. (The sparse variant's default, 3, with the default stride 3 would give almost
-  every pixel to one group only, whose group-normalised weight is then 1 whatever the logits);
-- at the borders the window is shifted inwards so it stays full: NATTEN's rule
-  (``get_window_start`` in NATTEN's ``csrc/include/natten/cpu/naive/natten_cpu_commons.h``),
-  dilation included;
-- an axis shorter than ``kernel * dilation`` is taken whole (NATTEN raises an error there).
-
-Everything else follows the package's dense layer
-(``spatial_grouping_attention/spatial_grouping_attention.py``, ``forward``): per iteration, a
-softmax over each group's pixels (``attn_k``), then each pixel's weights divided by their sum
-over the groups that see it (``attn_q``), values aggregated, norm2 / MLP / norm3 residuals. The
-output equals the package's dense layer whose logits outside each window are -inf.
+The package's dense grouping layer holds (batch, heads, groups, pixels) attention matrices (tens
+of GB at 256x256); its sparse one needs NATTEN (CUDA only). :class:`LocalSpatialGroupingAttention`
+keeps the package's constructor, parameters and state-dict keys, and lets each group attend only
+to a window of input tokens, gathered chunk by chunk: memory O(groups x window), pure PyTorch
+(CPU and CUDA, 1D / 2D / 3D, autograd). A group's window is centred on input position
+``g * stride`` (its strided-conv receptive field), ``neighborhood_kernel`` positions
+``neighborhood_dilation`` apart (default: the grouping kernel), shifted inwards at the borders as
+NATTEN does; an axis shorter than the window is taken whole. The output equals the package's dense
+layer with the logits outside each window set to -inf.
 """
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple

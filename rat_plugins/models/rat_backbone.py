@@ -1,39 +1,15 @@
-"""RAT (the package's ``ResolutionAwareTransformer``) as a multi-scale backbone: feature maps per
-pyramid level and block, in 2D or 3D.
+"""RAT (the ``resolution_aware_transformer`` package's model) as a multi-scale backbone, 2D or 3D.
 
-:class:`RATBackbone` subclasses the package's model (same submodules and state-dict keys, so its
-weights load either way) and adds what a detector or segmenter needs:
+:class:`RATBackbone` keeps the package's modules and state-dict keys and adds an image pyramid
+(built from one image by area resizing, or given level by level), per-block grouping attention
+(dense, local, mixed or standard multi-head), an absolute position embedding option, and
+:meth:`~RATBackbone.forward_features`: one ``NC[D]HW`` map per pyramid level and block, named
+``level<l>_block<b>`` (the contract of :mod:`rat_plugins.models.features`). With grouping stride
+``s`` and an odd grouping kernel, level ``l`` (resize factor ``scale_l``) after block ``b``
+(0-based) has, per axis::
 
-- input: one image ``[B, C, H, W]`` / ``[B, C, D, H, W]``, from which the pyramid given by
-  ``scales`` is built by area resizing, or an explicit pyramid (list of tensors, one per level);
-  a pixel spacing per level (default: ``spacing / scale``); optional masks;
-- output (:meth:`RATBackbone.forward_features`): ``NC[D]HW`` maps named ``level<l>_block<b>``, the
-  tokens of every level after every block reshaped onto the grid the package reports
-  (``out_grid_shape``);
-- attention per block: the package's dense layer or
-  :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention` (same weights).
-
-Strides. The package's input projection keeps the grid (stride 1, "same" padding) and every
-block's grouping layer is a strided conv with kernel ``k`` and padding ``(k - 1) // 2``, all
-blocks with the same per-axis ``stride``. After block ``b`` (0-based) of level ``l``, along each
-axis::
-
-    out_grid_shape = ceil(level_size / stride ** (b + 1))        (odd k; even k gives one less)
-    out_spacing    = level_spacing * stride ** (b + 1)
-    stride_lb      = stride ** (b + 1) / scale_l                 (in pixels of the input image)
-                   = out_spacing / spacing    when level_spacing = spacing / scale_l (the default)
-
-The defaults here, ``sga_kernel_size=5, stride=2`` (the package's are 7 and 3), give strides
-2, 4, 8, ... per block, and with ``scales=(1, 1/2, 1/4)`` level ``l`` block ``b`` has stride
-``2 ** (l + b + 1)``; levels are resized to ``ceil(size * scale)``, so every map of stride ``S``
-has ``ceil(size / S)`` rows and columns whichever level it comes from. For detectron2's FPN pick
-one map per stride (e.g. all blocks of level 0, then the last block of each coarser level): FPN
-asks for strides that double from one input to the next.
-
-Block loop. The package's forward multiplies each block's (groups x pixels) attention matrices
-into the previous block's: memory the size of the dense attention, and a local layer returns no
-such matrices, so a dense block after a local one raises KeyError there. Here they are dropped
-(:meth:`RATBackbone._forward_sga`); features do not use them.
+    grid   = ceil(ceil(size * scale_l) / s ** (b + 1))
+    stride = s ** (b + 1) / scale_l        (input pixels: 2 ** (l + b + 1) for s=2, scales 1, 1/2, 1/4)
 """
 import math
 from dataclasses import dataclass
@@ -43,37 +19,37 @@ import torch
 import torch.nn.functional as F
 
 from rat_plugins._optional import require
+from rat_plugins.models.features import FeatureInfo, feature_names, resolve_out_features
+from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping
 from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
 
 _rat = require("resolution_aware_transformer", "rat_plugins.models.rat_backbone")
 ResolutionAwareTransformer = _rat.ResolutionAwareTransformer
 to_tuple = require("spatial_grouping_attention.utils", "rat_plugins.models.rat_backbone").to_tuple
 
-__all__ = ["RATBackbone", "FeatureInfo", "block_attention_kinds", "tokens_to_map"]
+__all__ = ["RATBackbone", "RATFeatureInfo", "block_attention_kinds", "tokens_to_map"]
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Optional[Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]]
+ATTENTION_KINDS = ("dense", "local", "mha")
 
 
 @dataclass(frozen=True)
-class FeatureInfo:
-    """One output map: its name, where it comes from, its per-axis stride and its channels."""
+class RATFeatureInfo(FeatureInfo):
+    """A :class:`FeatureInfo` (stride per axis) plus the pyramid level and block the map comes from."""
 
-    name: str
     level: int
     block: int
-    stride: Tuple[float, ...]
-    channels: int
 
 
 def block_attention_kinds(attention: Union[str, Sequence[str]], num_blocks: int) -> Tuple[str, ...]:
-    """Per-block grouping attention, ``"dense"`` or ``"local"``.
+    """Per-block grouping attention: ``"dense"``, ``"local"`` or ``"mha"``.
 
     Args:
-        attention: ``"dense"``, ``"local"`` (alias ``"sparse"``, the issue's and the package's
-            name for windowed attention), ``"mixed"`` (local in the first ``ceil(num_blocks / 2)``
-            blocks, which see the finest grids, dense after), or one of ``dense``/``local``/
-            ``sparse`` per block.
+        attention: ``"dense"``, ``"local"`` (alias ``"sparse"``, the package's name for windowed
+            attention), ``"mha"`` (standard multi-head attention: softmax over keys only),
+            ``"mixed"`` (local in the first ``ceil(num_blocks / 2)`` blocks, which see the finest
+            grids, dense after), or one of ``dense`` / ``local`` / ``sparse`` / ``mha`` per block.
         num_blocks: blocks of the model.
     """
     if isinstance(attention, str):
@@ -82,9 +58,9 @@ def block_attention_kinds(attention: Union[str, Sequence[str]], num_blocks: int)
             return ("local",) * num_local + ("dense",) * (num_blocks - num_local)
         attention = [attention] * num_blocks
     kinds = tuple("local" if kind == "sparse" else kind for kind in attention)
-    if len(kinds) != num_blocks or any(kind not in ("dense", "local") for kind in kinds):
-        raise ValueError(f"attention must be 'dense', 'local', 'sparse', 'mixed' or one of 'dense'/'local'/"
-                         f"'sparse' per block ({num_blocks} blocks), got {attention!r}")
+    if len(kinds) != num_blocks or any(kind not in ATTENTION_KINDS for kind in kinds):
+        raise ValueError(f"attention must be 'dense', 'local', 'sparse', 'mha', 'mixed' or one of 'dense'/'local'/"
+                         f"'sparse'/'mha' per block ({num_blocks} blocks), got {attention!r}")
     return kinds
 
 
@@ -110,17 +86,24 @@ class RATBackbone(ResolutionAwareTransformer):
         scales: resize factor of each pyramid level relative to the input image, in (0, 1]
             (a number or one per axis); ``(1.0,)`` is a single level. Strides are counted in
             pixels of the scale-1 image.
-        attention: grouping attention per block, see :func:`block_attention_kinds`.
+        attention: grouping attention per block, see :func:`block_attention_kinds`; ``"mha"``
+            blocks are :class:`~rat_plugins.models.rat_ablations.StandardMHAGrouping`.
         local_window: keyword arguments of the local layers (``neighborhood_kernel``,
             ``neighborhood_dilation``, ``chunk_elements``); see
             :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention`.
+        pos_embed: ``"rotary"`` (the package's RoSE / RoPE, set by its keyword arguments) or
+            ``"absolute"``: a fixed sine-cosine embedding of each token's centre added after the
+            input projection (:class:`~rat_plugins.models.rat_ablations.AbsolutePositionConv`;
+            2D only, needs ``rotary_ratio=0.0``).
+        abs_ref_size: frame size (pixels) of the absolute embedding's coordinates: the normalised
+            image coordinate times this, so the levels of a pyramid agree on positions.
         spacing: pixel spacing of the scale-1 image (number or per axis); level ``l`` defaults
             to ``spacing / scales[l]``.
         **rat_kwargs: the package's other arguments (``num_heads``, ``iters``, ``mlp_ratio``,
-            ``proj_kernel_size``, ``learnable_rose``, ``rose_initial_scaling``, ...).
+            ``proj_kernel_size``, ``rotary_ratio``, ``learnable_rose``, ``rose_initial_scaling``, ...).
 
     :meth:`forward_features` is the multi-scale method the adapters call; ``forward`` stays the
-    package's (last block's token dicts), now also with local and mixed blocks.
+    package's (last block's token dicts), now also with local, mixed and multi-head blocks.
     """
 
     def __init__(
@@ -134,29 +117,45 @@ class RATBackbone(ResolutionAwareTransformer):
         scales: Sequence[Union[float, Sequence[float]]] = (1.0,),
         attention: Union[str, Sequence[str]] = "dense",
         local_window: Optional[dict] = None,
+        pos_embed: str = "rotary",
+        abs_ref_size: float = 256.0,
         spacing: Optional[Union[float, Sequence[float]]] = None,
         **rat_kwargs,
     ) -> None:
         if "sga_attention_type" in rat_kwargs:  # the package's "sparse" type needs NATTEN (CUDA only)
-            raise ValueError(f"RATBackbone takes attention= ('dense' / 'local' / 'mixed' / per block), not "
+            raise ValueError(f"RATBackbone takes attention= ('dense' / 'local' / 'mha' / 'mixed' / per block), not "
                              f"sga_attention_type={rat_kwargs['sga_attention_type']!r}")
         if rat_kwargs.get("leading_tokens"):  # no place on a grid, and the package's forward never feeds them
             raise ValueError("RATBackbone does not take leading_tokens")
+        if pos_embed not in ("rotary", "absolute"):
+            raise ValueError(f"RATBackbone: pos_embed must be 'rotary' or 'absolute', got {pos_embed!r}")
+        if pos_embed == "absolute" and spatial_dims != 2:
+            raise ValueError("RATBackbone: pos_embed='absolute' is implemented for 2D images only")
         kinds = block_attention_kinds(attention, num_blocks)
         super().__init__(spatial_dims=spatial_dims, input_features=input_features, feature_dims=feature_dims,
                          num_blocks=num_blocks, sga_attention_type="dense", sga_kernel_size=sga_kernel_size,
                          stride=stride, spacing=spacing, **rat_kwargs)
+        if pos_embed == "absolute" and self.rotary_ratio != 0:
+            raise ValueError("RATBackbone: pos_embed='absolute' compares against rotary encodings; "
+                             "switch those off with rotary_ratio=0.0")
         self.attention_kinds = kinds
+        self.pos_embed = pos_embed
+        # every variant keeps the weights the package built for its dense layers
         for block, kind in enumerate(kinds):
-            if kind == "local":  # same weights as the dense layer the package built
+            if kind == "local":
                 self.sga_layers[block] = LocalSpatialGroupingAttention.from_layer(self.sga_layers[block],
                                                                                   **(local_window or {}))
+        if pos_embed == "absolute":
+            self.init_proj = AbsolutePositionConv.from_conv(self.init_proj, abs_ref_size)
+        for block, kind in enumerate(kinds):
+            if kind == "mha":
+                StandardMHAGrouping.from_layer(self.sga_layers[block])
         self.scales = tuple(tuple(float(s) for s in to_tuple(scale, spatial_dims)) for scale in scales)
         if not self.scales or any(not 0 < s <= 1 for scale in self.scales for s in scale):
             raise ValueError(f"scales must be in (0, 1], one per pyramid level, got {scales!r}")
         self.feature_info = [
-            FeatureInfo(name=f"level{level}_block{block}", level=level, block=block, channels=feature_dims,
-                        stride=tuple(_integral(s ** (block + 1) / sc) for s, sc in zip(self.stride, scale)))
+            RATFeatureInfo(name=f"level{level}_block{block}", level=level, block=block, channels=feature_dims,
+                           stride=tuple(_integral(s ** (block + 1) / sc) for s, sc in zip(self.stride, scale)))
             for level, scale in enumerate(self.scales) for block in range(num_blocks)
         ]
 
@@ -172,6 +171,23 @@ class RATBackbone(ResolutionAwareTransformer):
     @spacing.setter
     def spacing(self, value: Union[float, Sequence[float]]) -> None:
         self._default_spacing = tuple(float(s) for s in to_tuple(value, self.spatial_dims))
+
+    def resolve_out_features(self, wanted=None, arg: str = "out_features") -> Tuple[str, ...]:
+        """Names of the maps an adapter returns, in order.
+
+        ``wanted``: None or ``"all"`` (every map, level-major: ``level0_block0, level0_block1,
+        ..., level1_block0, ...``), ``"by_stride"`` (every map, finest stride first, ties finer
+        level first: the fine-to-coarse order UPerHead and FPN expect), or names / 0-based indices
+        into :attr:`feature_info`. ``arg`` names the adapter's argument in the error message.
+        """
+        if wanted is None or wanted == "all":
+            return tuple(feature_names(self.feature_info))
+        if wanted == "by_stride":  # sorted() is stable: ties keep the level-major order
+            return tuple(info.name for info in sorted(self.feature_info, key=lambda info: math.prod(info.stride)))
+        try:
+            return resolve_out_features(self.feature_info, wanted)
+        except ValueError as e:
+            raise ValueError(f"unknown {arg} {wanted!r}: {e} (or 'all' / 'by_stride')") from None
 
     # -- inputs ---------------------------------------------------------------------------------
     def level_sizes(self, image_size: Sequence[int]) -> List[Tuple[int, ...]]:
@@ -231,7 +247,9 @@ class RATBackbone(ResolutionAwareTransformer):
 
     # -- forward --------------------------------------------------------------------------------
     def _forward_sga(self, layer, out):
-        """The package's step without its attention products (see the module docstring)."""
+        """The package's step without its attention products: it multiplies every block's (groups x
+        pixels) matrices into the previous block's (the memory of dense attention; local and
+        multi-head layers return none), and features do not use them."""
         for state in out:
             result = layer(state["x_out"], state["out_spacing"], state["out_grid_shape"], state["mask"])
             result.pop("attn_q", None)
