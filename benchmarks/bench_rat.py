@@ -7,8 +7,8 @@
    next to ``LocalSpatialGroupingAttention`` (rat_plugins, default window = the 7x7 strider
    kernel), forward under ``torch.no_grad``. The dense layer runs only where its estimated peak
    (5 (heads x groups x pixels) float32 matrices) fits ``--dense-max-gb``.
-2. A 2-block, 128-dim ``ResolutionAwareTransformer`` (the package's model, its grouping layers
-   swapped for local ones) forward on a 3-channel ``--rat-size`` image.
+2. A 2-block, 128-dim ``RATBackbone`` (the package's model; package-default grouping kernel 7 and
+   stride 3, ``attention='local'``) forward on a 3-channel ``--rat-size`` image.
 
 Each case runs in its own subprocess, so its memory is its own: "peak RSS" is the process's
 ``ru_maxrss`` (everything: Python, torch, weights, input), "added" is that peak minus the RSS just
@@ -67,15 +67,11 @@ def run_layer_case(impl, size, repeats, warmup):
 
 
 def run_rat_case(size, repeats, warmup):
-    from resolution_aware_transformer import ResolutionAwareTransformer
-
-    from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
+    from rat_plugins.models.rat_backbone import RATBackbone
 
     torch.manual_seed(0)
-    model = ResolutionAwareTransformer(spatial_dims=2, input_features=3, feature_dims=128, num_blocks=2,
-                                       num_heads=16, iters=3).eval()
-    for i, layer in enumerate(model.sga_layers):
-        model.sga_layers[i] = LocalSpatialGroupingAttention.from_layer(layer)
+    model = RATBackbone(spatial_dims=2, input_features=3, feature_dims=128, num_blocks=2, num_heads=16, iters=3,
+                        sga_kernel_size=7, stride=3, attention="local").eval()
     spent = {"grouping": 0.0, "multi-res attention": 0.0}
 
     def clock(kind):
@@ -181,7 +177,7 @@ def main():
 
     if args.rat_size:
         size = args.rat_size
-        print(f"\n== ResolutionAwareTransformer, 2 blocks, dim 128, 16 heads, grouping kernel 7 / stride 3, "
+        print(f"\n== RATBackbone, 2 blocks, dim 128, 16 heads, grouping kernel 7 / stride 3, "
               f"local grouping attention, {size}x{size}x3 input, batch 1, forward (no grad) ==")
         rat = spawn("rat", size, 1, 0, args.threads)
         if "error" in rat:
