@@ -489,7 +489,7 @@ def test_fused_mixer_matches_step_by_step_reference(L, variant):
     h = torch.randn(3, L, E, generator=torch.Generator().manual_seed(L))
     with torch.no_grad():
         out = mixer(h)
-    assert mixer._fused_cache is not None, "the fused path did not run"
+    assert mixer._fused_cpu.cache is not None, "the fused path did not run"
     for b in range(3):
         expected = ref_mixer(h[b].double(), p, variant.get("if_divide_out", True), p.get("gamma"))
         assert torch.allclose(out[b].double(), expected, rtol=1e-5, atol=1e-5), (out[b] - expected).abs().max()
@@ -514,10 +514,10 @@ def test_fused_path_only_without_autograd_and_its_cache_follows_the_parameters(m
     img = torch.randn(2, 3, 32, 32)
     # with autograd the unfused, differentiable path runs and the cache is never built
     model(img).sum().backward()
-    assert mixer._fused_cache is None and mixer.A_b_log.grad is not None
+    assert mixer._fused_cpu.cache is None and mixer.A_b_log.grad is not None
     with torch.no_grad():
         first = model(img)
-    assert mixer._fused_cache is not None
+    assert mixer._fused_cpu.cache is not None
     # an optimizer-style in-place update and a load_state_dict must both reach the fused path
     with torch.no_grad():
         mixer.x_proj_b.weight.mul_(1.5)
@@ -538,7 +538,7 @@ def test_fused_path_only_without_autograd_and_its_cache_follows_the_parameters(m
     slow = BiMambaV2(d_model=E, d_state=16, use_fast_path=False).eval()
     with torch.no_grad():
         slow(torch.randn(1, 4, E))
-    assert slow._fused_cache is None
+    assert slow._fused_cpu.cache is None
     assert torch.allclose(updated, plain_updated, rtol=1e-5, atol=1e-6)
     assert torch.allclose(loaded, plain_loaded, rtol=1e-5, atol=1e-6)
 

@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
 
-from .ops.selective_scan import backend_for, load_cpp_extension, selective_scan
+from .ops.bimamba_fused import FusedBiMambaCPU
+from .ops.selective_scan import selective_scan
 
 __all__ = [
     "RMSNorm",
@@ -145,11 +146,8 @@ class BiMambaV2(nn.Module):
     with ``if_divide_out``), times ``gamma`` with layer scale. Both directions run as one scan
     call with two groups of B / C.
 
-    Without autograd on a CPU with the C++ scan kernel (a frozen backbone, inference), float32
-    and ``d_state`` 16, the mixer runs fused in the token-major layout of the linear layers: one
-    kernel for both directions' conv + silu, one batched matmul for x_proj, one kernel for both
-    directions' dt_proj + gated scan, the backward direction scanned from the end in place (no
-    flip, cat or transpose). The stacked parameters it reads are cached until a parameter changes.
+    Without autograd on a CPU (a frozen backbone, inference), float32 and ``d_state`` 16, the
+    mixer runs fused (:class:`rat_plugins.models.ops.bimamba_fused.FusedBiMambaCPU`).
 
     Args:
         d_model: token width. d_state, d_conv, expand, dt_rank: SSM sizes (16, 4, 2, "auto" =
@@ -194,7 +192,7 @@ class BiMambaV2(nn.Module):
         self.D_b = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.D_b._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
-        self._fused_cache = None  # (parameter versions, stacked tensors) of the fused CPU path
+        self._fused_cpu = FusedBiMambaCPU()
 
     def _conv(self, conv_bias, fk):
         return nn.Conv1d(self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
@@ -220,62 +218,10 @@ class BiMambaV2(nn.Module):
         proj.bias._no_reinit = True
         return proj
 
-    def _fused_kernels(self, hidden_states: torch.Tensor):
-        """The C++ extension when the fused inference path applies to this call, else None."""
-        if not self.use_fast_path or hidden_states.device.type != "cpu":
-            return None
-        if self.d_state != 16 or self.d_inner % 16:
-            return None
-        grad = torch.is_grad_enabled()
-        if hidden_states.dtype != torch.float32 or (grad and hidden_states.requires_grad):
-            return None
-        if any(p.dtype != torch.float32 or (grad and p.requires_grad) for p in self.parameters()):
-            return None
-        return load_cpp_extension() if backend_for(hidden_states) == "cpp" else None
-
-    def _fused_params(self):
-        """Both directions' parameters stacked as the fused kernels read them, cached: the key is
-        each parameter's storage and version counter, which in-place updates (optimizer steps,
-        ``load_state_dict``) and ``.to()`` change."""
-        pairs = ((self.conv1d.weight, self.conv1d_b.weight), (self.conv1d.bias, self.conv1d_b.bias),
-                 (self.x_proj.weight, self.x_proj_b.weight), (self.dt_proj.weight, self.dt_proj_b.weight),
-                 (self.dt_proj.bias, self.dt_proj_b.bias), (self.A_log, self.A_b_log), (self.D, self.D_b))
-        key = tuple((p.data_ptr(), p._version) for pair in pairs for p in pair if p is not None)
-        if self._fused_cache is None or self._fused_cache[0] != key:
-            conv_w, conv_b, x_w, dt_w, dt_b, a_log, d = pairs
-            with torch.no_grad():
-                tensors = (
-                    torch.stack(conv_w)[:, :, 0, :].transpose(1, 2).contiguous(),  # [2, d_conv, d_inner]
-                    torch.stack(conv_b).contiguous() if conv_b[0] is not None
-                    else conv_w[0].new_zeros(2, self.d_inner),
-                    torch.stack(x_w).transpose(1, 2).contiguous(),  # [2, d_inner, dt_rank + 2 state]
-                    torch.stack(dt_w).transpose(1, 2).contiguous(),  # [2, dt_rank, d_inner]
-                    -torch.exp(torch.stack(a_log)).transpose(1, 2).contiguous(),  # A: [2, state, d_inner]
-                    torch.stack(d).contiguous(),
-                    torch.stack(dt_b).contiguous(),
-                )
-            self._fused_cache = (key, tensors)
-        return self._fused_cache[1]
-
-    def _forward_fused(self, hidden_states: torch.Tensor, ext) -> torch.Tensor:
-        b, L, _ = hidden_states.shape
-        conv_w, conv_b, x_w, dt_w, A, D, dt_b = self._fused_params()
-        xz = self.in_proj(hidden_states).contiguous()  # [b, L, 2 d_inner]: x | z
-        u = xz.new_empty(2, b, L, self.d_inner)
-        ext.bimamba_conv_silu(xz, conv_w, conv_b, u)
-        dbl = torch.bmm(u.view(2, b * L, self.d_inner), x_w)  # [2, b L, dt_rank + 2 state]
-        y = xz.new_empty(b, L, self.d_inner)
-        ext.bimamba_scan(xz, u, dbl, dt_w, A, D, dt_b, y, 0.5 if self.if_divide_out else 1.0)
-        out = self.out_proj(y)
-        if self.init_layer_scale is not None:
-            out = out * self.gamma
-        return out
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [batch, L, d_model] -> [batch, L, d_model]."""
-        ext = self._fused_kernels(hidden_states)
-        if ext is not None:
-            return self._forward_fused(hidden_states, ext)
+        if self._fused_cpu.applies(self, hidden_states):
+            return self._fused_cpu(self, hidden_states)
         _, L, _ = hidden_states.shape
         xz = self.in_proj(hidden_states).transpose(1, 2)  # [b, 2 * d_inner, L]
         x, z = xz.chunk(2, dim=1)

@@ -1,0 +1,81 @@
+"""Fused CPU inference path of ViM's bidirectional Mamba mixer (:class:`rat_plugins.models.vim.BiMambaV2`).
+
+Without autograd, in float32 with ``d_state`` 16 and the C++ scan kernel available, the mixer runs
+in the token-major layout of its linear layers: one kernel for both directions' conv + silu, one
+batched matmul for ``x_proj``, one kernel for both directions' ``dt_proj`` + gated scan, the
+backward direction scanned from the end in place (no flip, cat or transpose). The kernels live in
+``csrc/selective_scan.cpp``; the same numbers as the unfused mixer, to float32 rounding.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .selective_scan import backend_for, load_cpp_extension
+
+__all__ = ["FusedBiMambaCPU"]
+
+
+class FusedBiMambaCPU:
+    """The fused path of one mixer, with the stacked parameters its kernels read cached.
+
+    The cache key is each parameter's storage and version counter, which in-place updates
+    (optimizer steps, ``load_state_dict``) and ``.to()`` change. A plain object, not a module: the
+    mixer's state dict and parameters are unchanged.
+    """
+
+    def __init__(self):
+        self.cache: Optional[Tuple[tuple, Tuple[torch.Tensor, ...]]] = None
+
+    @staticmethod
+    def applies(mixer: nn.Module, hidden_states: torch.Tensor) -> bool:
+        """Whether this call of ``mixer`` can run fused (builds the C++ kernel on first use)."""
+        if not mixer.use_fast_path or hidden_states.device.type != "cpu":
+            return False
+        if mixer.d_state != 16 or mixer.d_inner % 16:
+            return False
+        grad = torch.is_grad_enabled()
+        if hidden_states.dtype != torch.float32 or (grad and hidden_states.requires_grad):
+            return False
+        if any(p.dtype != torch.float32 or (grad and p.requires_grad) for p in mixer.parameters()):
+            return False
+        return backend_for(hidden_states) == "cpp"
+
+    def params(self, mixer: nn.Module) -> Tuple[torch.Tensor, ...]:
+        """Both directions' parameters, stacked in the layouts the kernels read."""
+        m = mixer
+        pairs = ((m.conv1d.weight, m.conv1d_b.weight), (m.conv1d.bias, m.conv1d_b.bias),
+                 (m.x_proj.weight, m.x_proj_b.weight), (m.dt_proj.weight, m.dt_proj_b.weight),
+                 (m.dt_proj.bias, m.dt_proj_b.bias), (m.A_log, m.A_b_log), (m.D, m.D_b))
+        key = tuple((p.data_ptr(), p._version) for pair in pairs for p in pair if p is not None)
+        if self.cache is None or self.cache[0] != key:
+            conv_w, conv_b, x_w, dt_w, dt_b, a_log, d = pairs
+            with torch.no_grad():
+                tensors = (
+                    torch.stack(conv_w)[:, :, 0, :].transpose(1, 2).contiguous(),  # [2, d_conv, d_inner]
+                    torch.stack(conv_b).contiguous() if conv_b[0] is not None
+                    else conv_w[0].new_zeros(2, m.d_inner),
+                    torch.stack(x_w).transpose(1, 2).contiguous(),  # [2, d_inner, dt_rank + 2 state]
+                    torch.stack(dt_w).transpose(1, 2).contiguous(),  # [2, dt_rank, d_inner]
+                    -torch.exp(torch.stack(a_log)).transpose(1, 2).contiguous(),  # A: [2, state, d_inner]
+                    torch.stack(d).contiguous(),
+                    torch.stack(dt_b).contiguous(),
+                )
+            self.cache = (key, tensors)
+        return self.cache[1]
+
+    def __call__(self, mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``mixer(hidden_states)`` fused; call only where :meth:`applies` is True."""
+        ext = load_cpp_extension()
+        b, L, _ = hidden_states.shape
+        conv_w, conv_b, x_w, dt_w, A, D, dt_b = self.params(mixer)
+        xz = mixer.in_proj(hidden_states).contiguous()  # [b, L, 2 d_inner]: x | z
+        u = xz.new_empty(2, b, L, mixer.d_inner)
+        ext.bimamba_conv_silu(xz, conv_w, conv_b, u)
+        dbl = torch.bmm(u.view(2, b * L, mixer.d_inner), x_w)  # [2, b L, dt_rank + 2 state]
+        y = xz.new_empty(b, L, mixer.d_inner)
+        ext.bimamba_scan(xz, u, dbl, dt_w, A, D, dt_b, y, 0.5 if mixer.if_divide_out else 1.0)
+        out = mixer.out_proj(y)
+        if mixer.init_layer_scale is not None:
+            out = out * mixer.gamma
+        return out
