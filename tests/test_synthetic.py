@@ -1,4 +1,5 @@
 """The synthetic dataset generators: exact layouts, determinism, imperfections, signal, CLI."""
+
 import hashlib
 import json
 import os
@@ -90,8 +91,20 @@ def test_refuses_non_empty_folder_and_overwrite_keeps_foreign_files(tmp_path):
 
 def test_cli_writes_and_prints_one_json_line(tmp_path):
     out = tmp_path / "coco"
-    cmd = [sys.executable, "-m", "rat_plugins.data.synthetic", "heads", "--out", str(out), "--n", "4",
-           "--size", "64", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rat_plugins.data.synthetic",
+        "heads",
+        "--out",
+        str(out),
+        "--n",
+        "4",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -147,10 +160,16 @@ def _heads_stats(doc):
     h = {im["id"]: im["height"] for im in doc["images"]}
     degenerate = [a for a in doc["annotations"] if a["bbox"][2] <= 0 or a["bbox"][3] <= 0]
     outside = [
-        a for a in doc["annotations"]
-        if a["bbox"][2] > 0 and a["bbox"][3] > 0 and (
-            a["bbox"][0] < 0 or a["bbox"][1] < 0
-            or a["bbox"][0] + a["bbox"][2] > w[a["image_id"]] or a["bbox"][1] + a["bbox"][3] > h[a["image_id"]])
+        a
+        for a in doc["annotations"]
+        if a["bbox"][2] > 0
+        and a["bbox"][3] > 0
+        and (
+            a["bbox"][0] < 0
+            or a["bbox"][1] < 0
+            or a["bbox"][0] + a["bbox"][2] > w[a["image_id"]]
+            or a["bbox"][1] + a["bbox"][3] > h[a["image_id"]]
+        )
     ]
     empty = set(w) - {a["image_id"] for a in doc["annotations"]}
     return degenerate, outside, empty
@@ -197,9 +216,12 @@ def test_heads_boxes_are_tight_around_hair_capped_faces(made):
 def test_isic_layout_masks_and_signal(made):
     root, summary = made("isic")
     expected = {
-        "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth",
-        "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth",
-        "ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth",
+        "ISIC2018_Task1-2_Training_Input",
+        "ISIC2018_Task1_Training_GroundTruth",
+        "ISIC2018_Task1-2_Validation_Input",
+        "ISIC2018_Task1_Validation_GroundTruth",
+        "ISIC2018_Task1-2_Test_Input",
+        "ISIC2018_Task1_Test_GroundTruth",
     }
     assert {p.name for p in root.iterdir()} == expected
     ids, sizes, contrasts = [], [], []
@@ -237,11 +259,18 @@ def test_fundus_raw_drive_layout(made):
     files = set(_tree(root))
     expected = set()
     for i in (21, 22):
-        expected |= {f"training/images/{i}_training.tif", f"training/1st_manual/{i}_manual1.gif",
-                     f"training/mask/{i}_training_mask.gif"}
+        expected |= {
+            f"training/images/{i}_training.tif",
+            f"training/1st_manual/{i}_manual1.gif",
+            f"training/mask/{i}_training_mask.gif",
+        }
     for i in ("01", "02"):
-        expected |= {f"test/images/{i}_test.tif", f"test/1st_manual/{i}_manual1.gif",
-                     f"test/mask/{i}_test_mask.gif", f"test/2nd_manual/{i}_manual2.gif"}
+        expected |= {
+            f"test/images/{i}_test.tif",
+            f"test/1st_manual/{i}_manual1.gif",
+            f"test/mask/{i}_test_mask.gif",
+            f"test/2nd_manual/{i}_manual2.gif",
+        }
     assert files == expected
     for split, idx in (("training", "21"), ("test", "01")):
         img = Image.open(root / split / "images" / f"{idx}_{split}.tif")
@@ -269,7 +298,7 @@ def test_fundus_mmseg_layout_pairs_as_drive_dataset_does(made):
         assert imgs == [f"{i}.png" for i in ids]
         anns = {p.name for p in (root / "annotations" / mm).iterdir()}
         for name in imgs:  # mmseg DRIVEDataset: img_suffix '.png', seg_map_suffix '_manual1.png'
-            seg = f"{name[:-len('.png')]}_manual1.png"
+            seg = f"{name[: -len('.png')]}_manual1.png"
             assert seg in anns
             lab_img = Image.open(root / "annotations" / mm / seg)
             assert lab_img.mode == "L"
@@ -292,10 +321,13 @@ def test_events_rvt_layout_and_label_indexing(made):
     assert sorted(p.name for p in root.iterdir()) == ["test", "train", "val"]
     assert all(len(v) == 1 for v in seqs.values())
     frames, (hh, ww) = 8, (32, 32)
-    for split, (seq,) in seqs.items():
+    for (seq,) in seqs.values():
         ev = seq / "event_representations_v2" / "stacked_histogram_dt=50_nbins=10"
         assert sorted(p.name for p in ev.iterdir()) == [
-            "event_representations_ds2_nearest.h5", "objframe_idx_2_repr_idx.npy", "timestamps_us.npy"]
+            "event_representations_ds2_nearest.h5",
+            "objframe_idx_2_repr_idx.npy",
+            "timestamps_us.npy",
+        ]
         assert sorted(p.name for p in (seq / "labels_v2").iterdir()) == ["labels.npz", "timestamps_us.npy"]
         with h5py.File(ev / "event_representations_ds2_nearest.h5", "r") as f:
             assert list(f.keys()) == ["data"]
@@ -308,8 +340,18 @@ def test_events_rvt_layout_and_label_indexing(made):
         npz = np.load(seq / "labels_v2" / "labels.npz")
         assert sorted(npz.files) == ["labels", "objframe_idx_2_label_idx"]
         labels, o2l = npz["labels"], npz["objframe_idx_2_label_idx"]
-        assert labels.dtype == np.dtype([("t", "<u8"), ("x", "<f4"), ("y", "<f4"), ("w", "<f4"), ("h", "<f4"),
-                                         ("class_id", "u1"), ("class_confidence", "<f4"), ("track_id", "<u4")])
+        assert labels.dtype == np.dtype(
+            [
+                ("t", "<u8"),
+                ("x", "<f4"),
+                ("y", "<f4"),
+                ("w", "<f4"),
+                ("h", "<f4"),
+                ("class_id", "u1"),
+                ("class_confidence", "<f4"),
+                ("track_id", "<u4"),
+            ]
+        )
         assert o2r.dtype == o2l.dtype == np.int64
         frame_ts = np.load(seq / "labels_v2" / "timestamps_us.npy")
         assert frame_ts.dtype == np.int64
@@ -319,7 +361,7 @@ def test_events_rvt_layout_and_label_indexing(made):
         assert len(np.unique(labels["t"])) == len(o2l)  # what RVT's label factory asserts
         bounds = list(o2l) + [len(labels)]
         for k, r in enumerate(o2r):
-            rows = labels[bounds[k]:bounds[k + 1]]
+            rows = labels[bounds[k] : bounds[k + 1]]
             assert np.all(rows["t"] == ts[r]) and frame_ts[k] == ts[r]
         # RVT-preprocessed labels: sensor pixels (2x the histogram), cropped to the sensor, sides >= 5
         sw, sh = summary["sensor_hw"][1], summary["sensor_hw"][0]
@@ -344,10 +386,10 @@ def test_events_are_on_the_labelled_objects(made):
     for k, r in enumerate(o2r):
         counts = data[r].sum(0)
         region = np.zeros(counts.shape, bool)
-        for row in labels[bounds[k]:bounds[k + 1]]:  # halve to histogram pixels, pad for motion
+        for row in labels[bounds[k] : bounds[k + 1]]:  # halve to histogram pixels, pad for motion
             x0, y0 = int(row["x"] / 2) - 3, int(row["y"] / 2) - 3
             x1, y1 = int((row["x"] + row["w"]) / 2) + 4, int((row["y"] + row["h"]) / 2) + 4
-            region[max(y0, 0):y1, max(x0, 0):x1] = True
+            region[max(y0, 0) : y1, max(x0, 0) : x1] = True
         inside += counts[region].sum()
         total += counts.sum()
     assert total > 0 and inside / total > 0.6
@@ -364,12 +406,17 @@ def test_coco2017_layout_and_annotations(made):
     root, summary = made("coco")
     assert sorted(p.name for p in root.iterdir()) == ["annotations", "train2017", "val2017"]
     assert sorted(p.name for p in (root / "annotations").iterdir()) == [
-        "instances_train2017.json", "instances_val2017.json"]
+        "instances_train2017.json",
+        "instances_val2017.json",
+    ]
     train_ids = set()
     for split, count in (("train2017", 3), ("val2017", 3)):
         coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
         assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [
-            (1, "person"), (3, "car"), (18, "dog")]
+            (1, "person"),
+            (3, "car"),
+            (18, "dog"),
+        ]
         imgs = coco.loadImgs(coco.getImgIds())
         assert len(imgs) == count
         assert {im["file_name"] for im in imgs} == {p.name for p in (root / split).iterdir()}
@@ -384,7 +431,7 @@ def test_coco2017_layout_and_annotations(made):
         crowd = [a for a in anns if a["iscrowd"] == 1]
         assert crowd and all(isinstance(a["segmentation"], dict) for a in crowd)
         areas = [a["area"] for a in anns if a["iscrowd"] == 0]
-        assert min(areas) < 32 ** 2 and any(32 ** 2 <= a < 96 ** 2 for a in areas) and max(areas) >= 96 ** 2
+        assert min(areas) < 32**2 and any(32**2 <= a < 96**2 for a in areas) and max(areas) >= 96**2
         for a in anns:
             mask = coco.annToMask(a)
             assert abs(mask.sum() - a["area"]) <= 0.15 * a["area"] + 20
