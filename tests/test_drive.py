@@ -1,4 +1,5 @@
 """Raw DRIVE -> mmseg layout (rat_plugins.data.drive, tools/convert_drive.py), on files made here."""
+
 import json
 import shutil
 import sys
@@ -6,11 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cmd
 from PIL import Image
 
 from rat_plugins.data.drive import DriveLayoutError, convert_drive
 from rat_plugins.data.synthetic import make_fundus
+
+from conftest import REPO, run_cmd
 
 
 def _files(root):
@@ -118,7 +120,9 @@ def test_cli(raw, tmp_path):
     proc = run_cmd([sys.executable, str(REPO / "tools/convert_drive.py"), str(raw), "--out", str(tmp_path / "o")])
     summary = json.loads(proc.stdout)
     assert summary["splits"]["training"]["annotations"] == 2
-    proc = run_cmd([sys.executable, str(REPO / "tools/convert_drive.py"), str(tmp_path / "o"), "--out",
-                    str(tmp_path / "p")], check=False)
+    proc = run_cmd(
+        [sys.executable, str(REPO / "tools/convert_drive.py"), str(tmp_path / "o"), "--out", str(tmp_path / "p")],
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1

@@ -6,6 +6,7 @@
 
 Prints a one-line JSON summary; exit status 2 with one error line when the input is not raw DRIVE.
 """
+
 import sys
 
 from rat_plugins.data.drive import main

@@ -1,32 +1,20 @@
 """Raw DRIVE -> the layout mmseg's ``DRIVEDataset`` reads (numpy + Pillow only, no framework).
 
-Input, the layout of the DRIVE download (a folder, or the ``training.zip`` / ``test.zip`` /
-``DRIVE.zip`` archives; a single top folder such as ``DRIVE/`` is looked through)::
-
-    training/images/21_training.tif   training/1st_manual/21_manual1.gif   training/mask/21_training_mask.gif
-    test/images/01_test.tif           test/1st_manual/01_manual1.gif       test/mask/01_test_mask.gif
-                                      test/2nd_manual/01_manual2.gif  (optional)
-
-Output, what mmseg's ``tools/dataset_converters/drive.py`` writes (``training`` -> ``training``,
-``test`` -> ``validation``)::
-
-    images/training/21.png            annotations/training/21_manual1.png     (0 background, 1 vessel)
-    images/validation/01.png          annotations/validation/01_manual1.png
-                                      annotations/validation/01_manual2.png   (second observer)
-
-Annotations are thresholded at 128 as mmseg's converter does. The field-of-view masks are checked
-(size) and, with ``fov_ignore=True``, pixels outside the field of view are written as 255 (mmseg's
-``ignore_index``), so the loss and the metrics count only the field of view as the DRIVE protocol
-does; by default labels stay 0/1 everywhere, exactly as mmseg's converter writes them.
-
-Every file is written atomically (temporary file in the same folder, then ``os.replace``).
+Reads the DRIVE download (a folder, or ``training.zip`` / ``test.zip`` / ``DRIVE.zip``; a single
+top folder such as ``DRIVE/`` is looked through) and writes what mmseg's
+``tools/dataset_converters/drive.py`` writes: ``training`` -> ``images/training/21.png`` +
+``annotations/training/21_manual1.png`` (0 / 1, thresholded at 128), ``test`` -> ``validation``,
+with the second observer as ``*_manual2.png``. Both layouts: docs/formats.md, DRIVE / fundus.
+With ``fov_ignore=True`` pixels outside the field of view become 255 (mmseg's ``ignore_index``),
+so loss and metrics count only the field of view, as the DRIVE protocol does. Every input file is
+checked before anything is written; writes are atomic.
 
     python tools/convert_drive.py path/to/DRIVE [--out datasets/fundus/drive_mmseg] [--fov-ignore] [--overwrite]
 """
+
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -41,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..utils.atomic import atomic_write_bytes
 from .paths import dataset_root
 
 __all__ = ["convert_drive", "find_drive_root", "DriveLayoutError", "main", "SPLITS", "IGNORE_INDEX"]
@@ -55,19 +44,10 @@ class DriveLayoutError(ValueError):
     """The input is not (or not completely) in the raw DRIVE layout."""
 
 
-def _atomic_png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        buf = io.BytesIO()
-        Image.fromarray(arr, "RGB" if arr.ndim == 3 else "L").save(buf, format="PNG")
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB" if arr.ndim == 3 else "L").save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -90,8 +70,10 @@ def find_drive_root(folder: Union[str, os.PathLike]) -> Path:
     for c in candidates:
         if any((c / s / "images").is_dir() for s in SPLITS):
             return c
-    raise DriveLayoutError(f"'{folder}' is not a raw DRIVE folder: expected training/images/ or test/images/ "
-                           "in it or in one of its subfolders")
+    raise DriveLayoutError(
+        f"'{folder}' is not a raw DRIVE folder: expected training/images/ or test/images/ "
+        "in it or in one of its subfolders"
+    )
 
 
 def _size(path: Path):
@@ -117,8 +99,9 @@ def _plan_split(root: Path, split: str, fov_ignore: bool):
         if not fov_path.is_file():
             fov_path = None
             if fov_ignore:
-                problems.append(f"{src / 'mask' / f'{idx}_{split}_mask.gif'}: field-of-view mask missing "
-                                "(needed by fov_ignore)")
+                problems.append(
+                    f"{src / 'mask' / f'{idx}_{split}_mask.gif'}: field-of-view mask missing (needed by fov_ignore)"
+                )
         labels = {}
         for folder, suffix in (("1st_manual", "manual1"), ("2nd_manual", "manual2")):
             p = src / folder / f"{idx}_{suffix}.gif"
@@ -142,13 +125,13 @@ def _write_split(split: str, plan, has_manual: bool, out: Path, fov_ignore: bool
     for idx, img_path, fov_path, labels in plan:
         rgb = _read_rgb(img_path)
         fov = _read_binary(fov_path) if fov_path is not None else np.ones(rgb.shape[:2], bool)
-        _atomic_png(out / "images" / mm / f"{idx}.png", rgb)
+        _write_png(out / "images" / mm / f"{idx}.png", rgb)
         stats["images"] += 1
         for suffix, path in labels.items():
             label = _read_binary(path).astype(np.uint8)
             if fov_ignore:
                 label[~fov] = IGNORE_INDEX
-            _atomic_png(out / "annotations" / mm / f"{idx}_{suffix}.png", label)
+            _write_png(out / "annotations" / mm / f"{idx}_{suffix}.png", label)
             if suffix == "manual1":
                 stats["annotations"] += 1
                 fracs.append(float((label == 1).sum()) / max(1.0, float(fov.sum())))
@@ -191,8 +174,10 @@ def convert_drive(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"refusing to write into non-empty folder '{out}'; pass --overwrite "
-                              f"(overwrite=True) to replace its {', '.join(_OWNED)}")
+        raise FileExistsError(
+            f"refusing to write into non-empty folder '{out}'; pass --overwrite "
+            f"(overwrite=True) to replace its {', '.join(_OWNED)}"
+        )
     with tempfile.TemporaryDirectory(prefix="drive-") as tmp:
         roots: List[Path] = []
         for i, s in enumerate(sources):
@@ -226,13 +211,20 @@ def convert_drive(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convert_drive.py",
-        description="Convert raw DRIVE (folder or training.zip / test.zip) to mmseg's DRIVEDataset layout.")
+        description="Convert raw DRIVE (folder or training.zip / test.zip) to mmseg's DRIVEDataset layout.",
+    )
     parser.add_argument("src", nargs="+", help="DRIVE folder or zip archive(s)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: <dataset root>/fundus/drive_mmseg, the dataset root being "
-                             "$RAT_DATASETS, else $DETECTRON2_DATASETS, else ./datasets)")
-    parser.add_argument("--fov-ignore", action="store_true",
-                        help="label pixels outside the field of view 255 (ignored in loss and metrics)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: <dataset root>/fundus/drive_mmseg, the dataset root being "
+        "$RAT_DATASETS, else $DETECTRON2_DATASETS, else ./datasets)",
+    )
+    parser.add_argument(
+        "--fov-ignore",
+        action="store_true",
+        help="label pixels outside the field of view 255 (ignored in loss and metrics)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace images/ and annotations/ in --out")
     args = parser.parse_args(argv)
     out = args.out or str(dataset_root() / "fundus" / "drive_mmseg")

@@ -1,4 +1,5 @@
 """Where datasets live: one root for every loader, like detectron2's ``DETECTRON2_DATASETS``."""
+
 import os
 from pathlib import Path
 
