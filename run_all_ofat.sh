@@ -23,7 +23,8 @@ stop_started_runs() {
     [ -f "$pidfile" ] || continue
     pid="$(cat "$pidfile")"
     # only a live process that is one of ours (guards against a recycled PID)
-    if kill -0 "$pid" 2>/dev/null && grep -qaE "run_single_ofat|lazyconfig_train_net|run_all_ofat" "/proc/$pid/cmdline" 2>/dev/null; then
+    if kill -0 "$pid" 2>/dev/null &&
+        grep -qaE "run_single_ofat|lazyconfig_train_net|run_all_ofat" "/proc/$pid/cmdline" 2>/dev/null; then
       [ "$pid" = "$$" ] && continue
       echo "stopping pid $pid ($pidfile)"
       pkill -TERM -P "$pid" 2>/dev/null  # its children (the training process)
@@ -69,7 +70,8 @@ done
 rm -f "$WORK/.run_all_ofat.pid"
 echo
 echo "OFAT summary: ${#finished[@]} finished now, ${#skipped[@]} finished before, ${#failed[@]} failed"
-for n in "${finished[@]}"; do echo "  finished: $n"; done
-for n in "${skipped[@]}"; do echo "  finished before: $n"; done
-for n in "${failed[@]}"; do echo "  FAILED:   $n  (log: $WORK/ofat_${n}${SUFFIX}/run.log)"; done
+# ${a[@]+"${a[@]}"}: an empty array expands to nothing (bash < 4.4 calls it unbound under set -u)
+for n in ${finished[@]+"${finished[@]}"}; do echo "  finished: $n"; done
+for n in ${skipped[@]+"${skipped[@]}"}; do echo "  finished before: $n"; done
+for n in ${failed[@]+"${failed[@]}"}; do echo "  FAILED:   $n  (log: $WORK/ofat_${n}${SUFFIX}/run.log)"; done
 [ ${#failed[@]} -eq 0 ]

@@ -40,26 +40,11 @@ OUT="${RAT_WORK_DIRS:-$REPO/work_dirs}/ofat_$NAME"
 OVERRIDES=()
 if [ "$QUICK" = 1 ]; then
   OUT="${OUT}_quick"
-  # Smoke schedule on small images with a CPU-sized pyramid and RoI stage: 64 channels in the
-  # feature pyramid, RPN and box heads, fewer RoIs per image (the 4-conv, 256-wide heads over 512
-  # RoIs per image take ~40 s a step on 2 cores; 64 pyramid channels halve a 128 px step again).
-  # No pretrained ViM weights can be assumed here: the backbone starts from random
-  # weights (kept frozen) unless ckpts/vim_tiny_pretrained.pth exists; the fixed seed makes that
-  # random backbone the same in every quick run, so they share the frozen-feature cache.
-  OVERRIDES+=(dataloader.image_size=${RAT_QUICK_IMAGE_SIZE:-128} train.epochs=${RAT_QUICK_EPOCHS:-24}
-              train.warmup_iters=20 dataloader.train.num_workers=0 dataloader.test.num_workers=0
-              dataloader.final_test.num_workers=0 train.log_period=5 train.seed=0
-              model.roi_heads.batch_size_per_image=32 "model.proposal_generator.post_nms_topk=[200,50]")
-  OVERRIDES+=(model.backbone.out_channels=64 model.proposal_generator.head.in_channels=64)
-  for stage in 0 1 2; do
-    OVERRIDES+=("model.roi_heads.box_heads.$stage.conv_dims=[64,64,64,64]"
-                "model.roi_heads.box_heads.$stage.input_shape.channels=64")
-  done
-  if [ ! -f "$REPO/ckpts/vim_tiny_pretrained.pth" ]; then
-    echo "WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly" \
-         "initialised (frozen); figures show the machinery works, not the model's real accuracy." >&2
-    OVERRIDES+=("model.backbone.net.checkpoint=")
-  fi
+  # the quick-mode overrides are one Python list (rat_plugins.experiments.ofat.quick_overrides)
+  QUICK_LIST="$(cd "$REPO" && "$PY" -m rat_plugins.experiments.ofat quick-overrides)"
+  while IFS= read -r line; do
+    if [ -n "$line" ]; then OVERRIDES+=("$line"); fi
+  done <<<"$QUICK_LIST"
 fi
 mkdir -p "$OUT"
 RESUME=()
@@ -67,12 +52,12 @@ if [ -f "$OUT/last_checkpoint" ]; then
   echo "resuming from $(cat "$OUT/last_checkpoint") in $OUT"
   RESUME=(--resume)
 fi
-CMD=("$PY" "$REPO/tools/lazyconfig_train_net.py" --config-file "$CONFIG" "${RESUME[@]}"
-)
+# ${a[@]+"${a[@]}"}: an empty array expands to nothing (bash < 4.4 calls it unbound under set -u)
+CMD=("$PY" "$REPO/tools/lazyconfig_train_net.py" --config-file "$CONFIG" ${RESUME[@]+"${RESUME[@]}"})
 # CLI flags first, then key=value overrides (the user's last, so they win).
 FLAGS=(); KV=()
-for a in "${EXTRA[@]}"; do case "$a" in *=*) KV+=("$a") ;; *) FLAGS+=("$a") ;; esac; done
-CMD+=("${FLAGS[@]}" "${OVERRIDES[@]}" "train.output_dir=$OUT" "${KV[@]}")
+for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in *=*) KV+=("$a") ;; *) FLAGS+=("$a") ;; esac; done
+CMD+=(${FLAGS[@]+"${FLAGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"} "train.output_dir=$OUT" ${KV[@]+"${KV[@]}"})
 
 if [ "$BACKGROUND" = 1 ]; then
   nohup "${CMD[@]}" >"$OUT/run.log" 2>&1 &

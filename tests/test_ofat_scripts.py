@@ -8,9 +8,11 @@ import sys
 import time
 
 import pytest
+from test_detectron2_train import TINY
+
+from rat_plugins.experiments import demo
 
 from conftest import REPO, run_cmd
-from test_detectron2_train import TINY
 
 BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
 NAMES = ["baseline_lr0.001_bs8_adamw_ep100", "ofat_lr0.01_bs8_adamw_ep100", "ofat_lr0.005_bs8_adamw_ep100",
@@ -122,6 +124,38 @@ def test_clean_stops_only_its_own_runs_and_keeps_originals(tmp_path):
                 p.kill()
 
 
+QUICK_OVERRIDES = [  # what run_single_ofat.sh --quick passes, in this order
+    "dataloader.image_size=128", "train.epochs=24", "train.warmup_iters=20", "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0", "dataloader.final_test.num_workers=0", "train.log_period=5", "train.seed=0",
+    "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
+    "model.backbone.out_channels=64", "model.proposal_generator.head.in_channels=64",
+    *(f"model.roi_heads.box_heads.{s}.{k}" for s in range(3)
+      for k in ("conv_dims=[64,64,64,64]", "input_shape.channels=64")),
+]
+
+
+def test_quick_overrides_are_one_python_list(tmp_path, monkeypatch):
+    from rat_plugins.experiments.ofat import quick_overrides
+
+    monkeypatch.delenv("RAT_QUICK_IMAGE_SIZE", raising=False)
+    monkeypatch.delenv("RAT_QUICK_EPOCHS", raising=False)
+    absent = tmp_path / "absent.pth"
+    assert quick_overrides(pretrained=absent) == QUICK_OVERRIDES + ["model.backbone.net.checkpoint="]
+    present = tmp_path / "vim.pth"
+    present.write_bytes(b"")
+    assert quick_overrides(pretrained=present) == QUICK_OVERRIDES
+    monkeypatch.setenv("RAT_QUICK_IMAGE_SIZE", "96")
+    monkeypatch.setenv("RAT_QUICK_EPOCHS", "3")
+    assert quick_overrides(pretrained=present)[:2] == ["dataloader.image_size=96", "train.epochs=3"]
+    assert quick_overrides(64, 48, pretrained=present)[:2] == ["dataloader.image_size=64", "train.epochs=48"]
+    # the shell script reads the same list, one override per line
+    proc = run_cmd([sys.executable, "-m", "rat_plugins.experiments.ofat", "quick-overrides"],
+                   env={"RAT_QUICK_IMAGE_SIZE": "", "RAT_QUICK_EPOCHS": ""})
+    printed = proc.stdout.splitlines()
+    assert printed[:len(QUICK_OVERRIDES)] == QUICK_OVERRIDES
+    assert printed == quick_overrides(128, 24)
+
+
 def _write_run(run_dir, evals, final=None, per_epoch=2):
     run_dir.mkdir(parents=True)
     lines = [{"iteration": i, "total_loss": 3.0 - 0.1 * i, "peak_memory_mb": 100.0 + i} for i in range(6)]
@@ -153,11 +187,6 @@ def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
 
 def test_demo_loss_report_per_term():
     """make demo's summary: every loss term early vs late (the total alone can rise while learning)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rat_demo", REPO / "tools" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     records = [{"iteration": i, "loss_cls": 1.0 - 0.1 * i, "loss_box_reg": 0.1 * i,
                 "total_loss": 1.0} for i in range(10)]
     report = demo.loss_report(records, window=2).splitlines()
@@ -168,11 +197,6 @@ def test_demo_loss_report_per_term():
 
 
 def test_demo_verdict_states_each_claim():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rat_demo", REPO / "tools" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     falling = [{"iteration": i, "total_loss": 3.0 - 0.1 * i} for i in range(20)]
     rising = [{"iteration": i, "total_loss": 1.0 + 0.1 * i} for i in range(20)]
     assert demo.verdict(falling, 0.0, 5.0) == (

@@ -1,0 +1,218 @@
+"""The OFAT study (ViTDet head detection): quick-mode overrides and the results table.
+
+    python -m rat_plugins.experiments.ofat quick-overrides   # one key=value per line (run_single_ofat.sh)
+
+The summary reads ``work_dirs/ofat_*``: test mAP, AP by size, training time, best epoch (by
+validation mAP@0.5) and peak memory; missing numbers stay blank, never zero.
+"""
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from rat_plugins.utils.atomic import atomic_path, atomic_write_text
+
+from . import REPO
+
+__all__ = ["OFAT_DIR", "COLUMNS", "config_names", "quick_overrides", "summarize_run", "markdown", "summarize",
+           "summary_main"]
+
+OFAT_DIR = REPO / "projects" / "ViTDet" / "configs" / "OFAT"
+PRETRAINED_VIM = REPO / "ckpts" / "vim_tiny_pretrained.pth"
+COLUMNS = ["experiment", "status", "mAP@0.5", "mAP@0.5:0.95", "AP_small", "AP_medium", "AP_large",
+           "train_time", "best_epoch", "peak_memory_mb"]
+RANDOM_BACKBONE_WARNING = ("WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly "
+                           "initialised (frozen); figures show the machinery works, not the model's real accuracy.")
+
+
+# ----------------------------------------------------------------------------- quick mode
+def quick_overrides(image_size: Optional[int] = None, epochs: Optional[int] = None,
+                    pretrained: Path = PRETRAINED_VIM) -> List[str]:
+    """``key=value`` overrides that shrink an OFAT config to a CPU smoke run.
+
+    Small images (``RAT_QUICK_IMAGE_SIZE``, 128) for ``RAT_QUICK_EPOCHS`` (24) epochs, 64 channels
+    in the pyramid, RPN and box heads and fewer RoIs per image: the 256-wide heads over 512 RoIs
+    take ~40 s a step on 2 cores. Without ``pretrained`` the frozen backbone keeps its random
+    initialisation; the fixed seed makes it the same in every quick run, so they share the
+    frozen-feature cache.
+    """
+    image_size = image_size or os.environ.get("RAT_QUICK_IMAGE_SIZE") or 128
+    epochs = epochs or os.environ.get("RAT_QUICK_EPOCHS") or 24
+    overrides = [f"dataloader.image_size={image_size}", f"train.epochs={epochs}", "train.warmup_iters=20",
+                 "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+                 "dataloader.final_test.num_workers=0", "train.log_period=5", "train.seed=0",
+                 "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
+                 "model.backbone.out_channels=64", "model.proposal_generator.head.in_channels=64"]
+    for stage in range(3):
+        overrides += [f"model.roi_heads.box_heads.{stage}.conv_dims=[64,64,64,64]",
+                      f"model.roi_heads.box_heads.{stage}.input_shape.channels=64"]
+    if not Path(pretrained).is_file():
+        overrides.append("model.backbone.net.checkpoint=")
+    return overrides
+
+
+# ----------------------------------------------------------------------------- summary
+def config_names() -> List[str]:
+    """The OFAT config stems, the baseline first."""
+    names = sorted(p.stem for p in OFAT_DIR.glob("*.py"))
+    return sorted(names, key=lambda n: not n.startswith("baseline"))
+
+
+def read_metrics(run_dir: Path):
+    """Training losses, validation records and peak memory from detectron2's metrics.json."""
+    losses, evals, peak = [], [], None
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return losses, evals, peak
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written while we read
+        if "total_loss" in rec:
+            losses.append((rec["iteration"], rec["total_loss"]))
+        if "bbox/AP50" in rec:
+            evals.append((rec["iteration"], rec["bbox/AP50"], rec.get("bbox/AP")))
+        if "peak_memory_mb" in rec:
+            peak = max(peak or 0.0, rec["peak_memory_mb"])
+    return losses, evals, peak
+
+
+def iters_per_epoch(run_dir: Path) -> Optional[int]:
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        m = re.search(r"^\s+eval_period:\s*(\d+)", cfg.read_text(), re.M)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def training_seconds(run_dir: Path) -> Optional[float]:
+    log = run_dir / "log.txt"
+    if not log.is_file():
+        return None
+    total = 0.0
+    for h, m, s in re.findall(r"Total training time: (\d+):(\d+):(\d+)", log.read_text()):
+        total += int(h) * 3600 + int(m) * 60 + int(s)
+    return total or None
+
+
+def summarize_run(name: str, run_dir: Path) -> dict:
+    """One table row; ``_losses`` / ``_evals`` carry the curves for the plots."""
+    row = dict.fromkeys(COLUMNS, "")
+    row["experiment"] = name
+    if not run_dir.is_dir():
+        row["status"] = "missing"
+        return row
+    losses, evals, peak = read_metrics(run_dir)
+    final = run_dir / "final_metrics.json"
+    row["status"] = "finished" if final.is_file() else ("unfinished" if losses else "not started")
+    if final.is_file():
+        test = (json.loads(final.read_text()).get("test") or {}).get("bbox", {})
+        for col, key in (("mAP@0.5", "AP50"), ("mAP@0.5:0.95", "AP"), ("AP_small", "APs"),
+                         ("AP_medium", "APm"), ("AP_large", "APl")):
+            value = test.get(key)
+            row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
+    scored = [e for e in evals if e[1] == e[1]]  # NaN (nothing detected yet) never counts as best
+    if scored:
+        best_iter = max(scored, key=lambda e: e[1])[0]
+        per_epoch = iters_per_epoch(run_dir)
+        row["best_epoch"] = str(round((best_iter + 1) / per_epoch)) if per_epoch else f"iter {best_iter}"
+    seconds = training_seconds(run_dir)
+    if seconds:
+        row["train_time"] = str(datetime.timedelta(seconds=int(seconds)))
+    if peak:
+        row["peak_memory_mb"] = f"{peak:.0f}"
+    row["_losses"], row["_evals"] = losses, evals
+    return row
+
+
+def markdown(rows) -> str:
+    out = io.StringIO()
+    out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(r[c] or "—" for c in COLUMNS) + " |\n")
+    return out.getvalue()
+
+
+def to_csv(rows) -> str:
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(rows, out_dir: Path) -> None:
+    """Training loss and validation mAP@0.5 against iteration, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, ylabel, fname in (("_losses", "training loss", "ofat_loss.png"),
+                               ("_evals", "validation mAP@0.5", "ofat_val_map.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in rows:
+            series = r.get(key) or []
+            if series:
+                ax.plot([p[0] for p in series], [p[1] for p in series], label=r["experiment"])
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        try:
+            with atomic_path(out_dir / fname) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
+
+
+def summarize(work_dirs: Path, out_dir: Path) -> str:
+    """Write ``ofat_summary.{md,csv}`` and the two plots to ``out_dir``; returns the Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = config_names()
+    rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in names]
+    # quick (smoke) runs appear only when present, labelled as such
+    rows += [summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick") for n in names
+             if (work_dirs / f"ofat_{n}_quick").is_dir()]
+    table = markdown(rows)
+    atomic_write_text(out_dir / "ofat_summary.md", table)
+    atomic_write_text(out_dir / "ofat_summary.csv", to_csv(rows))
+    plot(rows, out_dir)
+    return table
+
+
+def summary_main(argv=None) -> int:
+    """``tools/summarize_ofat.py``."""
+    parser = argparse.ArgumentParser(
+        description="Fill the OFAT comparison table from work_dirs/ofat_*: Markdown, CSV and PNG plots.")
+    parser.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
+    parser.add_argument("--out", type=Path, default=None, help="where to write the table and plots")
+    args = parser.parse_args(argv)
+    out_dir = args.out or args.work_dirs
+    print(summarize(args.work_dirs, out_dir))
+    print(f"written: {out_dir / 'ofat_summary.md'}, {out_dir / 'ofat_summary.csv'}, "
+          f"{out_dir / 'ofat_loss.png'}, {out_dir / 'ofat_val_map.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rat_plugins.experiments.ofat", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["quick-overrides"])
+    parser.parse_args(argv)
+    if not PRETRAINED_VIM.is_file():
+        print(RANDOM_BACKBONE_WARNING, file=sys.stderr)
+    print("\n".join(quick_overrides()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
