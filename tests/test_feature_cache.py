@@ -10,7 +10,7 @@ from rat_plugins.models.vim import VimBackbone
 
 def tiny_vim(**kw):
     torch.manual_seed(0)
-    kw.setdefault("freeze", True)
+    kw.setdefault("frozen", True)
     return VimBackbone(embed_dim=32, depth=2, pt_hw_seq_len=4, **kw)
 
 
@@ -93,23 +93,23 @@ def test_unreadable_entry_is_recomputed(tmp_path, caplog):
         assert torch.equal(cached(x), good)
     assert "unreadable" in caplog.text
     assert torch.equal(torch.load(entry, weights_only=True)["outputs"][0].float(), good[0])
-    assert not [p for p in cache_files(tmp_path) if p.name.endswith(".tmp")]
+    assert not [p for p in cache_files(tmp_path) if ".tmp" in p.name]
 
 
 def test_a_trainable_module_is_refused(tmp_path):
     with pytest.raises(ValueError, match="frozen module"):
-        CachedFrozenForward(tiny_vim(freeze=False), tmp_path)
+        CachedFrozenForward(tiny_vim(frozen=False), tmp_path)
 
 
 def test_detectron2_backbone_uses_the_cache_only_when_frozen(tmp_path):
     from rat_plugins.detectron2.vim import ViM
 
     x = torch.randn(2, 3, 32, 32)
-    frozen = ViM(embed_dim=32, depth=2, pt_hw_seq_len=4, freeze=True, feature_cache_dir=str(tmp_path / "on"))
+    frozen = ViM(embed_dim=32, depth=2, pt_hw_seq_len=4, frozen=True, feature_cache_dir=str(tmp_path / "on"))
     out = frozen(x)["last_feat"]
     assert out.shape == (2, 32, 2, 2) and len(cache_files(tmp_path / "on")) == 2
     assert set(frozen.state_dict()) == set(frozen.net.state_dict(prefix="net."))  # keys not duplicated
-    trainable = ViM(embed_dim=32, depth=2, pt_hw_seq_len=4, freeze=False, feature_cache_dir=str(tmp_path / "off"))
+    trainable = ViM(embed_dim=32, depth=2, pt_hw_seq_len=4, frozen=False, feature_cache_dir=str(tmp_path / "off"))
     trainable(x)["last_feat"].sum().backward()
     assert not (tmp_path / "off").exists()
 
@@ -130,3 +130,19 @@ def test_several_outputs_per_image(tmp_path):
     assert isinstance(first, tuple) and len(first) == 4 and cached.cache.hits == 2
     for a, b in zip(first, second):
         assert torch.equal(a[[2, 0]], b)
+
+
+def test_named_features_keep_their_names_and_order(tmp_path):
+    net = tiny_vim()
+    cached = CachedFrozenForward(net, tmp_path, compute=net.forward_features)
+    x = torch.randn(2, 3, 32, 32)
+    first = cached(x)
+    second = cached(x)
+    assert list(first) == list(second) == ["last_feat"] and cached.cache.hits == 2
+    assert torch.equal(first["last_feat"], second["last_feat"])
+    torch.testing.assert_close(first["last_feat"], net(x), rtol=1e-3, atol=1e-3)
+    # what computes the features is part of the key: forward's entries are not read as named ones
+    plain = CachedFrozenForward(net, tmp_path)
+    assert plain.cache.root != cached.cache.root
+    assert torch.is_tensor(plain(x)) and plain.cache.misses == 2
+    assert module_fingerprint(net, method="forward_features") != module_fingerprint(net)

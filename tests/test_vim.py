@@ -1,13 +1,17 @@
-"""ViM (rat_plugins.models.vim) against a step-by-step reference written from shared/formats.md §7,
-the official key layout, DeiT-style checkpoint loading, any-size inputs, freezing."""
+"""ViM (rat_plugins.models.vim) against a step-by-step reference written from docs/formats.md
+("ViM checkpoints"): the official key layout, DeiT-style checkpoint loading, any-size inputs,
+freezing, the feature contract, the fused CPU mixer."""
 import argparse
 import logging
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from rat_plugins.models import vim as vim_module
+from rat_plugins.models.features import FeatureInfo
 from rat_plugins.models.vim import (
     VimBackbone,
     VisionMamba,
@@ -22,7 +26,7 @@ E, DEPTH, PATCH, STATE = 16, 2, 8, 4  # tiny: 16 wide (inner 32, dt_rank 1), 2 l
 
 
 # ------------------------------------------------------------------------------------------------
-# independent reference (float64, one sample, one token at a time), from formats.md section 7
+# independent reference (float64, one sample, one token at a time), from docs/formats.md
 
 
 def silu(x):
@@ -217,7 +221,7 @@ def test_unsupported_official_options_raise():
 
 
 def official_tiny_keys():
-    """formats.md §7, written out: 7 top-level keys + 17 per layer."""
+    """docs/formats.md ("ViM checkpoints"), written out: 7 top-level keys + 17 per layer."""
     keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "head.weight",
             "head.bias", "norm_f.weight"}
     mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
@@ -330,7 +334,7 @@ def test_checkpoint_variants_and_errors(tmp_path, caplog):
     torch.save(sd, tmp_path / "bare.pth")
     assert set(load_vim_checkpoint(tmp_path / "bare.pth")) == set(sd)
 
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found.*checkpoint=''"):  # names the way out
         load_vim_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a loadable ViM checkpoint"):
@@ -344,6 +348,9 @@ def test_checkpoint_variants_and_errors(tmp_path, caplog):
         convert_vim_official_to_backbone(sd, wide)
     with pytest.raises(ValueError, match=r"depth 2, but the backbone has embed dim 16 and depth 3"):
         convert_vim_official_to_backbone(sd, tiny_backbone(depth=3))
+    with pytest.raises(ValueError, match="embed dim 16 and depth 2.*embed dim 32 and depth 2"):  # the constructor
+        VimBackbone(embed_dim=32, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE,
+                    checkpoint=tmp_path / "model_only.pth")
 
     # a [1, M, C] table (no cls token) is taken as is; missing keys are logged, not silent
     no_cls = {k: v for k, v in sd.items() if k not in ("cls_token", "layers.1.mixer.D_b")}
@@ -356,6 +363,46 @@ def test_checkpoint_variants_and_errors(tmp_path, caplog):
     assert "layers.1.mixer.D_b" in caplog.text
     assert torch.equal(backbone.pos_embed, no_cls["pos_embed"])
     assert "no cls slot" in report.pos_embed
+
+
+def official_backbone_state(embed=32, depth=2, grid=4):
+    """A classification state dict in the official key layout (cls slot at M // 2, head, rope) made
+    from a backbone's weights, and that backbone."""
+    src = VimBackbone(embed_dim=embed, depth=depth, pt_hw_seq_len=grid)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    m = grid * grid
+    cls_entry = torch.full((1, 1, embed), 7.0)
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, : m // 2], cls_entry, state["pos_embed"][:, m // 2:]], 1)
+    state.update({"cls_token": torch.zeros(1, 1, embed), "head.weight": torch.zeros(10, embed),
+                  "head.bias": torch.zeros(10), "rope.freqs_cos": torch.zeros(m, embed),
+                  "rope.freqs_sin": torch.zeros(m, embed)})
+    return src, state
+
+
+def test_official_checkpoint_into_backbone_logs_its_report_and_reproduces_the_source(tmp_path, caplog):
+    src, state = official_backbone_state()
+    path = tmp_path / "vim_tiny_pretrained.pth"
+    torch.save({"model": state, "optimizer": {"state": {}}, "lr_scheduler": {"last_epoch": 3}, "epoch": 299,
+                "model_ema": None, "scaler": {"scale": 65536.0},
+                "args": argparse.Namespace(model="vim_tiny", lr=5e-4)}, path)
+    with caplog.at_level(logging.INFO):
+        net = VimBackbone(embed_dim=32, depth=2, pt_hw_seq_len=4, checkpoint=path)
+    assert "dropped" in caplog.text and "cls_token" in caplog.text
+    report = net.load_official_checkpoint(path)
+    assert set(report["dropped"]) == {"cls_token", "head.weight", "head.bias", "rope.freqs_cos", "rope.freqs_sin",
+                                      "pos_embed[cls slot]"}
+    assert report["missing"] == [] and report["unexpected"] == []
+    torch.testing.assert_close(net.pos_embed, src.pos_embed)  # cls slot removed from the middle
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(net(x), src(x))
+
+
+def test_pos_embed_resized_to_a_larger_pretraining_grid(tmp_path):
+    _, state = official_backbone_state(grid=4)
+    path = tmp_path / "grid4.pth"
+    torch.save(state, path)  # a bare state dict
+    net = VimBackbone(embed_dim=32, depth=2, pt_hw_seq_len=6, checkpoint=path)
+    assert net.pos_embed.shape == (1, 36, 32)
 
 
 def test_round_trip_classifier_weights_into_backbone():
@@ -385,13 +432,15 @@ def test_checkpoint_filter_fn_resizes_for_another_image_size():
 # (4) any size / aspect ratio
 
 
+@pytest.mark.parametrize("d_state", [STATE, 16])  # 16: the fused CPU mixer
 @pytest.mark.parametrize("hw", [(64, 96), (80, 48), (50, 70), (16, 16), (17, 33)])
-def test_backbone_any_aspect_ratio(hw):
-    model = VimBackbone(embed_dim=E, depth=1, patch_size=16, pt_hw_seq_len=4, d_state=STATE).eval()
+def test_backbone_any_aspect_ratio(hw, d_state):
+    model = VimBackbone(embed_dim=E, depth=1, patch_size=16, pt_hw_seq_len=4, d_state=d_state).eval()
     H, W = hw
     with torch.no_grad():
         out = model(torch.randn(2, 3, H, W))
     assert out.shape == (2, E, math.ceil(H / 16), math.ceil(W / 16))
+    assert torch.isfinite(out).all()
     assert model.patch_size == 16 and model.embed_dim == E
 
 
@@ -410,17 +459,41 @@ def test_backbone_pads_bottom_right_and_resizes_pos_embed():
 
 
 # ------------------------------------------------------------------------------------------------
-# (5) freeze, (6) last_layer_process, (7) forward + backward
+# (5) frozen, (6) last_layer_process, (7) forward + backward, (8) the feature contract
 
 
-def test_freeze():
-    model = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, freeze=True)
+def test_frozen():
+    model = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, frozen=True)
     assert not any(p.requires_grad for p in model.parameters())
     model.train()
     assert not model.training and not any(m.training for m in model.modules())
     x = torch.randn(1, 3, 32, 40, requires_grad=True)
     out = model(x)
     assert out.grad_fn is None and not out.requires_grad
+
+
+def test_freeze_is_a_deprecated_alias_of_frozen(monkeypatch):
+    monkeypatch.setattr(vim_module, "_warned_freeze_alias", False)
+    kw = dict(embed_dim=E, depth=1, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE)
+    with pytest.warns(FutureWarning, match="`freeze` is deprecated, use `frozen`"):
+        old = VimBackbone(freeze=True, **kw)
+    assert old.frozen and not any(p.requires_grad for p in old.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert not VimBackbone(freeze=False, **kw).frozen
+    with pytest.raises(ValueError, match="pass only frozen"):
+        VimBackbone(frozen=True, freeze=False, **kw)
+
+
+def test_feature_contract():
+    model = tiny_backbone()
+    assert model.feature_info == [FeatureInfo("last_feat", PATCH, E)]
+    img = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        features = model.forward_features(img)
+        fmap = model(img)
+    assert list(features) == ["last_feat"]
+    assert torch.equal(features["last_feat"], fmap) and fmap.shape == (2, E, 3, 5)
 
 
 def test_last_layer_process_variants():
@@ -435,6 +508,7 @@ def test_last_layer_process_variants():
         with torch.no_grad():
             outs[last] = m(img)
     assert not torch.allclose(outs["none"], outs["add"])
+    assert not torch.allclose(outs["add & norm"], outs["add"])
     add = outs["add"].permute(0, 2, 3, 1)
     normed = add * torch.rsqrt(add.pow(2).mean(-1, keepdim=True) + 1e-5) * base.norm_f.weight
     assert torch.allclose(outs["add & norm"], normed.permute(0, 3, 1, 2), atol=1e-6)

@@ -1,27 +1,22 @@
 """Disk cache for the outputs of a frozen backbone, one file per input image.
 
-A frozen backbone maps the same input to the same features in every iteration, epoch and sweep run,
-so on CPU (and on small GPUs) recomputing them is most of a training step. The cache key is
-
-* the module's fingerprint: a hash of its class, its configuration (``extra_repr`` and the
-  attributes named in ``config_attrs``), every tensor of its ``state_dict`` (so the checkpoint's
-  content, not its path) and the rat_plugins version (a change to the forward code invalidates);
-* the input's content: a hash of the exact tensor the module receives for that image (dtype,
-  shape, bytes), which already encodes the image, its resize, its flip state and its normalisation.
-
-Features are stored as float16 when they fit (half the disk and I/O) and float32 otherwise. To keep
-results independent of whether an entry was a hit or a miss, fresh features go through the same
-rounding before they are returned.
+A frozen backbone maps the same input to the same features in every iteration, epoch and sweep
+run, so on CPU recomputing them is most of a training step. An entry is keyed by the module's
+fingerprint (class, configuration, every state-dict tensor, the method computing the features and
+the rat_plugins version) and by a hash of the exact input tensor (which encodes the image, its
+resize, flip and normalisation). Features are stored as float16 where they fit, float32 otherwise;
+fresh features go through the same rounding, so a hit and a miss return the same values.
 """
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
+
+from ..utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +31,15 @@ def _tensor_digest(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def module_fingerprint(module: nn.Module, config_attrs: Iterable[str] = ()) -> str:
-    """Hash of what determines a frozen module's output apart from its input."""
+def module_fingerprint(module: nn.Module, config_attrs: Iterable[str] = (), method: str = "forward") -> str:
+    """Hash of what determines a frozen module's output apart from its input (``method``: what
+    computes it, e.g. ``forward_features``)."""
     from .. import __version__
 
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{type(module).__module__}.{type(module).__qualname__}|{__version__}|".encode())
+    if method != "forward":
+        h.update(f"method={method}|".encode())
     for sub in module.modules():  # configuration that lives outside the weights
         h.update(f"{type(sub).__name__}({sub.extra_repr()})|".encode())
     for name in config_attrs:
@@ -83,7 +81,8 @@ class FrozenFeatureCache:
         return self.root / key[:2] / f"{key}.pt"
 
     def load(self, key: str) -> Optional[dict]:
-        """``{"outputs": [per-output tensors of one image], "sequence": bool}`` or None."""
+        """``{"outputs": [per-output tensors of one image], "sequence": bool, "names": [...] or None}``
+        or None."""
         path = self._path(key)
         if not path.is_file():
             return None
@@ -97,18 +96,9 @@ class FrozenFeatureCache:
             return None
 
     def save(self, key: str, entry: dict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"outputs": [t.cpu().clone() for t in entry["outputs"]],
-                            "sequence": entry["sequence"]}, f)
-            os.replace(tmp, path)  # readers see the old file or the whole new one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(self._path(key)) as tmp:  # readers see the old file or the whole new one
+            torch.save({"outputs": [t.cpu().clone() for t in entry["outputs"]], "sequence": entry["sequence"],
+                        "names": entry.get("names")}, tmp)
 
 
 class CachedFrozenForward:
@@ -123,7 +113,7 @@ class CachedFrozenForward:
         cache_dir: the cache root; entries of other modules and checkpoints live beside each other.
         config_attrs: module attributes that change its output without changing its weights.
         compute: what computes the features of a batch (default: ``module`` itself; a module that
-            owns its cache passes its uncached forward).
+            owns its cache passes its uncached forward; a backbone its ``forward_features``).
     """
 
     def __init__(self, module: nn.Module, cache_dir: Union[str, os.PathLike], config_attrs: Iterable[str] = (),
@@ -139,13 +129,15 @@ class CachedFrozenForward:
     @property
     def cache(self) -> FrozenFeatureCache:
         if self._cache is None:
-            self._cache = FrozenFeatureCache(self.cache_dir, module_fingerprint(self.module, self.config_attrs))
+            method = "forward" if self.compute is self.module else getattr(self.compute, "__name__", "compute")
+            self._cache = FrozenFeatureCache(self.cache_dir,
+                                             module_fingerprint(self.module, self.config_attrs, method))
             logger.info("frozen-feature cache in %s", self._cache.root)
         return self._cache
 
     def __call__(self, x: torch.Tensor):
-        """``module(x)`` for a batch ``x``; the output is a tensor or a tuple / list of tensors
-        (e.g. the several encoder layers an MLA neck reads), each with the batch first."""
+        """``compute(x)`` for a batch ``x``; the output is a tensor, a tuple / list of tensors (e.g.
+        the several encoder layers an MLA neck reads) or a ``{name: tensor}`` dict, batch first."""
         cache = self.cache
         keys = [cache.input_key(x[i]) for i in range(x.shape[0])]
         found = [cache.load(k) for k in keys]
@@ -153,13 +145,17 @@ class CachedFrozenForward:
         if missing:
             with torch.no_grad():
                 fresh = self.compute(x[missing])
+            names = list(fresh) if isinstance(fresh, dict) else None
             sequence = isinstance(fresh, (tuple, list))
-            parts = fresh if sequence else (fresh,)
+            parts = list(fresh.values()) if names is not None else fresh if sequence else (fresh,)
             for j, i in enumerate(missing):
-                found[i] = {"outputs": [_compact(p[j]) for p in parts], "sequence": sequence}
+                found[i] = {"outputs": [_compact(p[j]) for p in parts], "sequence": sequence, "names": names}
                 cache.save(keys[i], found[i])
         cache.hits += x.shape[0] - len(missing)
         cache.misses += len(missing)
         outputs = [torch.stack([_expand(f["outputs"][k]) for f in found]).to(x.device)
                    for k in range(len(found[0]["outputs"]))]
+        names = found[0].get("names")
+        if names is not None:
+            return dict(zip(names, outputs))
         return tuple(outputs) if found[0]["sequence"] else outputs[0]

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -37,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
 
+from .features import FeatureInfo
 from .ops.bimamba_fused import FusedBiMambaCPU
 from .ops.selective_scan import selective_scan
 
@@ -64,6 +66,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAST_LAYER_PROCESSES = ("none", "add", "add & norm")
+FEATURE_NAME = "last_feat"  # detectron2 ViTDet's name for the single map SimpleFeaturePyramid reads
+_warned_freeze_alias = False
+
+
+def _frozen_from_alias(frozen: bool, freeze: Optional[bool]) -> bool:
+    """``frozen``, or the deprecated ``freeze`` when given (warns once per process)."""
+    global _warned_freeze_alias
+    if freeze is None:
+        return bool(frozen)
+    if frozen and not freeze:
+        raise ValueError("VimBackbone: got frozen=True and freeze=False; pass only frozen")
+    if not _warned_freeze_alias:
+        _warned_freeze_alias = True
+        warnings.warn("VimBackbone: `freeze` is deprecated, use `frozen` (the same switch)", FutureWarning,
+                      stacklevel=3)
+    return bool(freeze)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,8 +543,8 @@ class VimBackbone(nn.Module):
             'add & norm' (RMSNorm ``norm_f`` of the sum; ``norm_f`` exists in every variant, frozen
             and unused unless 'add & norm').
         drop_path_rate: stochastic depth (official schedule).
-        freeze: no parameter trains, the module stays in eval mode after ``.train()`` and runs
-            under ``torch.no_grad()``.
+        frozen: no parameter trains, the module stays in eval mode after ``.train()`` and runs
+            under ``torch.no_grad()``. ``freeze`` is its deprecated alias.
         checkpoint: official ViM checkpoint to load (see :meth:`load_official_checkpoint`).
         in_chans, d_state, ssm_cfg, norm_epsilon, rms_norm, residual_in_fp32, if_divide_out,
             if_abs_pos_embed, init_layer_scale: as in :class:`VisionMamba`.
@@ -534,12 +552,14 @@ class VimBackbone(nn.Module):
 
     def __init__(self, embed_dim: int = 192, depth: int = 24, patch_size: int = 16,
                  pt_hw_seq_len: int = 14, if_rope: bool = True, if_rope_residual: bool = True,
-                 last_layer_process: str = "add", drop_path_rate: float = 0.0, freeze: bool = False,
+                 last_layer_process: str = "add", drop_path_rate: float = 0.0, frozen: bool = False,
                  checkpoint: Optional[str] = None, *, in_chans: int = 3, d_state: int = 16,
                  ssm_cfg: Optional[dict] = None, norm_epsilon: float = 1e-5, rms_norm: bool = True,
                  residual_in_fp32: bool = True, if_divide_out: bool = True,
-                 if_abs_pos_embed: bool = True, init_layer_scale: Optional[float] = None):
+                 if_abs_pos_embed: bool = True, init_layer_scale: Optional[float] = None,
+                 freeze: Optional[bool] = None):
         super().__init__()
+        frozen = _frozen_from_alias(frozen, freeze)
         if last_layer_process not in LAST_LAYER_PROCESSES:
             raise ValueError(f"last_layer_process must be one of {LAST_LAYER_PROCESSES}, got {last_layer_process!r}")
         if if_rope and embed_dim % 4:
@@ -553,7 +573,8 @@ class VimBackbone(nn.Module):
         self.if_rope_residual = if_rope_residual
         self.last_layer_process = last_layer_process
         self.if_abs_pos_embed = if_abs_pos_embed
-        self.freeze = freeze
+        self.frozen = frozen
+        self.feature_info = [FeatureInfo(FEATURE_NAME, patch_size, embed_dim)]
 
         self.patch_embed = PatchEmbed(None, patch_size, patch_size, in_chans, embed_dim)
         if if_abs_pos_embed:
@@ -575,20 +596,20 @@ class VimBackbone(nn.Module):
 
         if checkpoint:
             self.load_official_checkpoint(checkpoint)
-        if freeze:
+        if frozen:
             for p in self.parameters():
                 p.requires_grad_(False)
             self.eval()
 
     def train(self, mode: bool = True):
-        return super().train(False if self.freeze else mode)
+        return super().train(False if self.frozen else mode)
 
     def extra_repr(self) -> str:
         # the settings that change the output without changing a weight shape (also part of the
         # frozen-feature cache key)
         return (f"patch_size={self.patch_size}, pt_hw_seq_len={self.pt_hw_seq_len}, if_rope={self.if_rope}, "
                 f"if_rope_residual={self.if_rope_residual}, last_layer_process={self.last_layer_process!r}, "
-                f"if_abs_pos_embed={self.if_abs_pos_embed}, freeze={self.freeze}")
+                f"if_abs_pos_embed={self.if_abs_pos_embed}, frozen={self.frozen}")
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -625,8 +646,13 @@ class VimBackbone(nn.Module):
                                                  device=device)
         return self._rope_cache[key]
 
+    def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"last_feat": map}``: the :attr:`feature_info` contract of :mod:`rat_plugins.models.features`."""
+        return {FEATURE_NAME: self(x)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.freeze:
+        """The stride-``patch_size`` map [B, embed_dim, ceil(H / p), ceil(W / p)]."""
+        if self.frozen:
             with torch.no_grad():
                 return self._forward(x)
         return self._forward(x)
