@@ -84,7 +84,7 @@ def test_extras_ignored_unexpected_and_missing_reported():
 
 def test_pos_embed_interpolated_with_cls_slot_kept():
     sd = timm_state()
-    out, report = convert_timm_vit_to_mmseg(sd, num_layers=DEPTH, embed_dims=E, grid_hw=(6, 8))
+    out, report = convert_timm_vit_to_mmseg(sd, num_layers=DEPTH, embed_dims=E, grid_hw=(6, 8), antialias=False)
     pos = out["pos_embed"]
     assert pos.shape == (1, 1 + 6 * 8, E)
     assert torch.equal(pos[:, 0], sd["pos_embed"][:, 0])
@@ -93,6 +93,29 @@ def test_pos_embed_interpolated_with_cls_slot_kept():
     assert torch.allclose(pos[:, 1:], ref)
     assert report.pos_embed_resized == ((GRID, GRID), (6, 8))
     assert "from a 4x4 to a 6x8 patch grid" in str(report)
+
+
+def _timm_vit(img_size, **kw):
+    import timm
+
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=E, depth=DEPTH, num_heads=2, mlp_ratio=4, qkv_bias=True,
+        num_classes=5, **kw).eval()
+
+
+def test_pos_embed_resampled_as_timm_loads_at_another_size():
+    """By default the table is resampled as timm's checkpoint_filter_fn does (bicubic, antialiased)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    sd = _timm_vit(224).state_dict()  # 14x14 grid
+    timm_sd = checkpoint_filter_fn(sd, _timm_vit((320, 256)))  # 20x16
+    out, report = convert_timm_vit_to_mmseg(sd, num_layers=DEPTH, embed_dims=E, grid_hw=(20, 16))
+    assert out["pos_embed"].shape == (1, 1 + 20 * 16, E)
+    torch.testing.assert_close(out["pos_embed"], timm_sd["pos_embed"], rtol=0, atol=0)
+    plain, _ = convert_timm_vit_to_mmseg(sd, num_layers=DEPTH, embed_dims=E, grid_hw=(20, 16), antialias=False)
+    assert not torch.allclose(plain["pos_embed"], out["pos_embed"], atol=1e-3)  # the choice matters
+    assert report.pos_embed_antialiased and "from a 14x14 to a 20x16 patch grid (antialiased" in str(report)
 
 
 def test_architecture_mismatch_names_both_shapes():
@@ -169,8 +192,8 @@ def test_round_trip_through_timm_layout(tmp_path):
             assert torch.equal(a, b)
     assert report.converted == len(src.state_dict())
 
-    # a larger input: the converter's bicubic resize equals mmseg's own resize_pos_embed
-    big, _ = convert_timm_vit_to_mmseg(timm_sd, num_layers=DEPTH, embed_dims=E, grid_hw=(6, 6))
+    # a larger input: the converter's bicubic resize without antialiasing equals mmseg's own resize_pos_embed
+    big, _ = convert_timm_vit_to_mmseg(timm_sd, num_layers=DEPTH, embed_dims=E, grid_hw=(6, 6), antialias=False)
     ref = src.resize_pos_embed(src.pos_embed.detach(), (6, 6), (GRID, GRID), "bicubic")
     assert torch.allclose(big["pos_embed"], ref, atol=1e-6)
     _mmseg_vit(img=48).load_state_dict(big, strict=True)
@@ -197,3 +220,31 @@ def test_genuine_timm_model_matches():
         tokens = ref.forward_features(x)[:, 1:]  # after timm's final norm, cls token dropped
         ours = vit(x)[-1]  # last block + ln1 (final_norm)
     assert torch.allclose(ours.flatten(2).transpose(1, 2), tokens, atol=1e-5)
+
+
+def test_timm_vit_at_another_size_gives_timm_features(tmp_path):
+    """A 224-trained timm ViT loaded by the SETR encoder at 320x256 gives what timm itself gives there."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from rat_plugins.mm.setr import FrozenVisionTransformer
+
+    torch.manual_seed(0)
+    trained = _timm_vit(224)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.save({"model": trained.state_dict()}, tmp_path / "vit224.pth")
+
+    ref = _timm_vit((320, 256))
+    ref.load_state_dict(checkpoint_filter_fn(torch.load(tmp_path / "vit224.pth", weights_only=True), ref))
+    ours = FrozenVisionTransformer(
+        img_size=(320, 256), patch_size=16, embed_dims=E, num_layers=DEPTH, num_heads=2, mlp_ratio=4,
+        out_indices=(DEPTH - 1,), qkv_bias=True, patch_bias=True, final_norm=True,
+        norm_cfg=dict(type="LN", eps=1e-6), with_cls_token=True, pretrained_timm=str(tmp_path / "vit224.pth"))
+    ours.init_weights()
+    x = torch.randn(2, 3, 320, 256)
+    with torch.no_grad():
+        tokens = ref.forward_features(x)[:, 1:]  # last block + final norm, cls token dropped
+        (fmap,) = ours(x)
+    assert fmap.shape == (2, E, 20, 16)
+    torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), tokens, rtol=1e-4, atol=1e-5)

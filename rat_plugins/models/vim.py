@@ -28,7 +28,6 @@ import argparse
 import logging
 import math
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -36,8 +35,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 
+from ..utils.checkpoint_io import find_state_dict, read_checkpoint
 from .features import FeatureInfo
 from .ops.bimamba_fused import FusedBiMambaCPU
 from .ops.selective_scan import selective_scan
@@ -629,13 +629,7 @@ class VimBackbone(nn.Module):
         return report
 
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
-        pe = self.pos_embed
-        if tuple(grid) == self.pos_grid:
-            return pe
-        g0, g1 = self.pos_grid
-        pe = pe.reshape(1, g0, g1, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe.float(), size=grid, mode="bicubic", align_corners=False).to(pe.dtype)
-        return pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        return _resample_grid(self.pos_embed, self.pos_grid, grid)
 
     def _rope_for(self, grid: Tuple[int, int], device) -> Tuple[torch.Tensor, torch.Tensor]:
         key = (grid[0], grid[1], str(device))
@@ -713,40 +707,21 @@ class VimConversionReport:
 
 def load_vim_checkpoint(path) -> Dict[str, torch.Tensor]:
     """State dict of an official ViM file: ``{'model': sd, 'optimizer', ..., 'args': Namespace}``,
-    ``{'model': sd}``, ``{'state_dict': sd}`` or a bare state dict.
+    ``{'model': sd}``, ``{'state_dict': sd}`` or a bare state dict (see docs/formats.md, ViM checkpoints).
 
-    Loads with ``torch.load(weights_only=True)`` inside ``torch.serialization.safe_globals`` with
-    :data:`SAFE_CHECKPOINT_GLOBALS` (never ``weights_only=False``). Raises FileNotFoundError for a
-    missing file and ValueError for a file that is not a (safely loadable) ViM checkpoint.
+    Read with ``torch.load(weights_only=True)`` and :data:`SAFE_CHECKPOINT_GLOBALS` allowed. Raises
+    FileNotFoundError for a missing file and ValueError for a file that is not a (safely loadable)
+    ViM checkpoint.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ViM checkpoint not found: {path}. Put the official ViM weights there, "
-                                f"or set model.backbone.net.checkpoint='' to start from random weights")
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise RuntimeError(f"loading {path} needs torch >= 2.5 (torch.serialization.safe_globals), "
-                           f"found torch {torch.__version__}")
-    try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path} is not a loadable ViM checkpoint: not a PyTorch file that loads with "
-                         f"weights_only=True and the allow-list {[c.__name__ for c in SAFE_CHECKPOINT_GLOBALS]} "
-                         f"({type(e).__name__}: {first})") from e
-    sd = obj
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                sd = obj[key]
-                break
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = sorted(obj.keys())[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} does not hold a ViM state dict (expected 'model' -> tensors; found {keys})")
+    obj = read_checkpoint(path, what="ViM checkpoint", allow=SAFE_CHECKPOINT_GLOBALS,
+                          missing_fix="Put the official ViM weights there, or set "
+                                      "model.backbone.net.checkpoint='' to start from random weights",
+                          unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed")
+    sd = find_state_dict(obj, path=path, what="ViM state dict")
     if "patch_embed.proj.weight" not in sd and not any(k.startswith("layers.") for k in sd):
-        raise ValueError(f"{path} holds a state dict without ViM keys (patch_embed.proj.weight, "
+        raise ValueError(f"{os.fspath(path)} holds a state dict without ViM keys (patch_embed.proj.weight, "
                          f"layers.*); first keys: {sorted(sd)[:10]}")
-    return dict(sd)
+    return sd
 
 
 def _isqrt_exact(n: int) -> Optional[int]:
@@ -769,13 +744,10 @@ def _split_pos_embed(pe: torch.Tensor, cls_token_position: str) -> Tuple[torch.T
     return patches, side, f"removed the cls slot at index {idx} of {P} ({cls_token_position} cls token)"
 
 
-def _resize_grid(pe: torch.Tensor, src: Tuple[int, int], dst: Tuple[int, int]) -> torch.Tensor:
-    if tuple(src) == tuple(dst):
-        return pe
-    C = pe.shape[-1]
-    g = pe.reshape(1, src[0], src[1], C).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=dst, mode="bicubic", align_corners=False)
-    return g.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], C).to(pe.dtype)
+def _resample_grid(pe: torch.Tensor, src: Tuple[int, int], dst: Tuple[int, int]) -> torch.Tensor:
+    """Patch position table [1, src_h * src_w, C] -> [1, dst_h * dst_w, C], bicubic without
+    antialiasing as the official ViM code resizes it (timm's resampler antialiases by default)."""
+    return resample_abs_pos_embed(pe, new_size=list(dst), old_size=list(src), num_prefix_tokens=0, antialias=False)
 
 
 def _checkpoint_dims(state_dict) -> Tuple[Optional[int], int]:
@@ -824,7 +796,7 @@ def convert_vim_official_to_backbone(state_dict: Dict[str, torch.Tensor], backbo
         if patches.shape[1] != out["pos_embed"].shape[1]:
             report.dropped.append("pos_embed[cls slot]")
         grid = getattr(backbone, "pos_grid", (side, side))
-        out["pos_embed"] = _resize_grid(patches, (side, side), grid)
+        out["pos_embed"] = _resample_grid(patches, (side, side), grid)
         report.pos_embed = desc + (f"; resized {side}x{side} -> {grid[0]}x{grid[1]}"
                                    if (side, side) != tuple(grid) else f"; kept {side}x{side}")
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
@@ -846,7 +818,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
         patches, side, _ = _split_pos_embed(out["pos_embed"], "middle")
         has_cls = patches.shape[1] != out["pos_embed"].shape[1]
         cls = out["pos_embed"][:, patches.shape[1] // 2: patches.shape[1] // 2 + 1] if has_cls else None
-        patches = _resize_grid(patches, (side, side), model.patch_embed.grid_size)
+        patches = _resample_grid(patches, (side, side), model.patch_embed.grid_size)
         if model.if_cls_token:
             if cls is None:
                 cls = own["pos_embed"][:, :1]

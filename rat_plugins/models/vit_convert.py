@@ -17,21 +17,20 @@ timm / DeiT                            mmseg ``VisionTransformer``
 
 Foundation-model extras (``head``, ``fc_norm``, ``mask_token``, MAE's ``decoder_*``) are ignored
 and listed in the report; any other key is reported as unexpected and not converted.
-No detectron2 / OpenMMLab import here: the mm adapter (``rat_plugins/mm/setr.py``) calls it.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+from ..utils.checkpoint_io import abbreviate, find_state_dict, read_checkpoint
 
 __all__ = [
     "ConversionReport",
@@ -77,6 +76,7 @@ class ConversionReport:
         unexpected: checkpoint keys that are neither encoder keys nor known extras (not converted).
         ignored: known foundation-model extras (decoder, mask token, head, fc_norm), not converted.
         pos_embed_resized: ``((h, w), (h', w'))`` patch grids when ``pos_embed`` was interpolated.
+        pos_embed_interpolation, pos_embed_antialiased: how it was interpolated (mode, antialias).
     """
 
     converted: int = 0
@@ -84,32 +84,32 @@ class ConversionReport:
     unexpected: List[str] = field(default_factory=list)
     ignored: List[str] = field(default_factory=list)
     pos_embed_resized: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None
+    pos_embed_interpolation: str = "bicubic"
+    pos_embed_antialiased: bool = False
 
     def lines(self) -> List[str]:
         out = [f"converted {self.converted} tensors from timm/DeiT ViT layout to mmseg VisionTransformer"]
         if self.pos_embed_resized:
             (h, w), (h2, w2) = self.pos_embed_resized
-            out.append(f"pos_embed interpolated (bicubic, cls slot kept) from a {h}x{w} to a {h2}x{w2} patch grid")
+            out.append(f"pos_embed interpolated ({self.pos_embed_interpolation}, cls slot kept) "
+                       f"from a {h}x{w} to a {h2}x{w2} patch grid"
+                       + (" (antialiased, as timm loads it)" if self.pos_embed_antialiased else ""))
         if self.ignored:
             out.append(f"ignored {len(self.ignored)} non-encoder keys (foundation-model extras): "
-                       f"{_abbrev(self.ignored)}")
+                       f"{abbreviate(self.ignored)}")
         if self.missing:
-            out.append(f"missing {len(self.missing)} keys: {_abbrev(self.missing)}")
+            out.append(f"missing {len(self.missing)} keys: {abbreviate(self.missing)}")
         if self.unexpected:
-            out.append(f"unexpected {len(self.unexpected)} keys (not converted): {_abbrev(self.unexpected)}")
+            out.append(f"unexpected {len(self.unexpected)} keys (not converted): {abbreviate(self.unexpected)}")
         return out
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
 
-def _abbrev(keys: Sequence[str], n: int = 8) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
-
-
 def load_timm_vit_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """Read a ViT state dict: bare, or wrapped as ``{'model': ...}`` / ``{'state_dict': ...}``.
+    """Read a ViT state dict: bare, or wrapped as ``{'model': ...}`` / ``{'state_dict': ...}``
+    (see docs/formats.md, timm / DeiT ViT checkpoints).
 
     Loads with ``weights_only=True``; ``argparse.Namespace`` (the ``args`` entry DeiT / MAE
     training scripts save beside the weights) is the only allow-listed class. A ``module.``
@@ -119,36 +119,9 @@ def load_timm_vit_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a PyTorch checkpoint, or holds no tensor state dict.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ViT checkpoint not found: {path!r}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError) as e:
-        text = f"{e} {e.__context__ or ''}"
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            why = (f"it stores objects of class {found.group(1)}, which torch.load(weights_only=True) refuses; "
-                   "only tensors, plain containers and argparse.Namespace are allowed")
-        else:
-            cause = str(e.__context__ or e).strip().splitlines()
-            why = f"torch.load(weights_only=True) failed: {cause[0] if cause else type(e).__name__}"
-        raise ValueError(f"{path!r} is not a loadable PyTorch checkpoint of ViT weights ({why})") from e
-    state = obj
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                state = obj[key]
-                break
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        what = f"a dict with keys {_abbrev(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path!r} holds no ViT state dict (expected a dict of tensors, bare or under "
-                         f"'model' / 'state_dict'; found {what})")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    obj = read_checkpoint(path, what="PyTorch checkpoint of ViT weights", allow=[argparse.Namespace],
+                          unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed")
+    return find_state_dict(obj, path=path, what="ViT state dict")
 
 
 def timm_vit_architecture(state_dict: Dict[str, torch.Tensor]) -> dict:
@@ -179,21 +152,18 @@ def _describe(arch: dict) -> str:
     return ", ".join(parts)
 
 
-def _resize_pos_embed(pos: torch.Tensor, grid_hw: Tuple[int, int], mode: str):
-    """[1, 1 + g*g, C] -> [1, 1 + h*w, C]; the cls slot is kept, the grid interpolated."""
+def _resample_pos_embed(pos: torch.Tensor, grid_hw: Tuple[int, int], mode: str, antialias: bool):
+    """[1, 1 + g*g, C] -> [1, 1 + h*w, C] with timm's resampler; the cls slot is kept."""
     n = pos.shape[1] - 1
-    g = int(round(math.sqrt(n)))
+    g = math.isqrt(n)
     if g * g != n:
         raise ValueError(f"pos_embed {tuple(pos.shape)} is not one cls slot plus a square patch grid "
                          f"({n} patch entries); checkpoints without a cls slot are not supported")
-    h, w = grid_hw
-    if (g, g) == (h, w):
+    if (g, g) == tuple(grid_hw):
         return pos, None
-    cls_pos, grid = pos[:, :1], pos[:, 1:]
-    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(h, w), mode=mode, align_corners=False)
-    grid = grid.flatten(2).transpose(1, 2).to(pos.dtype)
-    return torch.cat([cls_pos, grid], dim=1), ((g, g), (h, w))
+    out = resample_abs_pos_embed(pos, new_size=list(grid_hw), old_size=[g, g], num_prefix_tokens=1,
+                                 interpolation=mode, antialias=antialias)
+    return out, ((g, g), tuple(grid_hw))
 
 
 def convert_timm_vit_to_mmseg(
@@ -205,21 +175,25 @@ def convert_timm_vit_to_mmseg(
     mlp_hidden: Optional[int] = None,
     patch_size: Optional[int] = None,
     interpolate_mode: str = "bicubic",
+    antialias: bool = True,
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """Rename a timm / DeiT ViT state dict to mmseg's ``VisionTransformer`` keys.
 
-    Pure function: the input dict is not modified. ``pos_embed`` is interpolated (bicubic, cls
-    slot kept) when the checkpoint's patch grid differs from ``grid_hw`` (e.g. 14x14 from a 224
-    input used at 512: 32x32).
+    Pure function: the input dict is not modified. ``pos_embed`` is resampled by timm's
+    ``resample_abs_pos_embed`` (cls slot kept) when the checkpoint's patch grid differs from
+    ``grid_hw`` (e.g. 14x14 from a 224 input used at 512: 32x32).
 
     Args:
-        state_dict: timm layout (see ``/work/shared/formats.md`` section 4 / the module docstring).
+        state_dict: timm layout (see docs/formats.md, timm / DeiT ViT checkpoints).
         num_layers: transformer blocks of the target model.
         embed_dims: embedding width of the target model.
         grid_hw: the target's patch grid ``(img_h // patch, img_w // patch)``.
         mlp_hidden: MLP width of the target (``mlp_ratio * embed_dims``); checked when given.
         patch_size: patch size of the target; checked when given.
         interpolate_mode: ``F.interpolate`` mode for the position table.
+        antialias: True (default) resamples as timm loads a checkpoint at another size (its
+            ``checkpoint_filter_fn``), so the model gives timm's own features there; False as
+            mmseg's ``resize_pos_embed``.
 
     Returns:
         ``(mmseg_state_dict, report)``.
@@ -257,8 +231,9 @@ def convert_timm_vit_to_mmseg(
                 continue
         out[new_key] = value
     if "pos_embed" in out:
-        out["pos_embed"], report.pos_embed_resized = _resize_pos_embed(
-            out["pos_embed"], tuple(int(v) for v in grid_hw), interpolate_mode)
+        out["pos_embed"], report.pos_embed_resized = _resample_pos_embed(
+            out["pos_embed"], tuple(int(v) for v in grid_hw), interpolate_mode, antialias)
+        report.pos_embed_interpolation, report.pos_embed_antialiased = interpolate_mode, antialias
 
     expected = list(_TOP_MAP) + [f"blocks.{i}.{k}" for i in range(num_layers) for k in _BLOCK_MAP]
     report.missing = [k for k in expected if k not in state_dict]
