@@ -2,27 +2,12 @@
 backbone for any input size.
 
 Paper: Zhu et al., "Vision Mamba: Efficient Visual Representation Learning with Bidirectional
-State Space Model", ICML 2024. Official code: github.com/hustvl/Vim (``vim/models_mamba.py``,
-``mamba-1p1p1/mamba_ssm/modules/mamba_simple.py``, ``det/.../backbone/vim.py``).
-
-Plain PyTorch: the scans go through :func:`rat_plugins.models.ops.selective_scan.selective_scan`
-(mamba-ssm's CUDA kernel when installed, a C++ / PyTorch CPU scan otherwise); ``fused_add_norm``
-only selects a fused kernel in the official code, so it is accepted and the same numbers are
-computed unfused here.
-
-- :class:`VisionMamba`: official constructor arguments; its ``state_dict`` has exactly the
-  official keys (415 for ViM-tiny), so official classification checkpoints load with
-  ``strict=True``. Implemented: bimamba v2, middle / first / no cls token, RMSNorm or LayerNorm,
-  residual in fp32, abs pos embed, rope (EVA-style, as in the official code), layer scale.
-  Combinations the official code has but this file does not implement (double cls token,
-  ``if_bidirectional``, random sequence flipping, bimamba v1 / none) raise ValueError.
-- :class:`VimBackbone`: the official detection backbone (no cls token, rope on hidden and
-  residual, ``last_layer_process``) for any image size and aspect ratio: inputs are padded
-  bottom / right to a multiple of the patch size, the position embedding is stored on the
-  pretraining grid and resized (bicubic) to the actual grid at run time, rope positions are
-  computed per axis.
-- :func:`load_vim_checkpoint`, :func:`convert_vim_official_to_backbone`: load official DeiT-style
-  files with ``weights_only=True`` and an explicit allow-list; pure converter with a report.
+State Space Model", ICML 2024; official code: github.com/hustvl/Vim. Plain PyTorch: the scans run
+through :func:`rat_plugins.models.ops.selective_scan.selective_scan` (mamba-ssm's CUDA kernel when
+installed, a C++ / PyTorch CPU scan otherwise). :class:`VisionMamba` has exactly the official
+state-dict keys, so official checkpoints load strictly; :class:`VimBackbone` is the official
+detection backbone, padded to any size and aspect ratio. Checkpoint layout: docs/formats.md, ViM
+checkpoints.
 """
 import argparse
 import logging
@@ -524,7 +509,8 @@ class VisionMamba(nn.Module):
 
 
 class VimBackbone(nn.Module):
-    """ViM detection backbone: one stride-``patch_size`` map [B, embed_dim, ceil(H/p), ceil(W/p)].
+    """ViM detection backbone: one stride-``patch_size`` map [B, embed_dim, ceil(H/p), ceil(W/p)],
+    named ``last_feat`` in :attr:`feature_info` and :meth:`forward_features`; ``forward`` returns it.
 
     The blocks of :class:`VisionMamba` without cls token; before every layer an EVA-style rope is
     applied to the hidden states (and the residual with ``if_rope_residual``), as in the official
