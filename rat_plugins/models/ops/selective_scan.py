@@ -3,44 +3,22 @@
 ``selective_scan`` is a drop-in for mamba-ssm's ``selective_scan_fn`` (same arguments, layouts and
 results)::
 
-    delta = delta + delta_bias[:, None]           (if delta_bias is given)
-    delta = softplus(delta)                       (if delta_softplus)
+    delta = softplus(delta + delta_bias)          (bias and softplus optional)
     s_t   = exp(delta_t * A) * s_{t-1} + delta_t * B_t * u_t       (per dim d and state n)
     y_t   = sum_n C_t[n] * s_t[n] + D * u_t
     y     = y * silu(z)                           (if z is given)
 
 Layouts: ``u``, ``delta``, ``z``: [batch, dim, L]; ``A``: [dim, state] (real); ``B``, ``C``:
-[batch, state, L] or [batch, groups, state, L] (groups divide dim; channel d uses group
-d // (dim // groups)); ``D``, ``delta_bias``: [dim]. Returns ``y`` (dtype of ``u``) or
-``(y, last_state)`` with ``last_state`` [batch, dim, state].
+[batch, state, L] or [batch, groups, state, L] (channel d uses group d // (dim // groups));
+``D``, ``delta_bias``: [dim]. Returns ``y`` (dtype of ``u``) or ``(y, last_state)`` [batch, dim, state].
 
-Backends (:func:`backend_for` says which one a tensor gets):
-
-- ``mamba_ssm``: mamba-ssm's fused CUDA kernel, for CUDA tensors when ``mamba_ssm`` imports
-  (imported lazily; never required).
-- ``cpp``: CPU, a small C++ kernel (``csrc/selective_scan.cpp``, compiled on first use with
-  ``torch.utils.cpp_extension.load`` into torch's extension cache, which ``TORCH_EXTENSIONS_DIR``
-  overrides), parallel over batch x dim. Forward: one pass per (batch, dim) row that computes
-  ``exp(delta * A)`` inside the recurrence with a polynomial exp vectorised over the state axis
-  (relative error < 2e-7), so the L x dim x state exponentials never go through memory; without
-  autograd the same pass also applies softplus(delta + bias) before and the D skip and z gate
-  after (vectorised over time), so a ViM mixer's scan reads and writes each row once.
-  Backward: the reverse-time adjoint recurrence, with the exponentials of each chunk of time
-  steps computed by ATen over [batch, dim, chunk, state] blocks (chunks of L bound the memory) and
-  the states recomputed chunk by chunk from those the forward saved at chunk starts.
-- ``torch``: pure PyTorch, differentiable by autograd, any device. Time is cut into chunks;
-  inside every chunk the pairs (exp(delta A), delta B u) are combined by a log-depth inclusive
-  scan (Hillis-Steele), vectorised over all chunks of a cache-sized block, using only products of
-  decays (no division, no exp of a positive number: as stable as the sequential recurrence); a
-  short loop over chunks chains their start states. At batch 1 / dim 384 it is about as fast as a
-  plain per-step loop (PyTorch op overhead dominates); it exists for machines without a compiler.
-
-Choice: the environment variable ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` |
-``torch`` (or the ``backend=`` argument). ``auto`` uses mamba-ssm for CUDA tensors when installed,
-else the C++ kernel on the CPU, else the torch path; if the C++ kernel cannot be built (no
-compiler, no ninja, build error) ``auto`` warns once and uses the torch path, while an explicit
-``cpp`` raises. The CPU backends compute in float32 (float64 if any input is float64) and return
-``y`` in the dtype of ``u``.
+Backends (:func:`backend_for` says which one a tensor gets): ``mamba_ssm`` (its CUDA kernel, for
+CUDA tensors when it imports); ``cpp`` (CPU: ``csrc/selective_scan.cpp``, compiled on first use into
+torch's extension cache; exp(delta A) computed in registers, the backward pass an adjoint
+recurrence over chunks of time); ``torch`` (pure PyTorch, differentiable, any device: a chunked
+log-depth scan). ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` | ``torch`` (or
+``backend=``) chooses; ``auto`` falls back to ``torch`` with one warning when the C++ kernel cannot
+be built, an explicit ``cpp`` raises. The CPU backends compute in float32 (float64 if any input is).
 """
 import logging
 import os
