@@ -8,19 +8,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rat_plugins.models.maxvit_rnn import (ConvLstmCell, MaxVitRnn, PartitionAttentionBlock,
+from rat_plugins.models.features import FeatureInfo
+from rat_plugins.models.maxvit_rnn import (ConvLstmCell, MaxViTRNN, MaxVitRnn, PartitionAttentionBlock,
                                            PartitionSelfAttention, load_rvt_checkpoint, maxvit_rnn_base,
-                                           maxvit_rnn_small, maxvit_rnn_tiny)
+                                           maxvit_rnn_small, maxvit_rnn_tiny, rvt_stage_names)
 
 torch.set_num_threads(1)
 
 TINY = dict(embed_dim=8, dim_head=8)  # stage dims 8/16/32/64, heads 1/2/4/8
+NAMES = ["stage1", "stage2", "stage3", "stage4"]  # the feature names, RVT's 1-based stage numbers
+
+
+def _stage(s):
+    """Name of RVT's stage ``s`` (1-based)."""
+    return NAMES[s - 1]
 
 
 def _model(seed=0, randomize=True, **kwargs):
     """A tiny model; ``randomize`` replaces every parameter (LayerScale 1e-5 would hide attention)."""
     torch.manual_seed(seed)
-    m = MaxVitRnn(**{**TINY, **kwargs}).eval()
+    m = MaxViTRNN(**{**TINY, **kwargs}).eval()
     if randomize:
         with torch.no_grad():
             for p in m.parameters():
@@ -29,7 +36,7 @@ def _model(seed=0, randomize=True, **kwargs):
 
 
 def _official_keys(depths=(1, 1, 1, 1)):
-    """RVT's backbone keys, written out from formats.md section 8 (not read off the model)."""
+    """RVT's backbone keys, written out from docs/formats.md, RVT checkpoints (not read off the model)."""
     block = ["self_attn.qkv.weight", "self_attn.qkv.bias", "self_attn.proj.weight", "self_attn.proj.bias",
              "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.net.0.0.weight", "mlp.net.0.0.bias",
              "mlp.net.2.weight", "mlp.net.2.bias", "ls2.gamma"]
@@ -75,11 +82,18 @@ def test_stage_strides_and_channels(patch):
     m = _model(patch_size=patch, partition_split=1, randomize=False)
     feats, states = m(torch.randn(2, 20, 64, 64))
     assert m.strides == tuple(patch * 2 ** s for s in range(4))
-    assert sorted(feats) == [1, 2, 3, 4] and len(states) == 4
+    assert list(feats) == NAMES and len(states) == 4
+    assert m.feature_info == [FeatureInfo(f"stage{s}", patch * 2 ** (s - 1), 8 * 2 ** (s - 1)) for s in range(1, 5)]
     for s in range(1, 5):
         stride = patch * 2 ** (s - 1)
-        assert feats[s].shape == (2, 8 * 2 ** (s - 1), 64 // stride, 64 // stride)
-        assert states[s - 1][0] is feats[s] and states[s - 1][1].shape == feats[s].shape
+        assert feats[_stage(s)].shape == (2, 8 * 2 ** (s - 1), 64 // stride, 64 // stride)
+        assert states[s - 1][0] is feats[_stage(s)] and states[s - 1][1].shape == feats[_stage(s)].shape
+    assert m.forward_features(torch.zeros(1, 20, 64, 64))[0].keys() == feats.keys()
+
+
+def test_class_name_alias_and_rvt_stage_names():
+    assert MaxVitRnn is MaxViTRNN
+    assert rvt_stage_names([2, 3, 4]) == ("stage2", "stage3", "stage4")
 
 
 @pytest.mark.parametrize("patch, split, hw, padded, partition", [
@@ -91,7 +105,7 @@ def test_stage_strides_and_channels(patch):
     (4, 2, (50, 70), (64, 128), (1, 2)),
 ])
 def test_padding_and_partition_rule(patch, split, hw, padded, partition):
-    m = MaxVitRnn(**TINY, patch_size=patch, partition_split=split)
+    m = MaxViTRNN(**TINY, patch_size=patch, partition_split=split)
     assert m.padded_size(*hw) == padded
     assert m.partition_size(*hw) == partition
 
@@ -102,8 +116,8 @@ def test_odd_input_is_zero_padded_bottom_right():
     feats, _ = m(x)
     ref, _ = m(F.pad(x, (0, 96 - 70, 0, 64 - 50)))  # multiple 16 * 2 = 32
     for s in range(1, 5):
-        assert feats[s].shape == (1, 8 * 2 ** (s - 1), 64 // 2 ** s, 96 // 2 ** s)
-        assert torch.allclose(feats[s], ref[s], atol=1e-6)
+        assert feats[_stage(s)].shape == (1, 8 * 2 ** (s - 1), 64 // 2 ** s, 96 // 2 ** s)
+        assert torch.allclose(feats[_stage(s)], ref[_stage(s)], atol=1e-6)
 
 
 def test_variant_sizes():
@@ -115,22 +129,22 @@ def test_variant_sizes():
 
 
 # ------------------------------------------------------------------------------------------------
-# semantics of formats.md section 8, derived by hand
+# semantics of docs/formats.md, RVT checkpoints, derived by hand
 
 
 def test_state_dict_keys_are_the_official_layout():
-    assert list(MaxVitRnn(**TINY).state_dict()) == _official_keys()
-    assert list(MaxVitRnn(**TINY, depths=(2, 1, 1, 1)).state_dict()) == _official_keys((2, 1, 1, 1))
+    assert list(MaxViTRNN(**TINY).state_dict()) == _official_keys()
+    assert list(MaxViTRNN(**TINY, depths=(2, 1, 1, 1)).state_dict()) == _official_keys((2, 1, 1, 1))
     # the 376-key tiny checkpoint holds 124 backbone keys
     assert len(maxvit_rnn_tiny().state_dict()) == 124
 
 
 def test_stem_and_downsample_convs():
     for patch, kernel in ((4, 7), (2, 3)):
-        conv = MaxVitRnn(**TINY, patch_size=patch).stages[0].downsample_cf2cl.conv
+        conv = MaxViTRNN(**TINY, patch_size=patch).stages[0].downsample_cf2cl.conv
         assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((kernel, kernel), (patch,) * 2,
                                                                             (patch - 1,) * 2, None)
-    later = MaxVitRnn(**TINY).stages[2].downsample_cf2cl.conv
+    later = MaxViTRNN(**TINY).stages[2].downsample_cf2cl.conv
     assert (later.kernel_size, later.stride, later.padding) == ((3, 3), (2, 2), (1, 1))
 
 
@@ -226,7 +240,7 @@ def test_first_window_block_takes_the_downsample_output_unnormalised():
     y = y + grid.ls2.gamma * grid.mlp(grid.norm2(y))
     h, _ = stage.lstm(y.permute(0, 3, 1, 2))
     feats, _ = m(x)
-    assert torch.allclose(feats[1], h, atol=1e-5)
+    assert torch.allclose(feats["stage1"], h, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,18 +254,18 @@ def test_clip_forward_equals_step_by_step():
     step_states = None
     for t in range(3):
         step, step_states = m(clip[:, t], step_states)
-        for s in range(1, 5):
-            assert torch.allclose(feats[s][:, t], step[s], atol=1e-5)
+        for name in NAMES:
+            assert torch.allclose(feats[name][:, t], step[name], atol=1e-5)
     for (h, c), (h2, c2) in zip(states, step_states):
         assert torch.allclose(h, h2, atol=1e-5) and torch.allclose(c, c2, atol=1e-5)
     last, _ = m.forward_clip(clip, return_all=False)
-    assert all(torch.allclose(last[s], feats[s][:, -1], atol=1e-6) for s in range(1, 5))
+    assert all(torch.allclose(last[name], feats[name][:, -1], atol=1e-6) for name in NAMES)
     # the state matters: step 1 differs from running frame 1 alone
     alone, _ = m(clip[:, 1])
-    assert not torch.allclose(alone[4], feats[4][:, 1], atol=1e-3)
+    assert not torch.allclose(alone["stage4"], feats["stage4"][:, 1], atol=1e-3)
 
 
-def test_sequence_start_resets_only_that_sample():
+def test_is_first_resets_only_that_sample():
     m = _model(patch_size=4, partition_split=1)
     torch.manual_seed(1)
     clip_a, clip_b = torch.randn(2, 2, 20, 32, 32), torch.randn(2, 2, 20, 32, 32)
@@ -262,19 +276,91 @@ def test_sequence_start_resets_only_that_sample():
         assert not h0[0].any() and not c0[0].any()
         assert torch.equal(h0[1], h[1]) and torch.equal(c0[1], c[1])
 
-    feats, _ = m.forward_clip(clip_b, prev, sequence_start=torch.tensor([True, False]))
+    feats, _ = m.forward_clip(clip_b, prev, is_first=torch.tensor([True, False]))
     fresh, _ = m.forward_clip(clip_b[:1])
     carried, _ = m.forward_clip(clip_b[1:], [(h[1:], c[1:]) for h, c in prev])
-    for s in range(1, 5):
-        assert torch.allclose(feats[s][0], fresh[s][0], atol=1e-5)
-        assert torch.allclose(feats[s][1], carried[s][0], atol=1e-5)
-    assert not torch.allclose(fresh[4][0], carried[4][0], atol=1e-3)
+    for name in NAMES:
+        assert torch.allclose(feats[name][0], fresh[name][0], atol=1e-5)
+        assert torch.allclose(feats[name][1], carried[name][0], atol=1e-5)
+    assert not torch.allclose(fresh["stage4"][0], carried["stage4"][0], atol=1e-3)
 
     # [B, T] mask: sample 0's sequence starts at step 1 of this clip
-    mid, _ = m.forward_clip(clip_b, prev, sequence_start=torch.tensor([[False, True], [False, False]]))
+    mid, _ = m.forward_clip(clip_b, prev, is_first=torch.tensor([[False, True], [False, False]]))
     alone, _ = m(clip_b[:1, 1])
-    assert torch.allclose(mid[4][0, 1], alone[4][0], atol=1e-5)
-    assert torch.allclose(mid[4][1], feats[4][1], atol=1e-5)
+    assert torch.allclose(mid["stage4"][0, 1], alone["stage4"][0], atol=1e-5)
+    assert torch.allclose(mid["stage4"][1], feats["stage4"][1], atol=1e-5)
+
+
+# (valid, is_first, the steps the last state must come from: a fresh state at the first of them)
+MASK_CASES = [
+    ([False, False, True, True], [False, False, True, False], [2, 3]),  # short clip, front-padded
+    ([True, True, True, True], [True, False, False, False], [0, 1, 2, 3]),  # full clip from a sequence start
+    ([True, True, True, True], [False, False, True, False], [2, 3]),  # a new sequence starts mid-clip
+    ([False, True, True, True], [False, False, False, False], [1, 2, 3]),  # padding with no reset flag
+]
+
+
+def test_valid_and_is_first_masks_equal_per_sample_step_by_step():
+    m = _model(patch_size=4, partition_split=1)
+    torch.manual_seed(2)
+    clip = torch.rand(len(MASK_CASES), 4, 20, 32, 32) * 5  # padded steps hold events too
+    valid = torch.tensor([c[0] for c in MASK_CASES])
+    is_first = torch.tensor([c[1] for c in MASK_CASES])
+    last, states = m.forward_clip(clip, valid=valid, is_first=is_first, return_all=False)
+    every, states_all = m.forward_clip(clip, valid=valid, is_first=is_first)
+    for b, (v, _, steps) in enumerate(MASK_CASES):
+        step_states = None
+        for t in steps:
+            step, step_states = m(clip[b:b + 1, t], step_states)
+            assert all(torch.allclose(every[n][b, t], step[n][0], atol=1e-5) for n in NAMES)
+        assert all(torch.allclose(last[n][b], step[n][0], atol=1e-5) for n in NAMES)
+        for (h, c), (h2, c2), (h3, c3) in zip(states, states_all, step_states):
+            assert torch.allclose(h[b], h3[0], atol=1e-5) and torch.allclose(c[b], c3[0], atol=1e-5)
+            assert torch.equal(h[b], h2[b]) and torch.equal(c[b], c2[b])
+        for t in range(4):
+            if not v[t]:  # a step that is not valid for the sample gives it zero features
+                assert not any(every[n][b, t].any() for n in NAMES)
+    # case 2 runs steps 0 and 1 before its sequence restarts at step 2
+    before, _ = m.forward_clip(clip[2:3, :2])
+    assert all(torch.allclose(every[n][2, :2], before[n][0], atol=1e-5) for n in NAMES)
+    # ignoring the masks gives other features: the comparison above can fail
+    plain, _ = m.forward_clip(clip, return_all=False)
+    assert not torch.allclose(plain["stage4"][0], last["stage4"][0], atol=1e-3)
+    assert torch.allclose(plain["stage4"][1], last["stage4"][1], atol=1e-5)  # case 1 is a plain clip
+
+
+def test_a_step_valid_for_no_sample_is_not_run_and_invalid_steps_keep_the_state():
+    m = _model(patch_size=4, partition_split=1)
+    torch.manual_seed(3)
+    _, prev = m.forward_clip(torch.rand(2, 1, 20, 32, 32))
+    clip = torch.rand(2, 3, 20, 32, 32)
+    calls = []
+    hook = m.stages[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    valid = torch.tensor([[False, True, True], [False, False, True]])
+    feats, states = m.forward_clip(clip, prev, valid=valid)
+    hook.remove()
+    assert len(calls) == 2  # step 0 is valid for no sample
+    assert not any(feats[n][:, 0].any() or feats[n][1, 1].any() for n in NAMES)
+    # sample 0: prev -> step 1 -> step 2; sample 1: prev -> step 2 (step 1 left its state untouched)
+    want0, states0 = m.forward_clip(clip[:1, 1:], [(h[:1], c[:1]) for h, c in prev])
+    want1, states1 = m.forward_clip(clip[1:, 2:], [(h[1:], c[1:]) for h, c in prev])
+    for n in NAMES:
+        assert torch.allclose(feats[n][0, 1:], want0[n][0], atol=1e-5)
+        assert torch.allclose(feats[n][1, 2], want1[n][0, 0], atol=1e-5)
+    for (h, c), (h0, c0), (h1, c1) in zip(states, states0, states1):
+        assert torch.allclose(h[0], h0[0], atol=1e-5) and torch.allclose(c[0], c0[0], atol=1e-5)
+        assert torch.allclose(h[1], h1[0], atol=1e-5) and torch.allclose(c[1], c1[0], atol=1e-5)
+    # the last step valid for no sample: zero maps of the right shapes, the state as before
+    none_valid = torch.zeros(2, 3, dtype=torch.bool)
+    last, kept = m.forward_clip(clip, prev, valid=none_valid, return_all=False)
+    assert [tuple(last[n].shape) for n in NAMES] == [(2, 8 * 2 ** i, 8 >> i, 8 >> i) for i in range(4)]
+    assert not any(last[n].any() for n in NAMES)
+    assert all(torch.equal(h, h0) and torch.equal(c, c0) for (h, c), (h0, c0) in zip(kept, prev))
+
+    with pytest.raises(ValueError, match=r"valid must be \[2, 3\]"):
+        m.forward_clip(clip, valid=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"is_first must be \[2\] or \[2, 3\]"):
+        m.forward_clip(clip, is_first=torch.ones(3, 3, dtype=torch.bool))
 
 
 def test_gradients_reach_every_parameter_through_a_clip():
@@ -302,7 +388,7 @@ def test_official_lightning_checkpoint_loads_strictly_and_reproduces(tmp_path, c
     x = torch.randn(1, 2, 20, 64, 64)
     want, _ = src.forward_clip(x)
     got, _ = dst.forward_clip(x)
-    assert all(torch.equal(want[s], got[s]) for s in range(1, 5))
+    assert list(got) == NAMES and all(torch.equal(want[name], got[name]) for name in NAMES)
 
 
 def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path):
@@ -310,7 +396,7 @@ def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_rvt_checkpoint(_model(), missing)
 
-    wide = _lightning_checkpoint(tmp_path / "rvt-wide.ckpt", MaxVitRnn(embed_dim=16, dim_head=8))
+    wide = _lightning_checkpoint(tmp_path / "rvt-wide.ckpt", MaxViTRNN(embed_dim=16, dim_head=8))
     with pytest.raises(ValueError, match=r"rvt-wide\.ckpt.*stage dims \(16, 32, 64, 128\).*Fix: build"):
         load_rvt_checkpoint(_model(), wide)
 
@@ -354,7 +440,7 @@ def test_patch4_checkpoint_into_patch2_model_reinitialises_only_the_stem(tmp_pat
     assert 0 < got[stem].abs().max() <= fan_in_bound + 1e-7
     assert all(torch.equal(got[k], want[k]) for k in want if k != stem)
     feats, _ = dst(torch.randn(1, 20, 32, 32))
-    assert feats[1].shape == (1, 8, 16, 16)
+    assert feats["stage1"].shape == (1, 8, 16, 16)
 
     with pytest.raises(ValueError, match="patch_size=4"):
         load_rvt_checkpoint(_model(patch_size=2), path, stem_mismatch="error")
@@ -386,7 +472,8 @@ def test_mmdet_registry_builds_the_backbone(tmp_path):
     assert loaded.checkpoint_report.loaded == 124
     x = torch.randn(1, 20, 32, 32)
     want, _ = src(x)
-    assert all(torch.equal(o, want[i + 1]) for i, o in enumerate(loaded(x)))
+    outs = loaded(x)
+    assert len(outs) == len(want) == 4 and all(torch.equal(o, w) for o, w in zip(outs, want.values()))
 
 
 @pytest.mark.parametrize("patch, names", [(2, ["p1", "p2", "p3", "p4"]), (4, ["p2", "p3", "p4", "p5"])])

@@ -77,11 +77,12 @@ def test_clip_forward_equals_step_by_step_backbone(mmdet_scope):
             for t in steps:
                 feats, states = net(clip[b:b + 1, t], states)
             expected.append(feats)
-        want = tuple(torch.cat([e[i + 1] for e in expected]) for i in det.backbone.out_indices)
+        assert det.backbone.out_features == ("stage1", "stage2", "stage3", "stage4")
+        want = tuple(torch.cat([e[name] for e in expected]) for name in det.backbone.out_features)
         assert [w.shape[-1] for w in want] == [16, 8, 4, 2]
         valid = torch.tensor([c[0] for c in CLIP_CASES])
         is_first = torch.tensor([c[1] for c in CLIP_CASES])
-        got = det.backbone_clip_features(clip, valid, is_first)
+        got = det.backbone.forward_clip(clip, valid=valid, is_first=is_first)
         for g, w in zip(got, want):
             assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
         for g, w in zip(neck_out, det.neck(want)):

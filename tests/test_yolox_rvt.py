@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rat_plugins.models.maxvit_rnn import rvt_stage_names
 from rat_plugins.models.size_aware_loss import size_aware_weights
 from rat_plugins.models.yolox_pafpn import (YoloxPafpn, convert_rvt_to_yolox_pafpn, load_rvt_fpn,
                                             rvt_fpn_key_map)
@@ -48,11 +49,13 @@ def test_pafpn_shapes_and_strides(channels, strides):
     # with out_channels every level has one width, as mmdet's YOLOXHead needs
     wide = YoloxPafpn(channels, depth=0.33, out_channels=24).eval()
     assert [o.shape[1] for o in wide(feats)] == [24] * n
-    # a {stage: map} dict as MaxVitRnn returns it
-    stages = list(range(5 - n, 5))
-    by_stage = YoloxPafpn(channels, depth=0.33, in_stages=stages).eval()
-    by_stage.load_state_dict(neck.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(by_stage(dict(zip(stages, feats))), outs))
+    # an ordered {name: map} dict as MaxViTRNN returns it: all four stages, the neck takes RVT's in_stages
+    names = rvt_stage_names(range(5 - n, 5))
+    by_name = YoloxPafpn(channels, depth=0.33, in_features=names).eval()
+    by_name.load_state_dict(neck.state_dict())
+    every_stage = {"stage1": torch.randn(2, 4, image, image), **dict(zip(names, feats))}
+    assert all(torch.equal(a, b) for a, b in zip(by_name(every_stage), outs))
+    assert all(torch.equal(a, b) for a, b in zip(neck(dict(zip(names, feats))), outs))  # a dict in order
 
 
 def test_four_level_pafpn_mixes_every_level():
@@ -158,7 +161,8 @@ def test_rvt_fpn_checkpoint_loads_strictly_and_matches(tmp_path):
     source = _randomize(YoloxPafpn(channels, depth=0.33), seed=3)
     official = _to_official(source.state_dict())
 
-    # the official layout: 144 PAFPN tensors for RVT-T (formats.md: 376 = 124 backbone + 144 + 108 head)
+    # the official layout: 144 PAFPN tensors for RVT-T (docs/formats.md, RVT checkpoints: 376 = 124 backbone
+    # + 144 + 108 head)
     assert len(official) == 144
     for name, shape in _official_conv_shapes(*channels).items():
         assert tuple(official[f"mdl.fpn.{name}.conv.weight"].shape) == shape, name

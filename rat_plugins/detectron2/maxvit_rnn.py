@@ -5,13 +5,14 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
+from ..models.features import FeatureInfo, resolve_out_features
 from ..models.maxvit_rnn import create_maxvit_rnn, load_rvt_checkpoint
 
 __all__ = ["MaxViTRNN", "build_maxvit_rnn_backbone", "add_maxvit_rnn_config"]
 
 
 class MaxViTRNN(Backbone):
-    """detectron2 wrapper of :class:`rat_plugins.models.maxvit_rnn.MaxVitRnn`.
+    """detectron2 wrapper of :class:`rat_plugins.models.maxvit_rnn.MaxViTRNN`.
 
     Outputs are named by stride as detectron2 does (``p<log2 stride>``): ``p1``-``p4`` for patch 2
     (strides 2/4/8/16), ``p2``-``p5`` for patch 4 (strides 4/8/16/32). Each call is a single frame
@@ -21,10 +22,10 @@ class MaxViTRNN(Backbone):
 
     Args:
         variant: ``tiny`` / ``small`` / ``base``.
-        out_features: names to return (default: all four).
+        out_features: names (or 0-based indices) to return (default: all four).
         checkpoint: official RVT Lightning checkpoint to load ("" / None: random init).
         stem_mismatch: see :func:`~rat_plugins.models.maxvit_rnn.load_rvt_checkpoint`.
-        **kwargs: overrides passed to ``MaxVitRnn`` (in_chans, patch_size, partition_split, ...).
+        **kwargs: overrides passed to the model (in_chans, patch_size, partition_split, ...).
     """
 
     def __init__(self, variant: str = "tiny", out_features: Optional[Sequence[str]] = None,
@@ -33,15 +34,16 @@ class MaxViTRNN(Backbone):
         self.net = create_maxvit_rnn(variant, **kwargs)
         self.checkpoint_report = (load_rvt_checkpoint(self.net, checkpoint, stem_mismatch)
                                   if checkpoint else None)
-        self._stage_names = {s + 1: f"p{int(math.log2(stride))}" for s, stride in enumerate(self.net.strides)}
-        names = list(self._stage_names.values())
-        self._out_features = list(out_features) if out_features else names
-        unknown = [n for n in self._out_features if n not in names]
-        if unknown:
-            raise ValueError(f"unknown out_features {unknown}; this backbone (patch {self.net.patch_size}) "
-                             f"has {names}")
-        self._out_feature_strides = {self._stage_names[s + 1]: st for s, st in enumerate(self.net.strides)}
-        self._out_feature_channels = {self._stage_names[s + 1]: c for s, c in enumerate(self.net.stage_dims)}
+        # detectron2's stride names for the model's maps, e.g. p3 <- stage2 (patch 4)
+        self.feature_info = [FeatureInfo(f"p{int(math.log2(i.stride))}", i.stride, i.channels)
+                             for i in self.net.feature_info]
+        self._model_names = {d2.name: i.name for d2, i in zip(self.feature_info, self.net.feature_info)}
+        try:
+            self._out_features = list(resolve_out_features(self.feature_info, out_features or None))
+        except ValueError as e:
+            raise ValueError(f"out_features: {e} (patch {self.net.patch_size})") from e
+        self._out_feature_strides = {i.name: i.stride for i in self.feature_info}
+        self._out_feature_channels = {i.name: i.channels for i in self.feature_info}
 
     @property
     def size_divisibility(self) -> int:
@@ -53,8 +55,7 @@ class MaxViTRNN(Backbone):
 
     def forward(self, x):
         features, _ = self.net(x)
-        named = {self._stage_names[s]: f for s, f in features.items()}
-        return {name: named[name] for name in self._out_features}
+        return {name: features[self._model_names[name]] for name in self._out_features}
 
 
 def add_maxvit_rnn_config(cfg: CfgNode) -> None:

@@ -1,19 +1,8 @@
-"""RVT as an mmdet detector: ``type='RecurrentYOLOX'`` and ``type='EventClipDataPreprocessor'``.
+"""RVT as an mmdet detector over event clips: ``type='RecurrentYOLOX'`` and ``type='EventClipDataPreprocessor'``.
 
-RVT (github.com/uzh-rpg/RVT, ``modules/detection.py``) runs a recurrent backbone over a clip of
-event representations, carrying the LSTM states from step to step, and computes the YOLOX loss on
-the features of the labelled frames only. Here the clip comes from
-:class:`rat_plugins.mm.rvt_data.RVTEventDataset`: one clip per labelled frame, the label on its last
-step, front-padded where the sequence is shorter than the clip (``valid`` / ``is_first`` masks in
-the data samples). Everything after the backbone is mmdet's ``YOLOX`` (neck, head, SimOTA, losses,
-inference); only feature extraction changes.
-
-Config sketch::
-
-    model = dict(type='RecurrentYOLOX',
-                 data_preprocessor=dict(type='EventClipDataPreprocessor'),   # pads to the backbone's multiple
-                 backbone=dict(type='MaxViTRNN', ...), neck=dict(type='RVTPAFPN', ...),
-                 bbox_head=dict(type='SizeAwareYOLOXHead', ...), train_cfg=..., test_cfg=...)
+mmdet's ``YOLOX`` (neck, head, SimOTA, losses, inference) whose features come from running the
+recurrent backbone over a clip and keeping its last, labelled step, as RVT's random-access
+training does (github.com/uzh-rpg/RVT, ``modules/detection.py``).
 """
 from typing import List, Optional, Tuple
 
@@ -25,7 +14,7 @@ from mmdet.structures import OptSampleList, SampleList
 from mmengine.model import BaseDataPreprocessor
 from torch import Tensor
 
-from ..models.maxvit_rnn import MaxVitRnn
+from .maxvit_rnn import MaxViTRNN
 
 __all__ = ["EventClipDataPreprocessor", "RecurrentYOLOX"]
 
@@ -36,10 +25,10 @@ class EventClipDataPreprocessor(BaseDataPreprocessor):
 
     RVT pads every event tensor with zeros at the bottom and right (``utils/padding.py``,
     ``InputPadderFromShape``, type ``corner``) to ``ceil(side / m) * m`` with ``m`` the backbone's
-    padding multiple (RVT: ``32 * partition_split_32``; here ``MaxVitRnn.pad_multiple``, the deepest
-    stride times ``partition_split``, which is RVT's value for patch 4 and half of it for patch 2).
-    The same rule pads every clip of the batch to the batch's largest height / width. Boxes need no
-    change: padding adds pixels after the image, never before it.
+    padding multiple (RVT: ``32 * partition_split_32``; here the backbone's ``pad_multiple``, the
+    deepest stride times ``partition_split``: RVT's value for patch 4, half of it for patch 2),
+    taking the batch's largest height / width. Boxes need no change: padding adds pixels after the
+    image, never before it.
 
     Counts stay counts: the tensor is only cast to float (RVT feeds raw histogram counts, no mean /
     std), so a uint8 count of 7 is 7.0 afterwards.
@@ -88,13 +77,11 @@ class EventClipDataPreprocessor(BaseDataPreprocessor):
 class RecurrentYOLOX(YOLOX):
     """mmdet's ``YOLOX`` whose backbone runs recurrently over event clips ``[B, T, C, H, W]``.
 
-    Feature extraction steps through the clip with the backbone's ``net`` (a
-    :class:`~rat_plugins.models.maxvit_rnn.MaxVitRnn`), carrying the LSTM states; per sample the
-    state is zeroed before a step where ``is_first`` is set (a sequence starts there) and left
-    untouched by a step where ``valid`` is False (front padding of a short clip), so padded steps
-    change nothing. Steps valid for no sample are skipped. The neck and head see the backbone maps of
-    the last step, the labelled frame, as RVT's random-access sampling does; loss, prediction and
-    ``_forward`` are otherwise mmdet's.
+    Feature extraction translates the data samples' ``valid`` / ``is_first`` masks (front padding
+    of a short clip, sequence starts) for the backbone's ``forward_clip``
+    (:meth:`rat_plugins.models.maxvit_rnn.MaxViTRNN.forward_clip` applies them). The neck and head
+    see the backbone maps of the last step, the labelled frame; loss, prediction and ``_forward``
+    are otherwise mmdet's.
 
     Every clip starts from a zero state: clips are sampled at random, so consecutive batches are
     not consecutive in time (RVT's streaming mode, which carries states across batches, is not
@@ -102,7 +89,7 @@ class RecurrentYOLOX(YOLOX):
     run as clips whose every step is valid, starting a new sequence at step 0.
 
     Args:
-        backbone: a backbone with a recurrent ``net`` and ``out_indices`` (``type='MaxViTRNN'``).
+        backbone: the recurrent backbone (``type='MaxViTRNN'``).
         **kwargs: ``YOLOX`` arguments (neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
             init_cfg). A ``data_preprocessor`` with ``pad_size_divisor=None`` gets the backbone's
             padding multiple.
@@ -110,17 +97,17 @@ class RecurrentYOLOX(YOLOX):
 
     def __init__(self, backbone: dict, **kwargs):
         super().__init__(backbone=backbone, **kwargs)
-        net = getattr(self.backbone, "net", None)
-        if not isinstance(net, MaxVitRnn) or not hasattr(self.backbone, "out_indices"):
-            raise TypeError(f"RecurrentYOLOX needs a recurrent backbone with .net (MaxVitRnn) and .out_indices "
-                            f"(type='MaxViTRNN'), got {type(self.backbone).__name__}")
+        if not isinstance(self.backbone, MaxViTRNN):
+            raise TypeError(f"RecurrentYOLOX needs a recurrent backbone (type='MaxViTRNN'), "
+                            f"got {type(self.backbone).__name__}")
+        multiple = self.backbone.pad_multiple
         preprocessor = self.data_preprocessor
         if isinstance(preprocessor, EventClipDataPreprocessor):
             if preprocessor.pad_size_divisor is None:
-                preprocessor.pad_size_divisor = net.pad_multiple
-            elif preprocessor.pad_size_divisor % net.pad_multiple:
+                preprocessor.pad_size_divisor = multiple
+            elif preprocessor.pad_size_divisor % multiple:
                 raise ValueError(f"data_preprocessor.pad_size_divisor={preprocessor.pad_size_divisor} is not a "
-                                 f"multiple of the backbone's padding multiple {net.pad_multiple}; leave it None")
+                                 f"multiple of the backbone's padding multiple {multiple}; leave it None")
 
     @staticmethod
     def clip_masks(batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, Tensor]:
@@ -140,37 +127,12 @@ class RecurrentYOLOX(YOLOX):
             raise ValueError("the last step of every clip must be valid: it is the labelled frame")
         return valid, is_first
 
-    def backbone_clip_features(self, batch_inputs: Tensor, valid: Tensor, is_first: Tensor) -> Tuple[Tensor, ...]:
-        """Backbone maps (``out_indices``) of the last step after running the clip recurrently."""
-        net: MaxVitRnn = self.backbone.net
-        states = None
-        features = None
-        for t in range(batch_inputs.shape[1]):
-            if not valid[:, t].any():
-                continue
-            states = net.reset_states(states, is_first[:, t])
-            features, new_states = net(batch_inputs[:, t], states)
-            states = self._keep_where_invalid(states, new_states, valid[:, t])
-        return tuple(features[i + 1] for i in self.backbone.out_indices)
-
-    @staticmethod
-    def _keep_where_invalid(old, new, valid: Tensor):
-        """``new`` states for the valid samples, ``old`` (zero where there is none yet) for the others."""
-        if bool(valid.all()):
-            return new
-        keep = valid.view(-1, 1, 1, 1)
-        out = []
-        for s, (h, c) in enumerate(new):
-            h0, c0 = (torch.zeros_like(h), torch.zeros_like(c)) if old is None or old[s] is None else old[s]
-            out.append((torch.where(keep, h, h0), torch.where(keep, c, c0)))
-        return out
-
     def extract_feat(self, batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, ...]:
         """Neck output for a clip ``[B, T, C, H, W]`` (or a single step ``[B, C, H, W]``)."""
         if batch_inputs.ndim == 4:
             batch_inputs = batch_inputs[:, None]
         valid, is_first = self.clip_masks(batch_inputs, batch_data_samples)
-        x = self.backbone_clip_features(batch_inputs, valid, is_first)
+        x = self.backbone.forward_clip(batch_inputs, valid=valid, is_first=is_first)
         return self.neck(x) if self.with_neck else x
 
     # mmdet's SingleStageDetector bodies, passing the samples (they hold the masks) to extract_feat

@@ -1,57 +1,14 @@
-"""MaxViT-RNN: the recurrent event-camera backbone of RVT, with the official key layout.
+"""MaxViT-RNN: the recurrent event-camera backbone of RVT, with the official checkpoint layout.
 
-Paper: Gehrig & Scaramuzza, "Recurrent Vision Transformers for Object Detection with Event
-Cameras", CVPR 2023. Official code: github.com/uzh-rpg/RVT
-(``models/detection/recurrent_backbone/maxvit_rnn.py``, ``models/layers/maxvit/maxvit.py``,
-``models/layers/rnn.py``). Plain PyTorch; no detectron2 / OpenMMLab import.
-
-Architecture (RVT's published configuration; see ``shared/formats.md`` section 8):
-
-- Four stages. Each: overlapping conv downsample (kernel ``2f-1``, stride ``f``, padding ``f-1``,
-  no bias; ``f`` = ``patch_size`` for the stem, 2 after it) + channels-last LayerNorm, then
-  ``depths[s]`` pairs of [window-attention block, grid-attention block], then a ConvLSTM whose
-  hidden state is the stage output. Stage strides ``patch * 2^(s-1)``, channels
-  ``embed_dim * (1, 2, 4, 8)``.
-- Blocks are pre-norm with LayerScale; the first window block of each stage has no ``norm1``
-  (its input is the downsample's LayerNorm output). MLP ``C -> 4C -> C`` with exact GELU. No
-  relative position bias, no positional encoding, no MBConv.
-- Sizes (``embed_dim`` / ``dim_head``): tiny 32 / 32, small 48 / 24, base 64 / 32; one block pair
-  per stage; 20 input channels (stacked histogram, 10 bins x 2 polarities).
-
-Input padding and partition rule (``pad_multiple = deepest stride * partition_split``):
-
-    deepest_stride = patch_size * 8                      (32 for patch 4, 16 for patch 2)
-    pad_multiple   = deepest_stride * partition_split
-    H_pad          = ceil(H / pad_multiple) * pad_multiple     (same for W; zeros at bottom / right)
-    partition      = (H_pad / pad_multiple, W_pad / pad_multiple)
-
-The partition is the window size (tokens per side) of window attention and the cell count of
-grid attention, the same in every stage. For patch 4 this is exactly RVT's rule (RVT pads to
-``32 * partition_split_32``); for patch 2 RVT's hard-coded 32 would pad twice as much as needed, so
-the multiple follows the deepest stride instead. Either way stage ``s`` holds
-``partition_split * 2^(4-s)`` windows per axis. With patch 2 the same input gives a partition twice
-as large per axis (4x the tokens per window) as with patch 4; doubling ``partition_split`` keeps
-the patch-4 window size instead. Output maps cover the padded input: stage ``s`` is
-``H_pad / stride_s`` high, and detections decode in padded-input pixels, as in RVT.
-
-Recurrent state: ``forward(x, prev_states)`` runs one time step and returns
-``({1: f1, ..., 4: f4}, states)`` with ``states`` a list of four ``(h, c)`` pairs (None = zero
-state); :meth:`MaxVitRnn.forward_clip` runs a ``[B, T, C, H, W]`` clip, resetting the state of
-the samples whose sequence starts at a step.
-
-Checkpoints: ``state_dict`` keys are RVT's backbone keys without the ``mdl.backbone.`` prefix
-(124 tensors for every size with one block pair per stage). :func:`load_rvt_checkpoint` reads an
-official Lightning file with ``weights_only=True``, loads the backbone strictly and reports what it
-found; a patch-4 checkpoint in a patch-2 model gets a re-initialised stem conv (logged).
-Not implemented: RVT's optional token masking (``enable_masking``, off in all published
-configs) and the depthwise conv option of its LSTM (``dws_conv``, off as well).
+Gehrig & Scaramuzza, "Recurrent Vision Transformers for Object Detection with Event Cameras", CVPR 2023
+(github.com/uzh-rpg/RVT). Four stages of conv downsample, window / grid attention and a ConvLSTM whose
+hidden state is the stage output; :meth:`MaxViTRNN.forward_clip` runs clips with per-sample sequence
+starts and padding masks. Key layout and sizes: docs/formats.md, "RVT checkpoints".
 """
 import logging
 import math
 import os
-import pickle
 import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -59,6 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..utils.checkpoint_io import find_state_dict, read_checkpoint
+from .features import FeatureInfo
 
 __all__ = [
     "OverlapConvDownsample",
@@ -70,13 +30,16 @@ __all__ = [
     "PartitionAttentionBlock",
     "WindowGridBlockPair",
     "ConvLstmCell",
-    "MaxVitRnnStage",
+    "MaxViTRNNStage",
+    "MaxViTRNN",
     "MaxVitRnn",
-    "RvtCheckpointReport",
+    "RVTCheckpointReport",
     "MAXVIT_RNN_VARIANTS",
     "RVT_BACKBONE_PREFIX",
+    "rvt_stage_names",
     "convert_rvt_to_maxvit_rnn",
     "rvt_backbone_architecture",
+    "read_rvt_checkpoint",
     "load_rvt_checkpoint",
     "create_maxvit_rnn",
     "maxvit_rnn_tiny",
@@ -87,6 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 State = Tuple[torch.Tensor, torch.Tensor]  # (hidden, cell) of one stage, NCHW each
+States = Optional[Sequence[Optional[State]]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +221,7 @@ class ConvLstmCell(nn.Module):
         return h, c
 
 
-class MaxVitRnnStage(nn.Module):
+class MaxViTRNNStage(nn.Module):
     """Downsample -> block pairs -> ConvLSTM. NCHW in; the LSTM hidden state (NCHW) out."""
 
     def __init__(self, in_chs: int, dim: int, factor: int, depth: int = 1, **block_kwargs):
@@ -281,19 +245,32 @@ class MaxVitRnnStage(nn.Module):
 # model
 
 
-class MaxVitRnn(nn.Module):
+def rvt_stage_names(in_stages: Sequence[int]) -> Tuple[str, ...]:
+    """RVT's 1-based ``in_stages`` (e.g. ``[2, 3, 4]``) -> feature names (``stage2`` ...)."""
+    return tuple(f"stage{int(s)}" for s in in_stages)
+
+
+class MaxViTRNN(nn.Module):
     """RVT's recurrent MaxViT backbone.
+
+    Outputs follow the feature contract (:mod:`rat_plugins.models.features`): ``feature_info``
+    names the four stage maps ``stage1`` .. ``stage4`` (RVT's 1-based stage numbers, see
+    :func:`rvt_stage_names`), strides ``patch * 2^(s-1)``, channels ``embed_dim * dim_multiplier``.
+
+    Inputs are zero-padded bottom / right to a multiple of ``pad_multiple = deepest stride *
+    partition_split``; the partition (window size and grid cell count, tokens per axis, the same
+    in every stage) is ``padded side / pad_multiple``. For patch 4 this is RVT's rule (``32 *
+    partition_split``); for patch 2 the multiple follows the deepest stride (16) instead of RVT's
+    hard-coded 32. Output maps cover the padded input.
 
     Args:
         in_chans: input channels (20 for RVT's stacked histograms: 2 polarities x 10 time bins).
-        embed_dim: stage-1 channels; stage ``s`` has ``embed_dim * dim_multiplier[s-1]``.
+        embed_dim: stage-1 channels.
         dim_multiplier: per-stage channel multipliers (RVT: 1, 2, 4, 8).
         depths: window/grid block pairs per stage (RVT: 1 each).
         dim_head: channels per attention head (heads = stage channels / dim_head).
-        patch_size: stem downsampling factor, 2 or 4 (strides ``patch * 2^(s-1)``).
-        partition_split: the deepest stage holds ``partition_split`` windows per axis; sets the
-            padding multiple and the partition size (module docstring). RVT: 1 for Gen1, 2 for
-            1Mpx / eTraM.
+        patch_size: stem downsampling factor, 2 or 4.
+        partition_split: windows per axis in the deepest stage (RVT: 1 for Gen1, 2 for 1Mpx / eTraM).
         mlp_ratio: MLP hidden width / channels.
         ls_init_value: LayerScale initial value (0 or None: no LayerScale, and no ``gamma`` keys).
         norm_eps: LayerNorm eps inside the blocks.
@@ -325,11 +302,11 @@ class MaxVitRnn(nn.Module):
                             norm_eps=norm_eps, drop=drop)
         stages, prev = [], in_chans
         for s, (dim, depth) in enumerate(zip(self.stage_dims, self.depths)):
-            stages.append(MaxVitRnnStage(prev, dim, patch_size if s == 0 else 2, depth, **block_kwargs))
+            stages.append(MaxViTRNNStage(prev, dim, patch_size if s == 0 else 2, depth, **block_kwargs))
             prev = dim
         self.stages = nn.ModuleList(stages)
-        self.feature_info = [dict(num_chs=c, reduction=r, module=f"stages.{s}")
-                             for s, (c, r) in enumerate(zip(self.stage_dims, self.strides))]
+        self.feature_info = [FeatureInfo(name, stride, dim) for name, stride, dim in
+                             zip(rvt_stage_names(range(1, 5)), self.strides, self.stage_dims)]
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -345,8 +322,8 @@ class MaxVitRnn(nn.Module):
 
     # -- recurrent forward ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, prev_states: Optional[Sequence[Optional[State]]] = None
-                ) -> Tuple[Dict[int, torch.Tensor], List[State]]:
+    def forward_features(self, x: torch.Tensor, prev_states: States = None
+                         ) -> Tuple[Dict[str, torch.Tensor], List[State]]:
         """One time step.
 
         Args:
@@ -355,7 +332,7 @@ class MaxVitRnn(nn.Module):
                 single None entry zeroes that stage only).
 
         Returns:
-            ``({1: [B, C1, H_pad / s1, W_pad / s1], ..., 4: ...}, states)``.
+            ``({'stage1': [B, C1, H_pad / s1, W_pad / s1], ..., 'stage4': ...}, states)``.
         """
         if x.ndim != 4:
             raise ValueError(f"expected [B, C, H, W], got shape {tuple(x.shape)} (use forward_clip for clips)")
@@ -368,26 +345,33 @@ class MaxVitRnn(nn.Module):
             prev_states = [None] * len(self.stages)
         if len(prev_states) != len(self.stages):
             raise ValueError(f"prev_states has {len(prev_states)} entries, expected {len(self.stages)}")
-        features: Dict[int, torch.Tensor] = {}
+        features: Dict[str, torch.Tensor] = {}
         states: List[State] = []
-        for s, stage in enumerate(self.stages):
-            x, state = stage(x, partition, prev_states[s])
-            features[s + 1] = x
+        for info, stage, prev in zip(self.feature_info, self.stages, prev_states):
+            x, state = stage(x, partition, prev)
+            features[info.name] = x
             states.append(state)
         return features, states
 
-    def forward_clip(self, clip: torch.Tensor, prev_states: Optional[Sequence[Optional[State]]] = None,
-                     sequence_start: Optional[torch.Tensor] = None, return_all: bool = True
-                     ) -> Tuple[Dict[int, torch.Tensor], List[State]]:
-        """Run a clip step by step, carrying the state.
+    def forward(self, x: torch.Tensor, prev_states: States = None) -> Tuple[Dict[str, torch.Tensor], List[State]]:
+        """One time step: :meth:`forward_features`."""
+        return self.forward_features(x, prev_states)
+
+    def forward_clip(self, clip: torch.Tensor, prev_states: States = None, *, return_all: bool = True,
+                     valid: Optional[torch.Tensor] = None, is_first: Optional[torch.Tensor] = None
+                     ) -> Tuple[Dict[str, torch.Tensor], States]:
+        """Run a clip step by step, carrying the state, with per-sample sequence starts and padding.
 
         Args:
             clip: [B, T, in_chans, H, W].
             prev_states: state after the previous clip (e.g. the last batch of a stream), or None.
-            sequence_start: bool [B] (a sample's sequence starts at step 0 of this clip) or [B, T]
-                (starts at step t): that sample's state is zeroed before the step.
-            return_all: True: every step's features, ``{s: [B, T, C_s, H_s, W_s]}``; False: only
-                the last step's, ``{s: [B, C_s, H_s, W_s]}``.
+            return_all: True: every step's features, ``{name: [B, T, C, H_s, W_s]}``; False: only
+                the last step's, ``{name: [B, C, H_s, W_s]}``.
+            valid: bool [B, T], or None (all valid). A step that is not valid for a sample (front
+                padding of a short clip) leaves that sample's state untouched and gives it zero
+                features; a step valid for no sample is not run.
+            is_first: bool [B] (a sample's sequence starts at step 0) or [B, T] (starts at step t):
+                that sample's state is zeroed before the step.
 
         Returns:
             ``(features, states)`` with the states after the last step (detach them with
@@ -396,30 +380,62 @@ class MaxVitRnn(nn.Module):
         if clip.ndim != 5:
             raise ValueError(f"expected a clip [B, T, C, H, W], got shape {tuple(clip.shape)}")
         B, T = clip.shape[:2]
-        starts = None
-        if sequence_start is not None:
-            starts = torch.as_tensor(sequence_start, dtype=torch.bool, device=clip.device)
-            if starts.shape == (B,):
-                starts = torch.cat([starts[:, None], starts.new_zeros(B, T - 1)], dim=1)
-            if starts.shape != (B, T):
-                raise ValueError(f"sequence_start must be [B] or [B, T] = [{B}] or [{B}, {T}], "
-                                 f"got {tuple(starts.shape)}")
+        starts = self._clip_mask(is_first, "is_first", B, T, clip.device, per_sample_ok=True)
+        valid = self._clip_mask(valid, "valid", B, T, clip.device, per_sample_ok=False)
         states = prev_states
-        steps: List[Dict[int, torch.Tensor]] = []
-        feats: Dict[int, torch.Tensor] = {}
+        steps: List[Dict[str, torch.Tensor]] = []
+        feats: Optional[Dict[str, torch.Tensor]] = None
         for t in range(T):
             if starts is not None:
                 states = self.reset_states(states, starts[:, t])
-            feats, states = self(clip[:, t], states)
+            keep = return_all or t == T - 1
+            if valid is not None and not bool(valid[:, t].any()):
+                feats = self._zero_features(clip) if keep else None
+            else:
+                feats, new_states = self(clip[:, t], states)
+                if valid is not None and not bool(valid[:, t].all()):
+                    new_states = self._keep_where_invalid(states, new_states, valid[:, t])
+                    if keep:
+                        mask = valid[:, t].view(-1, 1, 1, 1)
+                        feats = {n: torch.where(mask, f, torch.zeros_like(f)) for n, f in feats.items()}
+                states = new_states
             if return_all:
                 steps.append(feats)
         if return_all:
-            feats = {s: torch.stack([step[s] for step in steps], dim=1) for s in steps[0]}
+            feats = {n: torch.stack([step[n] for step in steps], dim=1) for n in steps[0]}
         return feats, states
 
     @staticmethod
-    def reset_states(states: Optional[Sequence[Optional[State]]], reset: torch.Tensor
-                     ) -> Optional[List[Optional[State]]]:
+    def _clip_mask(mask, name: str, B: int, T: int, device, per_sample_ok: bool) -> Optional[torch.Tensor]:
+        """A bool [B, T] mask (None stays None); a [B] ``is_first`` marks step 0."""
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask, dtype=torch.bool, device=device)
+        if per_sample_ok and mask.shape == (B,):
+            mask = torch.cat([mask[:, None], mask.new_zeros(B, T - 1)], dim=1)
+        if mask.shape != (B, T):
+            want = f"[{B}] or [{B}, {T}]" if per_sample_ok else f"[{B}, {T}]"
+            raise ValueError(f"{name} must be {want} (B, T of the clip), got {tuple(mask.shape)}")
+        return mask
+
+    def _zero_features(self, clip: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The maps of one step, all zeros (a step valid for no sample)."""
+        hp, wp = self.padded_size(*clip.shape[-2:])
+        return {info.name: clip.new_zeros(clip.shape[0], info.channels, hp // info.stride, wp // info.stride)
+                for info in self.feature_info}
+
+    @staticmethod
+    def _keep_where_invalid(old: States, new: Sequence[State], valid: torch.Tensor) -> List[State]:
+        """``new`` states for the valid samples, ``old`` (zero where there is none yet) for the others."""
+        keep = valid.view(-1, 1, 1, 1)
+        out = []
+        for s, (h, c) in enumerate(new):
+            h0, c0 = (torch.zeros_like(h), torch.zeros_like(c)) if old is None or old[s] is None else old[s]
+            out.append((torch.where(keep, h, h0), torch.where(keep, c, c0)))
+        return out
+
+    @staticmethod
+    def reset_states(states: States, reset: torch.Tensor) -> Optional[List[Optional[State]]]:
         """Zero the state of the samples where ``reset`` (bool [B]) is True; others untouched."""
         if states is None:
             return None
@@ -433,11 +449,14 @@ class MaxVitRnn(nn.Module):
         return out
 
     @staticmethod
-    def detach_states(states: Optional[Sequence[Optional[State]]]) -> Optional[List[Optional[State]]]:
+    def detach_states(states: States) -> Optional[List[Optional[State]]]:
         """States without their graph (RVT detaches them between training batches)."""
         if states is None:
             return None
         return [None if s is None else (s[0].detach(), s[1].detach()) for s in states]
+
+
+MaxVitRnn = MaxViTRNN  # the earlier spelling of the class name, kept as an alias
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,10 +477,11 @@ RVT_BACKBONE_PREFIX = "mdl.backbone."
 _STEM_KEY = "stages.0.downsample_cf2cl.conv.weight"
 _STAGE_KEY = re.compile(r"stages\.(\d+)\.")
 _BLOCK_KEY = re.compile(r"stages\.(\d+)\.att_blocks\.(\d+)\.")
+_LIGHTNING_META = ("epoch", "global_step", "pytorch-lightning_version")
 
 
 @dataclass
-class RvtCheckpointReport:
+class RVTCheckpointReport:
     """What :func:`load_rvt_checkpoint` found and did.
 
     Attributes:
@@ -491,7 +511,7 @@ def _ignored_prefix(key: str) -> str:
 
 def convert_rvt_to_maxvit_rnn(state_dict: Dict[str, torch.Tensor]
                               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
-    """RVT detector state dict -> (:class:`MaxVitRnn` state dict, ignored prefixes with counts).
+    """RVT detector state dict -> (:class:`MaxViTRNN` state dict, ignored prefixes with counts).
 
     Pure function. Accepts the Lightning module's keys (``mdl.backbone.*``), the detector's
     (``backbone.*``) or already stripped ones (``stages.*``); ``fpn`` / ``yolox_head`` keys are
@@ -536,44 +556,35 @@ def _suggest(arch: dict) -> str:
     dims = arch.get("stage_dims") or (None,)
     variant = {v["embed_dim"]: name for name, v in MAXVIT_RNN_VARIANTS.items()}.get(dims[0])
     if variant is None:
-        return f"build MaxVitRnn(embed_dim={dims[0]}, in_chans={arch.get('in_chans')}, ...) to match it"
+        return f"build MaxViTRNN(embed_dim={dims[0]}, in_chans={arch.get('in_chans')}, ...) to match it"
     return (f"build it with maxvit_rnn_{variant}(in_chans={arch.get('in_chans')}, "
             f"patch_size=...) (RVT-{variant[0].upper()} sizes)")
 
 
-def _read_lightning_file(path: str) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        text = f"{e} {e.__context__ or ''}"
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            why = (f"it pickles an object of class {found.group(1)}, which torch.load(weights_only=True) "
-                   "refuses (Lightning files written by old torch versions can hold optimizer / scheduler "
-                   "objects). Fix: in a trusted environment re-save only the weights: "
-                   f"torch.save({{'state_dict': torch.load({path!r}, weights_only=False)['state_dict']}}, "
-                   "'rvt_weights.ckpt'), and load that file")
-        else:
-            first = (str(e.__context__ or e).strip().splitlines() or [type(e).__name__])[0]
-            why = (f"torch.load(weights_only=True) failed: {first}. Fix: point to an RVT Lightning "
-                   "checkpoint (.ckpt) or a torch.save'd {'state_dict': ...}")
-        raise ValueError(f"{path} is not a loadable RVT checkpoint ({why})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"state_dict": obj}
-    what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"{path} is not an RVT checkpoint: expected {{'state_dict': {{'mdl.backbone.*': ...}}}}, "
-                     f"found {what}. Fix: point to an official RVT .ckpt file")
+def read_rvt_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """``(state_dict, Lightning metadata)`` of an RVT file, read weights-only.
+
+    The file is a Lightning checkpoint (``{'state_dict': {'mdl.backbone.*', 'mdl.fpn.*',
+    'mdl.yolox_head.*'}, 'epoch', ...}``: plain containers, numbers and strings, so no allow-list) or
+    a bare state dict. One reader for every part of an RVT checkpoint (backbone, PAFPN).
+    """
+    path = os.fspath(path)
+    unsafe_fix = ("Lightning files written by old torch versions can hold optimizer / scheduler objects. Fix: in "
+                  "a trusted environment re-save only the weights: torch.save({'state_dict': "
+                  f"torch.load({path!r}, weights_only=False)['state_dict']}}, 'rvt_weights.ckpt'), and load that file")
+    obj = read_checkpoint(path, what="RVT checkpoint", unsafe_fix=unsafe_fix,
+                          missing_fix="Put the official RVT weights (e.g. rvt-t.ckpt / rvt-s.ckpt / rvt-b.ckpt) "
+                                      "there, or build the model without a checkpoint")
+    state_dict = find_state_dict(obj, path=path, what="RVT state dict", wrappers=("state_dict",), strip_prefix=None)
+    wrapped = isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+    meta = {k: obj[k] for k in _LIGHTNING_META if k in obj} if wrapped else {}
+    return state_dict, meta
 
 
-def load_rvt_checkpoint(model: MaxVitRnn, path, stem_mismatch: str = "reinit") -> RvtCheckpointReport:
-    """Load the backbone of an RVT Lightning checkpoint into ``model`` (strictly).
+def load_rvt_checkpoint(model: MaxViTRNN, path, stem_mismatch: str = "reinit") -> RVTCheckpointReport:
+    """Load the backbone of an RVT checkpoint (:func:`read_rvt_checkpoint`) into ``model``, strictly.
 
-    The file (``{'state_dict': {'mdl.backbone.*', 'mdl.fpn.*', 'mdl.yolox_head.*'}, 'epoch', ...}``
-    or a bare state dict) is read with ``torch.load(weights_only=True)`` and no allow-list: the
-    Lightning entries are plain containers, numbers and strings. Keys are stripped of
-    ``mdl.backbone.``; the neck / head keys are counted and ignored.
+    Keys are stripped of ``mdl.backbone.``; the neck / head keys are counted and ignored.
 
     Args:
         model: the backbone to fill.
@@ -584,7 +595,7 @@ def load_rvt_checkpoint(model: MaxVitRnn, path, stem_mismatch: str = "reinit") -
             raises.
 
     Returns:
-        :class:`RvtCheckpointReport` (also logged).
+        :class:`RVTCheckpointReport` (also logged).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -593,23 +604,17 @@ def load_rvt_checkpoint(model: MaxVitRnn, path, stem_mismatch: str = "reinit") -
     if stem_mismatch not in ("reinit", "error"):
         raise ValueError(f"stem_mismatch must be 'reinit' or 'error', got {stem_mismatch!r}")
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"RVT checkpoint not found: {path}. Put the official RVT weights "
-                                f"(e.g. rvt-t.ckpt / rvt-s.ckpt / rvt-b.ckpt) there, or build the backbone "
-                                f"without a checkpoint")
-    ckpt = _read_lightning_file(path)
-    backbone, ignored = convert_rvt_to_maxvit_rnn(ckpt["state_dict"])
+    state_dict, meta = read_rvt_checkpoint(path)
+    backbone, ignored = convert_rvt_to_maxvit_rnn(state_dict)
     if not backbone:
         raise ValueError(f"{path} holds no RVT backbone weights (no '{RVT_BACKBONE_PREFIX}stages.*' keys; "
                          f"found prefixes {ignored}). Fix: point to an RVT detector checkpoint")
-    report = RvtCheckpointReport(path=path, ignored=ignored,
-                                 meta={k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version")
-                                       if k in ckpt})
+    report = RVTCheckpointReport(path=path, ignored=ignored, meta=meta)
 
     found, want = rvt_backbone_architecture(backbone), rvt_backbone_architecture(model.state_dict())
     differs = [k for k in ("in_chans", "stage_dims", "depths", "mlp_hidden") if found.get(k) != want.get(k)]
     if differs:
-        raise ValueError(f"{path} does not fit this MaxVitRnn: the checkpoint has {_describe(found)}; the model "
+        raise ValueError(f"{path} does not fit this MaxViTRNN: the checkpoint has {_describe(found)}; the model "
                          f"has {_describe(want)} (differs in {', '.join(differs)}). Fix: {_suggest(found)}")
 
     if found.get("patch_size") != want.get("patch_size"):
@@ -630,7 +635,7 @@ def load_rvt_checkpoint(model: MaxVitRnn, path, stem_mismatch: str = "reinit") -
         model.load_state_dict(backbone, strict=True)
     except RuntimeError as e:  # e.g. a norm1 where this layout has none: not an RVT MaxViT-RNN
         detail = " ".join(str(e).split())
-        raise ValueError(f"{path} does not load strictly into MaxVitRnn ({detail}). Fix: point to an RVT "
+        raise ValueError(f"{path} does not load strictly into MaxViTRNN ({detail}). Fix: point to an RVT "
                          f"MaxViT-RNN checkpoint, or build the model with the checkpoint's sizes") from e
     # a re-initialised stem conv was not loaded from the file
     report.loaded = len(backbone) - (0 if report.stem == "loaded" else 1)
@@ -642,23 +647,23 @@ def load_rvt_checkpoint(model: MaxVitRnn, path, stem_mismatch: str = "reinit") -
 # factory functions
 
 
-def create_maxvit_rnn(variant: str = "tiny", **kwargs) -> MaxVitRnn:
-    """MaxVitRnn of a published size (``tiny`` / ``small`` / ``base``), any argument overridable."""
+def create_maxvit_rnn(variant: str = "tiny", **kwargs) -> MaxViTRNN:
+    """MaxViTRNN of a published size (``tiny`` / ``small`` / ``base``), any argument overridable."""
     if variant not in MAXVIT_RNN_VARIANTS:
         raise ValueError(f"unknown MaxViT-RNN variant {variant!r}; choose from {sorted(MAXVIT_RNN_VARIANTS)}")
-    return MaxVitRnn(**{**MAXVIT_RNN_VARIANTS[variant], **kwargs})
+    return MaxViTRNN(**{**MAXVIT_RNN_VARIANTS[variant], **kwargs})
 
 
-def maxvit_rnn_tiny(**kwargs) -> MaxVitRnn:
+def maxvit_rnn_tiny(**kwargs) -> MaxViTRNN:
     """RVT-T backbone: embed 32, dim_head 32."""
     return create_maxvit_rnn("tiny", **kwargs)
 
 
-def maxvit_rnn_small(**kwargs) -> MaxVitRnn:
+def maxvit_rnn_small(**kwargs) -> MaxViTRNN:
     """RVT-S backbone: embed 48, dim_head 24."""
     return create_maxvit_rnn("small", **kwargs)
 
 
-def maxvit_rnn_base(**kwargs) -> MaxVitRnn:
+def maxvit_rnn_base(**kwargs) -> MaxViTRNN:
     """RVT-B backbone: embed 64, dim_head 32."""
     return create_maxvit_rnn("base", **kwargs)

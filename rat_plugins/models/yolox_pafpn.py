@@ -1,46 +1,22 @@
-"""YOLOX-style PAFPN over any number (>= 2) of backbone stages, loading RVT's ``mdl.fpn.*`` weights.
+"""YOLOX-style PAFPN over any number (>= 2) of backbone maps, loading RVT's ``mdl.fpn.*`` weights.
 
-Paper: Ge et al., "YOLOX: Exceeding YOLO Series in 2021"; used as the neck of RVT (Gehrig &
-Scaramuzza, CVPR 2023; official code github.com/uzh-rpg/RVT,
-``models/detection/yolox_extension/models/yolo_pafpn.py``). Plain PyTorch; no detectron2 /
-OpenMMLab import.
-
-Structure, with input levels ``0 .. n-1`` ordered fine to coarse and channels ``C_0 .. C_{n-1}``
-(the backbone's actual stage channels; RVT removed YOLOX's width multiplier, so there is none here):
-
-- top-down step ``k = 0 .. n-2`` works at level ``j = n-1-k``: ``lateral_convs[k]`` (1x1 conv-BN-act,
-  ``C_j -> C_{j-1}``) on the coarsest input (k = 0) or the previous top-down output; nearest
-  upsampling to level ``j-1``; concatenation ``[upsampled, input_{j-1}]``; ``top_down_blocks[k]``
-  (CSP layer ``2 C_{j-1} -> C_{j-1}``). The last top-down output is output 0 (the finest).
-- bottom-up step ``k = 0 .. n-2`` goes from level ``k`` to ``k+1``: ``downsample_convs[k]`` (3x3
-  stride-2 conv-BN-act, ``C_k -> C_k``; depthwise-separable with ``depthwise=True``);
-  concatenation ``[downsampled, lateral output at level k+1]`` (``lateral_convs[n-2-k]``); then
-  ``bottom_up_blocks[k]`` (CSP layer ``2 C_k -> C_{k+1}``) gives output ``k+1``.
-- CSP layer (YOLOv5's C3): two 1x1 branches of ``C_out/2`` channels, ``round(3 * depth)``
-  bottlenecks (1x1 then 3x3, no residual inside the PAFPN) on the first, concatenation, 1x1 to
-  ``C_out``. Conv-BN-act is ``Conv2d(bias=False)`` + ``BatchNorm2d`` (torch defaults, as RVT) +
-  SiLU by default.
-
-Outputs keep each input's resolution and channels. For three levels this is exactly RVT's
-``YOLOPAFPN``; four levels (e.g. ``in_stages`` [1, 2, 3, 4] with a patch-2 backbone) add one more
-top-down and one more bottom-up step, which the official code refuses. ``out_channels`` adds a 1x1
-conv-BN-act per level (``out_convs``) so that heads expecting one width (mmdet's ``YOLOXHead``)
-can follow; its layout is that of RVT's head ``stems`` (``C_i -> int(256 * C_last / 1024)``).
-
-RVT checkpoints: :data:`RVT_FPN_MODULES` / :func:`rvt_fpn_key_map` document how the official
-module names map onto these (sub-module names inside each block are the official ones, so only the
-prefix changes); :func:`convert_rvt_to_yolox_pafpn` is the pure converter and
-:func:`load_rvt_fpn` loads strictly. RVT sizes: tiny ``depth=0.33`` (one bottleneck, 144 tensors
-for three levels), small / base ``depth=0.67``.
+Ge et al., "YOLOX: Exceeding YOLO Series in 2021"; the neck of RVT (github.com/uzh-rpg/RVT,
+``models/detection/yolox_extension/models/yolo_pafpn.py``). Three levels are exactly RVT's
+``YOLOPAFPN``; four levels (a patch-2 backbone) add one top-down and one bottom-up step. Key layout:
+docs/formats.md, "RVT checkpoints".
 """
 import logging
 import os
 from collections import Counter
+from functools import partial
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .features import select_features
+from .maxvit_rnn import read_rvt_checkpoint
 
 __all__ = [
     "ConvNormAct",
@@ -59,9 +35,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
-    "silu": lambda: nn.SiLU(inplace=True),
-    "relu": lambda: nn.ReLU(inplace=True),
-    "lrelu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "silu": partial(nn.SiLU, inplace=True),
+    "relu": partial(nn.ReLU, inplace=True),
+    "lrelu": partial(nn.LeakyReLU, 0.1, inplace=True),
 }
 
 
@@ -151,33 +127,43 @@ class CspLayer(nn.Module):
 
 
 class YoloxPafpn(nn.Module):
-    """YOLOX PAFPN over ``len(in_channels) >= 2`` levels (see the module docstring for the wiring).
+    """YOLOX PAFPN over ``n = len(in_channels) >= 2`` levels, fine to coarse.
+
+    Top-down step ``k = 0 .. n-2`` at level ``j = n-1-k``: ``lateral_convs[k]`` (1x1, ``C_j ->
+    C_{j-1}``) on the coarsest input or the previous top-down output, nearest upsampling,
+    ``cat[upsampled, input_{j-1}]``, ``top_down_blocks[k]`` (CSP ``2 C_{j-1} -> C_{j-1}``); the
+    last top-down output is output 0. Bottom-up step ``k``: ``downsample_convs[k]`` (3x3 stride 2,
+    ``C_k -> C_k``), ``cat[downsampled, lateral output at level k+1]``, ``bottom_up_blocks[k]`` (CSP
+    ``2 C_k -> C_{k+1}``) gives output ``k+1``. CSP layers have ``round(3 * depth)`` bottlenecks
+    without residual. Outputs keep each input's resolution and channels (RVT has no width
+    multiplier).
 
     Args:
         in_channels: channels of the input maps, fine to coarse (each level half the resolution of
             the previous one).
-        depth: depth multiplier; every CSP layer has ``round(3 * depth)`` bottlenecks (RVT: tiny
-            0.33, small / base 0.67).
-        in_stages: 1-based backbone stage numbers of the inputs (RVT's ``in_stages``), used only
-            when :meth:`forward` gets a ``{stage: map}`` dict (as :class:`MaxVitRnn` returns).
+        depth: depth multiplier (RVT: tiny 0.33, small / base 0.67).
+        in_features: names of the maps to take when :meth:`forward` gets a ``{name: map}`` dict
+            (e.g. ``rvt_stage_names(in_stages)`` for a MaxViT-RNN); None takes the dict's maps in
+            order.
         depthwise: depthwise-separable 3x3 convs (bottlenecks and bottom-up downsampling).
         act: ``silu`` (RVT) / ``relu`` / ``lrelu``.
         out_channels: None keeps the per-level channels (RVT); an int adds ``out_convs``, a 1x1
-            conv-BN-act per level to that width (RVT's head ``stems``).
+            conv-BN-act per level to that width (the layout of RVT's head ``stems``, so heads
+            expecting one width, such as mmdet's ``YOLOXHead``, can follow).
         upsample_mode: ``F.interpolate`` mode of the top-down path (RVT: ``nearest-exact``).
     """
 
-    def __init__(self, in_channels: Sequence[int], depth: float = 1.0, in_stages: Optional[Sequence[int]] = None,
+    def __init__(self, in_channels: Sequence[int], depth: float = 1.0, in_features: Optional[Sequence[str]] = None,
                  depthwise: bool = False, act: str = "silu", out_channels: Optional[int] = None,
                  upsample_mode: str = "nearest-exact"):
         super().__init__()
         chs = tuple(int(c) for c in in_channels)
         if len(chs) < 2:
             raise ValueError(f"a PAFPN needs at least two input levels, got in_channels={chs}")
-        if in_stages is not None and len(in_stages) != len(chs):
-            raise ValueError(f"in_stages {tuple(in_stages)} and in_channels {chs} differ in length")
+        if in_features is not None and len(in_features) != len(chs):
+            raise ValueError(f"in_features {tuple(in_features)} and in_channels {chs} differ in length")
         self.in_channels = chs
-        self.in_stages = None if in_stages is None else tuple(int(s) for s in in_stages)
+        self.in_features = None if in_features is None else tuple(in_features)
         self.upsample_mode = upsample_mode
         n = len(chs)
         num_blocks = round(3 * depth)
@@ -197,14 +183,14 @@ class YoloxPafpn(nn.Module):
             self.out_convs = nn.ModuleList(ConvNormAct(c, int(out_channels), 1, act=act) for c in chs)
         self.out_channels = (int(out_channels),) * n if out_channels is not None else chs
 
-    def forward(self, features: Union[Sequence[torch.Tensor], Mapping[int, torch.Tensor]]
+    def forward(self, features: Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
                 ) -> Tuple[torch.Tensor, ...]:
-        """Input maps fine to coarse (or ``{stage: map}`` with ``in_stages`` set) -> output maps,
+        """Input maps fine to coarse (a sequence or an ordered ``{name: map}``) -> output maps,
         fine to coarse, at the inputs' resolutions."""
         if isinstance(features, Mapping):
-            if self.in_stages is None:
-                raise ValueError("forward got a {stage: map} dict but the PAFPN was built without in_stages")
-            features = [features[s] for s in self.in_stages]
+            if self.in_features is not None:
+                features = select_features(features, self.in_features)
+            features = features.values()
         feats = list(features)
         n = len(self.in_channels)
         if len(feats) != n:
@@ -291,8 +277,8 @@ def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[s
 
     Args:
         neck: a three-level :class:`YoloxPafpn` with the checkpoint's channels and depth.
-        checkpoint: an official Lightning ``.ckpt`` (read with ``torch.load(weights_only=True)``)
-            or a state dict.
+        checkpoint: an official Lightning ``.ckpt`` (read by
+            :func:`~rat_plugins.models.maxvit_rnn.read_rvt_checkpoint`) or a state dict.
 
     Returns:
         ``{'loaded': number of tensors, <ignored prefix>: count, ...}`` (also logged).
@@ -303,13 +289,12 @@ def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[s
     """
     if len(neck.in_channels) != 3:
         raise ValueError(f"RVT checkpoints hold a three-level PAFPN; this one has {len(neck.in_channels)} "
-                         f"levels. Fix: load into in_stages of length 3, or train the neck from scratch")
+                         f"levels. Fix: load into a neck over three backbone maps, or train the neck from scratch")
     if isinstance(checkpoint, Mapping):
         state_dict, source = checkpoint, "state dict"
     else:
-        from .maxvit_rnn import _read_lightning_file  # one reader for every RVT checkpoint part
         source = os.fspath(checkpoint)
-        state_dict = _read_lightning_file(source)["state_dict"]
+        state_dict, _ = read_rvt_checkpoint(source)
     converted, ignored = convert_rvt_to_yolox_pafpn(state_dict, with_head_stems=neck.out_convs is not None)
     try:
         neck.load_state_dict(converted, strict=True)
