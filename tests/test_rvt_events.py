@@ -152,7 +152,8 @@ def test_full_resolution_file_keeps_sensor_pixels(events_root, tmp_path):
 def test_error_messages_name_the_file_and_the_fix(events_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"split folder .*nosuch.* does not exist.*synthetic events"):
         RVTEventClips(events_root, "nosuch", CLASSES)
-    with pytest.raises(FileNotFoundError, match=r"stacked_histogram_dt=25.*found .*stacked_histogram_dt=50.*set repr_name"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"stacked_histogram_dt=25.*found .*stacked_histogram_dt=50.*set repr_name"):
         RVTEventClips(events_root, "val", CLASSES, repr_name="stacked_histogram_dt=25_nbins=10")
     with pytest.raises(FileNotFoundError, match=r"event_representations\.h5.*downsample=True"):
         RVTEventClips(events_root, "val", CLASSES, downsample=False)
@@ -245,7 +246,8 @@ def test_mmdet_dataset_builds_and_packs_clips(mm, events_root):
     assert inputs.shape == (L, 20, 32, 32) and inputs.dtype == torch.uint8
     assert torch.equal(inputs, torch.from_numpy(reader[0]["clip"]))
     assert sample.ori_shape == (32, 32) and sample.img_id == 0
-    assert sample.is_first.tolist() == [False, False, True, False] and sample.valid.tolist() == [False, False, True, True]
+    assert sample.is_first.tolist() == [False, False, True, False]
+    assert sample.valid.tolist() == [False, False, True, True]
     assert torch.allclose(sample.gt_instances.bboxes, torch.from_numpy(reader[0]["bboxes"]))
     assert sample.gt_instances.labels.dtype == torch.long
     assert len(sample.step_gt_instances) == L and len(sample.step_gt_instances[-1]) == len(sample.gt_instances)

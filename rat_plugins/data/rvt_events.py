@@ -1,32 +1,8 @@
-"""Random-access clips from RVT's preprocessed event layout (eTraM, Gen1, 1Mpx; formats.md section 6).
+"""Random-access clips from RVT's preprocessed event layout (eTraM, Gen1, 1Mpx).
 
-Layout of one split (``datasets/README.md``, ``events/<name>/``)::
-
-    <root>/<split>/<sequence>/event_representations_v2/<repr_name>/
-        event_representations.h5 | event_representations_ds2_nearest.h5   ('data': uint8 [T, C, H, W])
-        objframe_idx_2_repr_idx.npy
-    <root>/<split>/<sequence>/labels_v2/labels.npz   ('labels', 'objframe_idx_2_label_idx')
-
-One sample per labelled frame: the ``sequence_length`` (L) consecutive representations that end at
-the frame's representation, with that frame's boxes. Rules this module fixes:
-
-- **Clips at a sequence start** (fewer than L representations before the labelled frame):
-  ``short_clips="pad"`` (default) puts zero histograms *in front* so every clip has length L and
-  batches stack; ``valid`` is False on the padding. ``short_clips="drop"`` skips those labelled
-  frames instead, as RVT's random-access dataset does.
-- ``is_first`` is True at the first valid step of every clip: a random-access clip has no history,
-  so the recurrent state is zeroed there (``MaxVitRnn.forward_clip(..., sequence_start=is_first)``);
-  zero padding before that step therefore never reaches the state. ``starts_sequence`` says whether
-  that step is also representation 0 of the recording.
-- **Boxes** are xyxy in pixels of the histogram that is read. Labels are stored in sensor pixels;
-  the ``*_ds2_nearest`` histogram is the sensor grid halved, so its boxes are multiplied by 0.5
-  (as RVT does when ``downsample_by_factor_2`` is set); the full-resolution file needs no scaling.
-- Class names come from the caller (``class_names``); a class id outside them is an error.
-
-HDF5 files are opened on first read in each process (a forked DataLoader worker reopens its own
-handles), never kept open by ``__init__``. Real RVT downloads compress ``data`` with Blosc, which
-h5py reads only after ``import hdf5plugin``; that import is attempted when a file is opened and
-required only when the file's filter is not otherwise available.
+One sample per labelled frame: the representations ending at it, with its boxes. Layout and label
+fields: docs/formats.md, "RVT preprocessed events". HDF5 files are opened lazily in each process
+(DataLoader workers open their own handles); Blosc-compressed downloads need ``hdf5plugin``.
 """
 from __future__ import annotations
 
@@ -130,9 +106,17 @@ class RVTEventClips:
             boxes scaled by 0.5), False ``event_representations.h5`` (sensor size, boxes as stored).
         sequence_length: L, representations per clip.
         short_clips: ``"pad"`` (zero-pad in front, mask them invalid) or ``"drop"`` (skip labelled
-            frames with fewer than L representations before them), see the module docstring.
+            frames with fewer than L representations before them).
         all_labels: also return the boxes of every labelled frame inside the clip (per step).
         sequences: optional subset of sequence folder names (default: every folder of the split).
+
+    Clips at a sequence start (fewer than L representations before the labelled frame) are
+    front-padded with zero histograms (``valid`` False there) or dropped, as RVT's random-access
+    dataset does. ``is_first`` is True at the first valid step: a random-access clip has no history,
+    so the recurrent state is zeroed there (``MaxViTRNN.forward_clip(..., valid=valid,
+    is_first=is_first)``) and the padding never reaches it; ``starts_sequence`` says whether that
+    step is also representation 0 of the recording. Boxes are xyxy in pixels of the histogram read
+    (labels are stored in sensor pixels: halved for the ``*_ds2_nearest`` file, as RVT does).
 
     Each sample (:meth:`__getitem__`) is a dict: ``clip`` uint8 [L, C, H, W] (unnormalised
     counts), ``valid`` / ``is_first`` / ``labelled`` bool [L], ``repr_indices`` int64 [L] (-1 on

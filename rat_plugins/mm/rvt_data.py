@@ -1,18 +1,8 @@
 """RVT-layout event clips for mmdet: ``type='RVTEventDataset'`` and the ``type='PackEventClip'`` transform.
 
-Evaluation reuses mmdet's ``CocoMetric`` with ``ann_file=None``: the metric then builds its COCO
-ground truth from each data sample's ``instances`` meta field (bbox xyxy, bbox_label, ignore_flag),
-``img_id`` and ``ori_shape``, and names categories 0..K-1 after ``dataset_meta['classes']``;
-:class:`PackEventClip` puts exactly those fields into every sample. Boxes and therefore the COCO
-areas (AP_small < 32², AP_medium < 96²) are in pixels of the histogram read, i.e. half the sensor
-resolution with the default ``*_ds2_nearest`` files. Config sketch::
-
-    classes = ('pedestrian', 'car', ...)          # from the dataset, never from this module
-    val_dataloader = dict(dataset=dict(
-        type='RVTEventDataset', data_root='datasets/events/etram', split='val',
-        metainfo=dict(classes=classes), sequence_length=5, test_mode=True,
-        pipeline=[dict(type='PackEventClip')]))
-    val_evaluator = dict(type='CocoMetric', ann_file=None, metric='bbox', classwise=True)
+Evaluation is mmdet's ``CocoMetric(ann_file=None)``: it builds its ground truth from the fields
+:class:`PackEventClip` puts into every sample (``instances``, ``img_id``, ``ori_shape``), with
+boxes in pixels of the histogram read. Configs: ``projects/RVT/configs``.
 """
 from typing import Optional, Sequence
 

@@ -61,13 +61,8 @@ class SizeAwareYOLOXHead(YOLOXHead):
     (``_get_targets_single``, unchanged), the loss modules, inference. Each positive prior gets the
     weight :func:`rat_plugins.models.size_aware_loss.size_aware_weights` gives the area of its
     assigned ground-truth box (``bbox_target`` from ``_get_targets_single`` already is that box,
-    xyxy in network-input pixels, so no extra target is needed):
-
-        exponential  w = W ** (1 - t),  linear  w = W - (W - 1) t,  t = clamp((a - s) / (m - s), 0, 1)
-        step         w = W (a < s),  (W + 1) / 2 (s <= a < m),  1 (a >= m)
-
-    with ``W = size_aware_weight``, ``s = small_threshold``, ``m = medium_threshold``: 1 for large
-    objects, ``W`` for all small ones, continuous for exponential / linear.
+    xyxy in network-input pixels, so no extra target is needed): 1 for large objects,
+    ``size_aware_weight`` for all small ones.
 
     Weighted terms (``weighted_losses``, all by default): ``bbox`` (IoU loss) and ``l1`` (positives
     only), ``cls`` (computed on positives only, all classes of a positive share its weight), and

@@ -1,23 +1,6 @@
 """Per-object loss weights that grow as the ground-truth box gets smaller (small-object emphasis).
 
-Plain PyTorch; no detectron2 / OpenMMLab import. The mmdet head that applies them is
-``rat_plugins.mm.yolox_rvt.SizeAwareYOLOXHead``.
-
-With ``W = size_aware_weight``, ``a`` = box area (px², negative areas count as 0),
-``s = small_threshold`` and ``m = medium_threshold`` (COCO's 32² and 96² by default), and the
-position of ``a`` inside the medium band ``t = clamp((a - s) / (m - s), 0, 1)`` (0 for small
-boxes, 1 for large ones):
-
-    exponential   w = W ** (1 - t)          W for a <= s, decays exponentially in a to 1 at a = m
-    linear        w = W - (W - 1) * t       W for a <= s, falls linearly to 1 at a = m
-    step          w = W            if a < s (COCO small)
-                  w = (W + 1) / 2  if s <= a < m (COCO medium)
-                  w = 1            if a >= m (COCO large)
-
-So large objects always weigh 1, every small object the full ``W``; exponential and linear are
-continuous in ``a`` (at ``t = 1/2`` they give ``sqrt(W)`` and ``(W + 1) / 2``), step is
-constant per COCO size bin. ``W = 1`` gives exactly 1 everywhere; ``0 < W < 1`` de-emphasises
-small objects instead.
+The mmdet head that applies them is ``rat_plugins.mm.yolox_rvt.SizeAwareYOLOXHead``.
 """
 from typing import Tuple
 
@@ -47,7 +30,17 @@ def box_areas(boxes_xyxy: torch.Tensor) -> torch.Tensor:
 
 def size_aware_weights(areas: torch.Tensor, size_aware_weight: float = 2.0, small_threshold: float = 1024.0,
                        medium_threshold: float = 9216.0, weight_type: str = "exponential") -> torch.Tensor:
-    """Loss weight per object from its box area (formulas in the module docstring).
+    """Loss weight per object from its box area ``a`` (px², negative areas count as 0).
+
+    With ``W = size_aware_weight``, ``s = small_threshold``, ``m = medium_threshold`` and
+    ``t = clamp((a - s) / (m - s), 0, 1)``::
+
+        exponential   w = W ** (1 - t)
+        linear        w = W - (W - 1) * t
+        step          w = W if a < s (COCO small), (W + 1) / 2 if s <= a < m (medium), 1 if a >= m
+
+    Large objects weigh 1, every small object ``W``; exponential and linear are continuous in
+    ``a``. ``W = 1`` gives 1 everywhere; ``0 < W < 1`` de-emphasises small objects instead.
 
     Args:
         areas: box areas in px², any shape.
