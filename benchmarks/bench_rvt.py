@@ -4,19 +4,11 @@
     python benchmarks/bench_rvt.py [--size 256x320] [--clip-len 2] [--batch 1] [--embed N] [--steps 3]
         [--warmup 1] [--device cpu|cuda] [--threads N] [--baseline CFG] [--experiment CFG] [--json OUT]
 
-Both models are built from their configs (``projects/RVT/configs``), with the same input: a batch of
-random event-count clips ``[B, T, 20, H, W]`` and the same ground-truth boxes (small, medium and large
-ones). ``--embed`` shrinks the backbone width (``embed_dim``; the neck / head widths follow as in
-RVT: head width = 2 x embed) so a CPU run finishes in minutes; ``--clip-len`` sets T. Each model runs
-in its own fresh process, so the memory figures do not mix. One step = ``model.train_step``: data
-preprocessing + the recurrent forward over the clip + YOLOX loss + backward + the config's AdamW
-update, as the training loop runs it.
-
-Reported per model: median step time (``benchmarks/_timing.py``), the bytes autograd saves for
-backward in one step (unique storages, counted with ``torch.autograd.graph.saved_tensors_hooks``:
-the activation memory), parameter count; on CUDA the peak allocated memory
-(``torch.cuda.max_memory_allocated``), on CPU the process's peak resident memory. Then the ratios
-experiment / baseline.
+Both models are built from their configs and run ``model.train_step`` (preprocessing, the recurrent
+forward over the clip, YOLOX loss, backward, AdamW) on the same random clips and boxes, each in its
+own process. Reported: median step time, the bytes autograd saves for backward (activation memory),
+parameters, peak CUDA allocation or peak RSS, and the ratios experiment / baseline. ``--embed``
+shrinks the widths so a CPU run takes minutes.
 """
 import argparse
 import json
@@ -198,7 +190,8 @@ def main(argv=None):
             return 1
         results.append(json.loads(line[-1][len("RESULT "):]))
     base, exp = results
-    print(f"RVT train step (forward over the clip + loss + backward + AdamW), input {'x'.join(map(str, base['input']))} "
+    shape = "x".join(map(str, base["input"]))
+    print(f"RVT train step (forward over the clip + loss + backward + AdamW), input {shape} "
           f"(padded), embed {base['embed_dim']}, {base['device']} ({base['threads']} threads), median of "
           f"{args.steps} steps")
     mem = "peak alloc MB" if "peak_allocated_mb" in base else "peak RSS MB"
@@ -221,9 +214,10 @@ def main(argv=None):
     print(f"activation memory (saved for backward) ratio: {ratio('saved_for_backward_mb'):.2f}x; "
           f"step time ratio: {ratio('step_s'):.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(size=args.size, clip_len=args.clip_len, batch=args.batch, embed=args.embed,
-                           results=results), f, indent=1)
+        from rat_plugins.utils.atomic import atomic_write_json
+
+        atomic_write_json(args.json, dict(size=args.size, clip_len=args.clip_len, batch=args.batch,
+                                          embed=args.embed, results=results), indent=1)
     return 0
 
 
