@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One-command set-up of the rat-plugins stack into .venv/ at the repository root.
 #
-# Idempotent: a finished install leaves a stamp (hash of the pinned requirements and of this
+# What gets installed is pyproject.toml's dependency lists (every extra but `cuda`), at the
+# versions pinned in requirements/constraints.txt.
+#
+# Idempotent: a finished install leaves a stamp (hash of the pins, pyproject.toml and this
 # script); a later run with the same stamp checks the imports and installs nothing.  Safe to
 # interrupt: every step checks what is already there, the mmcv wheel is built in a temporary
 # folder and renamed into the cache only when complete, and the stamp is written last.
@@ -16,7 +19,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
 PY="$VENV/bin/python"
 CONSTRAINTS="$REPO/requirements/constraints.txt"
-RUNTIME="$REPO/requirements/runtime.txt"
+PYPROJECT="$REPO/pyproject.toml"
 WHEEL_CACHE="${RAT_PLUGINS_WHEEL_CACHE:-$HOME/.cache/rat-plugins/wheels}"
 STAMP="$VENV/.rat-plugins-install-stamp"
 
@@ -41,7 +44,28 @@ pip_install() {
     | grep -vE "^WARNING: Location 'file:|^ERROR: pip's dependency resolver does not currently|^This behaviour is the source of the following|^sal-detectron2 0.7.2 requires" ; return "${PIPESTATUS[0]}"
 }
 stamp_value() {
-  cat "$CONSTRAINTS" "$RUNTIME" "$REPO/setup.py" "$REPO/tools/install.sh" | sha256sum | cut -d' ' -f1
+  cat "$CONSTRAINTS" "$PYPROJECT" "$REPO/tools/install.sh" | sha256sum | cut -d' ' -f1
+}
+# pyproject.toml's requirements (core + the extras below), one per line, less those that later
+# steps install themselves: torch first, mmcv compiled, mmdet / mmseg without their pins.
+project_requirements() {
+  "$PY" - "$PYPROJECT" <<'EOF'
+import re, sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip's own copy of tomli
+    from pip._vendor import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+extras = ("mm", "detectron2", "rat", "events", "test")
+own_steps = {"torch", "torchvision", "mmcv", "mmdet", "mmsegmentation"}
+seen = set()
+for req in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
+    name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
+    if name not in own_steps and name not in seen:
+        seen.add(name)
+        print(req)
+EOF
 }
 stack_imports_ok() {
   "$PY" - <<'EOF' >/dev/null 2>&1
@@ -81,8 +105,10 @@ step "build tools (setuptools 80 with pkg_resources, wheel, ninja)"
 pip_install setuptools wheel ninja || fail
 
 # -- 4. pure-Python dependencies ----------------------------------------------------------------
-step "runtime dependencies (requirements/runtime.txt)" "see the pip error above; versions are pinned in requirements/constraints.txt"
-pip_install -r "$RUNTIME" || fail
+step "dependencies (pyproject.toml)" "see the pip error above; versions are pinned in requirements/constraints.txt"
+REQS="$(project_requirements)" || { HINT="pyproject.toml could not be read: check its syntax"; fail; }
+mapfile -t REQ_LIST <<<"$REQS"
+pip_install "${REQ_LIST[@]}" || fail
 
 # -- 5. mmcv with CPU ops, compiled once into the wheel cache ------------------------------------
 step "mmcv $MMCV_VERSION with compiled ops" "the build needs g++ and about 20-40 minutes on 2 cores; its log is kept in the cache folder"

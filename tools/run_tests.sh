@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the pytest suite in .venv; exit code 5 (no test collected) counts as a failure.
 # Test files go under one fixed folder that pytest empties at the start of each run, and
-# only failed tests keep theirs (pytest.ini), so repeated runs cannot fill the disk.
+# only failed tests keep theirs (pyproject.toml, [tool.pytest.ini_options]), so repeated runs
+# cannot fill the disk.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tmp_root="${TMPDIR:-/tmp}"
