@@ -7,6 +7,7 @@ files); the model-specific checks (which keys mark the family) stay with the mod
 import os
 import pickle
 import re
+import struct
 import zipfile
 from typing import Any, Dict, Iterable, Optional, Sequence
 
@@ -46,7 +47,7 @@ def read_checkpoint(path, *, what: str, allow: Sequence = (), missing_fix: str =
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, AttributeError,
-            KeyError) as e:
+            KeyError, struct.error) as e:
         text = f"{e} {e.__context__ or ''}"
         found = _UNSUPPORTED_GLOBAL.search(text)
         if found:
