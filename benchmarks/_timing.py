@@ -1,6 +1,12 @@
-"""Timing helper shared by the benchmark scripts (run as files: ``python benchmarks/bench_*.py``)."""
+"""Helpers shared by the benchmark scripts (run as files, ``python benchmarks/bench_*.py``, which puts
+this folder on ``sys.path``): the median timer, resident memory, the ``--threads`` option."""
+import argparse
+import os
 import statistics
 import time
+
+THREADS_HELP = ("intra-op threads (default: torch's). On a shared, busy machine 1 thread is often faster: "
+                "every parallel op waits for its slowest thread")
 
 
 def median_time(fn, repeats, warmup=1):
@@ -13,3 +19,47 @@ def median_time(fn, repeats, warmup=1):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def rss_mb(field="VmRSS"):
+    """This process's resident memory in MiB from ``/proc/self/status``: ``VmRSS`` (now) or
+    ``VmHWM`` (peak); NaN where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MiB."""
+    return rss_mb("VmHWM")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, default=None):
+    """``--threads N``: torch's intra-op threads (see :func:`set_threads`)."""
+    parser.add_argument("--threads", type=int, default=default, help=THREADS_HELP)
+
+
+def set_threads(threads):
+    """``torch.set_num_threads(threads)`` when given; returns the count torch now uses."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def threads_argv(threads):
+    """The ``--threads`` option to hand on to a child process (empty when not set)."""
+    return ["--threads", str(threads)] if threads else []
+
+
+def load_note():
+    """``load average 1.2 over 16 CPUs`` and whether other processes make the timings noisy."""
+    load = os.getloadavg()[0]
+    return (f"load average {load:.1f} over {os.cpu_count()} CPUs"
+            + (": other processes are running, timings are noisy" if load > 0.5 else ""))

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _timing import add_threads_argument
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
 SPEED = re.compile(r"Overall training speed: (\d+) iterations in (\S+) \((\S+) s / it\)")
@@ -35,7 +37,8 @@ def run(name, data, cache, out, args):
     overrides = [f"dataloader.image_size={args.image_size}", "model.backbone.net.checkpoint=",
                  "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
                  *[f"model.roi_heads.box_heads.{i}.conv_dims=[64,64,64,64]" for i in range(3)],
-                 f"model.backbone.net.feature_cache_dir={cache}", "train.seed=0", "train.epochs=2", "train.warmup_iters=2",
+                 f"model.backbone.net.feature_cache_dir={cache}", "train.seed=0", "train.epochs=2",
+                 "train.warmup_iters=2",
                  "train.device=cpu", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
                  "dataloader.final_test.num_workers=0", f"train.output_dir={out / name}"]
     env = dict(os.environ, RAT_DATASETS=str(data), OMP_NUM_THREADS=str(args.threads))
@@ -54,7 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--images", type=int, default=48, help="train images of the synthetic sample")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_argument(p, default=2)
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     from rat_plugins.data.synthetic import make_heads

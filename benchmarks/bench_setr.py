@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from _timing import add_threads_argument, peak_rss_mb, rss_mb, set_threads, threads_argv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("frozen", "frozen-cached", "trainable")
 DEFAULT_CONFIG = os.path.join(HERE, "..", "projects", "SETR", "configs", "setr_vit-b16_mla_frozen_fundus.py")
@@ -39,7 +41,7 @@ def _parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_argument(p)
     p.add_argument("--cfg-options", nargs="+", default=[], help="extra key=value overrides")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -55,17 +57,6 @@ def _cuda():
         return False
 
 
-def _rss_mb(field="VmRSS"):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _child(args):
     import torch
     from mmengine.config import Config, DictAction
@@ -76,8 +67,7 @@ def _child(args):
 
     import rat_plugins.mm  # noqa: F401
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = Config.fromfile(args.config)
     size = (args.size, args.size)
     opts = {"model.backbone.frozen": args.child != "trainable", "model.backbone.pretrained_timm": None,
@@ -135,7 +125,7 @@ def _child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    rss_before = _rss_mb()  # model and data built, nothing trained yet
+    rss_before = rss_mb()  # model and data built, nothing trained yet
     for d in data[:args.warmup]:
         model.train_step(d, optim)
     sync()
@@ -175,7 +165,7 @@ def _child(args):
         result["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["rss_before_steps_mb"] = rss_before
-        result["peak_rss_mb"] = _rss_mb("VmHWM")
+        result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -188,9 +178,7 @@ def main(argv=None):
     for mode in MODES:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--size", str(args.size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--child", mode]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
+               "--device", args.device, "--child", mode, *threads_argv(args.threads)]
         if args.cfg_options:
             cmd += ["--cfg-options", *args.cfg_options]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -22,6 +22,7 @@ inner width di = 2C, state N, dt rank R, conv kernel K, patch p:
   per layer (exp(delta*A)); the softplus / silu exponentials (O(L*di)) are left out.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -29,13 +30,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _timing import add_threads_argument, load_note, median_time, set_threads
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from rat_plugins.models.ops.selective_scan import backend_for, selective_scan  # noqa: E402
 from rat_plugins.models.vim import vim_tiny  # noqa: E402
-
-from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def reference_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -111,20 +111,14 @@ def machine_rates(repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (default: torch's). On a shared, busy machine 1 thread is "
-                             "often faster: every parallel op waits for its slowest thread")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     rep = 2 if args.quick else 5
     torch.manual_seed(0)
     cpu_backend = backend_for(torch.zeros(1))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"selective-scan backend for CPU tensors: {cpu_backend}")
-    load = os.getloadavg()[0]
-    print(f"load average {load:.1f} over {os.cpu_count()} CPUs"
-          + (": other processes are running, timings are noisy" if load > 0.5 else ""))
+    print(f"torch {torch.__version__}, {threads} threads, selective-scan backend for CPU tensors: {cpu_backend}")
+    print(load_note())
 
     print("\n== selective scan: batch 1, dim 384, state 16 (softplus delta + bias, D, z) ==")
     print(f"{'L':>5} {'pass':>8} {'reference ms':>13} {cpu_backend + ' ms':>10} {'speed-up':>9} "
@@ -157,7 +151,7 @@ def main():
                 for layer in model.layers:
                     layer.mixer.use_fast_path = fast
                 with torch.inference_mode():
-                    times[fast] = median_time(lambda: model(img), rep if size == 224 else 2)
+                    times[fast] = median_time(functools.partial(model, img), rep if size == 224 else 2)
             t = times[True]
             flops, exps, L = vim_flops_and_exps(model, img)
             flops, exps = flops * batch, exps * batch
