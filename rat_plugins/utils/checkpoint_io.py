@@ -5,10 +5,7 @@ One reader for every foreign checkpoint the package loads (ViM, timm / DeiT ViT,
 files); the model-specific checks (which keys mark the family) stay with the model.
 """
 import os
-import pickle
 import re
-import struct
-import zipfile
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -46,8 +43,9 @@ def read_checkpoint(path, *, what: str, allow: Sequence = (), missing_fix: str =
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, AttributeError,
-            KeyError, struct.error) as e:
+    except OSError:
+        raise  # unreadable (permissions, I/O): the OS error names the file already
+    except Exception as e:  # anything torch.load raises on a foreign or damaged file
         text = f"{e} {e.__context__ or ''}"
         found = _UNSUPPORTED_GLOBAL.search(text)
         if found:
