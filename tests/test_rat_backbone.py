@@ -1,5 +1,6 @@
-"""RAT backbone adapters: maps and strides per pyramid level and block, dense / local attention,
-detectron2 (output_shape, FPN on top) and mmseg (registry, decode head) wrappers."""
+"""RAT backbone and adapters: maps and strides per pyramid level and block, dense / local / multi-head
+attention, absolute positions, map selection, detectron2 (output_shape, FPN on top) and mmseg (registry,
+decode head) wrappers."""
 import math
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from resolution_aware_transformer import ResolutionAwareTransformer
 from spatial_grouping_attention import DenseSpatialGroupingAttention
 
+from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping
 from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
 from rat_plugins.models.rat_backbone import RATBackbone, block_attention_kinds
 
@@ -113,6 +115,8 @@ def test_block_attention_kinds():
     assert block_attention_kinds("mixed", 4) == ("local", "local", "dense", "dense")
     assert block_attention_kinds("mixed", 3) == ("local", "local", "dense")
     assert block_attention_kinds(["dense", "sparse"], 2) == ("dense", "local")
+    assert block_attention_kinds("mha", 2) == ("mha", "mha")
+    assert block_attention_kinds(["mha", "local"], 2) == ("mha", "local")
     for bad in ("full", ["dense"], ["dense", "natten"]):
         with pytest.raises(ValueError, match="attention must be"):
             block_attention_kinds(bad, 2)
@@ -165,6 +169,42 @@ def test_mixed_blocks_run_and_train(attention):
     assert "attn_q" not in package_out[0]
     assert torch.allclose(package_out[0]["x_out"].transpose(1, 2).reshape(maps["level0_block1"].shape),
                           maps["level0_block1"], atol=1e-6)
+
+
+def test_ablation_options_keep_the_package_weights():
+    """attention='mha' (per block too) and pos_embed='absolute' swap layers, not weights."""
+    plain = tiny(scales=(1.0, 0.5))
+    variant = tiny(scales=(1.0, 0.5), attention=("mha", "local"))
+    assert [type(layer) for layer in variant.sga_layers] == [StandardMHAGrouping, LocalSpatialGroupingAttention]
+    assert variant.attention_kinds == ("mha", "local")
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in variant.state_dict().items())
+    image = torch.randn(1, 3, 24, 24)
+    maps = variant.train().forward_features(image)
+    sum(m.square().mean() for m in maps.values()).backward()
+    assert variant.sga_layers[0].kv.weight.grad.abs().sum() > 0
+
+    absolute = tiny(pos_embed="absolute", abs_ref_size=64, rotary_ratio=0.0)
+    assert isinstance(absolute.init_proj, AbsolutePositionConv) and absolute.init_proj.ref_size == 64
+    assert absolute.pos_embed == "absolute" and plain.pos_embed == "rotary"
+    with torch.no_grad():
+        assert torch.isfinite(absolute.forward_features(image)["level0_block1"]).all()
+    with pytest.raises(ValueError, match="pos_embed must be 'rotary' or 'absolute'"):
+        tiny(pos_embed="learned")
+    with pytest.raises(ValueError, match="rotary_ratio=0.0"):
+        tiny(pos_embed="absolute")
+    with pytest.raises(ValueError, match="2D images only"):
+        tiny(spatial_dims=3, input_features=1, pos_embed="absolute", rotary_ratio=0.0)
+
+
+def test_resolve_out_features():
+    model = tiny(scales=(1.0, 0.5, 0.25))  # strides: level-major 2 4 | 4 8 | 8 16
+    names = [info.name for info in model.feature_info]
+    assert model.resolve_out_features() == model.resolve_out_features("all") == tuple(names)
+    assert model.resolve_out_features("by_stride") == (
+        "level0_block0", "level0_block1", "level1_block0", "level1_block1", "level2_block0", "level2_block1")
+    assert model.resolve_out_features(["level1_block1", 0]) == ("level1_block1", "level0_block0")
+    with pytest.raises(ValueError, match=r"unknown out_indices \[6\]"):
+        model.resolve_out_features([6], arg="out_indices")
 
 
 def test_same_weights_and_outputs_as_the_package_model():
@@ -244,6 +284,31 @@ def test_detectron2_yacs_build_and_errors():
         RAT(out_features=["p2"], **TINY)
     with pytest.raises(ValueError, match="integer stride"):
         RAT(scales=(1.0, 0.3), **TINY)
+
+
+def test_detectron2_runs_the_ablations():
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from rat_plugins.detectron2.rat import RAT, add_rat_config
+
+    torch.manual_seed(0)
+    backbone = RAT(scales=(1.0, 0.5), num_blocks=2, attention="mha", pos_embed="absolute", rotary_ratio=0.0,
+                   out_features="by_stride", **TINY)
+    assert all(isinstance(layer, StandardMHAGrouping) for layer in backbone.net.sga_layers)
+    assert isinstance(backbone.net.init_proj, AbsolutePositionConv)
+    assert {n: s.stride for n, s in backbone.output_shape().items()} == {
+        "level0_block0": 2, "level0_block1": 4, "level1_block0": 4, "level1_block1": 8}
+    outputs = backbone(torch.randn(1, 3, 32, 32))
+    assert [tuple(o.shape) for o in outputs.values()] == [(1, 16, 16, 16), (1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 4, 4)]
+
+    cfg = get_cfg()
+    add_rat_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_rat_backbone"
+    cfg.MODEL.RAT.merge_from_list(["FEATURE_DIMS", 16, "NUM_BLOCKS", 2, "NUM_HEADS", 2, "ITERS", 1,
+                                   "ATTENTION", "mha,local", "POS_EMBED", "absolute", "ROTARY_RATIO", 0.0])
+    built = build_backbone(cfg)
+    assert built.net.attention_kinds == ("mha", "local") and isinstance(built.net.init_proj, AbsolutePositionConv)
 
 
 def test_mmseg_registry_build_and_decode_head():

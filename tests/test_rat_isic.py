@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import REPO, run_cmd
 
-import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, RAT, RATAblation)
+import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, RAT)
+from rat_plugins.data.isic_layout import ISIC_FOLDERS
 from rat_plugins.data.synthetic import make_isic
-from rat_plugins.mm.isic import ISIC_FOLDERS, ISIC2018Dataset, RATAblation, StandardMHAGrouping
-from rat_plugins.mm.rat_experiments import quick_overrides
+from rat_plugins.experiments.rat_study import quick_overrides
+from rat_plugins.mm.isic import ISIC2018Dataset
+from rat_plugins.mm.rat import RAT
+from rat_plugins.models.rat_ablations import StandardMHAGrouping
 
 CONFIG_DIR = REPO / "projects" / "RAT" / "configs"
 MAIN = sorted(CONFIG_DIR.glob("*.py"))
@@ -113,16 +116,18 @@ def test_bad_layouts_give_clear_errors(data_root, tmp_path):
 EXPECTED_DELTA = {  # ablation -> the backbone fields it changes w.r.t. the triple-scale base
     "pe_rose_learnable": {}, "pe_none": {"rotary_ratio": 0.0},
     "pe_rope_fixed": {"learnable_rose": False, "learnable_rose_scaling": False, "rose_initial_scaling": "identity"},
-    "pe_absolute": {"type": "RATAblation", "pos_embed": "absolute", "abs_ref_size": 256, "rotary_ratio": 0.0},
+    "pe_absolute": {"pos_embed": "absolute", "abs_ref_size": 256, "rotary_ratio": 0.0},
     "attn_dense": {"attention": "dense"}, "attn_sparse": {"attention": "sparse"}, "attn_mixed": {},
-    "attn_mha": {"type": "RATAblation", "attention": "mha"},
-    "depth_2": {"num_blocks": 2, "out_indices": (0, 1, 2, 3, 4, 5)}, "depth_4": {},
-    "depth_6": {"num_blocks": 6, "out_indices": (0, 1, 6, 2, 7, 12, 3, 8, 13, 4, 9, 14, 5, 10, 15, 11, 16, 17)},
+    "attn_mha": {"attention": "mha"},
+    "depth_2": {"num_blocks": 2}, "depth_4": {},
+    "depth_6": {"num_blocks": 6},
     "dims_128": {}, "dims_256": {"feature_dims": 256},
 }
 
 
 def test_config_set_and_ablation_deltas():
+    from mmseg.registry import MODELS
+
     assert [p.name for p in MAIN] == ["rat_isic_dual_256-128.py", "rat_isic_single_256.py",
                                       "rat_isic_triple_256-128-64.py"]
     assert sorted(p.stem for p in ABLATIONS) == sorted(EXPECTED_DELTA)
@@ -134,9 +139,11 @@ def test_config_set_and_ablation_deltas():
         assert cfg.val_evaluator.type == "LesionMetric" and cfg.train_dataloader.dataset.type == "ISIC2018Dataset"
         assert cfg.default_hooks.checkpoint.save_best == "Dice"
         # every map, by stride, and the head takes them all with the right widths
-        assert tuple(bb.out_indices) == sorted_by_stride(bb), config.name
-        assert tuple(head.in_index) == tuple(range(len(bb.out_indices)))
-        assert list(head.in_channels) == [bb.feature_dims] * len(bb.out_indices), config.name
+        assert bb.type == "RAT" and bb.out_features == "by_stride", config.name
+        out_indices = MODELS.build(bb).out_indices
+        assert tuple(out_indices) == sorted_by_stride(bb), config.name
+        assert tuple(head.in_index) == tuple(range(len(out_indices)))
+        assert list(head.in_channels) == [bb.feature_dims] * len(out_indices), config.name
         if config in ABLATIONS:
             delta = {k: v for k, v in bb.items() if base.model.backbone.get(k, "<absent>") != v}
             assert delta == EXPECTED_DELTA[config.stem], config.name
@@ -167,7 +174,7 @@ def test_config_trains_two_iterations(config, data_root, tmp_path, monkeypatch):
         kind = "local" if want.attention == "sparse" else "dense"
         assert net.attention_kinds == (kind,) * net.num_blocks
     if want.get("pos_embed") == "absolute":
-        assert isinstance(model.backbone, RATAblation) and type(net.init_proj).__name__ == "AbsolutePositionConv"
+        assert isinstance(model.backbone, RAT) and type(net.init_proj).__name__ == "AbsolutePositionConv"
     if want.get("rotary_ratio") == 0.0:
         assert all(m.rotary_dim == 0 for n, m in net.named_modules() if n.endswith("rose"))
     if want.get("learnable_rose") is False:
@@ -182,13 +189,13 @@ def test_config_trains_two_iterations(config, data_root, tmp_path, monkeypatch):
 
 
 def test_ablation_layers_keep_the_package_weights():
-    from rat_plugins.mm.rat import RAT
+    from mmseg.registry import MODELS
 
     kw = dict(feature_dims=16, num_heads=2, num_blocks=2, iters=1, scales=(1.0, 0.5))
     torch.manual_seed(0)
     plain = RAT(attention="dense", **kw)
     torch.manual_seed(0)
-    mha = RATAblation(attention="mha", **kw)
+    mha = RAT(attention="mha", **kw)
     assert plain.state_dict().keys() == mha.state_dict().keys()
     assert all(torch.equal(v, mha.state_dict()[k]) for k, v in plain.state_dict().items())
     x = torch.randn(2, 3, 32, 32)
@@ -208,8 +215,10 @@ def test_ablation_layers_keep_the_package_weights():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
     with pytest.raises(ValueError, match="rotary_ratio=0.0"):
-        RATAblation(pos_embed="absolute", **kw)
-    absolute = RATAblation(pos_embed="absolute", rotary_ratio=0.0, **kw)
+        RAT(pos_embed="absolute", **kw)
+    # older configs name the ablation backbone RATAblation: the same class
+    absolute = MODELS.build(dict(type="RATAblation", pos_embed="absolute", rotary_ratio=0.0, **kw))
+    assert type(absolute) is RAT
     img = torch.zeros(1, 3, 32, 32)
     proj = absolute.net.init_proj
     pe = proj(img) - torch.nn.functional.conv2d(img, proj.weight, proj.bias, padding=proj.padding)

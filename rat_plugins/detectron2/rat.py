@@ -5,11 +5,12 @@ several maps share a stride (level 1 block 0 and level 0 block 1 are both stride
 defaults), so the stride cannot name them; ``output_shape()`` gives each map's stride.
 """
 import math
-from typing import Optional, Sequence
+from typing import Sequence, Union
 
 from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
+from ..models.features import select_features
 from ..models.rat_backbone import RATBackbone
 
 __all__ = ["RAT", "build_rat_backbone", "add_rat_config"]
@@ -20,24 +21,26 @@ class RAT(Backbone):
 
     The input is detectron2's padded image batch; the backbone builds the pyramid given by
     ``scales`` from it. ``size_divisibility`` is the largest output stride, so every output is
-    exactly ``padded size / stride`` and FPN's 2x top-down upsampling lines up. For FPN choose
-    ``in_features`` whose strides double, e.g. with ``num_blocks=2, scales=(1, 0.5, 0.25)``:
+    exactly ``padded size / stride`` and FPN's 2x top-down upsampling lines up.
+
+    ``out_features`` chooses the maps, in order: None / ``'all'`` (every map, level-major),
+    ``'by_stride'`` (every map, finest stride first, ties finer level first), or names (or 0-based
+    indices into ``net.feature_info``). For FPN name maps whose strides double, as its
+    ``in_features`` reads them, e.g. with ``num_blocks=2, scales=(1, 0.5, 0.25)``:
     ``level0_block0, level0_block1, level1_block1, level2_block1`` (strides 2, 4, 8, 16).
 
     Args:
-        out_features: names to return (default: all, level-major).
+        out_features: the maps to return, see above.
         **kwargs: passed to ``RATBackbone`` (feature_dims, num_blocks, num_heads, scales,
-            attention, local_window, spacing, sga_kernel_size, stride, ...).
+            attention (incl. ``'mha'``), local_window, pos_embed, abs_ref_size, rotary_ratio,
+            spacing, sga_kernel_size, stride, ...).
     """
 
-    def __init__(self, out_features: Optional[Sequence[str]] = None, **kwargs):
+    def __init__(self, out_features: Union[None, str, Sequence[Union[str, int]]] = None, **kwargs):
         super().__init__()
         self.net = RATBackbone(spatial_dims=2, **kwargs)
         info = {i.name: i for i in self.net.feature_info}
-        self._out_features = list(out_features) if out_features else list(info)
-        unknown = [n for n in self._out_features if n not in info]
-        if unknown:
-            raise ValueError(f"unknown out_features {unknown}; this backbone has {list(info)}")
+        self._out_features = list(self.net.resolve_out_features(out_features or None))
         self._out_feature_strides = {}
         for name in self._out_features:
             stride = info[name].stride
@@ -57,8 +60,7 @@ class RAT(Backbone):
         return {"size_divisibility": self.size_divisibility}
 
     def forward(self, x):
-        features = self.net.forward_features(x)
-        return {name: features[name] for name in self._out_features}
+        return select_features(self.net.forward_features(x), self._out_features)
 
 
 def add_rat_config(cfg: CfgNode) -> None:
@@ -71,9 +73,12 @@ def add_rat_config(cfg: CfgNode) -> None:
     cfg.MODEL.RAT.SGA_KERNEL_SIZE = 5
     cfg.MODEL.RAT.STRIDE = 2
     cfg.MODEL.RAT.SCALES = [1.0]
-    # "dense", "local", "mixed", or one kind per block separated by commas ("local,dense")
+    # "dense", "local", "mha", "mixed", or one kind per block separated by commas ("local,dense")
     cfg.MODEL.RAT.ATTENTION = "dense"
     cfg.MODEL.RAT.NEIGHBORHOOD_KERNEL = 0  # local window size; 0: the grouping kernel size
+    cfg.MODEL.RAT.POS_EMBED = "rotary"  # or "absolute" (with ROTARY_RATIO 0.0)
+    cfg.MODEL.RAT.ABS_REF_SIZE = 256.0
+    cfg.MODEL.RAT.ROTARY_RATIO = 0.5
     cfg.MODEL.RAT.SPACING = 1.0
     cfg.MODEL.RAT.OUT_FEATURES = []
 
@@ -87,4 +92,5 @@ def build_rat_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RAT:
     return RAT(out_features=list(c.OUT_FEATURES) or None, input_features=input_shape.channels,
                feature_dims=c.FEATURE_DIMS, num_blocks=c.NUM_BLOCKS, num_heads=c.NUM_HEADS, iters=c.ITERS,
                sga_kernel_size=c.SGA_KERNEL_SIZE, stride=c.STRIDE, scales=list(c.SCALES), attention=attention,
-               local_window=local_window, spacing=c.SPACING)
+               local_window=local_window, pos_embed=c.POS_EMBED, abs_ref_size=c.ABS_REF_SIZE,
+               rotary_ratio=c.ROTARY_RATIO, spacing=c.SPACING)

@@ -6,7 +6,6 @@ _base_ = [
     '../../SETR/configs/_base_/schedules/adamw_cosine_20k.py',
     '../../SETR/configs/_base_/default_runtime.py',
 ]
-out_indices = (0, 1, 4, 2, 5, 3, 6, 7)
 model = dict(
-    backbone=dict(scales=(1.0, 0.5), out_indices=out_indices),
+    backbone=dict(scales=(1.0, 0.5)),
     decode_head=dict(in_channels=[128] * 8, in_index=tuple(range(8))))

@@ -6,5 +6,5 @@ _base_ = [
     '../../SETR/configs/_base_/default_runtime.py',
 ]
 model = dict(
-    backbone=dict(scales=(1.0,), out_indices=(0, 1, 2, 3)),
+    backbone=dict(scales=(1.0,)),
     decode_head=dict(in_channels=[128] * 4, in_index=(0, 1, 2, 3)))

@@ -1,5 +1,5 @@
 # Ablation, depth: 2 blocks (maps: 6, strides 2..16).
 _base_ = ['../rat_isic_triple_256-128-64.py']
 model = dict(
-    backbone=dict(num_blocks=2, out_indices=(0, 1, 2, 3, 4, 5)),
+    backbone=dict(num_blocks=2),
     decode_head=dict(in_channels=[128] * 6, in_index=tuple(range(6))))

@@ -1,8 +1,8 @@
 # RAT backbone (rat_plugins.mm.rat.RAT) + mmseg UPerHead on every map; 2 classes (background, lesion).
-# Maps: one per pyramid level and block, index level * num_blocks + block, stride
-# 2 ** (level + block + 1) (grouping conv kernel 5, stride 2). out_indices lists them by stride,
-# finest first (ties: finer level first), so UPerHead's top-down path runs coarse -> fine and its
-# pyramid pooling sits on the coarsest map. Experiment configs set scales / out_indices / in_index.
+# Maps: one per pyramid level and block, named level<l>_block<b>, stride 2 ** (level + block + 1)
+# (grouping conv kernel 5, stride 2). out_features='by_stride' returns them all, finest first (ties:
+# finer level first), so UPerHead's top-down path runs coarse -> fine and its pyramid pooling sits
+# on the coarsest map. Experiment configs set scales / num_blocks and the head's in_channels / in_index.
 norm_cfg = dict(type='BN', requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 feature_dims = 128
 data_preprocessor = dict(
@@ -34,7 +34,7 @@ model = dict(
         learnable_rose_scaling=True,
         rose_initial_scaling='log',
         rotary_ratio=0.5,
-        out_indices=(0, 1, 2, 3)),
+        out_features='by_stride'),
     decode_head=dict(
         type='UPerHead',
         in_channels=[feature_dims] * 4,
