@@ -1,24 +1,9 @@
-"""Binary (vessel) segmentation metrics for mmseg: Dice, IoU, accuracy, sensitivity, specificity.
+"""Binary segmentation metrics for mmseg: Dice, IoU, accuracy, sensitivity, specificity.
 
-mmseg's ``IoUMetric`` reports class means (``mIoU``, ``mDice``, ``aAcc``); vessel segmentation is
-judged on the foreground class alone, together with sensitivity and specificity. ``VesselMetric``
-keeps everything ``IoUMetric`` reports and adds those numbers for ``foreground_index``.
-
-Counting (per image, pixels whose label is not ``ignore_index``): TP, FP, FN, TN of the foreground
-class. ``Dice = 2TP / (2TP + FP + FN)``, ``IoU = TP / (TP + FP + FN)``,
-``Accuracy = (TP + TN) / N``, ``Sensitivity = TP / (TP + FN)``, ``Specificity = TN / (TN + FP)``.
-
-Empty cases, one rule for every ratio: **a ratio whose denominator is 0 is 1.0** (perfect). Its
-denominator is 0 only when the errors it counts are 0 as well: an empty prediction on an empty
-ground truth has Dice = IoU = 1.0; sensitivity is 1.0 when the ground truth has no vessel (no vessel
-can be missed), specificity is 1.0 when every pixel is vessel. When no pixel is evaluated at all
-(everything ignored) every value is NaN: there is nothing to score. An empty prediction on a
-non-empty ground truth scores Dice = IoU = Sensitivity = 0; a non-empty prediction on an empty
-ground truth scores Dice = IoU = 0 and Sensitivity = 1.
-
-``aggregate='dataset'`` (default, as ``IoUMetric`` and the usual DRIVE protocol) pools the counts
-of all images; ``aggregate='image'`` averages the per-image values. Values are percentages
-(0-100), like ``IoUMetric``'s.
+mmseg's ``IoUMetric`` reports class means; vessel and lesion segmentation are judged on the
+foreground class, with sensitivity and specificity. ``VesselMetric`` reports all of
+``IoUMetric``'s keys plus those five for ``foreground_index``, in percent, pooled over the
+dataset (the usual DRIVE protocol) or averaged per image.
 """
 import warnings
 from collections import OrderedDict
@@ -39,10 +24,12 @@ def _ratio(num: float, den: float) -> float:
 
 
 def binary_scores(tp: float, fp: float, fn: float, tn: float) -> Dict[str, float]:
-    """Dice, IoU, accuracy, sensitivity and specificity (fractions in [0, 1]) from counts.
+    """Dice, IoU, accuracy, sensitivity and specificity (fractions in [0, 1]) from pixel counts.
 
-    The empty-case rule of the module docstring: 0 / 0 counts as 1.0; NaN everywhere when
-    ``tp + fp + fn + tn == 0``.
+    ``Dice = 2TP / (2TP + FP + FN)``, ``IoU = TP / (TP + FP + FN)``, ``Accuracy = (TP + TN) / N``,
+    ``Sensitivity = TP / (TP + FN)``, ``Specificity = TN / (TN + FP)``. A ratio whose denominator
+    is 0 counts as 1.0 (its errors are 0 too: an empty prediction on an empty ground truth is
+    perfect); NaN everywhere when no pixel is evaluated (``tp + fp + fn + tn == 0``).
     """
     if tp + fp + fn + tn == 0:
         return {k: float("nan") for k in SCORE_NAMES}
