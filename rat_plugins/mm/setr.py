@@ -1,20 +1,9 @@
 """SETR encoder for mmseg: mmseg's ``VisionTransformer`` that can be frozen and load timm weights.
 
-mmseg already has the rest of SETR-MLA (``MLANeck``, ``SETRMLAHead``, ``DRIVEDataset``); this adds
-what it lacks for a frozen foundation-model encoder:
-
-- ``frozen=True``: every parameter has ``requires_grad=False`` (mmengine's optimizer constructor
-  then gets no gradient for them; with a ``paramwise_cfg`` it leaves them out of the optimizer),
-  the module stays in eval mode when the segmentor is put in training mode (dropout / drop path
-  off), and its forward runs under ``torch.no_grad()``, so no autograd graph or saved activations
-  are kept for it.
-- ``pretrained_timm=PATH``: weights in timm / DeiT layout (e.g. ``VFM_Fundus_weights.pth``),
-  converted by :func:`rat_plugins.models.vit_convert.convert_timm_vit_to_mmseg` in
-  ``init_weights`` and loaded strictly; the conversion report is logged.
-- ``feature_cache_dir=DIR`` (frozen only): the encoder's outputs (the layers MLA reads) for each
-  input view are kept on disk and reused (:mod:`rat_plugins.models.feature_cache`). Only views
-  that recur benefit: validation and test, or training without random augmentation; with random
-  rotation / scaling every training view is new and the cache only grows, so it is off by default.
+mmseg has the rest of SETR-MLA (``MLANeck``, ``SETRMLAHead``, ``DRIVEDataset``). A frozen encoder
+keeps eval mode and runs without autograd, so it costs no gradients, optimizer state or saved
+activations; its outputs can be cached per input view (:mod:`rat_plugins.models.feature_cache`),
+which pays off only for views that recur (validation, or training without random augmentation).
 """
 import os
 
@@ -35,9 +24,10 @@ class FrozenVisionTransformer(VisionTransformer):
 
     Args:
         frozen: freeze every parameter, keep eval mode, run the forward without autograd.
-        pretrained_timm: path of a timm / DeiT ViT checkpoint loaded in ``init_weights``
+        pretrained_timm: path of a timm / DeiT ViT checkpoint loaded strictly in ``init_weights``
             (config field ``model.backbone.pretrained_timm``); ``None`` for mmseg's own
-            initialisation (random, or ``init_cfg``).
+            initialisation (random, or ``init_cfg``). At another input size than the checkpoint's
+            the position table is resampled as timm does (``interpolate_mode``, antialiased).
         feature_cache_dir: cache the frozen encoder's outputs per input view there (None: off).
         **kwargs: mmseg ``VisionTransformer`` arguments. For timm weights use
             ``patch_bias=True``, ``final_norm=True``, ``qkv_bias=True`` and
