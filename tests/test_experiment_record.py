@@ -1,11 +1,12 @@
-"""tools/experiment_record.py writes the four-file experiment record from the RVT configs (diff,
-commands, hypothesis, components), idempotently and refusing to overwrite a differing record; and a
-smoke run of benchmarks/bench_rvt.py."""
-import importlib.util
+"""tools/experiment_record.py (rat_plugins.experiments.records) writes the four-file experiment record
+from the RVT configs (diff, commands, hypothesis, components), idempotently and refusing to overwrite
+a differing record; and a smoke run of benchmarks/bench_rvt.py."""
 import sys
 import types
 
 import pytest
+
+from rat_plugins.experiments import records
 
 from conftest import REPO, run_cmd
 
@@ -93,21 +94,14 @@ def test_rerun_is_idempotent_and_a_differing_record_is_refused(written, tmp_path
     assert "already holds a different record (command.md differ" in refused.stderr and "--force" in refused.stderr
     assert not (stale / "hypothesis.md").exists()  # nothing written when refusing
     forced = record(PATCH2, stale, "--force")
-    assert f"overwritten {stale / 'command.md'}" in forced.stdout and f"written     {stale / 'hypothesis.md'}" in forced.stdout
+    assert f"overwritten {stale / 'command.md'}" in forced.stdout
+    assert f"written     {stale / 'hypothesis.md'}" in forced.stdout
     assert {name: (stale / name).read_text() for name in FILES} == files
 
 
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("experiment_record", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_clear_errors(tmp_path, tool, capsys):
+def test_clear_errors(tmp_path, capsys):
     def record(config, out, check=False):  # in-process: the error paths need no subprocess
-        code = tool.main([str(config), "--baseline", str(BASELINE), "--out", str(out)])
+        code = records.main([str(config), "--baseline", str(BASELINE), "--out", str(out)])
         return types.SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
     missing = record(tmp_path / "nope.py", tmp_path / "a", check=False)
@@ -129,7 +123,8 @@ def test_clear_errors(tmp_path, tool, capsys):
 
     typo = tmp_path / "typo.py"
     typo.write_text(f"_base_ = ['{BASELINE}']\nexperiment = dict(_delete_=True, hypothesis='h', "
-                    "success_criteria=['s'], failure_criteria=['f'], variants=dict(v=['train_dataloader.batchsize=1']))\n")
+                    "success_criteria=['s'], failure_criteria=['f'], "
+                    "variants=dict(v=['train_dataloader.batchsize=1']))\n")
     err = record(typo, tmp_path / "e", check=False)
     assert err.returncode == 2 and "experiment.variants.v" in err.stderr and "batch_size" in err.stderr
     assert not any((tmp_path / d).exists() for d in "abcde")
