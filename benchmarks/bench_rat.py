@@ -11,35 +11,35 @@
    stride 3, ``attention='local'``) forward on a 3-channel ``--rat-size`` image.
 
 Each case runs in its own subprocess, so its memory is its own: "peak RSS" is the process's
-``ru_maxrss`` (everything: Python, torch, weights, input), "added" is that peak minus the RSS just
+``VmHWM`` (everything: Python, torch, weights, input), "added" is that peak minus the RSS just
 before the timed forward (what the forward itself needed). Times: median over repeats (one run,
 no warm-up, above 64x64).
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _timing import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+    add_threads_argument, load_note, median_time, peak_rss_mb, rss_mb, set_threads, threads_argv)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 LAYER = dict(feature_dims=128, num_heads=16, spatial_dims=2, kernel_size=7, iters=3)
 GB = 1024 ** 3
+MIB = 1024 ** 2
 
 
 def current_rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return rss_mb() * MIB
 
 
 def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    return peak_rss_mb() * MIB
 
 
 def groups_along(size, kernel=7, stride=3):
@@ -98,8 +98,7 @@ def run_rat_case(size, repeats, warmup):
 
 
 def child(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.case == "rat":
         result = run_rat_case(args.size, args.repeats, args.warmup)
     else:
@@ -109,9 +108,7 @@ def child(args):
 
 def spawn(case, size, repeats, warmup, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--size", str(size),
-           "--repeats", str(repeats), "--warmup", str(warmup)]
-    if threads:
-        cmd += ["--threads", str(threads)]
+           "--repeats", str(repeats), "--warmup", str(warmup), *threads_argv(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -123,9 +120,7 @@ def spawn(case, size, repeats, warmup, threads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (default: torch's). On a shared, busy machine 1 thread is "
-                             "often faster: every parallel op waits for its slowest thread")
+    add_threads_argument(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--dense-max-gb", type=float, default=12.0,
                         help="run the dense layer only where its estimated peak is below this")
@@ -139,12 +134,8 @@ def main():
     if args.case:
         return child(args)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    load = os.getloadavg()[0]
-    print(f"load average {load:.1f} over {os.cpu_count()} CPUs"
-          + (": other processes are running, timings are noisy" if load > 0.5 else ""))
+    print(f"torch {torch.__version__}, {set_threads(args.threads)} threads")
+    print(load_note())
 
     print(f"\n== one grouping layer: dim {LAYER['feature_dims']}, {LAYER['num_heads']} heads, kernel 7, stride 3, "
           f"{LAYER['iters']} iterations, batch 1, forward (no grad) ==")
