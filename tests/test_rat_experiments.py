@@ -5,12 +5,18 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, run_cmd
 from mmengine.config import Config
 
 import rat_plugins.mm  # noqa: F401
-from rat_plugins.mm.rat_experiments import (dense_attention_gb, quick_overrides, robustness_rows,
-                                            set_eval_resolution, training_resolution)
+from rat_plugins.experiments.rat_study import quick_overrides
+from rat_plugins.experiments.robustness import (
+    dense_attention_gb,
+    robustness_rows,
+    set_eval_resolution,
+    training_resolution,
+)
+
+from conftest import REPO, run_cmd
 
 CONFIGS = REPO / "projects" / "RAT" / "configs"
 TRIPLE = CONFIGS / "rat_isic_triple_256-128-64.py"

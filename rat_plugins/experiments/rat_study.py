@@ -1,0 +1,246 @@
+"""The RAT study on ISIC 2018 (mmseg): experiment groups, quick mode, and the collected results.
+
+Groups: ``segmentation`` (single / dual / triple scale), ``ablations`` (``projects/RAT/configs/
+ablations``) and ``robustness`` (each trained segmentation model at several resolutions). Each run
+leaves ``result.json`` in its work dir once trained and tested, and is skipped when it has one.
+Quick mode shrinks every config to a CPU run on synthetic data (:func:`quick_overrides`).
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from rat_plugins.utils.atomic import atomic_write_text
+
+from . import REPO
+from .robustness import METRICS, evaluate_at_resolutions, plot_robustness, resize_transforms, robustness_rows
+from .tables import write_table
+
+__all__ = ["CONFIGS", "SEGMENTATION", "GROUPS", "quick_overrides", "group_configs", "best_checkpoint",
+           "train_and_test", "collect", "main"]
+
+CONFIGS = REPO / "projects" / "RAT" / "configs"
+SEGMENTATION = ["rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64"]
+GROUPS = ("segmentation", "ablations", "robustness")
+QUICK_DATA = dict(n=48, seed=0, size=(64, 128))
+QUICK_RESOLUTIONS = [32, 64, 128, 256]
+RESULT_COLUMNS = ["group", "experiment", "status", *METRICS, "train_seconds", "iters", "checkpoint"]
+ROBUSTNESS_COLUMNS = ["experiment", "resolution", "spacing", "status", *METRICS, "Dice_degradation_pct",
+                      "within_limit"]
+
+
+# ----------------------------------------------------------------------------- quick mode
+def _scaled_width(width: int, factor: float) -> int:
+    return max(8, int(round(width * factor)))
+
+
+def quick_overrides(cfg, work_dir, size: int = 64, iters: int = 60, width_factor: float = 0.25,
+                    num_heads: int = 4, grouping_iters: int = 1, batch_size: int = 4,
+                    val_interval: Optional[int] = None, seed: int = 0):
+    """Shrink a RAT ISIC config (in place) for a CPU run in seconds, keeping what its experiment
+    varies (scales, depth, attention kind, positional encoding, ratio of feature widths).
+
+    ``size``: square input (train and test); ``width_factor`` scales ``feature_dims`` and the head's
+    channels; ``iters``: training iterations (cosine schedule shortened to match), validation every
+    ``val_interval`` iterations (default: once, at the end) with the best-Dice checkpoint kept.
+    """
+    bb, head = cfg.model.backbone, cfg.model.decode_head
+    bb.feature_dims = _scaled_width(bb.feature_dims, width_factor)
+    bb.update(num_heads=num_heads, iters=grouping_iters)
+    head.update(in_channels=[bb.feature_dims] * len(head.in_index),
+                channels=_scaled_width(head.channels, width_factor), pool_scales=(1, 2))
+    if "auxiliary_head" in cfg.model and cfg.model.auxiliary_head:
+        raise ValueError("quick_overrides: configs with an auxiliary head are not handled")
+    cfg.model.data_preprocessor.size = (size, size)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        for step in resize_transforms(cfg[loader].dataset.pipeline):
+            step.update(scale=(size, size), keep_ratio=False)
+        cfg[loader].update(num_workers=0, persistent_workers=False)
+    cfg.train_dataloader.batch_size = batch_size
+    val_interval = val_interval or iters
+    cfg.train_cfg.update(max_iters=iters, val_interval=val_interval)
+    for scheduler in cfg.param_scheduler:
+        scheduler.end = iters
+    cfg.default_hooks.checkpoint.update(interval=val_interval, max_keep_ckpts=1)
+    cfg.default_hooks.logger.interval = max(1, min(10, iters // 5))
+    cfg.vis_backends = [dict(type="LocalVisBackend")]
+    cfg.visualizer.vis_backends = cfg.vis_backends
+    cfg.env_cfg.cudnn_benchmark = False
+    cfg.randomness = dict(seed=seed)
+    cfg.work_dir = str(work_dir)
+    return cfg
+
+
+def prepare_quick_data(work_dir: Path) -> None:
+    """Synthetic ISIC-like data under ``<work_dir>/datasets`` (written once), made the dataset root."""
+    from rat_plugins.data.synthetic import make_isic
+
+    root = work_dir / "datasets"
+    if not (root / "isic2018").is_dir():
+        print(f"[rat] quick mode: writing synthetic ISIC data to {root / 'isic2018'}")
+        make_isic(root / "isic2018", **QUICK_DATA)
+    os.environ["RAT_DATASETS"] = str(root.resolve())
+
+
+# ----------------------------------------------------------------------------- runs
+def group_configs(group: str):
+    if group == "segmentation":
+        return [CONFIGS / f"{name}.py" for name in SEGMENTATION]
+    if group == "ablations":
+        return sorted((CONFIGS / "ablations").glob("*.py"))
+    raise ValueError(group)
+
+
+def best_checkpoint(work_dir: Path) -> Path:
+    """The best-validation-Dice checkpoint mmengine kept, else the last one."""
+    best = sorted(work_dir.glob("best_Dice_iter_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if best:
+        return best[-1]
+    last = work_dir / "last_checkpoint"
+    if last.is_file():
+        return Path(last.read_text().strip())
+    raise FileNotFoundError(f"no checkpoint in {work_dir}")
+
+
+def load_run_config(config: Path, work_dir: Path, args):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config))
+    if args.quick:
+        quick_overrides(cfg, work_dir, iters=args.iters, seed=args.seed)
+    else:
+        cfg.work_dir = str(work_dir)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    # unique per run: mmengine keys its logger and visualizer instances by this name
+    cfg.experiment_name = f"{config.stem}_{time.time_ns()}"
+    return cfg
+
+
+def train_and_test(config: Path, group: str, args) -> dict:
+    """Train one config, test its best checkpoint on the test split, write and return ``result.json``."""
+    from rat_plugins.mm.runner import build_runner
+
+    work_dir = Path(args.work_dir) / group / config.stem
+    result_path = work_dir / "result.json"
+    if result_path.is_file() and not args.force:
+        print(f"[rat] {group}/{config.stem}: done before, skipped ({result_path})")
+        return json.loads(result_path.read_text())
+    print(f"[rat] {group}/{config.stem}: training in {work_dir}")
+    start = time.perf_counter()
+    cfg = load_run_config(config, work_dir, args)
+    build_runner(cfg).train()
+    train_seconds = time.perf_counter() - start
+    checkpoint = best_checkpoint(work_dir)
+    test_cfg = copy.deepcopy(cfg)  # the Runner worked on its own copy: cfg is as loaded
+    test_cfg.load_from = str(checkpoint)
+    test_cfg.experiment_name = f"{config.stem}_test_{time.time_ns()}"
+    metrics = build_runner(test_cfg).test()
+    # the exact config that ran, for tools/evaluate_robustness.py and for the record
+    run_config = work_dir / "run_config.py"
+    atomic_write_text(run_config, cfg.pretty_text)
+    result = {"group": group, "experiment": config.stem, "status": "ok", "config": str(config),
+              "run_config": str(run_config), "checkpoint": str(checkpoint), "iters": cfg.train_cfg.max_iters,
+              "train_seconds": round(train_seconds, 1), **{k: float(v) for k, v in metrics.items()}}
+    atomic_write_text(result_path, json.dumps(result, indent=2))
+    return result
+
+
+def run_robustness(args, seg_results) -> list:
+    """Every trained segmentation model at ``args.resolutions``: ``robustness.{md,csv,png}``."""
+    series, rows = {}, []
+    for name in SEGMENTATION:
+        result = seg_results.get(name)
+        if result is None or result.get("status") != "ok":
+            print(f"[rat] robustness/{name}: no trained segmentation run in {args.work_dir}/segmentation/{name}; "
+                  f"run the segmentation group first", file=sys.stderr)
+            rows.append({"experiment": name, "status": "not run: no trained model"})
+            continue
+        out = Path(args.work_dir) / "robustness" / name
+        try:
+            model_rows = evaluate_at_resolutions(result["run_config"], result["checkpoint"], args.resolutions, out,
+                                                 max_attention_gb=args.max_attention_gb)
+        except Exception as e:  # one model's failure must not hide the others
+            traceback.print_exc()
+            rows.append({"experiment": name, "status": f"failed: {type(e).__name__}: {e}"})
+            continue
+        model_rows = robustness_rows(model_rows)
+        series[name] = model_rows
+        rows += [{"experiment": name, **r} for r in model_rows]
+    out = Path(args.work_dir)
+    markdown = write_table(rows, ROBUSTNESS_COLUMNS, out / "robustness.md", out / "robustness.csv",
+                           title="Resolution robustness (Dice degradation vs the training resolution)")
+    plot_robustness(series, out / "robustness.png")
+    print(markdown)
+    return rows
+
+
+def collect(work_dir: Path) -> list:
+    """Every result.json under the work dir (this call's runs and earlier ones)."""
+    rows = []
+    for group in ("segmentation", "ablations"):
+        for path in sorted((work_dir / group).glob("*/result.json")):
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description="Run the RAT ISIC 2018 experiments by group and collect every result "
+                                            "into one table.")
+    p.add_argument("groups", nargs="+", choices=[*GROUPS, "all"])
+    p.add_argument("--quick", action="store_true", help="synthetic data, tiny models, minutes on CPU")
+    p.add_argument("--work-dir", default=None, help="default work_dirs/rat (work_dirs/rat_quick with --quick)")
+    p.add_argument("--iters", type=int, default=150, help="training iterations in --quick mode")
+    p.add_argument("--seed", type=int, default=0, help="random seed in --quick mode")
+    p.add_argument("--resolutions", type=int, nargs="+", help="robustness resolutions "
+                   f"(default 128 256 512 1024; --quick: {' '.join(map(str, QUICK_RESOLUTIONS))})")
+    p.add_argument("--max-attention-gb", type=float, default=8.0)
+    p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
+    args = p.parse_args(argv)
+    args.groups = list(GROUPS) if "all" in args.groups else [g for g in GROUPS if g in args.groups]
+    args.work_dir = args.work_dir or ("work_dirs/rat_quick" if args.quick else "work_dirs/rat")
+    args.resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else [128, 256, 512, 1024])
+    return args
+
+
+def main(argv=None) -> int:
+    """``tools/run_rat_experiments.py``: 1 if any run failed."""
+    import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+
+    args = parse_args(argv)
+    work_dir = Path(args.work_dir)
+    if args.quick and any(g != "robustness" for g in args.groups):
+        prepare_quick_data(work_dir)  # robustness reads the data path from each run's config
+    failed = []
+    for group in [g for g in args.groups if g != "robustness"]:
+        for config in group_configs(group):
+            try:
+                train_and_test(config, group, args)
+            except Exception as e:  # record it and go on with the next run
+                traceback.print_exc()
+                logs = work_dir / group / config.stem
+                failed.append((group, config.stem, f"{type(e).__name__}: {e} (logs in {logs})"))
+    results = collect(work_dir)
+    rows = results + [{"group": group, "experiment": name, "status": "failed"} for group, name, _ in failed]
+    markdown = write_table(rows, RESULT_COLUMNS, work_dir / "results.md", work_dir / "results.csv",
+                           title="RAT on ISIC 2018" + (" (quick mode: synthetic data)" if args.quick else ""))
+    print(markdown)
+    failures = [f"{group}/{name}: {why}" for group, name, why in failed]
+    if "robustness" in args.groups:
+        seg = {r["experiment"]: r for r in results if r["group"] == "segmentation"}
+        failures += [f"robustness/{r['experiment']}: {r['status']}" for r in run_robustness(args, seg)
+                     if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: dense")]
+    if failures:
+        print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    print(f"results: {work_dir}/results.md" + (f", {work_dir}/robustness.md" if "robustness" in args.groups else ""))
+    return 0
