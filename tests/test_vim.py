@@ -4,6 +4,7 @@ freezing, the feature contract, the fused CPU mixer."""
 import argparse
 import logging
 import math
+import pickle
 import warnings
 
 import pytest
@@ -131,7 +132,8 @@ def ref_backbone(img, sd, depth, p, pt, last_layer_process="add"):
     toks = ref_patchify(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], p)
     rows, cols = img.shape[1] // p, img.shape[2] // p
     pos = sd["pos_embed"].reshape(1, pt, pt, -1).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos, size=(rows, cols), mode="bicubic", align_corners=False) if (rows, cols) != (pt, pt) else pos
+    if (rows, cols) != (pt, pt):
+        pos = F.interpolate(pos, size=(rows, cols), mode="bicubic", align_corners=False)
     x = toks + pos[0].permute(1, 2, 0).reshape(rows * cols, -1)
     hidden, residual = ref_layers(x, sd, depth, lambda t: ref_rope(t, rows, cols, pt))
     out = {"none": hidden, "add": hidden + residual}.get(last_layer_process)
@@ -288,7 +290,8 @@ def save_deit_style(path, model, extras=True):
         "model_ema": {k: v.clone() for k, v in sd.items()},
         "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                    "_growth_tracker": 17},
-        "args": argparse.Namespace(model="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+        "args": argparse.Namespace(model="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_"
+                                         "with_midclstok_div2",
                                    batch_size=128, lr=5e-4, input_size=224, output_dir="./output", seed=0,
                                    distributed=True, drop_path=0.05, mixup=0.8, opt_betas=None),
     }, path)
@@ -299,7 +302,7 @@ def test_official_checkpoint_loads_weights_only_and_converts(tmp_path):
     src = tiny_vim(if_rope=True, if_rope_residual=True)
     path = tmp_path / "vim_tiny_pretrained.pth"
     sd = save_deit_style(path, src)
-    with pytest.raises(Exception):  # the file really needs the allow-list (argparse.Namespace)
+    with pytest.raises(pickle.UnpicklingError):  # the file really needs the allow-list (argparse.Namespace)
         torch.load(path, weights_only=True)
     loaded = load_vim_checkpoint(path)
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
@@ -312,7 +315,8 @@ def test_official_checkpoint_loads_weights_only_and_converts(tmp_path):
     assert "index 8 of 17" in report.pos_embed and "4x4 -> 3x3" in report.pos_embed
     patches = torch.cat([sd["pos_embed"][:, :8], sd["pos_embed"][:, 9:]], dim=1)  # cls slot at M//2 = 8
     grid = patches.reshape(1, 4, 4, E).permute(0, 3, 1, 2)
-    expected = F.interpolate(grid, size=(3, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 9, E)
+    expected = F.interpolate(grid, size=(3, 3), mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, 9, E)
     assert torch.allclose(converted["pos_embed"], expected)
     assert set(loaded) >= set(converted)  # pure: the input dict is untouched
     assert loaded["pos_embed"].shape == (1, 17, E)
@@ -323,7 +327,8 @@ def test_official_checkpoint_loads_weights_only_and_converts(tmp_path):
     assert torch.allclose(backbone.pos_embed, expected)
 
     # the constructor argument does the same
-    again = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=3, d_state=STATE, checkpoint=str(path))
+    again = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=3, d_state=STATE,
+                        checkpoint=str(path))
     assert torch.equal(again.layers[0].mixer.in_proj.weight, sd["layers.0.mixer.in_proj.weight"])
 
 
@@ -626,3 +631,54 @@ def test_fused_scan_rejects_positive_A():
             torch.empty(b, L, di)]
     with pytest.raises(RuntimeError, match="A must be <= 0"):
         ext.bimamba_scan(*args, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# (9) the mm and detectron2 adapters
+
+
+def test_mm_adapter_returns_the_map_as_a_1_tuple_in_both_registries(monkeypatch):
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+
+    from rat_plugins.mm.vim import ViM, ViMBackbone
+
+    assert ViMBackbone is ViM  # the former class name
+    cfg = dict(type="ViM", embed_dim=E, depth=1, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, frozen=True)
+    for registry in (MMDET_MODELS, MMSEG_MODELS):
+        model = registry.build(dict(cfg))
+        assert type(model) is ViM and model.net.frozen
+        img = torch.randn(2, 3, 24, 40)
+        (fmap,) = model(img)
+        assert torch.equal(fmap, model.net(img)) and fmap.shape == (2, E, 3, 5)
+    monkeypatch.setattr(vim_module, "_warned_freeze_alias", False)
+    with pytest.warns(FutureWarning, match="use `frozen`"):  # configs written with freeze= still build
+        assert MMDET_MODELS.build({**cfg, "frozen": False, "freeze": True}).net.frozen
+
+
+def test_detectron2_adapter_names_its_map_from_the_feature_info(monkeypatch):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import ShapeSpec
+
+    from rat_plugins.detectron2.vim import ViM, add_vim_config, build_vim_backbone
+
+    kw = dict(embed_dim=E, depth=1, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE)
+    backbone = ViM(**kw)
+    shape = backbone.output_shape()
+    assert list(shape) == ["last_feat"] and (shape["last_feat"].stride, shape["last_feat"].channels) == (PATCH, E)
+    assert backbone.size_divisibility == PATCH
+    img = torch.randn(1, 3, 24, 40)
+    out = backbone(img)
+    assert list(out) == ["last_feat"] and torch.equal(out["last_feat"], backbone.net(img))
+    assert list(ViM(out_feature=0, **kw).output_shape()) == ["last_feat"]  # by 0-based index
+    with pytest.raises(ValueError, match="unknown feature 'p4'"):
+        ViM(out_feature="p4", **kw)
+
+    cfg = get_cfg()
+    add_vim_config(cfg)
+    cfg.MODEL.VIM.EMBED_DIM, cfg.MODEL.VIM.DEPTH = 16, 1
+    assert build_vim_backbone(cfg, ShapeSpec(channels=3)).net.frozen  # FROZEN, default True
+    cfg.MODEL.VIM.FREEZE = False  # the deprecated key still decides
+    monkeypatch.setattr(vim_module, "_warned_freeze_alias", False)
+    with pytest.warns(FutureWarning, match="use `frozen`"):
+        assert not build_vim_backbone(cfg, ShapeSpec(channels=3)).net.frozen

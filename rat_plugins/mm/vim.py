@@ -1,22 +1,21 @@
 """ViM as an mmseg / mmdet backbone, and the Roboflow head-detection export as an mmdet dataset."""
 from mmdet.datasets import CocoDataset
-from mmdet.registry import DATASETS as MMDET_DATASETS
-from mmdet.registry import MODELS as MMDET_MODELS
+from mmdet.registry import DATASETS as MMDET_DATASETS, MODELS as MMDET_MODELS
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS as MMSEG_MODELS
 
 from ..data.roboflow import filter_roboflow_coco
 from ..models.vim import VimBackbone
 
-__all__ = ["ViMBackbone", "RoboflowCocoDataset"]
+__all__ = ["ViM", "ViMBackbone", "RoboflowCocoDataset"]
 
 
-class ViMBackbone(BaseModule):
-    """:class:`rat_plugins.models.vim.VimBackbone` returning a 1-tuple (stride-16 map).
+class ViM(BaseModule):
+    """:class:`rat_plugins.models.vim.VimBackbone` returning its one map (stride 16) as a 1-tuple.
 
     Args:
         init_cfg: mmengine init config (the ViM weights come from ``checkpoint`` instead).
-        **kwargs: passed to ``VimBackbone`` (embed_dim, depth, freeze, checkpoint, ...).
+        **kwargs: passed to ``VimBackbone`` (embed_dim, depth, frozen, checkpoint, ...).
     """
 
     def __init__(self, init_cfg=None, **kwargs):
@@ -24,11 +23,13 @@ class ViMBackbone(BaseModule):
         self.net = VimBackbone(**kwargs)
 
     def forward(self, x):
-        return (self.net(x),)
+        return tuple(self.net.forward_features(x).values())
 
+
+ViMBackbone = ViM  # the former class name
 
 for _registry in (MMSEG_MODELS, MMDET_MODELS):
-    _registry.register_module(name="ViM", module=ViMBackbone)
+    _registry.register_module(name="ViM", module=ViM)
 
 
 @MMDET_DATASETS.register_module()
@@ -46,5 +47,3 @@ class RoboflowCocoDataset(CocoDataset):
             self._metainfo["classes"] = tuple(stats["categories"])
         self.ann_file = stats["path"]
         return super().load_data_list()
-
-
