@@ -116,7 +116,8 @@ def assert_close(actual, expected, what, rtol=1e-5):
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = (actual.double() - expected).abs()
     bound = atol + rtol * expected.abs()
-    assert bool((err <= bound).all()), f"{what}: max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
+    assert bool((err <= bound).all()), (f"{what}: max excess {(err - bound).max().item():.3g}, "
+                                        f"max err {err.max().item():.3g}")
 
 
 def cpu_backends():

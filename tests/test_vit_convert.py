@@ -150,7 +150,8 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no ViT state dict.*epoch, lr"):
         load_timm_vit_checkpoint(tmp_path / "meta.pth")
     torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "pickled.pth")  # a class outside the allow-list
-    with pytest.raises(ValueError, match="objects of class fractions.Fraction, which torch.load.weights_only=True. refuses"):
+    refused = "objects of class fractions.Fraction, which torch.load.weights_only=True. refuses"
+    with pytest.raises(ValueError, match=refused):
         load_timm_vit_checkpoint(tmp_path / "pickled.pth")
 
 
