@@ -1,4 +1,4 @@
-# Runtime shared by the SETR and RAT configs: plugin import, mmseg scope, logging to text + TensorBoard.
+# mmseg runtime shared by the SETR and RAT configs: plugin import, mmseg scope, logging to text + TensorBoard.
 default_scope = 'mmseg'
 custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
 env_cfg = dict(

@@ -3,8 +3,8 @@
 _base_ = [
     '_base_/models/rat_uper.py',
     '_base_/datasets/isic2018.py',
-    '../../SETR/configs/_base_/schedules/adamw_cosine_20k.py',
-    '../../SETR/configs/_base_/default_runtime.py',
+    '../../_base_/schedules/mmseg_adamw_cosine_20k.py',
+    '../../_base_/mmseg_runtime.py',
 ]
 model = dict(
     backbone=dict(scales=(1.0, 0.5)),

@@ -6,10 +6,11 @@
 #   python tools/train.py projects/RVT/configs/maxvit_yolox_patch4_3scale_baseline.py
 # One-line overrides (--cfg-options ...):
 #   mixed precision (RVT trains with precision 16):  optim_wrapper.type=AmpOptimWrapper   (or --amp)
-#   the seed's fallback when batch 2 does not fit:   train_dataloader.batch_size=1 optim_wrapper.accumulative_counts=2
+#   the fallback when batch 2 does not fit:          train_dataloader.batch_size=1 optim_wrapper.accumulative_counts=2
 #     (the schedule counts iterations, i.e. batches of 1: double train_cfg.max_iters and param_scheduler.0.end
 #      to keep the number of samples seen)
 #   linear lr scaling from RVT's batch 12:           auto_scale_lr.enable=True
+_base_ = ['../../_base_/mmdet_runtime.py']
 # What this run is for; tools/experiment_record.py writes the experiment record from these fields
 # and from the config itself (python tools/experiment_record.py CONFIG --baseline BASE).
 experiment = dict(
@@ -27,8 +28,6 @@ experiment = dict(
         'coco/bbox_mAP at 100k is not above its value at 10k',
     ],
     gpus=1)
-custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
-default_scope = 'mmdet'
 
 data_root = '{{$RAT_DATASETS:datasets}}/events/etram/'
 # eTraM's class ids (eTraM repository, rvt_eTram/gen4_class_labels.py)
@@ -50,19 +49,20 @@ model = dict(
     train_cfg=dict(assigner=dict(type='SimOTAAssigner', center_radius=2.5)),
     # RVT's postprocess: confidence 0.1, NMS IoU 0.45
     test_cfg=dict(score_thr=0.1, nms=dict(type='nms', iou_threshold=0.45)))
-
-
-def _split(split, test_mode):
-    return dict(type='RVTEventDataset', data_root=data_root, split=split, metainfo=dict(classes=classes),
-                sequence_length=sequence_length, test_mode=test_mode, pipeline=[dict(type='PackEventClip')])
-
-
-train_dataloader = dict(batch_size=2, num_workers=4, persistent_workers=False,
-                        sampler=dict(type='InfiniteSampler', shuffle=True), dataset=_split('train', False))
-val_dataloader = dict(batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
-                      sampler=dict(type='DefaultSampler', shuffle=False), dataset=_split('val', True))
-test_dataloader = dict(batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
-                       sampler=dict(type='DefaultSampler', shuffle=False), dataset=_split('test', True))
+train_dataloader = dict(
+    batch_size=2, num_workers=4, persistent_workers=False, sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(type='RVTEventDataset', data_root=data_root, split='train', metainfo=dict(classes=classes),
+                 sequence_length=sequence_length, test_mode=False, pipeline=[dict(type='PackEventClip')]))
+val_dataloader = dict(
+    batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='RVTEventDataset', data_root=data_root, split='val', metainfo=dict(classes=classes),
+                 sequence_length=sequence_length, test_mode=True, pipeline=[dict(type='PackEventClip')]))
+test_dataloader = dict(
+    batch_size=2, num_workers=3, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='RVTEventDataset', data_root=data_root, split='test', metainfo=dict(classes=classes),
+                 sequence_length=sequence_length, test_mode=True, pipeline=[dict(type='PackEventClip')]))
 # COCO ground truth from the data samples (boxes in ds2 histogram pixels); AP_s/m/l and per-class AP
 val_evaluator = dict(type='CocoMetric', ann_file=None, metric='bbox', classwise=True, format_only=False)
 test_evaluator = val_evaluator
@@ -85,17 +85,5 @@ param_scheduler = [
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=12)
 
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'), logger=dict(type='LoggerHook', interval=50),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=val_interval, max_keep_ckpts=3,
-                    save_best='coco/bbox_mAP', rule='greater'),
-    sampler_seed=dict(type='DistSamplerSeedHook'), visualization=dict(type='DetVisualizationHook'))
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='nccl'))
-vis_backends = [dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
-log_level = 'INFO'
-load_from = None
-resume = False
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=val_interval, save_best='coco/bbox_mAP', rule='greater'))
+log_processor = dict(by_epoch=False)

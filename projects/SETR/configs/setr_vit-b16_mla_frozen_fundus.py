@@ -5,8 +5,8 @@
 _base_ = [
     '_base_/models/setr_mla_vit-b16.py',
     '_base_/datasets/fundus_drive.py',
-    '_base_/schedules/adamw_cosine_20k.py',
-    '_base_/default_runtime.py',
+    '../../_base_/schedules/mmseg_adamw_cosine_20k.py',
+    '../../_base_/mmseg_runtime.py',
 ]
 crop_size = (224, 224)
 model = dict(

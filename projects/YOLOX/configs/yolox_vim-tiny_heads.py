@@ -1,7 +1,6 @@
 # Head detection on mmdet: frozen ViM-tiny (stride 16) -> 1x1 channel mapper -> YOLOX head
 # (SimOTA assignment), on the Roboflow export at <dataset root>/coco.
-custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)
-default_scope = 'mmdet'
+_base_ = ['../../_base_/mmdet_runtime.py']
 
 data_root = '{{$RAT_DATASETS:datasets}}/coco/'  # RAT_DATASETS as in datasets/README.md
 image_size = 640
@@ -11,7 +10,7 @@ model = dict(
     type='YOLOX',
     data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53],
                            std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_size_divisor=16),
-    backbone=dict(type='ViM', embed_dim=192, depth=24, freeze=True,
+    backbone=dict(type='ViM', embed_dim=192, depth=24, frozen=True,
                   checkpoint='ckpts/vim_tiny_pretrained.pth'),
     neck=dict(type='ChannelMapper', in_channels=[192], out_channels=128, kernel_size=1,
               norm_cfg=dict(type='GN', num_groups=32), num_outs=1),
@@ -33,25 +32,24 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
-
-
-def _split(name, pipeline, test_mode):
-    return dict(type='RoboflowCocoDataset', data_root=data_root, metainfo=dict(classes=classes),
-                ann_file=f'{name}/_annotations.coco.json', data_prefix=dict(img=f'{name}/'),
-                filter_cfg=dict(filter_empty_gt=not test_mode, min_size=1), pipeline=pipeline,
-                test_mode=test_mode)
-
-
-train_dataloader = dict(batch_size=8, num_workers=2, persistent_workers=False,
-                        sampler=dict(type='DefaultSampler', shuffle=True),
-                        batch_sampler=dict(type='AspectRatioBatchSampler'),
-                        dataset=_split('train', train_pipeline, False))
-val_dataloader = dict(batch_size=1, num_workers=2, persistent_workers=False, drop_last=False,
-                      sampler=dict(type='DefaultSampler', shuffle=False),
-                      dataset=_split('valid', test_pipeline, True))
-test_dataloader = dict(batch_size=1, num_workers=2, persistent_workers=False, drop_last=False,
-                       sampler=dict(type='DefaultSampler', shuffle=False),
-                       dataset=_split('test', test_pipeline, True))
+train_dataloader = dict(
+    batch_size=8, num_workers=2, persistent_workers=False, sampler=dict(type='DefaultSampler', shuffle=True),
+    batch_sampler=dict(type='AspectRatioBatchSampler'),
+    dataset=dict(type='RoboflowCocoDataset', data_root=data_root, metainfo=dict(classes=classes),
+                 ann_file='train/_annotations.coco.json', data_prefix=dict(img='train/'),
+                 filter_cfg=dict(filter_empty_gt=True, min_size=1), pipeline=train_pipeline, test_mode=False))
+val_dataloader = dict(
+    batch_size=1, num_workers=2, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='RoboflowCocoDataset', data_root=data_root, metainfo=dict(classes=classes),
+                 ann_file='valid/_annotations.coco.json', data_prefix=dict(img='valid/'),
+                 filter_cfg=dict(filter_empty_gt=False, min_size=1), pipeline=test_pipeline, test_mode=True))
+test_dataloader = dict(
+    batch_size=1, num_workers=2, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='RoboflowCocoDataset', data_root=data_root, metainfo=dict(classes=classes),
+                 ann_file='test/_annotations.coco.json', data_prefix=dict(img='test/'),
+                 filter_cfg=dict(filter_empty_gt=False, min_size=1), pipeline=test_pipeline, test_mode=True))
 val_evaluator = dict(type='CocoMetric', ann_file=data_root + 'valid/_annotations.coco_filtered.json',
                      metric='bbox', format_only=False)
 test_evaluator = dict(type='CocoMetric', ann_file=data_root + 'test/_annotations.coco_filtered.json',
@@ -66,16 +64,6 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
     dict(type='MultiStepLR', by_epoch=True, milestones=[70, 90], gamma=0.1),
 ]
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'), logger=dict(type='LoggerHook', interval=20),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP_50', rule='greater'),
-    sampler_seed=dict(type='DistSamplerSeedHook'), visualization=dict(type='DetVisualizationHook'))
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='nccl'))
-vis_backends = [dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(type='LogProcessor', window_size=20, by_epoch=True)
-log_level = 'INFO'
-load_from = None
-resume = False
+default_hooks = dict(logger=dict(interval=20),
+                     checkpoint=dict(interval=1, save_best='coco/bbox_mAP_50', rule='greater'))
+log_processor = dict(window_size=20)
