@@ -1,15 +1,9 @@
-"""Let mmengine 0.10.7 read its own checkpoints under torch >= 2.6 (``torch.load`` weights-only default).
+"""Let mmengine 0.10.7 read its own checkpoints under torch >= 2.6 (weights-only ``torch.load``).
 
-mmengine's ``CheckpointLoader`` calls ``torch.load(filename, map_location=...)`` without
-``weights_only``; since torch 2.6 that means ``weights_only=True``, and every checkpoint mmengine
-writes is refused: its ``message_hub`` holds ``HistoryBuffer`` objects (numpy arrays inside, and the
-buffer's statistics functions pickled as ``getattr(HistoryBuffer, 'mean')``), so ``--resume``,
-``load_from`` and ``tools/test.py`` fail (upstream: open-mmlab/mmengine#1655, PR #1650).
-
-Importing this module (``rat_plugins.mm`` does) adds an explicit allow-list to torch's weights-only
-unpickler instead of turning it off: ``HistoryBuffer``, the numpy pieces that rebuild arrays,
-dtypes and scalars, and — under the name ``builtins.getattr`` — a getattr that only returns
-``HistoryBuffer``'s registered statistics functions and refuses anything else.
+mmengine's checkpoints hold ``HistoryBuffer`` objects (numpy arrays, statistics methods pickled as
+``getattr(HistoryBuffer, 'mean')``), which the weights-only unpickler refuses, so ``--resume``,
+``load_from`` and ``tools/test.py`` fail (open-mmlab/mmengine#1655). Importing this module adds a
+narrow allow-list instead of turning weights-only loading off.
 """
 import pickle
 

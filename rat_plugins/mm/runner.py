@@ -1,6 +1,5 @@
 """Shared logic of tools/train.py and tools/test.py for mmseg / mmdet configs (OpenMMLab CLI)."""
 import argparse
-import difflib
 import logging
 import os
 import os.path as osp
@@ -12,11 +11,10 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-__all__ = ["train_parser", "test_parser", "load_config", "build_runner", "unique_instance_names", "ConfigError"]
+from ..utils.config_keys import ConfigError, did_you_mean
 
-
-class ConfigError(ValueError):
-    """A config file or --cfg-options entry that cannot be used as given."""
+__all__ = ["train_parser", "test_parser", "check_options", "load_config", "build_runner", "unique_instance_names",
+           "ConfigError"]
 
 
 def _common(parser):
@@ -43,7 +41,7 @@ def test_parser():
     return p
 
 
-def _check_options(cfg, options):
+def check_options(cfg, options) -> None:
     """Refuse --cfg-options keys whose parent exists but the leaf does not (likely a typo)."""
     for key in options or {}:
         node, parts = cfg, key.split(".")
@@ -52,13 +50,15 @@ def _check_options(cfg, options):
                 node = node[int(part)]
                 continue
             if not hasattr(node, "keys") or part not in node:
-                known = sorted(node.keys()) if hasattr(node, "keys") else []
-                if i == len(parts) - 1 and "type" in getattr(node, "keys", lambda: [])():
+                known = list(node.keys()) if hasattr(node, "keys") else []
+                if i == len(parts) - 1 and "type" in known:
                     break  # adding a constructor argument to a registered type is legitimate
-                close = difflib.get_close_matches(part, known, n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"--cfg-options key {key!r}: {'.'.join(parts[:i + 1])!r} is not in the config.{hint}")
+                raise ConfigError(f"--cfg-options key {key!r}: {'.'.join(parts[:i + 1])!r} is not in the config."
+                                  f"{did_you_mean(part, known)}")
             node = node[part]
+
+
+_check_options = check_options  # earlier name
 
 
 def load_config(args) -> Config:
@@ -66,7 +66,7 @@ def load_config(args) -> Config:
         raise ConfigError(f"config file not found: {args.config}")
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
-    _check_options(cfg, args.cfg_options)
+    check_options(cfg, args.cfg_options)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:
