@@ -55,7 +55,9 @@ def test_micro_batches_equal_full_batch():
 def test_accumulation_must_be_positive():
     import pytest
 
-    from rat_plugins.detectron2.engine import ConfigError
+    from rat_plugins.detectron2 import engine
+    from rat_plugins.utils.config_keys import ConfigError
 
+    assert engine.ConfigError is ConfigError  # the earlier import name
     with pytest.raises(ConfigError):
         AccumulatingTrainer(TinyRegressor(), [], torch.optim.SGD(TinyRegressor().parameters(), lr=1), accumulation=0)

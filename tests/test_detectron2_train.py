@@ -51,7 +51,7 @@ def test_baseline_trains_under_stock_detectron2_tool(heads_data, tmp_path):
     assert (out / "model_final.pth").is_file()
     losses = [m for m in _metrics(out) if "total_loss" in m]
     assert [m["iteration"] for m in losses] == [0, 1, 2]
-    assert any("bbox/AP50" in m for m in _metrics(out))  # evaluated on heads_valid
+    assert any("bbox/AP50" in m for m in _metrics(out))  # evaluated on head_detection_valid
 
 
 @pytest.mark.slow
@@ -97,7 +97,7 @@ def test_all_ofat_configs_build_with_their_schedules(heads_data, monkeypatch):
         assert cfg.train.epochs == int(ep[2:])
         per_epoch = -(-8 // expected[bs])
         assert cfg.train.max_iter == per_epoch * int(ep[2:]) and cfg.train.eval_period == per_epoch
-        assert cfg.model.backbone.net.freeze is True
+        assert cfg.model.backbone.net.frozen is True
         assert cfg.model.roi_heads.num_classes == 1
 
 

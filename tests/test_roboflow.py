@@ -53,25 +53,54 @@ def test_filter_refuses_to_overwrite_original(tmp_path):
         filter_roboflow_coco(src, src)
 
 
+def _unregister(*names):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
 def test_registration_follows_the_dataset_folder(tmp_path):
     """The same folder twice is a no-op; another folder under the same name replaces it."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from rat_plugins.data.synthetic import make_heads
-    from rat_plugins.detectron2.data import register_custom_coco
+    from rat_plugins.detectron2.data import register_head_detection
 
     first, second = tmp_path / "a" / "coco", tmp_path / "b" / "coco"
     make_heads(first, n=4, seed=0, size=64)
     make_heads(second, n=8, seed=1, size=64)
     try:
-        assert set(register_custom_coco(first, name="reg_test")) == {"train", "valid", "test"}
-        assert register_custom_coco(first, name="reg_test") == {}  # nothing redone
-        assert set(register_custom_coco(second, name="reg_test")) == {"train", "valid", "test"}
+        assert set(register_head_detection(first, name="reg_test")) == {"train", "valid", "test"}
+        assert register_head_detection(first, name="reg_test") == {}  # nothing redone
+        assert set(register_head_detection(second, name="reg_test")) == {"train", "valid", "test"}
         meta = MetadataCatalog.get("reg_test_train")
         assert meta.image_root == str(second / "train") and meta.num_images == 8
         assert len(DatasetCatalog.get("reg_test_train")) == 8
     finally:
-        for split in ("train", "valid", "test"):
-            if f"reg_test_{split}" in DatasetCatalog.list():
-                DatasetCatalog.remove(f"reg_test_{split}")
-                MetadataCatalog.remove(f"reg_test_{split}")
+        _unregister(*(f"reg_test_{split}" for split in ("train", "valid", "test")))
+
+
+def test_head_detection_names_and_the_earlier_ones(tmp_path):
+    """head_detection_<split>, and the earlier heads_<split> / register_custom_coco still resolve."""
+    from detectron2.data import DatasetCatalog
+
+    from rat_plugins.data.synthetic import make_heads
+    from rat_plugins.detectron2 import data
+
+    root = tmp_path / "coco"
+    make_heads(root, n=4, seed=0, size=64)
+    names = [f"{prefix}_{split}" for prefix in ("head_detection", "heads") for split in ("train", "valid", "test")]
+    _unregister(*names)
+    assert data.register_custom_coco is data.register_head_detection
+    assert data.head_detection_num_images("train", root) == 4
+    assert not (root / "train" / FILTERED_NAME).exists()  # counting writes nothing
+    try:
+        dicts = data.head_detection_dicts("head_detection_train", root=root, filter_empty=False)
+        assert len(dicts) == 4 and (root / "train" / FILTERED_NAME).is_file()
+        assert len(DatasetCatalog.get("heads_train")) == 4
+        assert all(name in DatasetCatalog.list() for name in names)
+    finally:
+        _unregister(*names)

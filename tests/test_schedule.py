@@ -27,15 +27,41 @@ def test_short_schedules_keep_valid_milestones():
     assert epoch_schedule(1, 1, 1).milestones == () and epoch_schedule(1, 1, 1).lr_factors == (1.0,)
 
 
-def test_very_short_runs_build_a_valid_detectron2_scheduler():
-    from detectron2.config import instantiate
+def _schedule_config(batch):
+    from omegaconf import OmegaConf
 
     from rat_plugins.detectron2.schedule import multistep_with_warmup
 
+    cfg = OmegaConf.create(dict(train=dict(checkpointer=dict(period=0)),
+                                dataloader=dict(train=dict(total_batch_size=batch))))
+    return cfg.train, multistep_with_warmup(), cfg.dataloader
+
+
+def test_very_short_runs_build_a_valid_detectron2_scheduler():
+    from detectron2.config import instantiate
+
+    from rat_plugins.detectron2.schedule import set_epoch_schedule
+
     for max_iter in (1, 2, 3, 10):
         sched = epoch_schedule(max_iter, 1, 1, warmup_iters=0)
-        lr = multistep_with_warmup()
-        lr.scheduler.milestones, lr.scheduler.values = list(sched.milestones), list(sched.lr_factors)
-        lr.scheduler.num_updates, lr.warmup_length = max_iter, sched.warmup_fraction
+        train, lr, dataloader = _schedule_config(batch=1)
+        set_epoch_schedule(train, lr, dataloader, epochs=1, num_images=max_iter, warmup_iters=0)
+        assert lr.scheduler.milestones == list(sched.milestones)
         multiplier = instantiate(lr)
         assert multiplier(0.99) == pytest.approx(0.1 ** len(sched.milestones))
+
+
+def test_epoch_schedule_written_into_a_config_and_recomputed():
+    from rat_plugins.detectron2.schedule import set_epoch_schedule
+
+    train, lr, dataloader = _schedule_config(batch=8)
+    set_epoch_schedule(train, lr, dataloader, epochs=100, num_images=1271)
+    assert (train.max_iter, train.eval_period, train.checkpointer.period) == (15900, 159, 159)
+    assert (train.epochs, train.num_train_images, train.warmup_iters) == (100, 1271, 500)
+    assert lr.scheduler.milestones == [11130, 14310] and lr.scheduler.num_updates == 15900
+    assert lr.warmup_length == pytest.approx(500 / 15900)
+    # a new batch (an override): the stored epochs and image count give the new schedule
+    dataloader.train.total_batch_size = 16
+    set_epoch_schedule(train, lr, dataloader)
+    assert (train.max_iter, train.eval_period) == (8000, 80)
+    assert lr.scheduler.milestones == [5600, 7200]

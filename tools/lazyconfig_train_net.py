@@ -6,6 +6,7 @@ Same arguments as detectron2's tools/lazyconfig_train_net.py:
         --machine-rank R --dist-url URL] [--resume] [--eval-only] [key=value ...]
 plus ``--micro-batch K`` (gradient accumulation: the config's batch stays the effective batch).
 Without CUDA, ``--num-gpus N`` starts N CPU processes that train together over gloo.
+``train.device=auto`` (the project's configs) means cuda if available, else cpu.
 """
 import sys
 

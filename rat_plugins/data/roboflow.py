@@ -1,27 +1,19 @@
-"""Roboflow COCO exports: filter the supercategory entry and invalid boxes into a clean copy.
+"""Roboflow COCO exports: a clean copy without the supercategory entry and invalid boxes.
 
-Roboflow writes the dataset's supercategory as a category of its own (``{"id": 0, "name":
-"heads", "supercategory": "none"}``) next to the real class, which would make a 1-class detector
-train with 2 classes. ``filter_roboflow_coco`` writes ``_annotations.coco_filtered.json`` beside
-the original (never editing it) with only the real classes, ids remapped to 1..K, boxes clipped
-to the image and degenerate boxes dropped.
+Roboflow lists the supercategory as a category of its own next to the real class (see
+docs/formats.md, Roboflow COCO export), which would make a 1-class detector train with 2 classes.
 """
 import json
 import logging
 from pathlib import Path
 
-from .._atomic import atomic_write_text
+from ..utils.atomic import atomic_write_json
 
-__all__ = ["filter_roboflow_coco", "FILTERED_NAME", "ORIGINAL_NAME", "atomic_write_json"]
+__all__ = ["count_images", "filter_roboflow_coco", "FILTERED_NAME", "ORIGINAL_NAME"]
 
 logger = logging.getLogger(__name__)
 ORIGINAL_NAME = "_annotations.coco.json"
 FILTERED_NAME = "_annotations.coco_filtered.json"
-
-
-def atomic_write_json(obj, path) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
-    atomic_write_text(path, json.dumps(obj))
 
 
 def _load_coco(path: Path) -> dict:
@@ -49,8 +41,16 @@ def _real_categories(categories, annotations):
     return sorted(real, key=lambda c: c["id"])
 
 
+def count_images(path) -> int:
+    """Images listed in a COCO annotation file (the filtered copy keeps them all); writes nothing."""
+    return len(_load_coco(Path(path))["images"])
+
+
 def filter_roboflow_coco(src, dst=None) -> dict:
     """Write the filtered copy of a Roboflow COCO file; return counts of what was changed.
+
+    The copy (``_annotations.coco_filtered.json`` beside the original, which is never edited) has
+    only the real classes, ids remapped to 1..K, boxes clipped to the image, degenerate boxes dropped.
 
     Args:
         src: path of ``_annotations.coco.json``.
@@ -95,7 +95,7 @@ def filter_roboflow_coco(src, dst=None) -> dict:
     with_boxes = {a["image_id"] for a in kept}
     out = dict(data, annotations=kept,
                categories=[dict(c, id=new_id[c["id"]], supercategory="none") for c in categories])
-    atomic_write_json(out, dst)
+    atomic_write_json(dst, out, indent=None)
     stats = dict(path=str(dst), images=len(images), boxes=len(kept), dropped_degenerate=degenerate,
                  dropped_outside=outside, clipped=clipped,
                  images_without_boxes=len(images) - len(with_boxes),

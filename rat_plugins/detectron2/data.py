@@ -1,17 +1,25 @@
-"""Dataset registration for detectron2: the Roboflow head-detection export and COCO 2017."""
+"""detectron2 datasets: the Roboflow head-detection export and COCO 2017.
+
+Configs register nothing when loaded: their dataset entries call :func:`head_detection_dicts` /
+:func:`coco2017_dicts`, which register the splits when the dataloader is built.
+"""
 import logging
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.datasets import register_coco_instances
 
 from ..data.paths import dataset_root
-from ..data.roboflow import FILTERED_NAME, ORIGINAL_NAME, filter_roboflow_coco
+from ..data.roboflow import FILTERED_NAME, ORIGINAL_NAME, count_images, filter_roboflow_coco
 
-__all__ = ["register_custom_coco", "register_coco2017", "num_images", "head_detection_mapper"]
+__all__ = ["coco2017_dicts", "head_detection_dicts", "head_detection_mapper", "head_detection_num_images",
+           "register_coco2017", "register_head_detection", "register_custom_coco"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+HEAD_DETECTION = "head_detection"
+# earlier name of the head-detection splits ("heads_train", ...), still registered beside the new one
+_LEGACY_NAMES = {HEAD_DETECTION: "heads"}
 # split -> (annotation file, image folder), relative to the coco2017/ folder
 COCO2017_SPLITS = {
     "train": ("annotations/instances_train2017.json", "train2017"),
@@ -33,32 +41,51 @@ def _registered_elsewhere(name: str, json_file: Path, image_root: Path):
     return True
 
 
-def register_custom_coco(root=None, name="heads", splits=SPLITS) -> dict:
+def _head_detection_root(root) -> Path:
+    return Path(root) if root is not None else dataset_root() / "coco"
+
+
+def register_head_detection(root=None, name=HEAD_DETECTION, splits=SPLITS) -> dict:
     """Register ``<root>/{train,valid,test}/_annotations.coco.json`` as ``<name>_<split>``.
 
-    Each split gets ``_annotations.coco_filtered.json`` beside its original (see
-    :func:`rat_plugins.data.roboflow.filter_roboflow_coco`), which is what detectron2 reads.
-    Registering the same folder again is a no-op, so configs can call this at load time; another
-    folder under the same name replaces the earlier registration (with a warning).
+    detectron2 reads the filtered copy written beside each original (see
+    :func:`rat_plugins.data.roboflow.filter_roboflow_coco`). Registering the same folder again is a
+    no-op; another folder under the same name replaces the earlier registration (with a warning).
 
     Args:
         root: the export's folder (default ``<dataset root>/coco``).
-        name: prefix of the registered dataset names.
+        name: prefix of the registered dataset names (the default also registers ``heads_<split>``).
     Returns:
         {split: stats dict of the filtering}; empty for splits registered before.
     """
-    root = Path(root) if root is not None else dataset_root() / "coco"
+    root = _head_detection_root(root)
+    names = [name] + ([_LEGACY_NAMES[name]] if name in _LEGACY_NAMES else [])
     stats = {}
     for split in splits:
-        dataset_name = f"{name}_{split}"
         split_dir = root / split
-        if _registered_elsewhere(dataset_name, split_dir / FILTERED_NAME, split_dir) is False:
+        if _registered_elsewhere(f"{name}_{split}", split_dir / FILTERED_NAME, split_dir) is False:
             continue
         stats[split] = filter_roboflow_coco(split_dir / ORIGINAL_NAME, split_dir / FILTERED_NAME)
-        register_coco_instances(dataset_name, {}, str(split_dir / FILTERED_NAME), str(split_dir))
-        MetadataCatalog.get(dataset_name).set(thing_classes=stats[split]["categories"],
-                                              num_images=stats[split]["images"])
+        for dataset_name in (f"{prefix}_{split}" for prefix in names):
+            if _registered_elsewhere(dataset_name, split_dir / FILTERED_NAME, split_dir) is not False:
+                register_coco_instances(dataset_name, {}, str(split_dir / FILTERED_NAME), str(split_dir))
+            MetadataCatalog.get(dataset_name).set(thing_classes=stats[split]["categories"],
+                                                  num_images=stats[split]["images"])
     return stats
+
+
+register_custom_coco = register_head_detection  # earlier name
+
+
+def head_detection_dicts(names, root=None, **kwargs):
+    """``get_detection_dataset_dicts(names, **kwargs)`` after registering the head-detection splits."""
+    register_head_detection(root)
+    return get_detection_dataset_dicts(names, **kwargs)
+
+
+def head_detection_num_images(split: str = "train", root=None) -> int:
+    """Images in a head-detection split, read from its annotation file (no registration, no writing)."""
+    return count_images(_head_detection_root(root) / split / ORIGINAL_NAME)
 
 
 def register_coco2017(root=None, names=("train", "val")) -> list:
@@ -67,8 +94,7 @@ def register_coco2017(root=None, names=("train", "val")) -> list:
     detectron2's builtin ``coco_2017_*`` names point at ``<dataset root>/coco/``, which here holds
     the head-detection export, hence names of our own. ``thing_classes`` come from the annotation
     file when detectron2 first loads it (80 for real COCO, fewer for the synthetic set). Calling
-    again with the same paths is a no-op, so configs can call this at load time; other paths
-    replace the earlier registration (with a warning).
+    again with the same paths is a no-op; other paths replace the earlier registration (with a warning).
 
     Args:
         root: the ``coco2017`` folder (default ``<dataset root>/coco2017``).
@@ -100,12 +126,10 @@ def register_coco2017(root=None, names=("train", "val")) -> list:
     return registered
 
 
-def num_images(dataset_name: str) -> int:
-    """Images in a registered split, read from the annotation file without loading the images."""
-    meta = MetadataCatalog.get(dataset_name)
-    if not hasattr(meta, "num_images"):
-        raise KeyError(f"dataset {dataset_name!r} is not registered; call register_custom_coco() first")
-    return meta.num_images
+def coco2017_dicts(names, root=None, **kwargs):
+    """``get_detection_dataset_dicts(names, **kwargs)`` after registering COCO 2017."""
+    register_coco2017(root)
+    return get_detection_dataset_dicts(names, **kwargs)
 
 
 def head_detection_mapper(is_train: bool, image_size: int = 640, flip: bool = True):

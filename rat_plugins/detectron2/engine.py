@@ -1,11 +1,9 @@
-"""Training loop pieces for LazyConfig experiments: gradient accumulation, CPU-capable DDP,
-epoch schedules, final test evaluation, peak memory, config-key checking.
+"""Training loop pieces for LazyConfig experiments: gradient accumulation, CPU-capable DDP, epoch
+schedules, the device, final test evaluation, peak memory, override checking.
 
-``tools/lazyconfig_train_net.py`` is a thin CLI over :func:`main`; configs also run unchanged
-under detectron2's stock ``tools/lazyconfig_train_net.py`` (without the extras noted here).
+``tools/lazyconfig_train_net.py`` is a thin CLI over :func:`main`; the configs also run under
+detectron2's stock ``tools/lazyconfig_train_net.py`` (without these extras).
 """
-import difflib
-import json
 import logging
 import os
 import resource
@@ -21,20 +19,16 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from .._atomic import atomic_write_text
-from ..engine.schedule import epoch_schedule
+from ..utils.atomic import atomic_write_json
+from ..utils.config_keys import ConfigError, config_keys, did_you_mean
+from .schedule import set_epoch_schedule
 
-__all__ = ["AccumulatingTrainer", "PeakMemoryHook", "apply_epoch_schedule", "check_overrides",
-           "do_test", "do_train", "main", "ConfigError"]
+__all__ = ["AccumulatingTrainer", "PeakMemoryHook", "check_overrides", "resolve_device", "do_test", "do_train",
+           "main", "ConfigError"]
 
 logger = logging.getLogger("detectron2")
-
-
-class ConfigError(ValueError):
-    """A config or command-line override that cannot be used as given."""
 
 
 class AccumulatingTrainer(SimpleTrainer):
@@ -90,49 +84,26 @@ class PeakMemoryHook(hooks.HookBase):
 
 def check_overrides(cfg, overrides) -> None:
     """Refuse ``key=value`` overrides whose key is not in the config (typos would be ignored)."""
-    flat = set()
-
-    def walk(node, prefix):
-        items = node.items() if isinstance(node, dict) or OmegaConf.is_dict(node) else enumerate(node)
-        for k, v in items:
-            key = f"{prefix}{k}"
-            flat.add(key)
-            if isinstance(v, (dict, list)) or OmegaConf.is_dict(v) or OmegaConf.is_list(v):
-                walk(v, key + ".")  # list items by index, as OmegaConf addresses them (a.0.b)
-
-    walk(cfg, "")
+    known = config_keys(cfg)
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        if item.startswith("+") or key in flat:
+        if item.startswith("+") or key in known:
             continue
-        close = difflib.get_close_matches(key, sorted(flat), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r} in override {item!r}.{hint} "
+        raise ConfigError(f"unknown config key {key!r} in override {item!r}.{did_you_mean(key, known)} "
                           f"(prefix the override with '+' to add a new key on purpose)")
 
 
-def apply_epoch_schedule(cfg) -> None:
-    """Recompute iteration counts from ``train.epochs`` after overrides changed batch or epochs.
-
-    Configs built with ``rat_plugins.detectron2.schedule.set_epoch_schedule`` keep
-    ``train.epochs`` and ``train.num_train_images``; the stock tool uses the values the config
-    computed itself.
-    """
-    train = cfg.train
-    if "epochs" not in train or "num_train_images" not in train:
-        return
-    batch = cfg.dataloader.train.total_batch_size
-    sched = epoch_schedule(train.num_train_images, batch, train.epochs, train.get("warmup_iters", 500))
-    train.max_iter = sched.max_iter
-    train.eval_period = sched.iters_per_epoch
-    train.checkpointer.period = sched.iters_per_epoch
-    if "lr_multiplier" in cfg and "scheduler" in cfg.lr_multiplier:
-        cfg.lr_multiplier.scheduler.milestones = list(sched.milestones)
-        cfg.lr_multiplier.scheduler.values = list(sched.lr_factors)
-        cfg.lr_multiplier.scheduler.num_updates = sched.max_iter
-        cfg.lr_multiplier.warmup_length = sched.warmup_fraction
+def resolve_device(device) -> str:
+    """``auto``: cuda if available, else cpu; a cuda device without CUDA is a ConfigError."""
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {device!r} but no CUDA device is available; "
+                          "add the override train.device=cpu")
+    return device
 
 
 def _micro_batching(cfg, micro_batch):
@@ -148,13 +119,22 @@ def _micro_batching(cfg, micro_batch):
     return total // per_step
 
 
+def _build_loader(node):
+    """Instantiate a data loader; its datasets register now, so a missing one is a ConfigError."""
+    try:
+        return instantiate(node)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+
+
 def do_test(cfg, model, loader_key="test"):
     if "evaluator" not in cfg.dataloader or loader_key not in cfg.dataloader:
         return None
     evaluator = cfg.dataloader.evaluator
     if loader_key != "test" and f"{loader_key}_evaluator" in cfg.dataloader:
         evaluator = cfg.dataloader[f"{loader_key}_evaluator"]
-    ret = inference_on_dataset(model, instantiate(cfg.dataloader[loader_key]), instantiate(evaluator))
+    loader = _build_loader(cfg.dataloader[loader_key])  # first: the evaluator reads the registration
+    ret = inference_on_dataset(model, loader, instantiate(evaluator))
     if comm.is_main_process():
         print_csv_format(ret)
     return ret
@@ -174,7 +154,7 @@ def do_train(args, cfg):
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = _build_loader(cfg.dataloader.train)
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
     if cfg.train.amp.enabled:
         if accumulation > 1:
@@ -205,13 +185,10 @@ def do_train(args, cfg):
         result = do_test(cfg, model, "final_test")
     if comm.is_main_process():
         # Marks the run finished (run_all_ofat.sh skips it; summarize_ofat.py reads it).
-        _write_json_atomic(os.path.join(cfg.train.output_dir, "final_metrics.json"), dict(
-            test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started))
+        atomic_write_json(os.path.join(cfg.train.output_dir, "final_metrics.json"), dict(
+            test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started),
+            indent=1, default=float)
     return result
-
-
-def _write_json_atomic(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def load_config(args):
@@ -219,16 +196,15 @@ def load_config(args):
         raise ConfigError(f"config file not found: {args.config_file}")
     try:
         cfg = LazyConfig.load(args.config_file)
-    except FileNotFoundError as e:  # a dataset the config registers at load time is missing
+    except FileNotFoundError as e:  # a dataset file the config reads (its image count) is missing
         raise ConfigError(str(e)) from e
     check_overrides(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if getattr(args, "micro_batch", None):
         cfg.train.micro_batch_size = args.micro_batch
-    apply_epoch_schedule(cfg)
-    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
-                          "add the override train.device=cpu")
+    if "epochs" in cfg.train and "num_train_images" in cfg.train:  # recomputed after the overrides
+        set_epoch_schedule(cfg.train, cfg.get("lr_multiplier"), cfg.dataloader)
+    cfg.train.device = resolve_device(cfg.train.device)
     return cfg
 
 
@@ -244,7 +220,7 @@ def main(args):
         if "final_test" in cfg.dataloader:
             result["test"] = do_test(cfg, model, "final_test")
         if comm.is_main_process():
-            _write_json_atomic(os.path.join(cfg.train.output_dir, "eval_metrics.json"), result)
+            atomic_write_json(os.path.join(cfg.train.output_dir, "eval_metrics.json"), result, indent=1, default=float)
         print(result)
         return result
     try:

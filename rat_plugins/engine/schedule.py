@@ -27,7 +27,7 @@ def epoch_schedule(num_images: int, batch_size: int, epochs: int, warmup_iters: 
     """iterations = ceil(num_images / batch_size) * epochs; multistep decay at fractions of it.
 
     Args:
-        num_images: images in the training split (every image counts, as in the seed's epochs).
+        num_images: images in the training split (every image counts, as in the OFAT study's epochs).
         batch_size: the effective (total) batch, whatever the micro-batch.
         epochs: number of passes over the training split.
         warmup_iters: linear warm-up length, capped at the schedule length.

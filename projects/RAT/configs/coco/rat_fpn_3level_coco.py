@@ -1,14 +1,11 @@
 # RAT (3-level image pyramid 1, 1/2, 1/4; local grouping attention) -> FPN P2-P6 -> Faster R-CNN on
 # COCO 2017 at <dataset root>/coco2017 (datasets/README.md). detectron2 LazyConfig:
 #   python tools/lazyconfig_train_net.py --config-file projects/RAT/configs/coco/rat_fpn_3level_coco.py
-import torch
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from rat_plugins.detectron2.data import register_coco2017
+from rat_plugins.detectron2.data import coco2017_dicts
 from rat_plugins.detectron2.rat import RAT
-
-register_coco2017()  # coco2017_{train,val}; detectron2's coco_2017_* would read datasets/coco/ (heads)
 
 # -- model: the zoo's Mask R-CNN FPN without its mask branch (= Faster R-CNN FPN)
 model = get_config("common/models/mask_rcnn_fpn.py").model
@@ -42,11 +39,14 @@ model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
 
-# -- data: the zoo's COCO loaders (multi-scale 640-800 training, 800 test) on our names
+# -- data: the zoo's COCO loaders (multi-scale 640-800 training, 800 test) on our names, which
+# register when a loader is built (detectron2's coco_2017_* would read datasets/coco/, the head set)
 dataloader = get_config("common/data/coco.py").dataloader
+dataloader.train.dataset._target_ = coco2017_dicts
 dataloader.train.dataset.names = "coco2017_train"
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.use_instance_mask = False  # no mask head: skip decoding polygons / RLE
+dataloader.test.dataset._target_ = coco2017_dicts
 dataloader.test.dataset.names = "coco2017_val"
 # dataloader.evaluator: COCOEvaluator on ${test.dataset.names}: AP, AP50, AP75, APs, APm, APl
 
@@ -60,6 +60,5 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_1x
 train = get_config("common/train.py").train
 train.init_checkpoint = ""  # no pretrained RAT
 train.max_iter = 90000
-train.device = "cuda" if torch.cuda.is_available() else "cpu"
-if train.device == "cpu":
-    train.ddp.device_ids = None  # CPU processes (gloo) take no device ids
+# the project's tool: cuda if available, else cpu; detectron2's stock tool needs train.device=cuda (or cpu)
+train.device = "auto"

@@ -7,4 +7,4 @@ model, dataloader, optimizer, train, lr_multiplier = LazyConfig.load_rel(
     "baseline_lr0.001_bs8_adamw_ep100.py", ("model", "dataloader", "optimizer", "train", "lr_multiplier")
 )
 dataloader.train.total_batch_size = 16
-set_epoch_schedule(train, lr_multiplier, dataloader, epochs=train.epochs)
+set_epoch_schedule(train, lr_multiplier, dataloader)  # the baseline's epochs, the new batch

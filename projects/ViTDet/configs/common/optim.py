@@ -1,4 +1,4 @@
-# The three optimizers of the OFAT study (hyper-parameters from the seed).
+# The three optimizers of the OFAT study, with its hyper-parameters.
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.solver.build import get_default_optimizer_params

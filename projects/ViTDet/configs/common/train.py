@@ -1,5 +1,4 @@
 # Training settings for tools/lazyconfig_train_net.py (project or stock detectron2 tool).
-import torch
 from detectron2.model_zoo import get_config
 
 from rat_plugins.detectron2.schedule import multistep_with_warmup
@@ -7,12 +6,11 @@ from rat_plugins.detectron2.schedule import multistep_with_warmup
 train = get_config("common/train.py").train
 train.output_dir = "./output"
 train.init_checkpoint = ""  # the backbone loads its own checkpoint (model.backbone.net.checkpoint)
-train.device = "cuda" if torch.cuda.is_available() else "cpu"
+# the project's tool: cuda if available, else cpu; detectron2's stock tool needs train.device=cuda (or cpu)
+train.device = "auto"
 train.log_period = 20
 train.checkpointer.max_to_keep = 3
 train.seed = -1  # detectron2's default (a new seed per run); e.g. train.seed=0 to repeat a run exactly
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
-if train.device == "cpu":
-    train.ddp.device_ids = None  # CPU processes (gloo) take no device ids
 
 lr_multiplier = multistep_with_warmup()

@@ -19,7 +19,7 @@ model.backbone = L(SimpleFeaturePyramid)(
         embed_dim=192,
         depth=24,
         last_layer_process="add",
-        freeze=True,
+        frozen=True,
         checkpoint="ckpts/vim_tiny_pretrained.pth",
         out_feature="last_feat",
         # frozen features of each image view computed once and shared by the runs of a sweep;
