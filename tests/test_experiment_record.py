@@ -1,6 +1,7 @@
 """tools/experiment_record.py (rat_plugins.experiments.records) writes the four-file experiment record
 from the RVT configs (diff, commands, hypothesis, components), idempotently and refusing to overwrite
 a differing record; and a smoke run of benchmarks/bench_rvt.py."""
+
 import sys
 import types
 
@@ -18,8 +19,9 @@ FILES = ("hypothesis.md", "modifications.md", "command.md", "code_changes.md")
 
 
 def record(config, out, *extra, check=True):
-    return run_cmd([sys.executable, str(TOOL), str(config), "--baseline", str(BASELINE), "--out", str(out), *extra],
-                   check=check)
+    return run_cmd(
+        [sys.executable, str(TOOL), str(config), "--baseline", str(BASELINE), "--out", str(out), *extra], check=check
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,17 @@ def test_writes_the_four_files_from_the_configs(written):
     assert all(f"written     {out / name}" in proc.stdout for name in FILES)
 
     mods = files["modifications.md"]
-    for line in ["- `model.backbone.patch_size`: `4` -> `2`",
-                 "- `model.backbone.out_indices`: `(1, 2, 3)` -> `(0, 1, 2, 3)`",
-                 "- `model.neck.in_channels`: `[128, 256, 512]` -> `[64, 128, 256, 512]`",
-                 "- `model.bbox_head.type`: `'YOLOXHead'` -> `'SizeAwareYOLOXHead'`",
-                 "- `model.bbox_head.strides`: `(8, 16, 32)` -> `(2, 4, 8, 16)`",
-                 "- `train_cfg.max_iters`: `100000` -> `200000`",
-                 "- `param_scheduler.0.end`: `100000` -> `200000`",
-                 "- `model.bbox_head.size_aware_weight` = `2.0`",
-                 "- `model.bbox_head.weight_type` = `'exponential'`"]:
+    for line in [
+        "- `model.backbone.patch_size`: `4` -> `2`",
+        "- `model.backbone.out_indices`: `(1, 2, 3)` -> `(0, 1, 2, 3)`",
+        "- `model.neck.in_channels`: `[128, 256, 512]` -> `[64, 128, 256, 512]`",
+        "- `model.bbox_head.type`: `'YOLOXHead'` -> `'SizeAwareYOLOXHead'`",
+        "- `model.bbox_head.strides`: `(8, 16, 32)` -> `(2, 4, 8, 16)`",
+        "- `train_cfg.max_iters`: `100000` -> `200000`",
+        "- `param_scheduler.0.end`: `100000` -> `200000`",
+        "- `model.bbox_head.size_aware_weight` = `2.0`",
+        "- `model.bbox_head.weight_type` = `'exponential'`",
+    ]:
         assert line in mods, line
     assert "8 changed, 4 added, 0 removed." in mods
     assert "experiment" not in mods.split("## Changed")[1].split("## Config sources")[0]  # documentation, not a setting
@@ -53,9 +57,11 @@ def test_writes_the_four_files_from_the_configs(written):
     rel = "projects/RVT/configs/patch2_4scale_sizeaware_200k.py"
     assert f"python tools/train.py {rel} --work-dir work_dirs/patch2_4scale_sizeaware_200k\n" in cmd
     assert f"tools/dist_train.sh {rel} 1 --work-dir work_dirs/patch2_4scale_sizeaware_200k\n" in cmd
-    assert f"/.mim/tools/train.py\" {rel} --work-dir" in cmd and "import mmdet" in cmd
-    assert ("--cfg-options train_dataloader.batch_size=1 optim_wrapper.accumulative_counts=2 "
-            "train_cfg.max_iters=400000 param_scheduler.0.end=400000") in cmd
+    assert f'/.mim/tools/train.py" {rel} --work-dir' in cmd and "import mmdet" in cmd
+    assert (
+        "--cfg-options train_dataloader.batch_size=1 optim_wrapper.accumulative_counts=2 "
+        "train_cfg.max_iters=400000 param_scheduler.0.end=400000"
+    ) in cmd
 
     from mmengine.config import Config
 
@@ -67,11 +73,15 @@ def test_writes_the_four_files_from_the_configs(written):
 
     code = files["code_changes.md"]
     new = code.split("## Components the baseline does not use")[1].split("##")[0]
-    assert ("`model.bbox_head`: `SizeAwareYOLOXHead` -> `rat_plugins.mm.yolox_rvt.SizeAwareYOLOXHead` "
-            "(MODELS, `rat_plugins/mm/yolox_rvt.py`); baseline: `YOLOXHead`") in new
+    assert (
+        "`model.bbox_head`: `SizeAwareYOLOXHead` -> `rat_plugins.mm.yolox_rvt.SizeAwareYOLOXHead` "
+        "(MODELS, `rat_plugins/mm/yolox_rvt.py`); baseline: `YOLOXHead`"
+    ) in new
     assert "`size_aware_weight`" in new and "MaxViTRNN" not in new
-    assert "`model.backbone`: `MaxViTRNN` -> `rat_plugins.mm.maxvit_rnn.MaxViTRNN`; changed: `out_indices`, " \
-           "`patch_size`" in code
+    assert (
+        "`model.backbone`: `MaxViTRNN` -> `rat_plugins.mm.maxvit_rnn.MaxViTRNN`; changed: `out_indices`, "
+        "`patch_size`" in code
+    )
     assert "- `YOLOXHead`" in code.split("## Baseline components no longer used")[1]
 
 
@@ -122,9 +132,11 @@ def test_clear_errors(tmp_path, capsys):
     assert err.returncode == 2 and "is the baseline's" in err.stderr and "_delete_=True" in err.stderr
 
     typo = tmp_path / "typo.py"
-    typo.write_text(f"_base_ = ['{BASELINE}']\nexperiment = dict(_delete_=True, hypothesis='h', "
-                    "success_criteria=['s'], failure_criteria=['f'], "
-                    "variants=dict(v=['train_dataloader.batchsize=1']))\n")
+    typo.write_text(
+        f"_base_ = ['{BASELINE}']\nexperiment = dict(_delete_=True, hypothesis='h', "
+        "success_criteria=['s'], failure_criteria=['f'], "
+        "variants=dict(v=['train_dataloader.batchsize=1']))\n"
+    )
     err = record(typo, tmp_path / "e", check=False)
     assert err.returncode == 2 and "experiment.variants.v" in err.stderr and "batch_size" in err.stderr
     assert not any((tmp_path / d).exists() for d in "abcde")
@@ -132,8 +144,26 @@ def test_clear_errors(tmp_path, capsys):
 
 @pytest.mark.slow  # two fresh processes importing mmdet: about 15 s on one CPU thread
 def test_bench_rvt_smoke():
-    proc = run_cmd([sys.executable, str(REPO / "benchmarks/bench_rvt.py"), "--size", "64x64", "--embed", "8",
-                    "--clip-len", "2", "--batch", "1", "--steps", "1", "--threads", "1", "--device", "cpu"])
+    proc = run_cmd(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/bench_rvt.py"),
+            "--size",
+            "64x64",
+            "--embed",
+            "8",
+            "--clip-len",
+            "2",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     lines = proc.stdout.splitlines()
     base = next(ln for ln in lines if ln.startswith("baseline "))
     exp = next(ln for ln in lines if ln.startswith("experiment "))

@@ -1,4 +1,5 @@
 """run_single_ofat.sh, run_all_ofat.sh and tools/summarize_ofat.py end to end."""
+
 import json
 import os
 import signal
@@ -15,9 +16,17 @@ from rat_plugins.experiments import demo
 from conftest import REPO, run_cmd
 
 BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
-NAMES = ["baseline_lr0.001_bs8_adamw_ep100", "ofat_lr0.01_bs8_adamw_ep100", "ofat_lr0.005_bs8_adamw_ep100",
-         "ofat_lr0.001_bs16_adamw_ep100", "ofat_lr0.001_bs32_adamw_ep100", "ofat_lr0.001_bs8_sgd_ep100",
-         "ofat_lr0.001_bs8_rmsprop_ep100", "ofat_lr0.001_bs8_adamw_ep150", "ofat_lr0.001_bs8_adamw_ep200"]
+NAMES = [
+    "baseline_lr0.001_bs8_adamw_ep100",
+    "ofat_lr0.01_bs8_adamw_ep100",
+    "ofat_lr0.005_bs8_adamw_ep100",
+    "ofat_lr0.001_bs16_adamw_ep100",
+    "ofat_lr0.001_bs32_adamw_ep100",
+    "ofat_lr0.001_bs8_sgd_ep100",
+    "ofat_lr0.001_bs8_rmsprop_ep100",
+    "ofat_lr0.001_bs8_adamw_ep150",
+    "ofat_lr0.001_bs8_adamw_ep200",
+]
 
 # Stands in for the Python interpreter in run_all_ofat.sh tests: "trains" by writing the files a
 # finished run leaves, and fails for the SGD config, so the orchestration is tested in seconds.
@@ -58,8 +67,9 @@ def test_single_quick_run_trains_resumes_and_runs_in_background(heads_data, tmp_
     assert f"tail -f {bg}/run.log" in started.stdout
     pid = int((bg / "run.pid").read_text())
     deadline = time.time() + 600
-    while time.time() < deadline and os.path.exists(f"/proc/{pid}") and \
-            open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+    while (
+        time.time() < deadline and os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    ):
         time.sleep(1)
     assert (bg / "final_metrics.json").is_file(), (bg / "run.log").read_text()[-3000:]
 
@@ -76,8 +86,11 @@ def test_run_all_skips_finished_continues_past_failures_and_reports(tmp_path):
     done = work / "ofat_ofat_lr0.01_bs8_adamw_ep100"
     done.mkdir(parents=True)
     (done / "final_metrics.json").write_text("{}")
-    proc = run_cmd(["./run_all_ofat.sh", "--micro-batch", "2", "optimizer.lr=0.002"], check=False,
-                   env={"RAT_WORK_DIRS": str(work), "PYTHON": str(_fake_python(tmp_path))})
+    proc = run_cmd(
+        ["./run_all_ofat.sh", "--micro-batch", "2", "optimizer.lr=0.002"],
+        check=False,
+        env={"RAT_WORK_DIRS": str(work), "PYTHON": str(_fake_python(tmp_path))},
+    )
     assert proc.returncode == 1  # one run failed
     assert "7 finished now, 1 finished before, 1 failed" in proc.stdout
     sgd = work / "ofat_ofat_lr0.001_bs8_sgd_ep100"
@@ -110,8 +123,15 @@ def test_clean_stops_only_its_own_runs_and_keeps_originals(tmp_path):
         env = {"RAT_WORK_DIRS": str(work), "RAT_DATASETS": str(data)}
         # without --yes it asks on the terminal; with none (a new session has no controlling one)
         # the answer is no
-        refused = subprocess.run(["./run_all_ofat.sh", "--clean"], cwd=REPO, env={**os.environ, **env},
-                                 capture_output=True, text=True, timeout=60, start_new_session=True)
+        refused = subprocess.run(
+            ["./run_all_ofat.sh", "--clean"],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            start_new_session=True,
+        )
         assert refused.returncode == 1 and "nothing removed" in refused.stdout and run_dir.is_dir()
         proc = run_cmd(["./run_all_ofat.sh", "--clean", "--yes"], env=env)
         assert "cleaned" in proc.stdout
@@ -125,12 +145,23 @@ def test_clean_stops_only_its_own_runs_and_keeps_originals(tmp_path):
 
 
 QUICK_OVERRIDES = [  # what run_single_ofat.sh --quick passes, in this order
-    "dataloader.image_size=128", "train.epochs=24", "train.warmup_iters=20", "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0", "dataloader.final_test.num_workers=0", "train.log_period=5", "train.seed=0",
-    "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
-    "model.backbone.out_channels=64", "model.proposal_generator.head.in_channels=64",
-    *(f"model.roi_heads.box_heads.{s}.{k}" for s in range(3)
-      for k in ("conv_dims=[64,64,64,64]", "input_shape.channels=64")),
+    "dataloader.image_size=128",
+    "train.epochs=24",
+    "train.warmup_iters=20",
+    "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0",
+    "dataloader.final_test.num_workers=0",
+    "train.log_period=5",
+    "train.seed=0",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.proposal_generator.post_nms_topk=[200,50]",
+    "model.backbone.out_channels=64",
+    "model.proposal_generator.head.in_channels=64",
+    *(
+        f"model.roi_heads.box_heads.{s}.{k}"
+        for s in range(3)
+        for k in ("conv_dims=[64,64,64,64]", "input_shape.channels=64")
+    ),
 ]
 
 
@@ -149,10 +180,12 @@ def test_quick_overrides_are_one_python_list(tmp_path, monkeypatch):
     assert quick_overrides(pretrained=present)[:2] == ["dataloader.image_size=96", "train.epochs=3"]
     assert quick_overrides(64, 48, pretrained=present)[:2] == ["dataloader.image_size=64", "train.epochs=48"]
     # the shell script reads the same list, one override per line
-    proc = run_cmd([sys.executable, "-m", "rat_plugins.experiments.ofat", "quick-overrides"],
-                   env={"RAT_QUICK_IMAGE_SIZE": "", "RAT_QUICK_EPOCHS": ""})
+    proc = run_cmd(
+        [sys.executable, "-m", "rat_plugins.experiments.ofat", "quick-overrides"],
+        env={"RAT_QUICK_IMAGE_SIZE": "", "RAT_QUICK_EPOCHS": ""},
+    )
     printed = proc.stdout.splitlines()
-    assert printed[:len(QUICK_OVERRIDES)] == QUICK_OVERRIDES
+    assert printed[: len(QUICK_OVERRIDES)] == QUICK_OVERRIDES
     assert printed == quick_overrides(128, 24)
 
 
@@ -169,8 +202,11 @@ def _write_run(run_dir, evals, final=None, per_epoch=2):
 
 def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
     nan = float("nan")
-    _write_run(tmp_path / f"ofat_{BASELINE}", [(1, nan), (3, 40.0), (5, 35.0)],
-               final={"AP50": 41.25, "AP": 20.0, "APs": nan, "APm": 18.0, "APl": 30.0})
+    _write_run(
+        tmp_path / f"ofat_{BASELINE}",
+        [(1, nan), (3, 40.0), (5, 35.0)],
+        final={"AP50": 41.25, "AP": 20.0, "APs": nan, "APm": 18.0, "APl": 30.0},
+    )
     _write_run(tmp_path / "ofat_ofat_lr0.01_bs8_adamw_ep100", [(1, 5.0)])  # still training
     run_cmd([sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(tmp_path)])
     table = (tmp_path / "ofat_summary.md").read_text().splitlines()
@@ -187,8 +223,9 @@ def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
 
 def test_demo_loss_report_per_term():
     """make demo's summary: every loss term early vs late (the total alone can rise while learning)."""
-    records = [{"iteration": i, "loss_cls": 1.0 - 0.1 * i, "loss_box_reg": 0.1 * i,
-                "total_loss": 1.0} for i in range(10)]
+    records = [
+        {"iteration": i, "loss_cls": 1.0 - 0.1 * i, "loss_box_reg": 0.1 * i, "total_loss": 1.0} for i in range(10)
+    ]
     report = demo.loss_report(records, window=2).splitlines()
     assert report[0].endswith("(0-1 / 8-9):")
     assert report[1].split() == ["loss_box_reg", "0.050", "->", "0.850"]
@@ -200,6 +237,8 @@ def test_demo_verdict_states_each_claim():
     falling = [{"iteration": i, "total_loss": 3.0 - 0.1 * i} for i in range(20)]
     rising = [{"iteration": i, "total_loss": 1.0 + 0.1 * i} for i in range(20)]
     assert demo.verdict(falling, 0.0, 5.0) == (
-        "total loss fell: yes (2.800 -> 1.300); test AP50 beat the untrained model: yes (0.0 -> 5.0)")
+        "total loss fell: yes (2.800 -> 1.300); test AP50 beat the untrained model: yes (0.0 -> 5.0)"
+    )
     assert demo.verdict(rising, 2.0, 1.0) == (
-        "total loss fell: NO (1.200 -> 2.700); test AP50 beat the untrained model: NO (2.0 -> 1.0)")
+        "total loss fell: NO (1.200 -> 2.700); test AP50 beat the untrained model: NO (2.0 -> 1.0)"
+    )

@@ -1,5 +1,6 @@
 """The RAT experiment chain: tools/run_rat_experiments.py --quick (train, test, collect) and
 tools/evaluate_robustness.py (resolutions, spacing, degradation table, plot, memory refusal)."""
+
 import csv
 import json
 import sys
@@ -29,9 +30,9 @@ def test_dense_attention_sizes_by_hand():
     sizes = dense_attention_gb(bb, 256)
     # level 0 block 2: 64x64 input tokens -> 32x32 groups; level 1 block 2: 32x32 -> 16x16; ...
     assert set(sizes) == {f"level{lv}_block{b}" for lv in range(3) for b in (2, 3)}
-    assert sizes["level0_block2"] == pytest.approx(8 * 32 ** 2 * 64 ** 2 * 4 / 1e9)
+    assert sizes["level0_block2"] == pytest.approx(8 * 32**2 * 64**2 * 4 / 1e9)
     # level 2 is 64x64: block 2 takes 16x16 tokens to 8x8 groups, block 3 8x8 to 4x4
-    assert sizes["level2_block3"] == pytest.approx(8 * 4 ** 2 * 8 ** 2 * 4 / 1e9)
+    assert sizes["level2_block3"] == pytest.approx(8 * 4**2 * 8**2 * 4 / 1e9)
     # the study's 1024x1024 needs local attention: the dense stride-8 block alone is ~34 GB
     assert dense_attention_gb(bb, 1024)["level0_block2"] == pytest.approx(34.36, rel=1e-3)
     bb.attention = "sparse"
@@ -53,8 +54,10 @@ def test_eval_resolution_scales_spacing_and_inputs():
 
 
 def test_degradation_against_the_training_resolution():
-    rows = [dict(resolution=r, train_resolution=64, status="ok", Dice=d, IoU=50.0)
-            for r, d in ((32, 72.0), (64, 80.0), (128, 76.0))]
+    rows = [
+        dict(resolution=r, train_resolution=64, status="ok", Dice=d, IoU=50.0)
+        for r, d in ((32, 72.0), (64, 80.0), (128, 76.0))
+    ]
     rows.append(dict(resolution=1024, train_resolution=64, status="not run: dense attention"))
     out = robustness_rows(rows)
     assert [r.get("Dice_degradation_pct") for r in out] == [10.0, 0.0, 5.0, None]
@@ -73,8 +76,22 @@ def _read_csv(path):
 def quick_run(tmp_path_factory):
     """The segmentation group and robustness in quick mode, 3 iterations per model."""
     work = tmp_path_factory.mktemp("rat_quick")
-    proc = run_cmd(RUNNER + ["segmentation", "robustness", "--quick", "--iters", "3", "--resolutions", "32", "96",
-                             "--work-dir", str(work)], timeout=900)
+    proc = run_cmd(
+        RUNNER
+        + [
+            "segmentation",
+            "robustness",
+            "--quick",
+            "--iters",
+            "3",
+            "--resolutions",
+            "32",
+            "96",
+            "--work-dir",
+            str(work),
+        ],
+        timeout=900,
+    )
     return work, proc
 
 
@@ -83,21 +100,27 @@ def test_quick_chain_trains_tests_and_collects(quick_run):
     work, proc = quick_run
     assert (work / "datasets" / "isic2018" / "ISIC2018_Task1-2_Training_Input").is_dir()
     results = _read_csv(work / "results.csv")
-    assert [r["experiment"] for r in results] == ["rat_isic_dual_256-128", "rat_isic_single_256",
-                                                  "rat_isic_triple_256-128-64"]
+    assert [r["experiment"] for r in results] == [
+        "rat_isic_dual_256-128",
+        "rat_isic_single_256",
+        "rat_isic_triple_256-128-64",
+    ]
     for row in results:
         assert row["group"] == "segmentation" and row["status"] == "ok" and row["iters"] == "3"
         assert 0 <= float(row["Dice"]) <= 100 and 0 <= float(row["Specificity"]) <= 100
         result = json.loads((work / "segmentation" / row["experiment"] / "result.json").read_text())
         assert result["checkpoint"].endswith(".pth") and float(row["Dice"]) == pytest.approx(result["Dice"], abs=0.01)
     # the triple-scale model really ran on three levels
-    run_cfg = Config.fromfile(json.loads((work / "segmentation" / "rat_isic_triple_256-128-64" / "result.json")
-                                         .read_text())["run_config"])
+    run_cfg = Config.fromfile(
+        json.loads((work / "segmentation" / "rat_isic_triple_256-128-64" / "result.json").read_text())["run_config"]
+    )
     assert run_cfg.model.backbone.scales == (1.0, 0.5, 0.25) and run_cfg.train_cfg.max_iters == 3
     table = _read_csv(work / "robustness.csv")
     assert [(r["experiment"], r["resolution"]) for r in table] == [
-        (name, res) for name in ("rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64")
-        for res in ("32", "64", "96")]  # the training resolution (64) is always evaluated
+        (name, res)
+        for name in ("rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64")
+        for res in ("32", "64", "96")
+    ]  # the training resolution (64) is always evaluated
     for r in table:
         assert r["status"] == "ok"
         assert float(r["spacing"]) == pytest.approx(64 / int(r["resolution"]))
@@ -115,8 +138,20 @@ def test_evaluate_robustness_cli(quick_run, tmp_path):
     work, _ = quick_run
     result = json.loads((work / "segmentation" / "rat_isic_single_256" / "result.json").read_text())
     out = tmp_path / "rob"
-    proc = run_cmd(ROBUSTNESS + ["--config", result["run_config"], "--checkpoint", result["checkpoint"],
-                                 "--resolutions", "48", "128", "--out", str(out)])
+    proc = run_cmd(
+        ROBUSTNESS
+        + [
+            "--config",
+            result["run_config"],
+            "--checkpoint",
+            result["checkpoint"],
+            "--resolutions",
+            "48",
+            "128",
+            "--out",
+            str(out),
+        ]
+    )
     rows = _read_csv(out / "robustness.csv")
     assert [r["resolution"] for r in rows] == ["48", "64", "128"] and all(r["status"] == "ok" for r in rows)
     ref = float(rows[1]["Dice"])
@@ -130,9 +165,22 @@ def test_evaluate_robustness_cli(quick_run, tmp_path):
     assert ref == pytest.approx(result["Dice"], abs=0.01)
 
     # a resolution whose dense attention exceeds the budget is reported, not attempted
-    proc = run_cmd(ROBUSTNESS + ["--config", result["run_config"], "--checkpoint", result["checkpoint"],
-                                 "--resolutions", "128", "--max-attention-gb", "0.0001", "--out", str(out)],
-                   check=False)
+    proc = run_cmd(
+        ROBUSTNESS
+        + [
+            "--config",
+            result["run_config"],
+            "--checkpoint",
+            result["checkpoint"],
+            "--resolutions",
+            "128",
+            "--max-attention-gb",
+            "0.0001",
+            "--out",
+            str(out),
+        ],
+        check=False,
+    )
     assert proc.returncode == 1
     rows = _read_csv(out / "robustness.csv")
     assert all(r["status"].startswith("not run: dense attention of level0_block") for r in rows)
@@ -140,8 +188,10 @@ def test_evaluate_robustness_cli(quick_run, tmp_path):
 
 
 def test_robustness_cli_bad_input(tmp_path):
-    proc = run_cmd(ROBUSTNESS + ["--config", str(TRIPLE), "--checkpoint", str(tmp_path / "missing.pth"),
-                                 "--resolutions", "128"], check=False)
+    proc = run_cmd(
+        ROBUSTNESS + ["--config", str(TRIPLE), "--checkpoint", str(tmp_path / "missing.pth"), "--resolutions", "128"],
+        check=False,
+    )
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cmd(RUNNER + ["robustness", "--quick", "--work-dir", str(tmp_path / "empty")], check=False)
     assert proc.returncode == 1 and "run the segmentation group first" in proc.stderr

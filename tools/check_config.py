@@ -5,6 +5,7 @@
 
 Exit status 1 when something is missing or fails (one ``MISSING:`` line each), 2 for a config error.
 """
+
 import sys
 
 from rat_plugins.experiments.config_check import main

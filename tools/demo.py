@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """``make demo``: sample head data, the OFAT baseline in quick mode, then the results table."""
+
 import sys
 
 from rat_plugins.experiments.demo import main

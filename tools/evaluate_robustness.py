@@ -6,6 +6,7 @@
 
 ``C`` may be the ``run_config.py`` a run of tools/run_rat_experiments.py left in its work dir.
 """
+
 import sys
 
 from rat_plugins.experiments.robustness import main

@@ -6,6 +6,7 @@
 Writes hypothesis.md, modifications.md, command.md and code_changes.md to ``--out`` (default
 ``work_dirs/records/<config stem>/``); see :mod:`rat_plugins.experiments.records`.
 """
+
 import sys
 
 from rat_plugins.experiments.records import main

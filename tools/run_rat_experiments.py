@@ -7,6 +7,7 @@
 Runs go to ``<work-dir>/<group>/<config>/``; the tables to ``<work-dir>/results.{md,csv}`` and
 ``<work-dir>/robustness.{md,csv,png}``. Exit code 1 if any run failed.
 """
+
 import sys
 
 from rat_plugins.experiments.rat_study import main

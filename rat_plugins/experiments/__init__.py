@@ -3,6 +3,7 @@
 Importing this package needs neither framework; modules import mmengine / mmseg where they run
 configs. The configs live in the source checkout's ``projects/``, found from :data:`REPO`.
 """
+
 from pathlib import Path
 
 __all__ = ["REPO"]

@@ -3,6 +3,7 @@
 Each problem is one ``MISSING:`` line; :func:`main` returns 1 when something is missing or fails,
 2 for a config error, else 0.
 """
+
 import argparse
 import os
 import sys
@@ -11,8 +12,10 @@ from types import SimpleNamespace
 
 __all__ = ["main", "parameter_counts", "weight_files", "input_size"]
 
-DATA_HINT = ("create it from raw DRIVE with tools/convert_drive.py, or a synthetic stand-in with "
-             "`python -m rat_plugins.data.synthetic fundus --out <folder> --layout mmseg`")
+DATA_HINT = (
+    "create it from raw DRIVE with tools/convert_drive.py, or a synthetic stand-in with "
+    "`python -m rat_plugins.data.synthetic fundus --out <folder> --layout mmseg`"
+)
 
 
 def _parser():
@@ -78,8 +81,7 @@ def check_data(cfg, missing, lines):
             folder = os.path.join(root, prefix[key])
             if not os.path.isdir(folder):
                 if folder not in reported:
-                    missing.append(f"{name} data: folder {folder} does not exist "
-                                   f"({loader}.dataset.data_prefix.{key})")
+                    missing.append(f"{name} data: folder {folder} does not exist ({loader}.dataset.data_prefix.{key})")
                 reported.add(folder)
                 ok = False
                 continue
@@ -91,14 +93,19 @@ def check_data(cfg, missing, lines):
                 reported.add(folder)
                 ok = False
         if ok:
-            lines.append(f"data {name}: ok, {counts.get('img_path', '?')} images, "
-                         f"{counts.get('seg_map_path', '?')} annotations under {root}")
+            lines.append(
+                f"data {name}: ok, {counts.get('img_path', '?')} images, "
+                f"{counts.get('seg_map_path', '?')} annotations under {root}"
+            )
 
 
 def input_size(cfg):
     """The (height, width) the model is fed: preprocessor size, crop size or backbone image size."""
-    for size in (cfg.model.get("data_preprocessor", {}).get("size"), cfg.get("crop_size"),
-                 cfg.model.get("backbone", {}).get("img_size")):
+    for size in (
+        cfg.model.get("data_preprocessor", {}).get("size"),
+        cfg.get("crop_size"),
+        cfg.model.get("backbone", {}).get("img_size"),
+    ):
         if size:
             return (size, size) if isinstance(size, int) else tuple(size)
     return (224, 224)
@@ -124,13 +131,17 @@ def check_model(cfg, absent, missing, lines):
     elif getattr(backbone, "pretrained_timm", None):
         lines.append("weights: not loaded (file missing); forward pass with random weights")
     total, trainable, frozen = parameter_counts(model)
-    lines.append(f"parameters: total {_fmt(total)} ({total}), trainable {_fmt(trainable)} ({trainable}), "
-                 f"frozen {_fmt(frozen)} ({frozen})")
+    lines.append(
+        f"parameters: total {_fmt(total)} ({total}), trainable {_fmt(trainable)} ({trainable}), "
+        f"frozen {_fmt(frozen)} ({frozen})"
+    )
     for name, child in model.named_children():
         t, tr, fr = parameter_counts(child)
         if t:
-            lines.append(f"  {name:<12} {type(child).__name__:<26} total {_fmt(t):>9}  trainable {_fmt(tr):>9}"
-                         f"  frozen {_fmt(fr):>9}")
+            lines.append(
+                f"  {name:<12} {type(child).__name__:<26} total {_fmt(t):>9}  trainable {_fmt(tr):>9}"
+                f"  frozen {_fmt(fr):>9}"
+            )
     h, w = input_size(cfg)
     model.eval()
     try:
@@ -139,8 +150,10 @@ def check_model(cfg, absent, missing, lines):
             logits = model(torch.zeros(1, 3, h, w), mode="tensor")
         dt = time.perf_counter() - start
         stride = h / logits.shape[-2] if logits.shape[-2] else float("nan")
-        lines.append(f"forward: input 1x3x{h}x{w} -> logits {'x'.join(map(str, logits.shape))} "
-                     f"(decode head stride {stride:g}) in {dt:.2f} s")
+        lines.append(
+            f"forward: input 1x3x{h}x{w} -> logits {'x'.join(map(str, logits.shape))} "
+            f"(decode head stride {stride:g}) in {dt:.2f} s"
+        )
     except Exception as e:  # noqa: BLE001
         missing.append(f"forward: failed at 1x3x{h}x{w}: {type(e).__name__}: {e}")
 
@@ -155,8 +168,9 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(SimpleNamespace(config=args.config, cfg_options=args.cfg_options, work_dir=None,
-                                          launcher="none"))
+        cfg = load_config(
+            SimpleNamespace(config=args.config, cfg_options=args.cfg_options, work_dir=None, launcher="none")
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Why a lower rate and more epochs than the baseline: quick mode trains on 48 imag
 frozen backbone, and at the baseline's lr 1e-3 the validation AP50 swings from epoch to epoch
 and the total loss ends above its start. ``RAT_DEMO_LR=0.001`` runs the baseline's own rate.
 """
+
 import json
 import os
 import shutil
@@ -43,8 +44,10 @@ def loss_report(records, window=5):
     """
     terms = sorted(k for k in records[0] if k.startswith("loss_")) + ["total_loss"]
     head, tail = records[:window], records[-window:]
-    lines = [f"training losses, mean of the first / last {window} logged iterations "
-             f"({head[0]['iteration']}-{head[-1]['iteration']} / {tail[0]['iteration']}-{tail[-1]['iteration']}):"]
+    lines = [
+        f"training losses, mean of the first / last {window} logged iterations "
+        f"({head[0]['iteration']}-{head[-1]['iteration']} / {tail[0]['iteration']}-{tail[-1]['iteration']}):"
+    ]
     for term in terms:
         first, last = window_means(records, term, window)
         lines.append(f"  {term:<22} {first:7.3f} -> {last:7.3f}")
@@ -57,8 +60,10 @@ def verdict(records, untrained_ap50: float, trained_ap50: float, window: int = 5
     first, last = window_means(records, "total_loss", window)
     fell = "yes" if last < first else "NO"
     beat = "yes" if trained_ap50 > untrained_ap50 else "NO"
-    return (f"total loss fell: {fell} ({first:.3f} -> {last:.3f}); "
-            f"test AP50 beat the untrained model: {beat} ({untrained_ap50:.1f} -> {trained_ap50:.1f})")
+    return (
+        f"total loss fell: {fell} ({first:.3f} -> {last:.3f}); "
+        f"test AP50 beat the untrained model: {beat} ({untrained_ap50:.1f} -> {trained_ap50:.1f})"
+    )
 
 
 def main() -> int:
@@ -82,12 +87,25 @@ def main() -> int:
     print("== the untrained detector on the test split (reference)", flush=True)
     untrained_dir = work_dirs / "demo_untrained"
     # the quick-mode model exactly, with its heads as initialised (no checkpoint is loaded)
-    sh([script, BASELINE, "--quick", "--eval-only", "train.init_checkpoint=", f"optimizer.lr={lr}",
-        f"train.output_dir={untrained_dir}"], env=env)
+    sh(
+        [
+            script,
+            BASELINE,
+            "--quick",
+            "--eval-only",
+            "train.init_checkpoint=",
+            f"optimizer.lr={lr}",
+            f"train.output_dir={untrained_dir}",
+        ],
+        env=env,
+    )
     untrained = json.loads((untrained_dir / "eval_metrics.json").read_text())["test"]["bbox"]
 
-    print(f"== training the OFAT baseline in quick mode, {epochs} epochs at lr {lr} "
-          "(rat_plugins/experiments/demo.py says why)", flush=True)
+    print(
+        f"== training the OFAT baseline in quick mode, {epochs} epochs at lr {lr} "
+        "(rat_plugins/experiments/demo.py says why)",
+        flush=True,
+    )
     sh([script, BASELINE, "--quick", f"optimizer.lr={lr}"], env=env)
     out = work_dirs / f"ofat_{BASELINE}_quick"
     final = json.loads((out / "final_metrics.json").read_text())["test"]["bbox"]

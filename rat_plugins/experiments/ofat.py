@@ -5,6 +5,7 @@
 The summary reads ``work_dirs/ofat_*``: test mAP, AP by size, training time, best epoch (by
 validation mAP@0.5) and peak memory; missing numbers stay blank, never zero.
 """
+
 import argparse
 import csv
 import datetime
@@ -20,20 +21,41 @@ from rat_plugins.utils.atomic import atomic_path, atomic_write_text
 
 from . import REPO
 
-__all__ = ["OFAT_DIR", "COLUMNS", "config_names", "quick_overrides", "summarize_run", "markdown", "summarize",
-           "summary_main"]
+__all__ = [
+    "OFAT_DIR",
+    "COLUMNS",
+    "config_names",
+    "quick_overrides",
+    "summarize_run",
+    "markdown",
+    "summarize",
+    "summary_main",
+]
 
 OFAT_DIR = REPO / "projects" / "ViTDet" / "configs" / "OFAT"
 PRETRAINED_VIM = REPO / "ckpts" / "vim_tiny_pretrained.pth"
-COLUMNS = ["experiment", "status", "mAP@0.5", "mAP@0.5:0.95", "AP_small", "AP_medium", "AP_large",
-           "train_time", "best_epoch", "peak_memory_mb"]
-RANDOM_BACKBONE_WARNING = ("WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly "
-                           "initialised (frozen); figures show the machinery works, not the model's real accuracy.")
+COLUMNS = [
+    "experiment",
+    "status",
+    "mAP@0.5",
+    "mAP@0.5:0.95",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "train_time",
+    "best_epoch",
+    "peak_memory_mb",
+]
+RANDOM_BACKBONE_WARNING = (
+    "WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly "
+    "initialised (frozen); figures show the machinery works, not the model's real accuracy."
+)
 
 
 # ----------------------------------------------------------------------------- quick mode
-def quick_overrides(image_size: Optional[int] = None, epochs: Optional[int] = None,
-                    pretrained: Path = PRETRAINED_VIM) -> List[str]:
+def quick_overrides(
+    image_size: Optional[int] = None, epochs: Optional[int] = None, pretrained: Path = PRETRAINED_VIM
+) -> List[str]:
     """``key=value`` overrides that shrink an OFAT config to a CPU smoke run.
 
     Small images (``RAT_QUICK_IMAGE_SIZE``, 128) for ``RAT_QUICK_EPOCHS`` (24) epochs, 64 channels
@@ -44,14 +66,25 @@ def quick_overrides(image_size: Optional[int] = None, epochs: Optional[int] = No
     """
     image_size = image_size or os.environ.get("RAT_QUICK_IMAGE_SIZE") or 128
     epochs = epochs or os.environ.get("RAT_QUICK_EPOCHS") or 24
-    overrides = [f"dataloader.image_size={image_size}", f"train.epochs={epochs}", "train.warmup_iters=20",
-                 "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-                 "dataloader.final_test.num_workers=0", "train.log_period=5", "train.seed=0",
-                 "model.roi_heads.batch_size_per_image=32", "model.proposal_generator.post_nms_topk=[200,50]",
-                 "model.backbone.out_channels=64", "model.proposal_generator.head.in_channels=64"]
+    overrides = [
+        f"dataloader.image_size={image_size}",
+        f"train.epochs={epochs}",
+        "train.warmup_iters=20",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.final_test.num_workers=0",
+        "train.log_period=5",
+        "train.seed=0",
+        "model.roi_heads.batch_size_per_image=32",
+        "model.proposal_generator.post_nms_topk=[200,50]",
+        "model.backbone.out_channels=64",
+        "model.proposal_generator.head.in_channels=64",
+    ]
     for stage in range(3):
-        overrides += [f"model.roi_heads.box_heads.{stage}.conv_dims=[64,64,64,64]",
-                      f"model.roi_heads.box_heads.{stage}.input_shape.channels=64"]
+        overrides += [
+            f"model.roi_heads.box_heads.{stage}.conv_dims=[64,64,64,64]",
+            f"model.roi_heads.box_heads.{stage}.input_shape.channels=64",
+        ]
     if not Path(pretrained).is_file():
         overrides.append("model.backbone.net.checkpoint=")
     return overrides
@@ -115,8 +148,13 @@ def summarize_run(name: str, run_dir: Path) -> dict:
     row["status"] = "finished" if final.is_file() else ("unfinished" if losses else "not started")
     if final.is_file():
         test = (json.loads(final.read_text()).get("test") or {}).get("bbox", {})
-        for col, key in (("mAP@0.5", "AP50"), ("mAP@0.5:0.95", "AP"), ("AP_small", "APs"),
-                         ("AP_medium", "APm"), ("AP_large", "APl")):
+        for col, key in (
+            ("mAP@0.5", "AP50"),
+            ("mAP@0.5:0.95", "AP"),
+            ("AP_small", "APs"),
+            ("AP_medium", "APm"),
+            ("AP_large", "APl"),
+        ):
             value = test.get(key)
             row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
     scored = [e for e in evals if e[1] == e[1]]  # NaN (nothing detected yet) never counts as best
@@ -156,8 +194,10 @@ def plot(rows, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, ylabel, fname in (("_losses", "training loss", "ofat_loss.png"),
-                               ("_evals", "validation mAP@0.5", "ofat_val_map.png")):
+    for key, ylabel, fname in (
+        ("_losses", "training loss", "ofat_loss.png"),
+        ("_evals", "validation mAP@0.5", "ofat_val_map.png"),
+    ):
         fig, ax = plt.subplots(figsize=(8, 5))
         for r in rows:
             series = r.get(key) or []
@@ -181,8 +221,11 @@ def summarize(work_dirs: Path, out_dir: Path) -> str:
     names = config_names()
     rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in names]
     # quick (smoke) runs appear only when present, labelled as such
-    rows += [summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick") for n in names
-             if (work_dirs / f"ofat_{n}_quick").is_dir()]
+    rows += [
+        summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick")
+        for n in names
+        if (work_dirs / f"ofat_{n}_quick").is_dir()
+    ]
     table = markdown(rows)
     atomic_write_text(out_dir / "ofat_summary.md", table)
     atomic_write_text(out_dir / "ofat_summary.csv", to_csv(rows))
@@ -193,14 +236,17 @@ def summarize(work_dirs: Path, out_dir: Path) -> str:
 def summary_main(argv=None) -> int:
     """``tools/summarize_ofat.py``."""
     parser = argparse.ArgumentParser(
-        description="Fill the OFAT comparison table from work_dirs/ofat_*: Markdown, CSV and PNG plots.")
+        description="Fill the OFAT comparison table from work_dirs/ofat_*: Markdown, CSV and PNG plots."
+    )
     parser.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
     parser.add_argument("--out", type=Path, default=None, help="where to write the table and plots")
     args = parser.parse_args(argv)
     out_dir = args.out or args.work_dirs
     print(summarize(args.work_dirs, out_dir))
-    print(f"written: {out_dir / 'ofat_summary.md'}, {out_dir / 'ofat_summary.csv'}, "
-          f"{out_dir / 'ofat_loss.png'}, {out_dir / 'ofat_val_map.png'}")
+    print(
+        f"written: {out_dir / 'ofat_summary.md'}, {out_dir / 'ofat_summary.csv'}, "
+        f"{out_dir / 'ofat_loss.png'}, {out_dir / 'ofat_val_map.png'}"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ ablations``) and ``robustness`` (each trained segmentation model at several reso
 leaves ``result.json`` in its work dir once trained and tested, and is skipped when it has one.
 Quick mode shrinks every config to a CPU run on synthetic data (:func:`quick_overrides`).
 """
+
 import argparse
 import copy
 import json
@@ -21,8 +22,17 @@ from . import REPO
 from .robustness import METRICS, evaluate_at_resolutions, plot_robustness, resize_transforms, robustness_rows
 from .tables import write_table
 
-__all__ = ["CONFIGS", "SEGMENTATION", "GROUPS", "quick_overrides", "group_configs", "best_checkpoint",
-           "train_and_test", "collect", "main"]
+__all__ = [
+    "CONFIGS",
+    "SEGMENTATION",
+    "GROUPS",
+    "quick_overrides",
+    "group_configs",
+    "best_checkpoint",
+    "train_and_test",
+    "collect",
+    "main",
+]
 
 CONFIGS = REPO / "projects" / "RAT" / "configs"
 SEGMENTATION = ["rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64"]
@@ -30,8 +40,7 @@ GROUPS = ("segmentation", "ablations", "robustness")
 QUICK_DATA = dict(n=48, seed=0, size=(64, 128))
 QUICK_RESOLUTIONS = [32, 64, 128, 256]
 RESULT_COLUMNS = ["group", "experiment", "status", *METRICS, "train_seconds", "iters", "checkpoint"]
-ROBUSTNESS_COLUMNS = ["experiment", "resolution", "spacing", "status", *METRICS, "Dice_degradation_pct",
-                      "within_limit"]
+ROBUSTNESS_COLUMNS = ["experiment", "resolution", "spacing", "status", *METRICS, "Dice_degradation_pct", "within_limit"]
 
 
 # ----------------------------------------------------------------------------- quick mode
@@ -39,9 +48,18 @@ def _scaled_width(width: int, factor: float) -> int:
     return max(8, int(round(width * factor)))
 
 
-def quick_overrides(cfg, work_dir, size: int = 64, iters: int = 60, width_factor: float = 0.25,
-                    num_heads: int = 4, grouping_iters: int = 1, batch_size: int = 4,
-                    val_interval: Optional[int] = None, seed: int = 0):
+def quick_overrides(
+    cfg,
+    work_dir,
+    size: int = 64,
+    iters: int = 60,
+    width_factor: float = 0.25,
+    num_heads: int = 4,
+    grouping_iters: int = 1,
+    batch_size: int = 4,
+    val_interval: Optional[int] = None,
+    seed: int = 0,
+):
     """Shrink a RAT ISIC config (in place) for a CPU run in seconds, keeping what its experiment
     varies (scales, depth, attention kind, positional encoding, ratio of feature widths).
 
@@ -52,8 +70,11 @@ def quick_overrides(cfg, work_dir, size: int = 64, iters: int = 60, width_factor
     bb, head = cfg.model.backbone, cfg.model.decode_head
     bb.feature_dims = _scaled_width(bb.feature_dims, width_factor)
     bb.update(num_heads=num_heads, iters=grouping_iters)
-    head.update(in_channels=[bb.feature_dims] * len(head.in_index),
-                channels=_scaled_width(head.channels, width_factor), pool_scales=(1, 2))
+    head.update(
+        in_channels=[bb.feature_dims] * len(head.in_index),
+        channels=_scaled_width(head.channels, width_factor),
+        pool_scales=(1, 2),
+    )
     if "auxiliary_head" in cfg.model and cfg.model.auxiliary_head:
         raise ValueError("quick_overrides: configs with an auxiliary head are not handled")
     cfg.model.data_preprocessor.size = (size, size)
@@ -144,9 +165,17 @@ def train_and_test(config: Path, group: str, args) -> dict:
     # the exact config that ran, for tools/evaluate_robustness.py and for the record
     run_config = work_dir / "run_config.py"
     atomic_write_text(run_config, cfg.pretty_text)
-    result = {"group": group, "experiment": config.stem, "status": "ok", "config": str(config),
-              "run_config": str(run_config), "checkpoint": str(checkpoint), "iters": cfg.train_cfg.max_iters,
-              "train_seconds": round(train_seconds, 1), **{k: float(v) for k, v in metrics.items()}}
+    result = {
+        "group": group,
+        "experiment": config.stem,
+        "status": "ok",
+        "config": str(config),
+        "run_config": str(run_config),
+        "checkpoint": str(checkpoint),
+        "iters": cfg.train_cfg.max_iters,
+        "train_seconds": round(train_seconds, 1),
+        **{k: float(v) for k, v in metrics.items()},
+    }
     atomic_write_text(result_path, json.dumps(result, indent=2))
     return result
 
@@ -157,14 +186,22 @@ def run_robustness(args, seg_results) -> list:
     for name in SEGMENTATION:
         result = seg_results.get(name)
         if result is None or result.get("status") != "ok":
-            print(f"[rat] robustness/{name}: no trained segmentation run in {args.work_dir}/segmentation/{name}; "
-                  f"run the segmentation group first", file=sys.stderr)
+            print(
+                f"[rat] robustness/{name}: no trained segmentation run in {args.work_dir}/segmentation/{name}; "
+                f"run the segmentation group first",
+                file=sys.stderr,
+            )
             rows.append({"experiment": name, "status": "not run: no trained model"})
             continue
         out = Path(args.work_dir) / "robustness" / name
         try:
-            model_rows = evaluate_at_resolutions(result["run_config"], result["checkpoint"], args.resolutions, out,
-                                                 max_attention_gb=args.max_attention_gb)
+            model_rows = evaluate_at_resolutions(
+                result["run_config"],
+                result["checkpoint"],
+                args.resolutions,
+                out,
+                max_attention_gb=args.max_attention_gb,
+            )
         except Exception as e:  # one model's failure must not hide the others
             traceback.print_exc()
             rows.append({"experiment": name, "status": f"failed: {type(e).__name__}: {e}"})
@@ -173,8 +210,13 @@ def run_robustness(args, seg_results) -> list:
         series[name] = model_rows
         rows += [{"experiment": name, **r} for r in model_rows]
     out = Path(args.work_dir)
-    markdown = write_table(rows, ROBUSTNESS_COLUMNS, out / "robustness.md", out / "robustness.csv",
-                           title="Resolution robustness (Dice degradation vs the training resolution)")
+    markdown = write_table(
+        rows,
+        ROBUSTNESS_COLUMNS,
+        out / "robustness.md",
+        out / "robustness.csv",
+        title="Resolution robustness (Dice degradation vs the training resolution)",
+    )
     plot_robustness(series, out / "robustness.png")
     print(markdown)
     return rows
@@ -193,15 +235,20 @@ def collect(work_dir: Path) -> list:
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(description="Run the RAT ISIC 2018 experiments by group and collect every result "
-                                            "into one table.")
+    p = argparse.ArgumentParser(
+        description="Run the RAT ISIC 2018 experiments by group and collect every result into one table."
+    )
     p.add_argument("groups", nargs="+", choices=[*GROUPS, "all"])
     p.add_argument("--quick", action="store_true", help="synthetic data, tiny models, minutes on CPU")
     p.add_argument("--work-dir", default=None, help="default work_dirs/rat (work_dirs/rat_quick with --quick)")
     p.add_argument("--iters", type=int, default=150, help="training iterations in --quick mode")
     p.add_argument("--seed", type=int, default=0, help="random seed in --quick mode")
-    p.add_argument("--resolutions", type=int, nargs="+", help="robustness resolutions "
-                   f"(default 128 256 512 1024; --quick: {' '.join(map(str, QUICK_RESOLUTIONS))})")
+    p.add_argument(
+        "--resolutions",
+        type=int,
+        nargs="+",
+        help=f"robustness resolutions (default 128 256 512 1024; --quick: {' '.join(map(str, QUICK_RESOLUTIONS))})",
+    )
     p.add_argument("--max-attention-gb", type=float, default=8.0)
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
@@ -231,14 +278,22 @@ def main(argv=None) -> int:
                 failed.append((group, config.stem, f"{type(e).__name__}: {e} (logs in {logs})"))
     results = collect(work_dir)
     rows = results + [{"group": group, "experiment": name, "status": "failed"} for group, name, _ in failed]
-    markdown = write_table(rows, RESULT_COLUMNS, work_dir / "results.md", work_dir / "results.csv",
-                           title="RAT on ISIC 2018" + (" (quick mode: synthetic data)" if args.quick else ""))
+    markdown = write_table(
+        rows,
+        RESULT_COLUMNS,
+        work_dir / "results.md",
+        work_dir / "results.csv",
+        title="RAT on ISIC 2018" + (" (quick mode: synthetic data)" if args.quick else ""),
+    )
     print(markdown)
     failures = [f"{group}/{name}: {why}" for group, name, why in failed]
     if "robustness" in args.groups:
         seg = {r["experiment"]: r for r in results if r["group"] == "segmentation"}
-        failures += [f"robustness/{r['experiment']}: {r['status']}" for r in run_robustness(args, seg)
-                     if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: dense")]
+        failures += [
+            f"robustness/{r['experiment']}: {r['status']}"
+            for r in run_robustness(args, seg)
+            if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: dense")
+        ]
     if failures:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

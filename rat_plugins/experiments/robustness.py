@@ -6,6 +6,7 @@ encoding works in physical units); masks are scored at their own size. Degradati
 ``100 * (m(R) - m(r)) / m(R)``. Resolutions whose dense grouping attention would exceed a memory
 budget are reported as not run, never attempted (train with ``attention='sparse'`` for those).
 """
+
 import argparse
 import copy
 import math
@@ -19,8 +20,19 @@ from rat_plugins.utils.atomic import atomic_path
 
 from .tables import write_table
 
-__all__ = ["METRICS", "DEGRADATION_LIMIT_PCT", "resize_transforms", "training_resolution", "set_eval_resolution",
-           "dense_attention_gb", "evaluate_at_resolutions", "robustness_rows", "plot_robustness", "report", "main"]
+__all__ = [
+    "METRICS",
+    "DEGRADATION_LIMIT_PCT",
+    "resize_transforms",
+    "training_resolution",
+    "set_eval_resolution",
+    "dense_attention_gb",
+    "evaluate_at_resolutions",
+    "robustness_rows",
+    "plot_robustness",
+    "report",
+    "main",
+]
 
 METRICS = ("Dice", "IoU", "Sensitivity", "Specificity", "Accuracy")
 DEGRADATION_LIMIT_PCT = 10.0  # the RAT study's success criterion
@@ -37,12 +49,15 @@ def training_resolution(cfg) -> int:
     """Side of the square training input: the train pipeline's ``Resize`` scale."""
     steps = resize_transforms(cfg.train_dataloader.dataset.pipeline)
     if len(steps) != 1 or steps[0].get("keep_ratio", False):
-        raise ValueError(f"{cfg.filename}: expected one Resize(scale=(S, S), keep_ratio=False) in the training "
-                         f"pipeline, found {steps}; give --train-resolution")
+        raise ValueError(
+            f"{cfg.filename}: expected one Resize(scale=(S, S), keep_ratio=False) in the training "
+            f"pipeline, found {steps}; give --train-resolution"
+        )
     w, h = steps[0]["scale"]
     if w != h:
-        raise ValueError(f"{cfg.filename}: training Resize scale {steps[0]['scale']} is not square; "
-                         f"give --train-resolution")
+        raise ValueError(
+            f"{cfg.filename}: training Resize scale {steps[0]['scale']} is not square; give --train-resolution"
+        )
     return int(w)
 
 
@@ -85,7 +100,7 @@ def dense_attention_gb(backbone_cfg, resolution: int, batch: int = 1) -> Dict[st
         for block, kind in enumerate(kinds):
             n_out = math.ceil(n_in / stride)
             if kind != "local":
-                sizes[f"level{level}_block{block}"] = batch * heads * (n_out ** 2) * (n_in ** 2) * 4 / 1e9
+                sizes[f"level{level}_block{block}"] = batch * heads * (n_out**2) * (n_in**2) * 4 / 1e9
             n_in = n_out
     return sizes
 
@@ -98,9 +113,15 @@ def _test_metrics(cfg) -> Dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_at_resolutions(config, checkpoint, resolutions: Sequence[int], work_dir,
-                            train_resolution: Optional[int] = None, cfg_options: Optional[dict] = None,
-                            max_attention_gb: float = 8.0) -> List[dict]:
+def evaluate_at_resolutions(
+    config,
+    checkpoint,
+    resolutions: Sequence[int],
+    work_dir,
+    train_resolution: Optional[int] = None,
+    cfg_options: Optional[dict] = None,
+    max_attention_gb: float = 8.0,
+) -> List[dict]:
     """Evaluate one checkpoint at each resolution; one dict per resolution (``status`` 'ok' or the
     reason it was not run, the spacing, every metric the evaluator reports, seconds taken).
 
@@ -128,8 +149,10 @@ def evaluate_at_resolutions(config, checkpoint, resolutions: Sequence[int], work
         too_big = {k: v for k, v in dense.items() if v > max_attention_gb}
         if too_big:
             block, gb = max(too_big.items(), key=lambda kv: kv[1])
-            row["status"] = (f"not run: dense attention of {block} needs {gb:.1f} GB at {res}x{res} "
-                             f"(budget {max_attention_gb:g} GB); train with attention='sparse'")
+            row["status"] = (
+                f"not run: dense attention of {block} needs {gb:.1f} GB at {res}x{res} "
+                f"(budget {max_attention_gb:g} GB); train with attention='sparse'"
+            )
             print(f"[robustness] {res}x{res}: {row['status']}")
             rows.append(row)
             continue
@@ -175,8 +198,7 @@ def plot_robustness(series: Dict[str, List[dict]], png_path, metric: str = "Dice
         (line,) = ax.plot(xs, ys, marker="o", label=name)
         ref = next((r for r in ok if r["resolution"] == r["train_resolution"]), None)
         if ref is not None:
-            ax.axhspan(ref[metric] * (1 - DEGRADATION_LIMIT_PCT / 100), ref[metric], color=line.get_color(),
-                       alpha=0.08)
+            ax.axhspan(ref[metric] * (1 - DEGRADATION_LIMIT_PCT / 100), ref[metric], color=line.get_color(), alpha=0.08)
             ax.plot([ref["resolution"]], [ref[metric]], marker="*", markersize=14, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test resolution (pixels per side; star: training resolution)")
@@ -196,8 +218,9 @@ def report(rows, out: Path, name: str, metric: str):
     """Write the table and plot; returns the Markdown and the rows with degradations."""
     rows = robustness_rows(rows, metric)
     columns = [c.format(metric=metric) for c in TABLE_COLUMNS]
-    markdown = write_table(rows, columns, out / "robustness.md", out / "robustness.csv",
-                           title=f"Resolution robustness: {name}")
+    markdown = write_table(
+        rows, columns, out / "robustness.md", out / "robustness.csv", title=f"Resolution robustness: {name}"
+    )
     plot_robustness({name: rows}, out / "robustness.png", metric)
     return markdown, rows
 
@@ -206,16 +229,19 @@ def report(rows, out: Path, name: str, metric: str):
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(description="Evaluate one trained RAT segmentation model at several input "
-                                            "resolutions.")
+    p = argparse.ArgumentParser(description="Evaluate one trained RAT segmentation model at several input resolutions.")
     p.add_argument("--config", required=True, help="mmseg config of the trained model")
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pth) of that model")
     p.add_argument("--resolutions", type=int, nargs="+", required=True, help="square test sizes in pixels")
     p.add_argument("--train-resolution", type=int, help="default: the training pipeline's Resize scale")
     p.add_argument("--metric", default="Dice", choices=METRICS, help="metric judged against the 10 %% limit")
     p.add_argument("--out", help="output folder (default work_dirs/robustness/<config name>)")
-    p.add_argument("--max-attention-gb", type=float, default=8.0,
-                   help="skip resolutions whose largest dense attention matrix exceeds this (GB)")
+    p.add_argument(
+        "--max-attention-gb",
+        type=float,
+        default=8.0,
+        help="skip resolutions whose largest dense attention matrix exceeds this (GB)",
+    )
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides, key=value")
     return p.parse_args(argv)
 
@@ -235,8 +261,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else Path("work_dirs") / "robustness" / config.stem
     try:
-        rows = evaluate_at_resolutions(config, checkpoint, args.resolutions, out, args.train_resolution,
-                                       args.cfg_options, args.max_attention_gb)
+        rows = evaluate_at_resolutions(
+            config, checkpoint, args.resolutions, out, args.train_resolution, args.cfg_options, args.max_attention_gb
+        )
     except ValueError as e:  # a config this tool cannot change the resolution of
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -246,7 +273,9 @@ def main(argv=None) -> int:
     if judged:
         worst = max(judged, key=lambda r: r[f"{args.metric}_degradation_pct"])
         verdict = "meets" if all(r["within_limit"] for r in judged) else "misses"
-        print(f"largest {args.metric} degradation: {worst[f'{args.metric}_degradation_pct']:.2f} % at "
-              f"{worst['resolution']}x{worst['resolution']}: {verdict} the <= {DEGRADATION_LIMIT_PCT:g} % criterion")
+        print(
+            f"largest {args.metric} degradation: {worst[f'{args.metric}_degradation_pct']:.2f} % at "
+            f"{worst['resolution']}x{worst['resolution']}: {verdict} the <= {DEGRADATION_LIMIT_PCT:g} % criterion"
+        )
     print(f"tables and plot: {out}/robustness.{{md,csv,png}}")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -1,4 +1,5 @@
 """Result tables of the RAT study: Markdown and CSV from a list of row dicts, written atomically."""
+
 import csv
 import io
 import math
