@@ -32,6 +32,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
+    os.chmod(tmp, _target_mode(path))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -44,6 +46,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _remove(tmp: str) -> None:
