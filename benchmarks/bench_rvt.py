@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from _timing import add_threads_argument, median_time, peak_rss_mb, set_threads, threads_argv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "projects", "RVT", "configs")
 MODES = {"baseline": os.path.join(CONFIGS, "maxvit_yolox_patch4_3scale_baseline.py"),
@@ -39,21 +41,10 @@ def _parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_argument(p)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--child", choices=tuple(MODES), help=argparse.SUPPRESS)
     return p
-
-
-def _rss_mb(field="VmHWM"):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _shrink(cfg, embed):
@@ -75,11 +66,7 @@ def _child(args):
 
     import rat_plugins.mm  # noqa: F401
 
-    sys.path.insert(0, HERE)
-    from _timing import median_time
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     cfg = Config.fromfile(getattr(args, args.child))
     if args.embed:
@@ -154,7 +141,7 @@ def _child(args):
     if device.type == "cuda":
         result["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        result["peak_rss_mb"] = _rss_mb("VmHWM")
+        result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -182,7 +169,7 @@ def main(argv=None):
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--child", mode]
         cmd += ["--embed", str(args.embed)] if args.embed else []
-        cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += threads_argv(args.threads)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
