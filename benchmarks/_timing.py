@@ -63,3 +63,52 @@ def load_note():
     load = os.getloadavg()[0]
     return (f"load average {load:.1f} over {os.cpu_count()} CPUs"
             + (": other processes are running, timings are noisy" if load > 0.5 else ""))
+
+
+class SavedForBackward:
+    """Counts the bytes autograd saves for backward, each storage once.
+
+    Use ``with counter.hooks(): loss = model(x)``; ``counter.mb`` is the total so far.
+    """
+
+    def __init__(self):
+        self.bytes = 0
+        self._seen = set()
+
+    def _pack(self, t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            key = (id(t), t.numel() * t.element_size())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += key[1]
+        return t
+
+    @staticmethod
+    def _unpack(t):
+        return t
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def mb(self):
+        return self.bytes / 2**20
+
+
+def run_child(cmd, label):
+    """Run a benchmark child process; return the JSON of its last ``RESULT {...}`` line, or None
+    (its output printed to stderr) when it failed."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        print(f"{label}: failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[-1][len("RESULT "):])

@@ -23,9 +23,7 @@ import sys
 import time
 
 import torch
-
-from _timing import (  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-    add_threads_argument, load_note, median_time, peak_rss_mb, rss_mb, set_threads, threads_argv)
+from _timing import add_threads_argument, load_note, median_time, peak_rss_mb, rss_mb, set_threads, threads_argv  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

@@ -13,11 +13,18 @@ shrinks the widths so a CPU run takes minutes.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from _timing import add_threads_argument, median_time, peak_rss_mb, set_threads, threads_argv
+from _timing import (
+    SavedForBackward,
+    add_threads_argument,
+    median_time,
+    peak_rss_mb,
+    run_child,
+    set_threads,
+    threads_argv,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "projects", "RVT", "configs")
@@ -88,7 +95,7 @@ def _child(args):
     # small (<= 1024 px^2), medium and large boxes, clipped to the image
     wh = torch.tensor([[12.0, 10.0], [24.0, 30.0], [40.0, 25.0], [120.0, 90.0]])
     samples = []
-    for b in range(B):
+    for _ in range(B):
         xy = torch.rand(len(wh), 2, generator=g) * torch.tensor([W, H]) * 0.6
         boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([W - 1.0, H - 1.0]))], 1)
         s = DetDataSample()
@@ -102,18 +109,7 @@ def _child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    saved = {"bytes": 0}
-    seen = set()
-
-    def pack(t):
-        try:
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        except (RuntimeError, NotImplementedError):
-            key = (id(t), t.numel() * t.element_size())
-        if key not in seen:
-            seen.add(key)
-            saved["bytes"] += key[1]
-        return t
+    saved = SavedForBackward()
 
     losses = {}
 
@@ -124,7 +120,7 @@ def _child(args):
     # one counted step (not timed: the hook costs time), then the timed ones
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved.hooks():
         step()
     step_s = median_time(step, args.steps, warmup=max(args.warmup - 1, 0))
     result = dict(
@@ -136,7 +132,7 @@ def _child(args):
         input=[B, T, in_chans, *data_shape(model, data)],
         step_s=step_s, loss=float(sum(v for k, v in losses.items() if "loss" in k)),
         params=sum(p.numel() for p in model.parameters()),
-        saved_for_backward_mb=saved["bytes"] / 2**20,
+        saved_for_backward_mb=saved.mb,
     )
     if device.type == "cuda":
         result["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -170,12 +166,10 @@ def main(argv=None):
                "--device", args.device, "--child", mode]
         cmd += ["--embed", str(args.embed)] if args.embed else []
         cmd += threads_argv(args.threads)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{mode}: failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+        result = run_child(cmd, mode)
+        if result is None:
             return 1
-        results.append(json.loads(line[-1][len("RESULT "):]))
+        results.append(result)
     base, exp = results
     shape = "x".join(map(str, base["input"]))
     print(f"RVT train step (forward over the clip + loss + backward + AdamW), input {shape} "

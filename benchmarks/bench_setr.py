@@ -22,11 +22,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from _timing import add_threads_argument, peak_rss_mb, rss_mb, set_threads, threads_argv
+from _timing import SavedForBackward, add_threads_argument, peak_rss_mb, rss_mb, run_child, set_threads, threads_argv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("frozen", "frozen-cached", "trainable")
@@ -108,18 +107,7 @@ def _child(args):
         data = [batch()] * (args.warmup + args.steps)
     else:
         data = [batch() for _ in range(args.warmup + args.steps)]
-    saved = {"bytes": 0}
-    seen = set()
-
-    def pack(t):
-        try:
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        except (RuntimeError, NotImplementedError):
-            key = (id(t), t.numel() * t.element_size())
-        if key not in seen:
-            seen.add(key)
-            saved["bytes"] += key[1]
-        return t
+    saved = SavedForBackward()
 
     def sync():
         if device.type == "cuda":
@@ -136,7 +124,7 @@ def _child(args):
         sync()
         start = time.perf_counter()
         if i == 0:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with saved.hooks():
                 losses = model.train_step(d, optim)
         else:
             losses = model.train_step(d, optim)
@@ -157,7 +145,7 @@ def _child(args):
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         backbone_params=bb_total,
-        saved_for_backward_mb=saved["bytes"] / 2**20,
+        saved_for_backward_mb=saved.mb,
         grads_mb=grad_bytes / 2**20,
         optimizer_state_mb=state_bytes / 2**20,
     )
@@ -181,12 +169,10 @@ def main(argv=None):
                "--device", args.device, "--child", mode, *threads_argv(args.threads)]
         if args.cfg_options:
             cmd += ["--cfg-options", *args.cfg_options]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{mode}: failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+        result = run_child(cmd, mode)
+        if result is None:
             return 1
-        results.append(json.loads(line[-1][len("RESULT "):]))
+        results.append(result)
     r0 = results[0]
     print(f"SETR-MLA train step, {os.path.basename(args.config)}, input {args.batch}x3x{args.size}x{args.size}, "
           f"{r0['device']} ({r0['threads']} threads), median of {args.steps} steps after {args.warmup} warm-up")

@@ -191,16 +191,24 @@ def ellipse_r2(xx, yy, cx, cy, a, b):
     return ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2
 
 
-def paint_ellipse(img: np.ndarray, cx, cy, a, b, color, shade: float = 0.0) -> None:
+def ellipse_window(img: np.ndarray, cx, cy, a, b):
+    """``(region, xx, yy, r2)`` over the ellipse's bounding box (``region`` a view of ``img``, ``r2``
+    the normalised squared radius, <= 1 inside), or None when the box lies outside the image."""
     h, w = img.shape[:2]
     c = pixel_grid(cx, cy, a, b, w, h)
     if c is None:
-        return
+        return None
     x0, y0, x1, y1, xx, yy = c
-    r2 = ellipse_r2(xx, yy, cx, cy, a, b)
+    return img[y0:y1, x0:x1], xx, yy, ellipse_r2(xx, yy, cx, cy, a, b)
+
+
+def paint_ellipse(img: np.ndarray, cx, cy, a, b, color, shade: float = 0.0) -> None:
+    window = ellipse_window(img, cx, cy, a, b)
+    if window is None:
+        return
+    region, _, _, r2 = window
     m = r2 <= 1.0
-    col = np.asarray(color, np.float32)[None, :] * (1.0 - shade * r2[m])[:, None]
-    img[y0:y1, x0:x1][m] = col
+    region[m] = np.asarray(color, np.float32)[None, :] * (1.0 - shade * r2[m])[:, None]
 
 
 def polygon_mask(w: int, h: int, polys: Sequence[Sequence[Tuple[float, float]]]) -> np.ndarray:

@@ -21,12 +21,12 @@ from ._common import (
     Writer,
     check_n,
     ellipse_r2,
+    ellipse_window,
     image_size,
     item_rng,
     jitter,
     paint_ellipse,
     paint_polygon,
-    pixel_grid,
     prepare_out,
     textured_background,
     to_u8,
@@ -70,16 +70,13 @@ def _head_colors(rng):
 
 def _paint_head(img, cx, cy, a, b, skin, hair) -> None:
     """Hair-coloured ellipse with the lower face ellipse in skin colour, shaded, with eyes."""
-    h, w = img.shape[:2]
-    c = pixel_grid(cx, cy, a, b, w, h)
-    if c is None:
+    window = ellipse_window(img, cx, cy, a, b)
+    if window is None:
         return
-    x0, y0, x1, y1, xx, yy = c
-    r2 = ellipse_r2(xx, yy, cx, cy, a, b)
+    region, xx, yy, r2 = window
     head = r2 <= 1.0
     face = head & (ellipse_r2(xx, yy, cx, cy + 0.24 * b, 0.86 * a, 0.84 * b) <= 1.0)
     shade = (1.0 - 0.2 * r2)[..., None]
-    region = img[y0:y1, x0:x1]
     region[head] = np.asarray(hair, np.float32)[None] * shade[head]
     region[face] = np.asarray(skin, np.float32)[None] * shade[face]
     if a >= 6:
