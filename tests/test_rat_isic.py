@@ -14,7 +14,7 @@ import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, R
 from rat_plugins.data.isic_layout import ISIC_FOLDERS
 from rat_plugins.data.synthetic import make_isic
 from rat_plugins.experiments.rat_study import quick_overrides
-from rat_plugins.mm.isic import ISIC2018Dataset
+from rat_plugins.mm.datasets import ISIC2018Dataset
 from rat_plugins.mm.rat import RAT
 from rat_plugins.models.rat_ablations import StandardMHAGrouping
 

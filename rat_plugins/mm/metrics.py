@@ -5,6 +5,7 @@ foreground class, with sensitivity and specificity. ``VesselMetric`` reports all
 ``IoUMetric``'s keys plus those five for ``foreground_index``, in percent, pooled over the
 dataset (the usual DRIVE protocol) or averaged per image.
 """
+
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Sequence
@@ -14,7 +15,7 @@ from mmengine.logging import MMLogger, print_log
 from mmseg.evaluation.metrics import IoUMetric
 from mmseg.registry import METRICS
 
-__all__ = ["VesselMetric", "binary_scores"]
+__all__ = ["VesselMetric", "LesionMetric", "binary_scores"]
 
 SCORE_NAMES = ("Dice", "IoU", "Accuracy", "Sensitivity", "Specificity")
 
@@ -57,8 +58,13 @@ class VesselMetric(IoUMetric):
     percent) and ``IoUMetric``'s ``aAcc``, ``mIoU``, ``mAcc``, ``mDice``.
     """
 
-    def __init__(self, foreground_index: int = 1, aggregate: str = "dataset",
-                 iou_metrics: Sequence[str] = ("mIoU", "mDice"), **kwargs):
+    def __init__(
+        self,
+        foreground_index: int = 1,
+        aggregate: str = "dataset",
+        iou_metrics: Sequence[str] = ("mIoU", "mDice"),
+        **kwargs,
+    ):
         if aggregate not in ("dataset", "image"):
             raise ValueError(f"VesselMetric: aggregate must be 'dataset' or 'image', got {aggregate!r}")
         super().__init__(iou_metrics=list(iou_metrics), **kwargs)
@@ -78,8 +84,10 @@ class VesselMetric(IoUMetric):
             return super().compute_metrics(results)
         num_classes = len(self.dataset_meta["classes"])
         if not 0 <= self.foreground_index < num_classes:
-            raise ValueError(f"VesselMetric: foreground_index {self.foreground_index} is not a class of "
-                             f"{self.dataset_meta['classes']}")
+            raise ValueError(
+                f"VesselMetric: foreground_index {self.foreground_index} is not a class of "
+                f"{self.dataset_meta['classes']}"
+            )
         if self.aggregate == "dataset":
             inter, _, pred, label = (sum(r[i] for r in results) for i in range(4))
             scores = binary_scores(*self._counts(inter, pred, label))
@@ -87,13 +95,22 @@ class VesselMetric(IoUMetric):
             per_image = [binary_scores(*self._counts(r[0], r[2], r[3])) for r in results]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                scores = {k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan")
-                          for k in SCORE_NAMES}
+                scores = {
+                    k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan") for k in SCORE_NAMES
+                }
         with warnings.catch_warnings():  # all-NaN classes (nothing evaluated): NaN, not a warning
             warnings.simplefilter("ignore", RuntimeWarning)
             metrics = super().compute_metrics(results)
         metrics.update({k: round(v * 100, 2) for k, v in scores.items()})
         name = self.dataset_meta["classes"][self.foreground_index]
-        print_log(f"{name} ({self.aggregate}): " + ", ".join(f"{k} {metrics[k]:.2f}" for k in SCORE_NAMES),
-                  logger=MMLogger.get_current_instance())
+        print_log(
+            f"{name} ({self.aggregate}): " + ", ".join(f"{k} {metrics[k]:.2f}" for k in SCORE_NAMES),
+            logger=MMLogger.get_current_instance(),
+        )
         return metrics
+
+
+@METRICS.register_module()
+class LesionMetric(VesselMetric):
+    """:class:`~rat_plugins.mm.metrics.VesselMetric` for lesions: Dice, IoU, accuracy, sensitivity,
+    specificity of class 1 (``lesion`` in :class:`ISIC2018Dataset`), pooled over the dataset."""
