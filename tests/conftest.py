@@ -1,34 +1,6 @@
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
-    """Run a command with the test interpreter first on PATH; return the CompletedProcess."""
-    full_env = dict(os.environ)
-    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
-    full_env["PYTHON"] = sys.executable
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env.update(env or {})
-    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
-                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def detectron2_stock_tool() -> Path:
-    """detectron2's own tools/lazyconfig_train_net.py, as the wheel installs it in site-packages."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("tools.lazyconfig_train_net")
-    assert spec is not None and "site-packages" in spec.origin, spec
-    return Path(spec.origin)
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +45,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# -- small synthetic datasets, written once per session in the official layouts ------------------
+@pytest.fixture(scope="session")
+def fundus_data(tmp_path_factory):
+    """``<root>/fundus/drive_mmseg``: 4 DRIVE-style fundus images per split (mmseg layout)."""
+    from rat_plugins.data.synthetic import make_fundus
+
+    root = tmp_path_factory.mktemp("setr_datasets")
+    make_fundus(root / "fundus" / "drive_mmseg", n=4, seed=0, size=40, layout="mmseg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def isic_data(tmp_path_factory):
+    """``<root>/isic2018``: 4 ISIC 2018 Task 1 images per split, 48x72."""
+    from rat_plugins.data.synthetic import make_isic
+
+    root = tmp_path_factory.mktemp("rat_datasets")
+    make_isic(root / "isic2018", n=4, seed=0, size=(48, 72))
+    return root
+
+
+@pytest.fixture(scope="session")
+def events_data(tmp_path_factory):
+    """``<root>/events/etram``: 2 sequences per split in RVT's preprocessed layout, 64x64."""
+    from rat_plugins.data.synthetic import make_events
+
+    root = tmp_path_factory.mktemp("datasets")
+    make_events(root / "events" / "etram", n=2, seed=0, size=64, frames=12, label_every=2)
+    return root

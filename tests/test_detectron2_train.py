@@ -4,17 +4,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, detectron2_stock_tool as stock_tool, run_cmd
+from _helpers import REPO, TINY, run_cmd
+from _helpers import detectron2_stock_tool as stock_tool
 
 OFAT = REPO / "projects/ViTDet/configs/OFAT"
 BASELINE = OFAT / "baseline_lr0.001_bs8_adamw_ep100.py"
-# A 2-layer, 32-wide ViM on 64x64 images and few proposals per image keep every run to seconds on
-# 2 CPU cores (the 4-conv box heads over 512 sampled RoIs per image cost ~10 s a step otherwise).
-TINY = ["dataloader.image_size=64", "model.backbone.net.depth=2", "model.backbone.net.embed_dim=32",
-        "model.backbone.net.checkpoint=", "model.roi_heads.batch_size_per_image=16",
-        "model.proposal_generator.pre_nms_topk=[64,64]", "model.proposal_generator.post_nms_topk=[32,32]",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.final_test.num_workers=0", "train.device=cpu", "train.log_period=1"]
 
 
 def _metrics(out):

@@ -12,7 +12,7 @@ from PIL import Image
 from rat_plugins.data.drive import DriveLayoutError, convert_drive
 from rat_plugins.data.synthetic import make_fundus
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 
 def _files(root):

@@ -9,7 +9,7 @@ import pytest
 
 from rat_plugins.experiments import records
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 CONFIGS = REPO / "projects/RVT/configs"
 BASELINE = CONFIGS / "maxvit_yolox_patch4_3scale_baseline.py"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 CONFIG = REPO / "projects/YOLOX/configs/yolox_vim-tiny_heads.py"
 TINY = ["model.backbone.depth=2", "model.backbone.embed_dim=32", "model.backbone.checkpoint=None",

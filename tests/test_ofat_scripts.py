@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
-from test_detectron2_train import TINY
 
 from rat_plugins.experiments import demo
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, TINY, run_cmd
 
 BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
 NAMES = [

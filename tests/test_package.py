@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 FRAMEWORKS = ("detectron2", "mmdet", "mmseg", "mmengine", "mmcv")
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, detectron2_stock_tool as stock_tool, run_cmd
+from _helpers import REPO, run_cmd
+from _helpers import detectron2_stock_tool as stock_tool
 
 CONFIG = REPO / "projects/RAT/configs/coco/rat_fpn_3level_coco.py"
 # 64x64 images (the synthetic set is 192x192), a 16-wide RAT with 2 heads and 1 grouping

@@ -17,7 +17,7 @@ from rat_plugins.experiments.robustness import (
     training_resolution,
 )
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 CONFIGS = REPO / "projects" / "RAT" / "configs"
 TRIPLE = CONFIGS / "rat_isic_triple_256-128-64.py"

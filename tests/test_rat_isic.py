@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, RAT)
 from rat_plugins.data.isic_layout import ISIC_FOLDERS
@@ -26,13 +26,6 @@ TRIPLE = CONFIG_DIR / "rat_isic_triple_256-128-64.py"
 STOCK_TRAIN = os.path.join(importlib.util.find_spec("mmseg").submodule_search_locations[0], ".mim", "tools",
                            "train.py")
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rat_datasets")
-    make_isic(root / "isic2018", n=4, seed=0, size=(48, 72))
-    return root
 
 
 def _load(config):
@@ -57,9 +50,9 @@ def sorted_by_stride(backbone_cfg):
 # ----------------------------------------------------------------------------- dataset
 
 
-def test_dataset_loads_make_isic_files(data_root):
+def test_dataset_loads_make_isic_files(isic_data):
     pipeline = [dict(type="LoadImageFromFile"), dict(type="mmseg.LoadAnnotations")]
-    root = data_root / "isic2018"
+    root = isic_data / "isic2018"
     ds = ISIC2018Dataset(data_root=str(root), split="Training", pipeline=pipeline)
     names = sorted(p.stem for p in (root / ISIC_FOLDERS["Training"][0]).glob("*.jpg"))
     assert len(ds) == 4 == len(names)  # ATTRIBUTION.txt / LICENSE.txt are not samples
@@ -79,9 +72,9 @@ def test_dataset_loads_make_isic_files(data_root):
     assert len(ISIC2018Dataset(data_root=str(root), split="Test", pipeline=pipeline)) == 4
 
 
-def test_bad_layouts_give_clear_errors(data_root, tmp_path):
+def test_bad_layouts_give_clear_errors(isic_data, tmp_path):
     root = tmp_path / "isic2018"
-    shutil.copytree(data_root / "isic2018", root)
+    shutil.copytree(isic_data / "isic2018", root)
     img_dir, gt_dir = (root / f for f in ISIC_FOLDERS["Training"])
     with pytest.raises(ValueError, match="split must be one of"):
         ISIC2018Dataset(data_root=str(root), split="train")
@@ -154,10 +147,10 @@ def test_config_set_and_ablation_deltas():
 
 
 @pytest.mark.parametrize("config", ALL, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
-def test_config_trains_two_iterations(config, data_root, tmp_path, monkeypatch):
+def test_config_trains_two_iterations(config, isic_data, tmp_path, monkeypatch):
     from rat_plugins.mm.runner import build_runner
 
-    monkeypatch.setenv("RAT_DATASETS", str(data_root))
+    monkeypatch.setenv("RAT_DATASETS", str(isic_data))
     cfg = tiny(_load(config), tmp_path / "work")
     runner = build_runner(cfg)
     before = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
@@ -233,7 +226,7 @@ def test_ablation_layers_keep_the_package_weights():
 
 
 @pytest.mark.slow
-def test_stock_mmseg_train_tool_single_config(data_root, tmp_path):
+def test_stock_mmseg_train_tool_single_config(isic_data, tmp_path):
     work = tmp_path / "work"
     opts = {"model.backbone.feature_dims": 16, "model.backbone.num_heads": 2, "model.backbone.iters": 1,
             "model.decode_head.in_channels": "[16,16,16,16]", "model.decode_head.channels": 16,
@@ -249,7 +242,7 @@ def test_stock_mmseg_train_tool_single_config(data_root, tmp_path):
             "randomness.seed": 0}
     proc = run_cmd([sys.executable, STOCK_TRAIN, str(CONFIG_DIR / "rat_isic_single_256.py"), "--work-dir", str(work),
                     "--cfg-options", *[f"{k}={v}" for k, v in opts.items()]],
-                   env={"RAT_DATASETS": str(data_root)}, timeout=600)
+                   env={"RAT_DATASETS": str(isic_data)}, timeout=600)
     out = proc.stdout + proc.stderr
     assert "Iter(train) [2/2]" in out
     assert "lesion (dataset): Dice" in out and "Specificity" in out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 torch.set_num_threads(1)
 
@@ -191,15 +191,6 @@ def stock_mmdet_train() -> Path:
     path = root / ".mim" / "tools" / "train.py"
     assert path.is_file(), path
     return path
-
-
-@pytest.fixture(scope="module")
-def events_data(tmp_path_factory):
-    from rat_plugins.data.synthetic import make_events
-
-    root = tmp_path_factory.mktemp("datasets")
-    make_events(root / "events" / "etram", n=2, seed=0, size=64, frames=12, label_every=2)
-    return root
 
 
 def _tiny_options(out_indices):

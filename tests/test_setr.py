@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cmd
+from _helpers import REPO, run_cmd
 
 import rat_plugins.mm  # noqa: F401  (registers FrozenVisionTransformer, VesselMetric)
 from rat_plugins.data.synthetic import make_fundus
@@ -86,13 +86,6 @@ def tiny_backbone(**kw):
                 norm_cfg=dict(type="LN", eps=1e-6))
     args.update(kw)
     return FrozenVisionTransformer(**args)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("setr_datasets")
-    make_fundus(root / "fundus" / "drive_mmseg", n=4, seed=0, size=40, layout="mmseg")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -235,14 +228,14 @@ def _only_ckpt_backbone(path):
 
 
 @pytest.mark.slow
-def test_stock_mmseg_train_tool_frozen_config(tmp_path, data_root, timm_file):
+def test_stock_mmseg_train_tool_frozen_config(tmp_path, fundus_data, timm_file):
     """mmseg's own tools/train.py runs the frozen config; encoder bit-identical, decoder trained, logs."""
     from rat_plugins.models.vit_convert import convert_timm_vit_to_mmseg
 
     work = tmp_path / "work"
     run_cmd([sys.executable, STOCK_TRAIN, str(FROZEN), "--work-dir", str(work),
              *cfg_options(model__backbone__pretrained_timm=str(timm_file[0]))],
-            env={"RAT_DATASETS": str(data_root)}, timeout=600)
+            env={"RAT_DATASETS": str(fundus_data)}, timeout=600)
     assert (work / "iter_2.pth").is_file() and (work / "iter_4.pth").is_file()
     assert glob.glob(str(work / "best_Dice_iter_4.pth"))
     ref, _ = convert_timm_vit_to_mmseg(timm_file[1], num_layers=LAYERS, embed_dims=EMBED, grid_hw=(2, 2))
@@ -270,10 +263,10 @@ def test_stock_mmseg_train_tool_frozen_config(tmp_path, data_root, timm_file):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_root):
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fundus_data):
     """SIGKILL a training run once it has a checkpoint; --resume continues at that iteration."""
     work = tmp_path / "work"
-    env = {**os.environ, "RAT_DATASETS": str(data_root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAT_DATASETS": str(fundus_data), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(REPO / "tools/train.py"), str(SMALL), "--work-dir", str(work)]
     run = subprocess.Popen(args + cfg_options(train_cfg__max_iters=10000, train_cfg__val_interval=10000),
                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -287,7 +280,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_root):
         run.wait()
     last = int(re.search(r"iter_(\d+)\.pth", (work / "last_checkpoint").read_text()).group(1))
     proc = run_cmd(args + ["--resume"] + cfg_options(train_cfg__max_iters=last + 2, train_cfg__val_interval=last + 2),
-                   env={"RAT_DATASETS": str(data_root)}, timeout=600)
+                   env={"RAT_DATASETS": str(fundus_data)}, timeout=600)
     out = proc.stdout + proc.stderr
     assert f"resumed epoch: 0, iter: {last}" in out
     # mmengine pads the iteration to the width of max_iters: "[ 9/10]"
@@ -300,18 +293,18 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_root):
 
 
 @pytest.mark.slow
-def test_dist_train_two_cpu_processes(tmp_path, data_root):
+def test_dist_train_two_cpu_processes(tmp_path, fundus_data):
     work = tmp_path / "work"
     proc = run_cmd(["bash", str(REPO / "tools/dist_train.sh"), str(SMALL), "2", "--work-dir", str(work),
                     *cfg_options(train_cfg__max_iters=2, train_cfg__val_interval=2)],
-                   env={"RAT_DATASETS": str(data_root), "PORT": str(_free_port())}, timeout=600)
+                   env={"RAT_DATASETS": str(fundus_data), "PORT": str(_free_port())}, timeout=600)
     log = open(glob.glob(str(work / "*" / "*.log"))[0]).read()
     assert "Distributed training: True" in log and "backend='gloo'" in log
     assert "Iter(train) [2/2]" in log + proc.stdout
     assert (work / "iter_2.pth").is_file()
 
 
-def test_check_config_reports_what_is_missing(tmp_path, data_root, timm_file):
+def test_check_config_reports_what_is_missing(tmp_path, fundus_data, timm_file):
     tool = str(REPO / "tools/check_config.py")
     proc = run_cmd([sys.executable, tool, str(FROZEN), *cfg_options(
         model__backbone__pretrained_timm=str(tmp_path / "absent.pth"))],
@@ -323,7 +316,7 @@ def test_check_config_reports_what_is_missing(tmp_path, data_root, timm_file):
     assert "forward: input 1x3x32x32 -> logits 1x2x8x8 (decode head stride 4)" in proc.stdout
 
     proc = run_cmd([sys.executable, tool, str(FROZEN), *cfg_options(
-        model__backbone__pretrained_timm=str(timm_file[0]))], env={"RAT_DATASETS": str(data_root)})
+        model__backbone__pretrained_timm=str(timm_file[0]))], env={"RAT_DATASETS": str(fundus_data)})
     assert "result: ok" in proc.stdout and "MISSING" not in proc.stdout
     n_bb = sum(p.numel() for p in tiny_backbone().parameters())
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("parameters:"))

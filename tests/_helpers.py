@@ -1,0 +1,39 @@
+"""Helpers shared by the test modules (import them as ``from _helpers import ...``)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
+    """Run a command with the test interpreter first on PATH; return the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
+    full_env["PYTHON"] = sys.executable
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def detectron2_stock_tool() -> Path:
+    """detectron2's own tools/lazyconfig_train_net.py, as the wheel installs it in site-packages."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tools.lazyconfig_train_net")
+    assert spec is not None and "site-packages" in spec.origin, spec
+    return Path(spec.origin)
+
+
+# A 2-layer, 32-wide ViM on 64x64 images and few proposals per image keep every detectron2 OFAT run to
+# seconds on 2 CPU cores (the 4-conv box heads over 512 sampled RoIs per image cost ~10 s a step otherwise).
+TINY = ["dataloader.image_size=64", "model.backbone.net.depth=2", "model.backbone.net.embed_dim=32",
+        "model.backbone.net.checkpoint=", "model.roi_heads.batch_size_per_image=16",
+        "model.proposal_generator.pre_nms_topk=[64,64]", "model.proposal_generator.post_nms_topk=[32,32]",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.final_test.num_workers=0", "train.device=cpu", "train.log_period=1"]
