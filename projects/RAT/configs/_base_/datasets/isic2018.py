@@ -1,5 +1,5 @@
 # ISIC 2018 Task 1 (lesion segmentation) in its original layout at <dataset root>/isic2018
-# (shared/formats.md section 2); masks 0/255 become classes 0/1 through the dataset's label map.
+# (docs/formats.md, "ISIC 2018 Task 1"); masks 0/255 become classes 0/1 through the dataset's label map.
 # The dataset root is $RAT_DATASETS, else ./datasets. A synthetic stand-in:
 # `python -m rat_plugins.data.synthetic isic --out datasets/isic2018`.
 # One image per sample: the RAT backbone builds the 256/128/64 pyramid from it (model.backbone.scales),
