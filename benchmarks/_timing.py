@@ -1,12 +1,15 @@
 """Helpers shared by the benchmark scripts (run as files, ``python benchmarks/bench_*.py``, which puts
 this folder on ``sys.path``): the median timer, resident memory, the ``--threads`` option."""
+
 import argparse
 import os
 import statistics
 import time
 
-THREADS_HELP = ("intra-op threads (default: torch's). On a shared, busy machine 1 thread is often faster: "
-                "every parallel op waits for its slowest thread")
+THREADS_HELP = (
+    "intra-op threads (default: torch's). On a shared, busy machine 1 thread is often faster: "
+    "every parallel op waits for its slowest thread"
+)
 
 
 def median_time(fn, repeats, warmup=1):
@@ -61,8 +64,9 @@ def threads_argv(threads):
 def load_note():
     """``load average 1.2 over 16 CPUs`` and whether other processes make the timings noisy."""
     load = os.getloadavg()[0]
-    return (f"load average {load:.1f} over {os.cpu_count()} CPUs"
-            + (": other processes are running, timings are noisy" if load > 0.5 else ""))
+    return f"load average {load:.1f} over {os.cpu_count()} CPUs" + (
+        ": other processes are running, timings are noisy" if load > 0.5 else ""
+    )
 
 
 class SavedForBackward:
@@ -111,4 +115,4 @@ def run_child(cmd, label):
     if proc.returncode != 0 or not line:
         print(f"{label}: failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
-    return json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT ") :])

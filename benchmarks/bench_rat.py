@@ -15,6 +15,7 @@ Each case runs in its own subprocess, so its memory is its own: "peak RSS" is th
 before the timed forward (what the forward itself needed). Times: median over repeats (one run,
 no warm-up, above 64x64).
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,8 @@ from _timing import add_threads_argument, load_note, median_time, peak_rss_mb, r
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 LAYER = dict(feature_dims=128, num_heads=16, spatial_dims=2, kernel_size=7, iters=3)
-GB = 1024 ** 3
-MIB = 1024 ** 2
+GB = 1024**3
+MIB = 1024**2
 
 
 def current_rss_bytes():
@@ -68,8 +69,17 @@ def run_rat_case(size, repeats, warmup):
     from rat_plugins.models.rat_backbone import RATBackbone
 
     torch.manual_seed(0)
-    model = RATBackbone(spatial_dims=2, input_features=3, feature_dims=128, num_blocks=2, num_heads=16, iters=3,
-                        sga_kernel_size=7, stride=3, attention="local").eval()
+    model = RATBackbone(
+        spatial_dims=2,
+        input_features=3,
+        feature_dims=128,
+        num_blocks=2,
+        num_heads=16,
+        iters=3,
+        sga_kernel_size=7,
+        stride=3,
+        attention="local",
+    ).eval()
     spent = {"grouping": 0.0, "multi-res attention": 0.0}
 
     def clock(kind):
@@ -78,6 +88,7 @@ def run_rat_case(size, repeats, warmup):
 
         def post(module, args, out):
             spent[kind] += time.perf_counter() - module._bench_t0
+
         return pre, post
 
     for kind, layers in (("grouping", model.sga_layers), ("multi-res attention", model.mr_attn_layers)):
@@ -90,9 +101,14 @@ def run_rat_case(size, repeats, warmup):
         baseline = current_rss_bytes()
         seconds = median_time(lambda: model(image), repeats, warmup)
     runs = repeats + warmup
-    return dict(seconds=seconds, peak=peak_rss_bytes(), added=peak_rss_bytes() - baseline,
-                grouping=spent["grouping"] / runs, mr_attn=spent["multi-res attention"] / runs,
-                tokens=[groups_along(size) ** 2, groups_along(groups_along(size)) ** 2])
+    return dict(
+        seconds=seconds,
+        peak=peak_rss_bytes(),
+        added=peak_rss_bytes() - baseline,
+        grouping=spent["grouping"] / runs,
+        mr_attn=spent["multi-res attention"] / runs,
+        tokens=[groups_along(size) ** 2, groups_along(groups_along(size)) ** 2],
+    )
 
 
 def child(args):
@@ -105,12 +121,23 @@ def child(args):
 
 
 def spawn(case, size, repeats, warmup, threads):
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--size", str(size),
-           "--repeats", str(repeats), "--warmup", str(warmup), *threads_argv(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--case",
+        case,
+        "--size",
+        str(size),
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+        *threads_argv(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return {"error": tail[0][:80]}
 
@@ -120,8 +147,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     add_threads_argument(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--dense-max-gb", type=float, default=12.0,
-                        help="run the dense layer only where its estimated peak is below this")
+    parser.add_argument(
+        "--dense-max-gb",
+        type=float,
+        default=12.0,
+        help="run the dense layer only where its estimated peak is below this",
+    )
     parser.add_argument("--rat-size", type=int, default=1024, help="image size of the RAT forward (0: skip)")
     # one case, run by the parent in a subprocess
     parser.add_argument("--case", choices=["dense", "local", "rat"], help=argparse.SUPPRESS)
@@ -135,11 +166,15 @@ def main():
     print(f"torch {torch.__version__}, {set_threads(args.threads)} threads")
     print(load_note())
 
-    print(f"\n== one grouping layer: dim {LAYER['feature_dims']}, {LAYER['num_heads']} heads, kernel 7, stride 3, "
-          f"{LAYER['iters']} iterations, batch 1, forward (no grad) ==")
-    print(f"{'input':>9} {'groups':>7} {'dense s':>9} {'local s':>9} {'speed-up':>9} "
-          f"{'dense added GB':>15} {'local added GB':>15} {'mem ratio':>10} {'dense peak GB':>14} "
-          f"{'local peak GB':>14}")
+    print(
+        f"\n== one grouping layer: dim {LAYER['feature_dims']}, {LAYER['num_heads']} heads, kernel 7, stride 3, "
+        f"{LAYER['iters']} iterations, batch 1, forward (no grad) =="
+    )
+    print(
+        f"{'input':>9} {'groups':>7} {'dense s':>9} {'local s':>9} {'speed-up':>9} "
+        f"{'dense added GB':>15} {'local added GB':>15} {'mem ratio':>10} {'dense peak GB':>14} "
+        f"{'local peak GB':>14}"
+    )
     for size in args.sizes:
         repeats, warmup = (3, 1) if size <= 64 and not args.quick else (1, 0)  # larger: seconds per run
         dense_est = dense_estimate_gb(size)
@@ -157,25 +192,31 @@ def main():
         both = "error" not in dense and "error" not in local
         speed = f"{dense['seconds'] / local['seconds']:8.1f}x" if both else f"{'-':>9}"
         ratio = f"{dense['added'] / local['added']:9.1f}x" if both else f"{'-':>10}"
-        print(f"{f'{size}x{size}':>9} {groups_along(size) ** 2:>7} {cell(dense, 'seconds')} "
-              f"{cell(local, 'seconds')} {speed} {cell(dense, 'added', GB, 15, 3)} "
-              f"{cell(local, 'added', GB, 15, 3)} {ratio} {cell(dense, 'peak', GB, 14, 3)} "
-              f"{cell(local, 'peak', GB, 14, 3)}"
-              + (f"   dense not run: {dense['error']}" if "error" in dense else "")
-              + (f"   local failed: {local['error']}" if "error" in local else ""))
+        print(
+            f"{f'{size}x{size}':>9} {groups_along(size) ** 2:>7} {cell(dense, 'seconds')} "
+            f"{cell(local, 'seconds')} {speed} {cell(dense, 'added', GB, 15, 3)} "
+            f"{cell(local, 'added', GB, 15, 3)} {ratio} {cell(dense, 'peak', GB, 14, 3)} "
+            f"{cell(local, 'peak', GB, 14, 3)}"
+            + (f"   dense not run: {dense['error']}" if "error" in dense else "")
+            + (f"   local failed: {local['error']}" if "error" in local else "")
+        )
 
     if args.rat_size:
         size = args.rat_size
-        print(f"\n== RATBackbone, 2 blocks, dim 128, 16 heads, grouping kernel 7 / stride 3, "
-              f"local grouping attention, {size}x{size}x3 input, batch 1, forward (no grad) ==")
+        print(
+            f"\n== RATBackbone, 2 blocks, dim 128, 16 heads, grouping kernel 7 / stride 3, "
+            f"local grouping attention, {size}x{size}x3 input, batch 1, forward (no grad) =="
+        )
         rat = spawn("rat", size, 1, 0, args.threads)
         if "error" in rat:
             print(f"failed: {rat['error']}")
         else:
-            print(f"time {rat['seconds']:.1f} s (grouping layers {rat['grouping']:.1f} s, multi-res attention "
-                  f"{rat['mr_attn']:.1f} s over {rat['tokens'][0]} + {rat['tokens'][1]} tokens); "
-                  f"peak RSS {rat['peak'] / GB:.2f} GB (forward added {rat['added'] / GB:.2f} GB); "
-                  f"target 8 GB: {'met' if rat['peak'] < 8 * GB else 'NOT met'}")
+            print(
+                f"time {rat['seconds']:.1f} s (grouping layers {rat['grouping']:.1f} s, multi-res attention "
+                f"{rat['mr_attn']:.1f} s over {rat['tokens'][0]} + {rat['tokens'][1]} tokens); "
+                f"peak RSS {rat['peak'] / GB:.2f} GB (forward added {rat['added'] / GB:.2f} GB); "
+                f"target 8 GB: {'met' if rat['peak'] < 8 * GB else 'NOT met'}"
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ own process. Reported: median step time, the bytes autograd saves for backward (
 parameters, peak CUDA allocation or peak RSS, and the ratios experiment / baseline. ``--embed``
 shrinks the widths so a CPU run takes minutes.
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,10 @@ from _timing import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "projects", "RVT", "configs")
-MODES = {"baseline": os.path.join(CONFIGS, "maxvit_yolox_patch4_3scale_baseline.py"),
-         "experiment": os.path.join(CONFIGS, "patch2_4scale_sizeaware_200k.py")}
+MODES = {
+    "baseline": os.path.join(CONFIGS, "maxvit_yolox_patch4_3scale_baseline.py"),
+    "experiment": os.path.join(CONFIGS, "patch2_4scale_sizeaware_200k.py"),
+}
 
 
 def _size(text):
@@ -59,7 +62,7 @@ def _shrink(cfg, embed):
     bb = cfg.model.backbone
     bb.embed_dim = embed
     bb.dim_head = min(32, embed)
-    cfg.model.neck.in_channels = [embed * 2 ** i for i in bb.out_indices]
+    cfg.model.neck.in_channels = [embed * 2**i for i in bb.out_indices]
     cfg.model.neck.out_channels = 2 * embed
     cfg.model.bbox_head.in_channels = cfg.model.bbox_head.feat_channels = 2 * embed
 
@@ -99,8 +102,15 @@ def _child(args):
         xy = torch.rand(len(wh), 2, generator=g) * torch.tensor([W, H]) * 0.6
         boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([W - 1.0, H - 1.0]))], 1)
         s = DetDataSample()
-        s.set_metainfo(dict(img_shape=(H, W), ori_shape=(H, W), scale_factor=(1.0, 1.0),
-                            valid=torch.ones(T, dtype=torch.bool), is_first=torch.arange(T) == 0))
+        s.set_metainfo(
+            dict(
+                img_shape=(H, W),
+                ori_shape=(H, W),
+                scale_factor=(1.0, 1.0),
+                valid=torch.ones(T, dtype=torch.bool),
+                is_first=torch.arange(T) == 0,
+            )
+        )
         s.gt_instances = InstanceData(bboxes=boxes, labels=torch.arange(len(wh)) % cfg.model.bbox_head.num_classes)
         samples.append(s)
     data = dict(inputs=clips, data_samples=samples)
@@ -124,13 +134,18 @@ def _child(args):
         step()
     step_s = median_time(step, args.steps, warmup=max(args.warmup - 1, 0))
     result = dict(
-        mode=args.child, config=os.path.basename(getattr(args, args.child)),
+        mode=args.child,
+        config=os.path.basename(getattr(args, args.child)),
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        threads=torch.get_num_threads(), patch_size=cfg.model.backbone.patch_size,
-        scales=len(cfg.model.backbone.out_indices), strides=list(cfg.model.bbox_head.strides),
-        head=cfg.model.bbox_head.type, embed_dim=model.backbone.net.embed_dim,
+        threads=torch.get_num_threads(),
+        patch_size=cfg.model.backbone.patch_size,
+        scales=len(cfg.model.backbone.out_indices),
+        strides=list(cfg.model.bbox_head.strides),
+        head=cfg.model.bbox_head.type,
+        embed_dim=model.backbone.net.embed_dim,
         input=[B, T, in_chans, *data_shape(model, data)],
-        step_s=step_s, loss=float(sum(v for k, v in losses.items() if "loss" in k)),
+        step_s=step_s,
+        loss=float(sum(v for k, v in losses.items() if "loss" in k)),
         params=sum(p.numel() for p in model.parameters()),
         saved_for_backward_mb=saved.mb,
     )
@@ -160,10 +175,28 @@ def main(argv=None):
         return _child(args)
     results = []
     for mode in MODES:
-        cmd = [sys.executable, os.path.abspath(__file__), "--baseline", args.baseline, "--experiment",
-               args.experiment, "--size", "x".join(map(str, args.size)), "--clip-len", str(args.clip_len),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--child", mode]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--baseline",
+            args.baseline,
+            "--experiment",
+            args.experiment,
+            "--size",
+            "x".join(map(str, args.size)),
+            "--clip-len",
+            str(args.clip_len),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "--child",
+            mode,
+        ]
         cmd += ["--embed", str(args.embed)] if args.embed else []
         cmd += threads_argv(args.threads)
         result = run_child(cmd, mode)
@@ -172,33 +205,61 @@ def main(argv=None):
         results.append(result)
     base, exp = results
     shape = "x".join(map(str, base["input"]))
-    print(f"RVT train step (forward over the clip + loss + backward + AdamW), input {shape} "
-          f"(padded), embed {base['embed_dim']}, {base['device']} ({base['threads']} threads), median of "
-          f"{args.steps} steps")
+    print(
+        f"RVT train step (forward over the clip + loss + backward + AdamW), input {shape} "
+        f"(padded), embed {base['embed_dim']}, {base['device']} ({base['threads']} threads), median of "
+        f"{args.steps} steps"
+    )
     mem = "peak alloc MB" if "peak_allocated_mb" in base else "peak RSS MB"
     cols = ["model", "patch", "scales", "strides", "head", "params M", "step s", "saved for bwd MB", mem]
-    rows = [[r["mode"], str(r["patch_size"]), str(r["scales"]), "/".join(map(str, r["strides"])), r["head"],
-             f"{r['params'] / 1e6:.2f}", f"{r['step_s']:.3f}", f"{r['saved_for_backward_mb']:.1f}",
-             f"{r.get('peak_allocated_mb', r.get('peak_rss_mb')):.0f}"] for r in results]
+    rows = [
+        [
+            r["mode"],
+            str(r["patch_size"]),
+            str(r["scales"]),
+            "/".join(map(str, r["strides"])),
+            r["head"],
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['step_s']:.3f}",
+            f"{r['saved_for_backward_mb']:.1f}",
+            f"{r.get('peak_allocated_mb', r.get('peak_rss_mb')):.0f}",
+        ]
+        for r in results
+    ]
 
     def ratio(key):
         return exp[key] / base[key] if base[key] else float("nan")
 
-    rows.append(["ratio exp/base", "", "", "", "", f"{ratio('params'):.2f}x", f"{ratio('step_s'):.2f}x",
-                 f"{ratio('saved_for_backward_mb'):.2f}x",
-                 f"{ratio('peak_allocated_mb' if 'peak_allocated_mb' in base else 'peak_rss_mb'):.2f}x"])
+    rows.append(
+        [
+            "ratio exp/base",
+            "",
+            "",
+            "",
+            "",
+            f"{ratio('params'):.2f}x",
+            f"{ratio('step_s'):.2f}x",
+            f"{ratio('saved_for_backward_mb'):.2f}x",
+            f"{ratio('peak_allocated_mb' if 'peak_allocated_mb' in base else 'peak_rss_mb'):.2f}x",
+        ]
+    )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
-    print(f"activation memory (saved for backward) ratio: {ratio('saved_for_backward_mb'):.2f}x; "
-          f"step time ratio: {ratio('step_s'):.2f}x")
+    print(
+        f"activation memory (saved for backward) ratio: {ratio('saved_for_backward_mb'):.2f}x; "
+        f"step time ratio: {ratio('step_s'):.2f}x"
+    )
     if args.json:
         from rat_plugins.utils.atomic import atomic_write_json
 
-        atomic_write_json(args.json, dict(size=args.size, clip_len=args.clip_len, batch=args.batch,
-                                          embed=args.embed, results=results), indent=1)
+        atomic_write_json(
+            args.json,
+            dict(size=args.size, clip_len=args.clip_len, batch=args.batch, embed=args.embed, results=results),
+            indent=1,
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ Reported per mode: median step time; on CUDA the peak allocated memory
 since the model was built (warm-up and timed steps), plus exact counts: bytes autograd saves for
 backward in one step, gradient bytes, and AdamW state bytes.
 """
+
 import argparse
 import json
 import os
@@ -69,8 +70,12 @@ def _child(args):
     set_threads(args.threads)
     cfg = Config.fromfile(args.config)
     size = (args.size, args.size)
-    opts = {"model.backbone.frozen": args.child != "trainable", "model.backbone.pretrained_timm": None,
-            "model.backbone.img_size": size, "model.data_preprocessor.size": size}
+    opts = {
+        "model.backbone.frozen": args.child != "trainable",
+        "model.backbone.pretrained_timm": None,
+        "model.backbone.img_size": size,
+        "model.data_preprocessor.size": size,
+    }
     if args.child == "frozen-cached":
         import tempfile
 
@@ -114,13 +119,13 @@ def _child(args):
             torch.cuda.synchronize()
 
     rss_before = rss_mb()  # model and data built, nothing trained yet
-    for d in data[:args.warmup]:
+    for d in data[: args.warmup]:
         model.train_step(d, optim)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i, d in enumerate(data[args.warmup:]):
+    for i, d in enumerate(data[args.warmup :]):
         sync()
         start = time.perf_counter()
         if i == 0:
@@ -132,8 +137,9 @@ def _child(args):
         times.append(time.perf_counter() - start)
     # gradients exist between backward and zero_grad (set to None after each step): one per trainable value
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    state_bytes = sum(v.numel() * v.element_size() for st in optim.optimizer.state.values()
-                      for v in st.values() if torch.is_tensor(v))
+    state_bytes = sum(
+        v.numel() * v.element_size() for st in optim.optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+    )
     bb_total = sum(p.numel() for p in model.backbone.parameters())
     result = dict(
         mode=args.child,
@@ -164,9 +170,25 @@ def main(argv=None):
         return _child(args)
     results = []
     for mode in MODES:
-        cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--size", str(args.size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--child", mode, *threads_argv(args.threads)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--config",
+            args.config,
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "--child",
+            mode,
+            *threads_argv(args.threads),
+        ]
         if args.cfg_options:
             cmd += ["--cfg-options", *args.cfg_options]
         result = run_child(cmd, mode)
@@ -174,14 +196,22 @@ def main(argv=None):
             return 1
         results.append(result)
     r0 = results[0]
-    print(f"SETR-MLA train step, {os.path.basename(args.config)}, input {args.batch}x3x{args.size}x{args.size}, "
-          f"{r0['device']} ({r0['threads']} threads), median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"SETR-MLA train step, {os.path.basename(args.config)}, input {args.batch}x3x{args.size}x{args.size}, "
+        f"{r0['device']} ({r0['threads']} threads), median of {args.steps} steps after {args.warmup} warm-up"
+    )
     cols = ["mode", "step s", "trainable", "saved for bwd MB", "grads MB", "AdamW state MB"]
     cols += ["peak alloc MB"] if "peak_allocated_mb" in r0 else ["peak RSS MB", "RSS growth MB"]
     print(" | ".join(cols))
     for r in results:
-        row = [r["mode"], f"{r['step_s']:.3f}", f"{r['trainable_params'] / 1e6:.2f} M",
-               f"{r['saved_for_backward_mb']:.1f}", f"{r['grads_mb']:.1f}", f"{r['optimizer_state_mb']:.1f}"]
+        row = [
+            r["mode"],
+            f"{r['step_s']:.3f}",
+            f"{r['trainable_params'] / 1e6:.2f} M",
+            f"{r['saved_for_backward_mb']:.1f}",
+            f"{r['grads_mb']:.1f}",
+            f"{r['optimizer_state_mb']:.1f}",
+        ]
         if "peak_allocated_mb" in r:
             row.append(f"{r['peak_allocated_mb']:.1f}")
         else:
@@ -189,8 +219,10 @@ def main(argv=None):
         print(" | ".join(row))
     by_mode = {r["mode"]: r for r in results}
     fr, fc, tr = by_mode["frozen"], by_mode["frozen-cached"], by_mode["trainable"]
-    print(f"frozen / trainable step time: {fr['step_s'] / tr['step_s']:.2f}; "
-          f"frozen with cache hits / frozen: {fc['step_s'] / fr['step_s']:.2f}")
+    print(
+        f"frozen / trainable step time: {fr['step_s'] / tr['step_s']:.2f}; "
+        f"frozen with cache hits / frozen: {fc['step_s'] / fr['step_s']:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, size=args.size, batch=args.batch, results=results), f, indent=1)

@@ -21,6 +21,7 @@ inner width di = 2C, state N, dt rank R, conv kernel K, patch p:
   RMSNorm 4*L*C; final norm 4*L*C; head 2*C*classes. Exponentials: 2 directions * L * di * N
   per layer (exp(delta*A)); the softplus / silu exponentials (O(L*di)) are left out.
 """
+
 import argparse
 import functools
 import os
@@ -52,8 +53,16 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias):
 def scan_inputs(L, dim=384, state=16, batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(u=r(batch, dim, L), delta=r(batch, dim, L) * 0.5 - 1, A=-torch.exp(r(dim, state) * 0.5),
-                B=r(batch, state, L), C=r(batch, state, L), D=r(dim), z=r(batch, dim, L), delta_bias=r(dim) * 0.3)
+    return dict(
+        u=r(batch, dim, L),
+        delta=r(batch, dim, L) * 0.5 - 1,
+        A=-torch.exp(r(dim, state) * 0.5),
+        B=r(batch, state, L),
+        C=r(batch, state, L),
+        D=r(dim),
+        z=r(batch, dim, L),
+        delta_bias=r(dim) * 0.3,
+    )
 
 
 def project_scan(backend):
@@ -88,8 +97,16 @@ def vim_flops_and_exps(model, img):
     L = M + model.num_tokens
     mixer = model.layers[0].mixer
     di, N, R, K = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv
-    per_layer = (2 * L * C * 2 * di + 2 * 2 * L * di * K + 2 * 2 * L * di * (R + 2 * N) + 2 * 2 * L * R * di
-                 + 2 * L * di * C + 2 * L * di * N * 6 + 2 * L * di * 8 + 4 * L * C)
+    per_layer = (
+        2 * L * C * 2 * di
+        + 2 * 2 * L * di * K
+        + 2 * 2 * L * di * (R + 2 * N)
+        + 2 * 2 * L * R * di
+        + 2 * L * di * C
+        + 2 * L * di * N * 6
+        + 2 * L * di * 8
+        + 4 * L * C
+    )
     n_layers = len(model.layers)
     classes = model.head.out_features if hasattr(model.head, "out_features") else 0
     flops = 2 * M * C * 3 * p * p + n_layers * per_layer + 4 * L * C + 2 * C * classes
@@ -105,7 +122,7 @@ def machine_rates(repeats):
         x = torch.randn(384 * 2 * 16 * 128)  # one block of the scan's exponentials (fits the cache)
         y = torch.empty_like(x)
         t_exp = median_time(lambda: torch.exp(x, out=y), repeats * 5)
-    return 2 * 1024 ** 3 / t_mm, x.numel() / t_exp
+    return 2 * 1024**3 / t_mm, x.numel() / t_exp
 
 
 def main():
@@ -121,8 +138,10 @@ def main():
     print(load_note())
 
     print("\n== selective scan: batch 1, dim 384, state 16 (softplus delta + bias, D, z) ==")
-    print(f"{'L':>5} {'pass':>8} {'reference ms':>13} {cpu_backend + ' ms':>10} {'speed-up':>9} "
-          f"{'torch-fallback ms':>18} {'speed-up':>9}")
+    print(
+        f"{'L':>5} {'pass':>8} {'reference ms':>13} {cpu_backend + ' ms':>10} {'speed-up':>9} "
+        f"{'torch-fallback ms':>18} {'speed-up':>9}"
+    )
     for L in (196, 1600):
         x = scan_inputs(L)
         # the slow paths get fewer repeats (no warm-up at L=1600: nothing to warm up in a loop)
@@ -134,14 +153,20 @@ def main():
             print(f"{L:>5} {name:>8} {r * 1e3:13.2f} {p * 1e3:10.2f} {r / p:8.1f}x {t * 1e3:18.2f} {r / t:8.1f}x")
 
     mm_rate, exp_rate = machine_rates(rep)
-    print(f"\n== machine (measured now): fp32 matmul 1024^3 {mm_rate / 1e9:.1f} GFLOP/s, "
-          f"torch.exp {exp_rate / 1e9:.2f} G/s ==")
+    print(
+        f"\n== machine (measured now): fp32 matmul 1024^3 {mm_rate / 1e9:.1f} GFLOP/s, "
+        f"torch.exp {exp_rate / 1e9:.2f} G/s =="
+    )
 
     print("\n== ViM-tiny forward (torch.inference_mode) ==")
-    print("(ms: the fused mixer path; unfused ms: use_fast_path=False, the scan op plus PyTorch ops; "
-          "actual/bound <= 2 meets the target)")
-    print(f"{'input':>9} {'batch':>5} {'tokens':>6} {'ms':>9} {'unfused ms':>10} {'GFLOP':>7} {'exp (M)':>8} "
-          f"{'GFLOP/s':>8} {'bound ms':>9} {'actual/bound':>12}")
+    print(
+        "(ms: the fused mixer path; unfused ms: use_fast_path=False, the scan op plus PyTorch ops; "
+        "actual/bound <= 2 meets the target)"
+    )
+    print(
+        f"{'input':>9} {'batch':>5} {'tokens':>6} {'ms':>9} {'unfused ms':>10} {'GFLOP':>7} {'exp (M)':>8} "
+        f"{'GFLOP/s':>8} {'bound ms':>9} {'actual/bound':>12}"
+    )
     for size in (224, 640):
         model = vim_tiny(img_size=size).eval()
         for batch in (1, 2):
@@ -156,8 +181,10 @@ def main():
             flops, exps, L = vim_flops_and_exps(model, img)
             flops, exps = flops * batch, exps * batch
             bound = flops / mm_rate + exps / exp_rate
-            print(f"{size}x{size:<5} {batch:>5} {L:>6} {t * 1e3:9.1f} {times[False] * 1e3:10.1f} {flops / 1e9:7.2f} "
-                  f"{exps / 1e6:8.1f} {flops / t / 1e9:8.2f} {bound * 1e3:9.1f} {t / bound:11.2f}x")
+            print(
+                f"{size}x{size:<5} {batch:>5} {L:>6} {t * 1e3:9.1f} {times[False] * 1e3:10.1f} {flops / 1e9:7.2f} "
+                f"{exps / 1e6:8.1f} {flops / t / 1e9:8.2f} {bound * 1e3:9.1f} {t / bound:11.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -7,4 +7,5 @@ when an adapter is imported:
 - ``import rat_plugins.mm`` registers into mmseg's and mmdet's registries (what configs load
   through ``custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)``).
 """
+
 __version__ = "0.1.0"

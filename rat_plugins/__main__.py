@@ -1,12 +1,15 @@
 """``python -m rat_plugins list``: what the plugin registers, per registry, and what is unavailable."""
+
 import argparse
 import importlib
 import inspect
 import sys
 
 REGISTRIES = {
-    "detectron2": [("BACKBONE_REGISTRY", "detectron2.modeling", "BACKBONE_REGISTRY"),
-                   ("META_ARCH_REGISTRY", "detectron2.modeling", "META_ARCH_REGISTRY")],
+    "detectron2": [
+        ("BACKBONE_REGISTRY", "detectron2.modeling", "BACKBONE_REGISTRY"),
+        ("META_ARCH_REGISTRY", "detectron2.modeling", "META_ARCH_REGISTRY"),
+    ],
     "mmseg": [(name, "mmseg.registry", name) for name in ("MODELS", "DATASETS", "TRANSFORMS", "METRICS", "HOOKS")],
     "mmdet": [(name, "mmdet.registry", name) for name in ("MODELS", "DATASETS", "TRANSFORMS", "METRICS", "HOOKS")],
 }
@@ -23,8 +26,9 @@ OPTIONAL = [
 
 def _registered_by_plugin(registry):
     names = []
-    for name, obj in sorted(registry._obj_map.items() if hasattr(registry, "_obj_map")
-                            else registry.module_dict.items()):
+    for name, obj in sorted(
+        registry._obj_map.items() if hasattr(registry, "_obj_map") else registry.module_dict.items()
+    ):
         module = getattr(obj, "__module__", "") or ""
         if module.startswith("rat_plugins"):
             names.append(name)
@@ -34,8 +38,11 @@ def _registered_by_plugin(registry):
 def _lazycall_components():
     """Classes of the detectron2 adapters that LazyConfig files can LazyCall."""
     import rat_plugins.detectron2 as d2
+
     found = []
-    for mod_name in ("vim", "maxvit_rnn", "rat", "data", "engine", "schedule") + tuple(getattr(d2, "EXTRA_MODULES", ())):
+    for mod_name in ("vim", "maxvit_rnn", "rat", "data", "engine", "schedule") + tuple(
+        getattr(d2, "EXTRA_MODULES", ())
+    ):
         mod = importlib.import_module(f"rat_plugins.detectron2.{mod_name}")
         for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)
@@ -66,6 +73,7 @@ def list_components(out=sys.stdout) -> int:
             unavailable.append((module, f"{what}: not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
     try:
         from rat_plugins.models.ops import selective_scan as scan
+
         print(f"selective scan backend on CPU: {scan.backend_for()}", file=out)
     except Exception as e:
         unavailable.append(("selective scan", f"{type(e).__name__}: {e}"))

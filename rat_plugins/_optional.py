@@ -1,4 +1,5 @@
 """Helpers for optional dependencies: one clear ImportError naming the install step."""
+
 import importlib
 
 __all__ = ["require", "framework_missing_error"]

@@ -1,4 +1,5 @@
 """Helpers shared by the test modules (import them as ``from _helpers import ...``)."""
+
 import os
 import subprocess
 import sys
@@ -16,8 +17,10 @@ def run_cmd(args, cwd=REPO, env=None, timeout=900, check=True):
     full_env.update(env or {})
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
-                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -32,8 +35,17 @@ def detectron2_stock_tool() -> Path:
 
 # A 2-layer, 32-wide ViM on 64x64 images and few proposals per image keep every detectron2 OFAT run to
 # seconds on 2 CPU cores (the 4-conv box heads over 512 sampled RoIs per image cost ~10 s a step otherwise).
-TINY = ["dataloader.image_size=64", "model.backbone.net.depth=2", "model.backbone.net.embed_dim=32",
-        "model.backbone.net.checkpoint=", "model.roi_heads.batch_size_per_image=16",
-        "model.proposal_generator.pre_nms_topk=[64,64]", "model.proposal_generator.post_nms_topk=[32,32]",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.final_test.num_workers=0", "train.device=cpu", "train.log_period=1"]
+TINY = [
+    "dataloader.image_size=64",
+    "model.backbone.net.depth=2",
+    "model.backbone.net.embed_dim=32",
+    "model.backbone.net.checkpoint=",
+    "model.roi_heads.batch_size_per_image=16",
+    "model.proposal_generator.pre_nms_topk=[64,64]",
+    "model.proposal_generator.post_nms_topk=[32,32]",
+    "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0",
+    "dataloader.final_test.num_workers=0",
+    "train.device=cpu",
+    "train.log_period=1",
+]

@@ -1,4 +1,5 @@
 """k micro-batches with accumulation give the same update as one full batch."""
+
 import copy
 
 import torch
@@ -17,13 +18,16 @@ class TinyRegressor(nn.Module):
     def forward(self, batch):
         x = torch.stack([d["x"] for d in batch])
         y = torch.stack([d["y"] for d in batch])
-        return {"loss_mse": ((self.net(x).squeeze(1) - y) ** 2).mean(), "loss_l1": (self.net(x).squeeze(1) - y).abs().mean()}
+        return {
+            "loss_mse": ((self.net(x).squeeze(1) - y) ** 2).mean(),
+            "loss_l1": (self.net(x).squeeze(1) - y).abs().mean(),
+        }
 
 
 def _loader(samples, batch):
     while True:
         for i in range(0, len(samples), batch):
-            yield samples[i:i + batch]
+            yield samples[i : i + batch]
 
 
 def _train(model, samples, batch, accumulation, steps=3):

@@ -1,5 +1,6 @@
 """Every config under projects/ builds on CPU: detectron2 LazyConfigs through ``instantiate``,
 OpenMMLab configs through the mmseg / mmdet registries; loading a config registers and writes nothing."""
+
 import re
 from pathlib import Path
 
@@ -13,8 +14,10 @@ LAZY = [p for p in ALL if re.search(r"^(from|import) [\w.]*detectron2", p.read_t
 MM = [p for p in ALL if p not in LAZY]
 SCOPES = {"RAT": "mmseg", "SETR": "mmseg", "YOLOX": "mmdet", "RVT": "mmdet"}
 # small widths where a full-size build costs seconds: ViM-tiny's 24 layers, RAT's 128 channels
-LAZY_TINY = {"model.backbone.net": dict(depth=2, embed_dim=32, checkpoint=""),
-             "model.backbone.bottom_up": dict(feature_dims=16, num_heads=2, iters=1)}
+LAZY_TINY = {
+    "model.backbone.net": dict(depth=2, embed_dim=32, checkpoint=""),
+    "model.backbone.bottom_up": dict(feature_dims=16, num_heads=2, iters=1),
+}
 
 
 def _rel(path):
@@ -142,8 +145,9 @@ def _build_mm(path):
             named += [(reg.TRANSFORMS, key, step.type) for step in dataset.get("pipeline", [])]
     named += [(reg.METRICS, key, cfg[key].type) for key in ("val_evaluator", "test_evaluator") if key in cfg]
     named += [(reg.HOOKS, f"default_hooks.{k}", h.type) for k, h in cfg.get("default_hooks", {}).items()]
-    named += [(reg.LOOPS, key, cfg[key].type) for key in ("train_cfg", "val_cfg", "test_cfg")
-              if "type" in cfg.get(key, {})]
+    named += [
+        (reg.LOOPS, key, cfg[key].type) for key in ("train_cfg", "val_cfg", "test_cfg") if "type" in cfg.get(key, {})
+    ]
     if "visualizer" in cfg:
         named += [(reg.VISUALIZERS, "visualizer", cfg.visualizer.type)]
         named += [(reg.VISBACKENDS, "vis_backends", b.type) for b in cfg.visualizer.get("vis_backends", [])]

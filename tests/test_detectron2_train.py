@@ -1,11 +1,11 @@
 """OFAT configs through the project's and detectron2's stock lazyconfig_train_net.py (tiny sizes)."""
+
 import json
 import sys
 
 import pytest
 
-from _helpers import REPO, TINY, run_cmd
-from _helpers import detectron2_stock_tool as stock_tool
+from _helpers import REPO, TINY, detectron2_stock_tool as stock_tool, run_cmd
 
 OFAT = REPO / "projects/ViTDet/configs/OFAT"
 BASELINE = OFAT / "baseline_lr0.001_bs8_adamw_ep100.py"
@@ -19,9 +19,17 @@ def _metrics(out):
 def test_baseline_trains_under_project_tool_and_resumes(heads_data, tmp_path):
     out = tmp_path / "run"
     env = {"RAT_DATASETS": str(heads_data)}
-    args = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(BASELINE), *TINY,
-            "train.epochs=1", "dataloader.train.total_batch_size=2", "train.warmup_iters=1",
-            f"train.output_dir={out}"]
+    args = [
+        sys.executable,
+        "tools/lazyconfig_train_net.py",
+        "--config-file",
+        str(BASELINE),
+        *TINY,
+        "train.epochs=1",
+        "dataloader.train.total_batch_size=2",
+        "train.warmup_iters=1",
+        f"train.output_dir={out}",
+    ]
     run_cmd(args, env=env)
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["max_iter"] == 4  # ceil(8 train images / batch 2) x 1 epoch
@@ -38,10 +46,21 @@ def test_baseline_trains_under_project_tool_and_resumes(heads_data, tmp_path):
 @pytest.mark.slow
 def test_baseline_trains_under_stock_detectron2_tool(heads_data, tmp_path):
     out = tmp_path / "stock"
-    run_cmd([sys.executable, str(stock_tool()), "--config-file", str(BASELINE), *TINY,
-             "train.max_iter=3", "train.eval_period=3", "train.checkpointer.period=3",
-             "dataloader.train.total_batch_size=2", f"train.output_dir={out}"],
-            env={"RAT_DATASETS": str(heads_data)})
+    run_cmd(
+        [
+            sys.executable,
+            str(stock_tool()),
+            "--config-file",
+            str(BASELINE),
+            *TINY,
+            "train.max_iter=3",
+            "train.eval_period=3",
+            "train.checkpointer.period=3",
+            "dataloader.train.total_batch_size=2",
+            f"train.output_dir={out}",
+        ],
+        env={"RAT_DATASETS": str(heads_data)},
+    )
     assert (out / "model_final.pth").is_file()
     losses = [m for m in _metrics(out) if "total_loss" in m]
     assert [m["iteration"] for m in losses] == [0, 1, 2]
@@ -51,26 +70,48 @@ def test_baseline_trains_under_stock_detectron2_tool(heads_data, tmp_path):
 @pytest.mark.slow
 def test_two_cpu_processes_with_micro_batches(heads_data, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_cmd([sys.executable, "tools/lazyconfig_train_net.py", "--num-gpus", "2", "--micro-batch", "1",
-                    "--config-file", str(BASELINE), *TINY, "train.epochs=2", "dataloader.train.total_batch_size=4",
-                    "train.warmup_iters=1", f"train.output_dir={out}"],
-                   env={"RAT_DATASETS": str(heads_data)})
+    proc = run_cmd(
+        [
+            sys.executable,
+            "tools/lazyconfig_train_net.py",
+            "--num-gpus",
+            "2",
+            "--micro-batch",
+            "1",
+            "--config-file",
+            str(BASELINE),
+            *TINY,
+            "train.epochs=2",
+            "dataloader.train.total_batch_size=4",
+            "train.warmup_iters=1",
+            f"train.output_dir={out}",
+        ],
+        env={"RAT_DATASETS": str(heads_data)},
+    )
     log = (out / "log.txt").read_text()
-    assert "Gradient accumulation: 2 micro-batches of 2 images (all processes) per optimizer step" in log, proc.stdout[-2000:]
+    assert "Gradient accumulation: 2 micro-batches of 2 images (all processes) per optimizer step" in log, proc.stdout[
+        -2000:
+    ]
     assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 4  # ceil(8/4) x 2 epochs
 
 
 def test_unknown_override_is_one_clear_error(heads_data):
-    proc = run_cmd([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(BASELINE),
-                    "train.max_itr=3"], env={"RAT_DATASETS": str(heads_data)}, check=False)
+    proc = run_cmd(
+        [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(BASELINE), "train.max_itr=3"],
+        env={"RAT_DATASETS": str(heads_data)},
+        check=False,
+    )
     assert proc.returncode == 2
     assert "unknown config key 'train.max_itr'" in proc.stderr and "train.max_iter" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path):
-    proc = run_cmd([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(BASELINE)],
-                   env={"RAT_DATASETS": str(tmp_path)}, check=False)
+    proc = run_cmd(
+        [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", str(BASELINE)],
+        env={"RAT_DATASETS": str(tmp_path)},
+        check=False,
+    )
     assert proc.returncode != 0
     assert "_annotations.coco.json" in proc.stderr and "synthetic heads" in proc.stderr
 
@@ -105,10 +146,24 @@ VARIANT_RUNS = [(name, tool) for name in OTHER_OFAT for tool in ("project", "sto
 def test_every_ofat_variant_trains(heads_data, tmp_path, name, tool):
     """Each OFAT variant (optimizer, batch, lr, epochs) instantiates and takes optimizer steps."""
     script = REPO / "tools/lazyconfig_train_net.py" if tool == "project" else stock_tool()
-    short = (["train.epochs=1"] if tool == "project" else
-             ["train.max_iter=2", "train.eval_period=2", "train.checkpointer.period=2"])
-    run_cmd([sys.executable, str(script), "--config-file", str(OFAT / f"{name}.py"), *TINY, *short,
-             "train.warmup_iters=1", f"train.output_dir={tmp_path}"], env={"RAT_DATASETS": str(heads_data)})
+    short = (
+        ["train.epochs=1"]
+        if tool == "project"
+        else ["train.max_iter=2", "train.eval_period=2", "train.checkpointer.period=2"]
+    )
+    run_cmd(
+        [
+            sys.executable,
+            str(script),
+            "--config-file",
+            str(OFAT / f"{name}.py"),
+            *TINY,
+            *short,
+            "train.warmup_iters=1",
+            f"train.output_dir={tmp_path}",
+        ],
+        env={"RAT_DATASETS": str(heads_data)},
+    )
     losses = [m for m in _metrics(tmp_path) if "total_loss" in m]
     assert losses and all(m["total_loss"] == m["total_loss"] for m in losses)  # trained, no NaN
     assert (tmp_path / "model_final.pth").is_file()

@@ -1,4 +1,5 @@
 """The frozen-feature cache: hits, misses, invalidation, storage format, safety."""
+
 import logging
 
 import pytest

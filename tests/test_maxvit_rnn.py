@@ -1,5 +1,6 @@
 """RVT's MaxViT-RNN: geometry, the official semantics (checked by hand), state carrying, checkpoints,
 and the mmdet / detectron2 adapters."""
+
 import fractions
 import logging
 import math
@@ -9,9 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from rat_plugins.models.features import FeatureInfo
-from rat_plugins.models.maxvit_rnn import (ConvLstmCell, MaxViTRNN, MaxVitRnn, PartitionAttentionBlock,
-                                           PartitionSelfAttention, load_rvt_checkpoint, maxvit_rnn_base,
-                                           maxvit_rnn_small, maxvit_rnn_tiny, rvt_stage_names)
+from rat_plugins.models.maxvit_rnn import (
+    ConvLstmCell,
+    MaxViTRNN,
+    MaxVitRnn,
+    PartitionAttentionBlock,
+    PartitionSelfAttention,
+    load_rvt_checkpoint,
+    maxvit_rnn_base,
+    maxvit_rnn_small,
+    maxvit_rnn_tiny,
+    rvt_stage_names,
+)
 
 torch.set_num_threads(1)
 
@@ -37,14 +47,28 @@ def _model(seed=0, randomize=True, **kwargs):
 
 def _official_keys(depths=(1, 1, 1, 1)):
     """RVT's backbone keys, written out from docs/formats.md, RVT checkpoints (not read off the model)."""
-    block = ["self_attn.qkv.weight", "self_attn.qkv.bias", "self_attn.proj.weight", "self_attn.proj.bias",
-             "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.net.0.0.weight", "mlp.net.0.0.bias",
-             "mlp.net.2.weight", "mlp.net.2.bias", "ls2.gamma"]
+    block = [
+        "self_attn.qkv.weight",
+        "self_attn.qkv.bias",
+        "self_attn.proj.weight",
+        "self_attn.proj.bias",
+        "ls1.gamma",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.net.0.0.weight",
+        "mlp.net.0.0.bias",
+        "mlp.net.2.weight",
+        "mlp.net.2.bias",
+        "ls2.gamma",
+    ]
     keys = []
     for s, depth in enumerate(depths):
         p = f"stages.{s}."
-        keys += [p + "downsample_cf2cl.conv.weight", p + "downsample_cf2cl.norm.weight",
-                 p + "downsample_cf2cl.norm.bias"]
+        keys += [
+            p + "downsample_cf2cl.conv.weight",
+            p + "downsample_cf2cl.norm.weight",
+            p + "downsample_cf2cl.norm.bias",
+        ]
         for b in range(depth):
             for kind in ("att_window", "att_grid"):
                 q = f"{p}att_blocks.{b}.{kind}."
@@ -61,13 +85,26 @@ def _lightning_checkpoint(path, model, extra_objects=None):
     sd["mdl.fpn.lateral_convs.0.conv.weight"] = torch.randn(4, 4, 1, 1)
     sd["mdl.fpn.lateral_convs.0.bn.running_mean"] = torch.zeros(4)
     sd["mdl.yolox_head.cls_preds.0.weight"] = torch.randn(8, 4, 1, 1)
-    ckpt = {"epoch": 7, "global_step": 12345, "pytorch-lightning_version": "1.8.6", "state_dict": sd,
-            "loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": {"ready": 12345, "completed": 12345}}}},
-            "callbacks": {"ModelCheckpoint{'monitor': 'val/AP', 'mode': 'max'}":
-                          {"best_model_score": torch.tensor(0.47), "best_model_path": "/ckpt/epoch=7.ckpt"}},
-            "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
-                                  "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "params": [0]}]}],
-            "lr_schedulers": [{"total_steps": 400000, "_last_lr": [2e-4], "last_epoch": 12345}]}
+    ckpt = {
+        "epoch": 7,
+        "global_step": 12345,
+        "pytorch-lightning_version": "1.8.6",
+        "state_dict": sd,
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": {"ready": 12345, "completed": 12345}}}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val/AP', 'mode': 'max'}": {
+                "best_model_score": torch.tensor(0.47),
+                "best_model_path": "/ckpt/epoch=7.ckpt",
+            }
+        },
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "params": [0]}],
+            }
+        ],
+        "lr_schedulers": [{"total_steps": 400000, "_last_lr": [2e-4], "last_epoch": 12345}],
+    }
     ckpt.update(extra_objects or {})
     torch.save(ckpt, path)
     return path
@@ -81,7 +118,7 @@ def _lightning_checkpoint(path, model, extra_objects=None):
 def test_stage_strides_and_channels(patch):
     m = _model(patch_size=patch, partition_split=1, randomize=False)
     feats, states = m(torch.randn(2, 20, 64, 64))
-    assert m.strides == tuple(patch * 2 ** s for s in range(4))
+    assert m.strides == tuple(patch * 2**s for s in range(4))
     assert list(feats) == NAMES and len(states) == 4
     assert m.feature_info == [FeatureInfo(f"stage{s}", patch * 2 ** (s - 1), 8 * 2 ** (s - 1)) for s in range(1, 5)]
     for s in range(1, 5):
@@ -96,14 +133,17 @@ def test_class_name_alias_and_rvt_stage_names():
     assert rvt_stage_names([2, 3, 4]) == ("stage2", "stage3", "stage4")
 
 
-@pytest.mark.parametrize("patch, split, hw, padded, partition", [
-    (4, 2, (720, 1280), (768, 1280), (12, 20)),  # eTraM / 1Mpx with RVT's rule (32 * split)
-    (4, 1, (240, 304), (256, 320), (8, 10)),      # Gen1 with RVT's rule
-    (2, 2, (720, 1280), (736, 1280), (23, 40)),   # patch 2: deepest stride 16, multiple 32 (not 64)
-    (2, 4, (720, 1280), (768, 1280), (12, 20)),   # patch 2 with doubled split: patch-4 window size
-    (2, 1, (50, 70), (64, 80), (4, 5)),
-    (4, 2, (50, 70), (64, 128), (1, 2)),
-])
+@pytest.mark.parametrize(
+    "patch, split, hw, padded, partition",
+    [
+        (4, 2, (720, 1280), (768, 1280), (12, 20)),  # eTraM / 1Mpx with RVT's rule (32 * split)
+        (4, 1, (240, 304), (256, 320), (8, 10)),  # Gen1 with RVT's rule
+        (2, 2, (720, 1280), (736, 1280), (23, 40)),  # patch 2: deepest stride 16, multiple 32 (not 64)
+        (2, 4, (720, 1280), (768, 1280), (12, 20)),  # patch 2 with doubled split: patch-4 window size
+        (2, 1, (50, 70), (64, 80), (4, 5)),
+        (4, 2, (50, 70), (64, 128), (1, 2)),
+    ],
+)
 def test_padding_and_partition_rule(patch, split, hw, padded, partition):
     m = MaxViTRNN(**TINY, patch_size=patch, partition_split=split)
     assert m.padded_size(*hw) == padded
@@ -116,13 +156,16 @@ def test_odd_input_is_zero_padded_bottom_right():
     feats, _ = m(x)
     ref, _ = m(F.pad(x, (0, 96 - 70, 0, 64 - 50)))  # multiple 16 * 2 = 32
     for s in range(1, 5):
-        assert feats[_stage(s)].shape == (1, 8 * 2 ** (s - 1), 64 // 2 ** s, 96 // 2 ** s)
+        assert feats[_stage(s)].shape == (1, 8 * 2 ** (s - 1), 64 // 2**s, 96 // 2**s)
         assert torch.allclose(feats[_stage(s)], ref[_stage(s)], atol=1e-6)
 
 
 def test_variant_sizes():
-    assert [m.stage_dims for m in (maxvit_rnn_tiny(), maxvit_rnn_small(), maxvit_rnn_base())] == \
-        [(32, 64, 128, 256), (48, 96, 192, 384), (64, 128, 256, 512)]
+    assert [m.stage_dims for m in (maxvit_rnn_tiny(), maxvit_rnn_small(), maxvit_rnn_base())] == [
+        (32, 64, 128, 256),
+        (48, 96, 192, 384),
+        (64, 128, 256, 512),
+    ]
     heads = [stage.att_blocks[0].att_window.self_attn.num_heads for stage in maxvit_rnn_small().stages]
     assert heads == [2, 4, 8, 16]
     assert [s.att_blocks[0].att_grid.self_attn.num_heads for s in maxvit_rnn_tiny().stages] == [1, 2, 4, 8]
@@ -142,8 +185,12 @@ def test_state_dict_keys_are_the_official_layout():
 def test_stem_and_downsample_convs():
     for patch, kernel in ((4, 7), (2, 3)):
         conv = MaxViTRNN(**TINY, patch_size=patch).stages[0].downsample_cf2cl.conv
-        assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((kernel, kernel), (patch,) * 2,
-                                                                            (patch - 1,) * 2, None)
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == (
+            (kernel, kernel),
+            (patch,) * 2,
+            (patch - 1,) * 2,
+            None,
+        )
     later = MaxViTRNN(**TINY).stages[2].downsample_cf2cl.conv
     assert (later.kernel_size, later.stride, later.padding) == ((3, 3), (2, 2), (1, 1))
 
@@ -163,11 +210,11 @@ def test_attention_reads_qkv_per_head_interleaved():
         return torch.cat(heads, -1) @ attn.proj.weight.T + attn.proj.bias
 
     # RVT: head h owns columns [6h, 6h+6) = [q_h | k_h | v_h]
-    interleaved = by_hand(lambda h: (slice(6 * h, 6 * h + 2), slice(6 * h + 2, 6 * h + 4),
-                                     slice(6 * h + 4, 6 * h + 6)))
+    interleaved = by_hand(lambda h: (slice(6 * h, 6 * h + 2), slice(6 * h + 2, 6 * h + 4), slice(6 * h + 4, 6 * h + 6)))
     # timm: [q | k | v], head h at columns 2h within each third
-    timm_layout = by_hand(lambda h: (slice(2 * h, 2 * h + 2), slice(4 + 2 * h, 6 + 2 * h),
-                                     slice(8 + 2 * h, 10 + 2 * h)))
+    timm_layout = by_hand(
+        lambda h: (slice(2 * h, 2 * h + 2), slice(4 + 2 * h, 6 + 2 * h), slice(8 + 2 * h, 10 + 2 * h))
+    )
     out = attn(tokens)[0]
     assert torch.allclose(out, interleaved, atol=1e-6)
     assert not torch.allclose(out, timm_layout, atol=1e-3)
@@ -231,8 +278,13 @@ def test_first_window_block_takes_the_downsample_output_unnormalised():
     m = _model(patch_size=4, partition_split=1)
     stage = m.stages[0]
     x = torch.randn(1, 20, 32, 32)
-    y = F.layer_norm(F.conv2d(x, stage.downsample_cf2cl.conv.weight, stride=4, padding=3).permute(0, 2, 3, 1), (8,),
-                     stage.downsample_cf2cl.norm.weight, stage.downsample_cf2cl.norm.bias, 1e-5)
+    y = F.layer_norm(
+        F.conv2d(x, stage.downsample_cf2cl.conv.weight, stride=4, padding=3).permute(0, 2, 3, 1),
+        (8,),
+        stage.downsample_cf2cl.norm.weight,
+        stage.downsample_cf2cl.norm.bias,
+        1e-5,
+    )
     win, grid = stage.att_blocks[0].att_window, stage.att_blocks[0].att_grid
     y = y + win.ls1.gamma * win.attention(y, (1, 1))  # no norm1
     y = y + win.ls2.gamma * win.mlp(win.norm2(y))
@@ -311,7 +363,7 @@ def test_valid_and_is_first_masks_equal_per_sample_step_by_step():
     for b, (v, _, steps) in enumerate(MASK_CASES):
         step_states = None
         for t in steps:
-            step, step_states = m(clip[b:b + 1, t], step_states)
+            step, step_states = m(clip[b : b + 1, t], step_states)
             assert all(torch.allclose(every[n][b, t], step[n][0], atol=1e-5) for n in NAMES)
         assert all(torch.allclose(last[n][b], step[n][0], atol=1e-5) for n in NAMES)
         for (h, c), (h2, c2), (h3, c3) in zip(states, states_all, step_states):
@@ -353,7 +405,7 @@ def test_a_step_valid_for_no_sample_is_not_run_and_invalid_steps_keep_the_state(
     # the last step valid for no sample: zero maps of the right shapes, the state as before
     none_valid = torch.zeros(2, 3, dtype=torch.bool)
     last, kept = m.forward_clip(clip, prev, valid=none_valid, return_all=False)
-    assert [tuple(last[n].shape) for n in NAMES] == [(2, 8 * 2 ** i, 8 >> i, 8 >> i) for i in range(4)]
+    assert [tuple(last[n].shape) for n in NAMES] == [(2, 8 * 2**i, 8 >> i, 8 >> i) for i in range(4)]
     assert not any(last[n].any() for n in NAMES)
     assert all(torch.equal(h, h0) and torch.equal(c, c0) for (h, c), (h0, c0) in zip(kept, prev))
 
@@ -413,8 +465,9 @@ def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"normed\.ckpt does not load strictly.*att_window\.norm1\.weight"):
         load_rvt_checkpoint(_model(), normed)
 
-    unsafe = _lightning_checkpoint(tmp_path / "rvt-old.ckpt", _model(),
-                                   extra_objects={"hyper_parameters": fractions.Fraction(1, 3)})
+    unsafe = _lightning_checkpoint(
+        tmp_path / "rvt-old.ckpt", _model(), extra_objects={"hyper_parameters": fractions.Fraction(1, 3)}
+    )
     with pytest.raises(ValueError, match=r"rvt-old\.ckpt.*fractions\.Fraction.*re-save only the weights"):
         load_rvt_checkpoint(_model(), unsafe)
 
@@ -451,15 +504,23 @@ def test_patch4_checkpoint_into_patch2_model_reinitialises_only_the_stem(tmp_pat
 
 
 def test_mmdet_registry_builds_the_backbone(tmp_path):
-    import rat_plugins.mm  # noqa: F401  (registers MaxViTRNN)
     from mmdet.registry import MODELS
 
-    cfg = dict(type="MaxViTRNN", variant="tiny", embed_dim=8, dim_head=8, patch_size=2, partition_split=1,
-               out_indices=(0, 1, 2, 3))
+    import rat_plugins.mm  # noqa: F401  (registers MaxViTRNN)
+
+    cfg = dict(
+        type="MaxViTRNN",
+        variant="tiny",
+        embed_dim=8,
+        dim_head=8,
+        patch_size=2,
+        partition_split=1,
+        out_indices=(0, 1, 2, 3),
+    )
     net = MODELS.build(cfg)
     outs = net(torch.randn(2, 20, 48, 64))
     assert isinstance(outs, tuple) and net.strides == (2, 4, 8, 16) and net.out_channels == (8, 16, 32, 64)
-    assert [o.shape for o in outs] == [(2, 8 * 2 ** i, 48 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i in range(4)]
+    assert [o.shape for o in outs] == [(2, 8 * 2**i, 48 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i in range(4)]
     three = MODELS.build({**cfg, "patch_size": 4, "out_indices": (1, 2, 3)})
     assert [o.shape[1:] for o in three(torch.randn(1, 20, 64, 64))] == [(16, 8, 8), (32, 4, 4), (64, 2, 2)]
     with pytest.raises(ValueError, match="out_indices"):
@@ -483,7 +544,7 @@ def test_detectron2_backbone_output_shape(patch, names):
     bb = MaxViTRNN(embed_dim=8, dim_head=8, patch_size=patch, partition_split=1)
     shapes = bb.output_shape()
     assert list(shapes) == names
-    assert [(s.channels, s.stride) for s in shapes.values()] == [(8 * 2 ** i, patch * 2 ** i) for i in range(4)]
+    assert [(s.channels, s.stride) for s in shapes.values()] == [(8 * 2**i, patch * 2**i) for i in range(4)]
     assert bb.size_divisibility == patch * 8 and bb.padding_constraints["size_divisibility"] == patch * 8
     out = bb(torch.randn(1, 20, 64, 96))
     assert all(out[n].shape == (1, shapes[n].channels, 64 // shapes[n].stride, 96 // shapes[n].stride) for n in names)
@@ -494,6 +555,7 @@ def test_detectron2_backbone_output_shape(patch, names):
 def test_detectron2_registry_build():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_backbone
+
     from rat_plugins.detectron2.maxvit_rnn import add_maxvit_rnn_config
 
     cfg = get_cfg()
@@ -502,6 +564,10 @@ def test_detectron2_registry_build():
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [0.0] * 20, [1.0] * 20
     cfg.MODEL.MAXVIT_RNN.PATCH_SIZE = 2
     bb = build_backbone(cfg)
-    assert {n: (s.channels, s.stride) for n, s in bb.output_shape().items()} == \
-        {"p1": (32, 2), "p2": (64, 4), "p3": (128, 8), "p4": (256, 16)}
+    assert {n: (s.channels, s.stride) for n, s in bb.output_shape().items()} == {
+        "p1": (32, 2),
+        "p2": (64, 4),
+        "p3": (128, 8),
+        "p4": (256, 16),
+    }
     assert bb.net.in_chans == 20 and bb.size_divisibility == 32

@@ -1,8 +1,8 @@
 """The package's boundaries: importing without frameworks, pure models, clear adapter errors."""
+
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 from _helpers import REPO, run_cmd
 
@@ -11,14 +11,15 @@ FRAMEWORKS = ("detectron2", "mmdet", "mmseg", "mmengine", "mmcv")
 
 def _blocked_import(code):
     """Run code in a fresh interpreter where the frameworks cannot be imported."""
-    prelude = ("import sys\n"
-               f"for m in {FRAMEWORKS!r}: sys.modules[m] = None\n")
+    prelude = f"import sys\nfor m in {FRAMEWORKS!r}: sys.modules[m] = None\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=REPO)
 
 
 def test_import_needs_no_framework():
-    proc = _blocked_import("import rat_plugins, rat_plugins.data, rat_plugins.engine.schedule\n"
-                           "import rat_plugins.models, rat_plugins.data.roboflow\nprint('ok')")
+    proc = _blocked_import(
+        "import rat_plugins, rat_plugins.data, rat_plugins.engine.schedule\n"
+        "import rat_plugins.models, rat_plugins.data.roboflow\nprint('ok')"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 

@@ -4,6 +4,7 @@ The reference is the package's ``DenseSpatialGroupingAttention`` unchanged excep
 hook, whose logits outside each group's window are set to -inf; the windows come from a
 transliteration of NATTEN's ``get_window_start`` below, not from the code under test.
 """
+
 import itertools
 import math
 import subprocess
@@ -48,8 +49,10 @@ def natten_axis_windows(num_groups, length, stride, kernel, dilation):
 
 def allowed_pairs(input_grid_shape, group_grid_shape, stride, kernel, dilation):
     """(groups, pixels) bool: pixel inside the group's window on every axis."""
-    per_axis = [natten_axis_windows(g, n, s, k, d)
-                for n, g, s, k, d in zip(input_grid_shape, group_grid_shape, stride, kernel, dilation)]
+    per_axis = [
+        natten_axis_windows(g, n, s, k, d)
+        for n, g, s, k, d in zip(input_grid_shape, group_grid_shape, stride, kernel, dilation)
+    ]
     allowed = torch.zeros(math.prod(group_grid_shape), math.prod(input_grid_shape), dtype=torch.bool)
     for gi, group in enumerate(itertools.product(*[range(g) for g in group_grid_shape])):
         for pi, pixel in enumerate(itertools.product(*[range(n) for n in input_grid_shape])):
@@ -70,10 +73,16 @@ class WindowMaskedDense(DenseSpatialGroupingAttention):
 CASES = {
     # name: layer kwargs, window kwargs, input grid
     "2d": (dict(spatial_dims=2, kernel_size=5, stride=2), dict(), (13, 11)),
-    "2d_dilated": (dict(spatial_dims=2, kernel_size=3, stride=1), dict(neighborhood_kernel=3, neighborhood_dilation=2),
-                   (9, 10)),
-    "2d_small_window": (dict(spatial_dims=2, kernel_size=(5, 3), stride=(2, 1)), dict(neighborhood_kernel=(3, 5)),
-                        (10, 9)),
+    "2d_dilated": (
+        dict(spatial_dims=2, kernel_size=3, stride=1),
+        dict(neighborhood_kernel=3, neighborhood_dilation=2),
+        (9, 10),
+    ),
+    "2d_small_window": (
+        dict(spatial_dims=2, kernel_size=(5, 3), stride=(2, 1)),
+        dict(neighborhood_kernel=(3, 5)),
+        (10, 9),
+    ),
     "3d": (dict(spatial_dims=3, kernel_size=3, stride=2), dict(), (5, 7, 6)),
 }
 
@@ -86,8 +95,9 @@ def build_pair(name, iters=3, seed=0):
     dense = WindowMaskedDense(**kwargs).double()
     dense.load_state_dict(local.state_dict(), strict=True)
     group_grid = local._calculate_strided_grid_shape(grid)
-    dense.allowed = allowed_pairs(grid, group_grid, local.stride, local.neighborhood_kernel,
-                                  local.neighborhood_dilation)
+    dense.allowed = allowed_pairs(
+        grid, group_grid, local.stride, local.neighborhood_kernel, local.neighborhood_dilation
+    )
     return local, dense, grid
 
 
@@ -96,9 +106,18 @@ def random_input(grid, batch=2, features=16, seed=1):
     return torch.randn(batch, math.prod(grid), features, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("length,stride,kernel,dilation", [
-    (10, 1, 3, 1), (10, 1, 5, 2), (17, 1, 3, 3), (16, 3, 7, 1), (23, 2, 5, 2), (12, 4, 3, 3), (9, 1, 9, 1),
-])
+@pytest.mark.parametrize(
+    "length,stride,kernel,dilation",
+    [
+        (10, 1, 3, 1),
+        (10, 1, 5, 2),
+        (17, 1, 3, 3),
+        (16, 3, 7, 1),
+        (23, 2, 5, 2),
+        (12, 4, 3, 3),
+        (9, 1, 9, 1),
+    ],
+)
 def test_axis_windows_follow_natten(length, stride, kernel, dilation):
     num_groups = (length - 1) // stride + 1
     got = axis_window_positions(num_groups, length, stride, kernel, dilation)
@@ -110,7 +129,11 @@ def test_axis_windows_follow_natten(length, stride, kernel, dilation):
 def test_axis_windows_by_hand():
     # 10 tokens, stride 3 -> groups on 0, 3, 6, 9; window of 5 shifted inwards at both ends
     assert axis_window_positions(4, 10, 3, 5).tolist() == [
-        [0, 1, 2, 3, 4], [1, 2, 3, 4, 5], [4, 5, 6, 7, 8], [5, 6, 7, 8, 9]]
+        [0, 1, 2, 3, 4],
+        [1, 2, 3, 4, 5],
+        [4, 5, 6, 7, 8],
+        [5, 6, 7, 8, 9],
+    ]
     # an axis shorter than kernel * dilation is taken whole
     assert axis_window_positions(2, 4, 2, 5).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
@@ -118,8 +141,9 @@ def test_axis_windows_by_hand():
 @pytest.mark.parametrize("kernel,stride", [(7, 3), (4, 2), (5, 2)])
 def test_default_window_is_the_strider_receptive_field(kernel, stride):
     """Away from the borders a group's default window is exactly the pixels its conv reads."""
-    layer = LocalSpatialGroupingAttention(feature_dims=8, num_heads=1, spatial_dims=1, kernel_size=kernel,
-                                          stride=stride, rotary_ratio=0.0)
+    layer = LocalSpatialGroupingAttention(
+        feature_dims=8, num_heads=1, spatial_dims=1, kernel_size=kernel, stride=stride, rotary_ratio=0.0
+    )
     length = 40
     x = torch.randn(1, 8, length, requires_grad=True)
     groups = layer.strider(x)
@@ -144,8 +168,9 @@ def test_matches_window_masked_dense(name):
         assert got["x_out"].shape == ref["x_out"].shape
         assert (got["x_out"] - ref["x_out"]).abs().max() < 1e-5
     # the windows matter: the unmasked dense layer with the same weights gives another answer
-    unmasked = DenseSpatialGroupingAttention(feature_dims=16, num_heads=2, iters=3, mlp_ratio=2,
-                                             **CASES[name][0]).double()
+    unmasked = DenseSpatialGroupingAttention(
+        feature_dims=16, num_heads=2, iters=3, mlp_ratio=2, **CASES[name][0]
+    ).double()
     unmasked.load_state_dict(local.state_dict(), strict=True)
     assert (unmasked(x, spacing, grid)["x_out"] - local(x, spacing, grid)["x_out"]).abs().max() > 1e-3
 
@@ -175,7 +200,7 @@ def test_chunking_and_no_grad_do_not_change_the_result():
     local, dense, grid = build_pair("2d")
     x = random_input(grid)  # batch 2: chunks are not contiguous slices
     ref = dense(x, (1.0, 1.0), grid)["x_out"]
-    for chunk_elements in (2 ** 24, 1):  # one chunk; one group per chunk
+    for chunk_elements in (2**24, 1):  # one chunk; one group per chunk
         local.chunk_elements = chunk_elements
         with_grad = local(x, (1.0, 1.0), grid)["x_out"]
         with torch.no_grad():  # the in-place path
@@ -224,8 +249,9 @@ def test_attention_maps(name):
         expanded = expand_window_attention(compact, window_index, pixels)
         assert (expanded - ref[key]).abs().max() < 1e-5
     assert torch.allclose(got["attn_k_window"].sum(-1), torch.ones((), dtype=torch.float64))
-    assert (expand_window_attention(torch.ones_like(got["attn_k_window"]), window_index, pixels).bool()
-            == dense.allowed).all()
+    assert (
+        expand_window_attention(torch.ones_like(got["attn_k_window"]), window_index, pixels).bool() == dense.allowed
+    ).all()
 
 
 def test_attn_hook_is_the_compact_masked_softmax():
@@ -263,8 +289,13 @@ def test_in_resolution_aware_transformer():
     from resolution_aware_transformer import ResolutionAwareTransformer
 
     torch.manual_seed(0)
-    model = ResolutionAwareTransformer(spatial_dims=2, input_features=3, feature_dims=16, num_blocks=2,
-                                       num_heads=2, sga_kernel_size=5, iters=2).double().eval()
+    model = (
+        ResolutionAwareTransformer(
+            spatial_dims=2, input_features=3, feature_dims=16, num_blocks=2, num_heads=2, sga_kernel_size=5, iters=2
+        )
+        .double()
+        .eval()
+    )
     image = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         ref = model(image)[0]["x_out"]
@@ -279,7 +310,9 @@ def test_in_resolution_aware_transformer():
 
 
 def test_module_imports_no_framework():
-    code = ("import sys, rat_plugins.models.rat_attention; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('detectron2', 'mmcv', 'mmseg', 'mmdet', 'mmengine')]; assert not bad, bad")
+    code = (
+        "import sys, rat_plugins.models.rat_attention; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('detectron2', 'mmcv', 'mmseg', 'mmdet', 'mmengine')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,6 +1,7 @@
 """RAT backbone and adapters: maps and strides per pyramid level and block, dense / local / multi-head
 attention, absolute positions, map selection, detectron2 (output_shape, FPN on top) and mmseg (registry,
 decode head) wrappers."""
+
 import math
 import subprocess
 import sys
@@ -42,12 +43,15 @@ def check_maps_against_strides(model, maps, image_size, batch, spacing):
     assert all(len(shapes) == 1 for shapes in by_stride.values())
 
 
-@pytest.mark.parametrize("image_size,scales,expected_strides", [
-    ((50, 70), (1.0,), [2, 4]),
-    ((48, 64), (1.0, 0.5, 0.25), [2, 4, 4, 8, 8, 16]),
-    ((50, 70), (1.0, 0.5), [2, 4, 4, 8]),
-    ((33, 17), (1.0, 0.25), [2, 4, 8, 16]),
-])
+@pytest.mark.parametrize(
+    "image_size,scales,expected_strides",
+    [
+        ((50, 70), (1.0,), [2, 4]),
+        ((48, 64), (1.0, 0.5, 0.25), [2, 4, 4, 8, 8, 16]),
+        ((50, 70), (1.0, 0.5), [2, 4, 4, 8]),
+        ((33, 17), (1.0, 0.25), [2, 4, 8, 16]),
+    ],
+)
 def test_2d_maps_and_strides(image_size, scales, expected_strides):
     model = tiny(scales=scales)
     assert [info.stride for info in model.feature_info] == [(s, s) for s in expected_strides]
@@ -57,11 +61,14 @@ def test_2d_maps_and_strides(image_size, scales, expected_strides):
     assert all(torch.isfinite(m).all() for m in maps.values())
 
 
-@pytest.mark.parametrize("image_size,stride,scales,expected_strides", [
-    ((6, 13, 18), (1, 2, 2), (1.0, (1.0, 0.5, 0.5)), [(1, 2, 2), (1, 4, 4), (1, 4, 4), (1, 8, 8)]),
-    ((8, 12, 10), 2, (1.0,), [(2, 2, 2), (4, 4, 4)]),
-    ((7, 9, 8), 2, (1.0, 0.5), [(2, 2, 2), (4, 4, 4), (4, 4, 4), (8, 8, 8)]),
-])
+@pytest.mark.parametrize(
+    "image_size,stride,scales,expected_strides",
+    [
+        ((6, 13, 18), (1, 2, 2), (1.0, (1.0, 0.5, 0.5)), [(1, 2, 2), (1, 4, 4), (1, 4, 4), (1, 8, 8)]),
+        ((8, 12, 10), 2, (1.0,), [(2, 2, 2), (4, 4, 4)]),
+        ((7, 9, 8), 2, (1.0, 0.5), [(2, 2, 2), (4, 4, 4), (4, 4, 4), (8, 8, 8)]),
+    ],
+)
 def test_3d_maps_and_strides(image_size, stride, scales, expected_strides):
     model = tiny(spatial_dims=3, input_features=1, stride=stride, scales=scales)
     assert [info.stride for info in model.feature_info] == expected_strides
@@ -131,7 +138,8 @@ def test_local_window_covering_everything_equals_dense(attention):
     local = tiny(scales=(1.0, 0.5), attention=attention, local_window=dict(neighborhood_kernel=99)).double()
     kinds = block_attention_kinds(attention, 2)
     assert [type(layer) for layer in local.sga_layers] == [
-        LocalSpatialGroupingAttention if kind == "local" else DenseSpatialGroupingAttention for kind in kinds]
+        LocalSpatialGroupingAttention if kind == "local" else DenseSpatialGroupingAttention for kind in kinds
+    ]
     assert local.state_dict().keys() == dense.state_dict().keys()
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in local.state_dict().items())
     image = torch.randn(1, 3, 24, 20, dtype=torch.float64)
@@ -167,8 +175,9 @@ def test_mixed_blocks_run_and_train(attention):
         package_out = model.eval()(list(model.build_pyramid(image)), [(1.0, 1.0), (2.0, 2.0)])
         maps = model.forward_features(image)
     assert "attn_q" not in package_out[0]
-    assert torch.allclose(package_out[0]["x_out"].transpose(1, 2).reshape(maps["level0_block1"].shape),
-                          maps["level0_block1"], atol=1e-6)
+    assert torch.allclose(
+        package_out[0]["x_out"].transpose(1, 2).reshape(maps["level0_block1"].shape), maps["level0_block1"], atol=1e-6
+    )
 
 
 def test_ablation_options_keep_the_package_weights():
@@ -201,7 +210,13 @@ def test_resolve_out_features():
     names = [info.name for info in model.feature_info]
     assert model.resolve_out_features() == model.resolve_out_features("all") == tuple(names)
     assert model.resolve_out_features("by_stride") == (
-        "level0_block0", "level0_block1", "level1_block0", "level1_block1", "level2_block0", "level2_block1")
+        "level0_block0",
+        "level0_block1",
+        "level1_block0",
+        "level1_block1",
+        "level2_block0",
+        "level2_block1",
+    )
     assert model.resolve_out_features(["level1_block1", 0]) == ("level1_block1", "level0_block0")
     with pytest.raises(ValueError, match=r"unknown out_indices \[6\]"):
         model.resolve_out_features([6], arg="out_indices")
@@ -231,8 +246,13 @@ def test_detectron2_output_shape_matches_and_fpn_runs():
     backbone = RAT(scales=(1.0, 0.5, 0.25), num_blocks=2, **TINY)
     shapes = backbone.output_shape()
     assert {n: s.stride for n, s in shapes.items()} == {
-        "level0_block0": 2, "level0_block1": 4, "level1_block0": 4, "level1_block1": 8, "level2_block0": 8,
-        "level2_block1": 16}
+        "level0_block0": 2,
+        "level0_block1": 4,
+        "level1_block0": 4,
+        "level1_block1": 8,
+        "level2_block0": 8,
+        "level2_block1": 16,
+    }
     assert backbone.size_divisibility == 16 and backbone.padding_constraints == {"size_divisibility": 16}
     # an odd-sized image, padded the way detectron2 pads a batch
     images = ImageList.from_tensors([torch.randn(3, 50, 70)], size_divisibility=backbone.size_divisibility)
@@ -268,18 +288,39 @@ def test_detectron2_yacs_build_and_errors():
     cfg = get_cfg()
     add_rat_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "build_rat_backbone"
-    cfg.MODEL.RAT.merge_from_list(["FEATURE_DIMS", 16, "NUM_BLOCKS", 2, "NUM_HEADS", 2, "ITERS", 1,
-                                   "SCALES", [1.0, 0.5], "ATTENTION", "local,dense", "NEIGHBORHOOD_KERNEL", 3,
-                                   "OUT_FEATURES", ["level0_block1", "level1_block1"]])
+    cfg.MODEL.RAT.merge_from_list(
+        [
+            "FEATURE_DIMS",
+            16,
+            "NUM_BLOCKS",
+            2,
+            "NUM_HEADS",
+            2,
+            "ITERS",
+            1,
+            "SCALES",
+            [1.0, 0.5],
+            "ATTENTION",
+            "local,dense",
+            "NEIGHBORHOOD_KERNEL",
+            3,
+            "OUT_FEATURES",
+            ["level0_block1", "level1_block1"],
+        ]
+    )
     backbone = build_backbone(cfg)
     assert isinstance(backbone, RAT) and backbone.net.attention_kinds == ("local", "dense")
     assert backbone.net.sga_layers[0].neighborhood_kernel == (3, 3)
     assert {n: (s.channels, s.stride) for n, s in backbone.output_shape().items()} == {
-        "level0_block1": (16, 4), "level1_block1": (16, 8)}
+        "level0_block1": (16, 4),
+        "level1_block1": (16, 8),
+    }
     with torch.no_grad():
         outputs = backbone(torch.randn(1, 3, 32, 32))
     assert {n: tuple(o.shape) for n, o in outputs.items()} == {
-        "level0_block1": (1, 16, 8, 8), "level1_block1": (1, 16, 4, 4)}
+        "level0_block1": (1, 16, 8, 8),
+        "level1_block1": (1, 16, 4, 4),
+    }
     with pytest.raises(ValueError, match="unknown out_features"):
         RAT(out_features=["p2"], **TINY)
     with pytest.raises(ValueError, match="integer stride"):
@@ -293,20 +334,47 @@ def test_detectron2_runs_the_ablations():
     from rat_plugins.detectron2.rat import RAT, add_rat_config
 
     torch.manual_seed(0)
-    backbone = RAT(scales=(1.0, 0.5), num_blocks=2, attention="mha", pos_embed="absolute", rotary_ratio=0.0,
-                   out_features="by_stride", **TINY)
+    backbone = RAT(
+        scales=(1.0, 0.5),
+        num_blocks=2,
+        attention="mha",
+        pos_embed="absolute",
+        rotary_ratio=0.0,
+        out_features="by_stride",
+        **TINY,
+    )
     assert all(isinstance(layer, StandardMHAGrouping) for layer in backbone.net.sga_layers)
     assert isinstance(backbone.net.init_proj, AbsolutePositionConv)
     assert {n: s.stride for n, s in backbone.output_shape().items()} == {
-        "level0_block0": 2, "level0_block1": 4, "level1_block0": 4, "level1_block1": 8}
+        "level0_block0": 2,
+        "level0_block1": 4,
+        "level1_block0": 4,
+        "level1_block1": 8,
+    }
     outputs = backbone(torch.randn(1, 3, 32, 32))
     assert [tuple(o.shape) for o in outputs.values()] == [(1, 16, 16, 16), (1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 4, 4)]
 
     cfg = get_cfg()
     add_rat_config(cfg)
     cfg.MODEL.BACKBONE.NAME = "build_rat_backbone"
-    cfg.MODEL.RAT.merge_from_list(["FEATURE_DIMS", 16, "NUM_BLOCKS", 2, "NUM_HEADS", 2, "ITERS", 1,
-                                   "ATTENTION", "mha,local", "POS_EMBED", "absolute", "ROTARY_RATIO", 0.0])
+    cfg.MODEL.RAT.merge_from_list(
+        [
+            "FEATURE_DIMS",
+            16,
+            "NUM_BLOCKS",
+            2,
+            "NUM_HEADS",
+            2,
+            "ITERS",
+            1,
+            "ATTENTION",
+            "mha,local",
+            "POS_EMBED",
+            "absolute",
+            "ROTARY_RATIO",
+            0.0,
+        ]
+    )
     built = build_backbone(cfg)
     assert built.net.attention_kinds == ("mha", "local") and isinstance(built.net.init_proj, AbsolutePositionConv)
 
@@ -332,15 +400,19 @@ def test_mmseg_registry_build_and_decode_head():
 
     segmentor = EncoderDecoder(
         backbone=cfg,
-        decode_head=dict(type="FCNHead", in_channels=16, in_index=1, channels=8, num_convs=1, num_classes=2,
-                         concat_input=False))
+        decode_head=dict(
+            type="FCNHead", in_channels=16, in_index=1, channels=8, num_convs=1, num_classes=2, concat_input=False
+        ),
+    )
     with torch.no_grad():
         logits = segmentor(image, mode="tensor")
     assert logits.shape == (2, 2, 10, 14)
 
 
 def test_backbone_module_imports_no_framework():
-    code = ("import sys, rat_plugins.models.rat_backbone; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('detectron2', 'mmcv', 'mmseg', 'mmdet', 'mmengine')]; assert not bad, bad")
+    code = (
+        "import sys, rat_plugins.models.rat_backbone; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('detectron2', 'mmcv', 'mmseg', 'mmdet', 'mmengine')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

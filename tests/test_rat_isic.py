@@ -1,5 +1,6 @@
 """RAT on ISIC 2018: the dataset on make_isic files, layout errors, every config in projects/RAT/configs
 (main + ablations) trained 2 iterations in process, one through mmseg's stock tools/train.py."""
+
 import importlib.util
 import os
 import shutil
@@ -8,23 +9,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, run_cmd
 
 import rat_plugins.mm  # noqa: F401  (registers ISIC2018Dataset, LesionMetric, RAT)
 from rat_plugins.data.isic_layout import ISIC_FOLDERS
-from rat_plugins.data.synthetic import make_isic
 from rat_plugins.experiments.rat_study import quick_overrides
 from rat_plugins.mm.datasets import ISIC2018Dataset
 from rat_plugins.mm.rat import RAT
 from rat_plugins.models.rat_ablations import StandardMHAGrouping
+
+from _helpers import REPO, run_cmd
 
 CONFIG_DIR = REPO / "projects" / "RAT" / "configs"
 MAIN = sorted(CONFIG_DIR.glob("*.py"))
 ABLATIONS = sorted((CONFIG_DIR / "ablations").glob("*.py"))
 ALL = MAIN + ABLATIONS
 TRIPLE = CONFIG_DIR / "rat_isic_triple_256-128-64.py"
-STOCK_TRAIN = os.path.join(importlib.util.find_spec("mmseg").submodule_search_locations[0], ".mim", "tools",
-                           "train.py")
+STOCK_TRAIN = os.path.join(importlib.util.find_spec("mmseg").submodule_search_locations[0], ".mim", "tools", "train.py")
 SIZE = 64
 
 
@@ -37,8 +37,17 @@ def _load(config):
 def tiny(cfg, work_dir, iters=2):
     """64x64 images, 2 heads, 1 grouping iteration, widths / 8 (the dims ablations keep their ratio),
     no validation; keeps each config's own factor (scales, depth, attention, positional encoding)."""
-    return quick_overrides(cfg, work_dir, size=SIZE, iters=iters, width_factor=0.125, num_heads=2,
-                           grouping_iters=1, batch_size=2, val_interval=1000)
+    return quick_overrides(
+        cfg,
+        work_dir,
+        size=SIZE,
+        iters=iters,
+        width_factor=0.125,
+        num_heads=2,
+        grouping_iters=1,
+        batch_size=2,
+        val_interval=1000,
+    )
 
 
 def sorted_by_stride(backbone_cfg):
@@ -107,22 +116,30 @@ def test_bad_layouts_give_clear_errors(isic_data, tmp_path):
 
 
 EXPECTED_DELTA = {  # ablation -> the backbone fields it changes w.r.t. the triple-scale base
-    "pe_rose_learnable": {}, "pe_none": {"rotary_ratio": 0.0},
+    "pe_rose_learnable": {},
+    "pe_none": {"rotary_ratio": 0.0},
     "pe_rope_fixed": {"learnable_rose": False, "learnable_rose_scaling": False, "rose_initial_scaling": "identity"},
     "pe_absolute": {"pos_embed": "absolute", "abs_ref_size": 256, "rotary_ratio": 0.0},
-    "attn_dense": {"attention": "dense"}, "attn_sparse": {"attention": "sparse"}, "attn_mixed": {},
+    "attn_dense": {"attention": "dense"},
+    "attn_sparse": {"attention": "sparse"},
+    "attn_mixed": {},
     "attn_mha": {"attention": "mha"},
-    "depth_2": {"num_blocks": 2}, "depth_4": {},
+    "depth_2": {"num_blocks": 2},
+    "depth_4": {},
     "depth_6": {"num_blocks": 6},
-    "dims_128": {}, "dims_256": {"feature_dims": 256},
+    "dims_128": {},
+    "dims_256": {"feature_dims": 256},
 }
 
 
 def test_config_set_and_ablation_deltas():
     from mmseg.registry import MODELS
 
-    assert [p.name for p in MAIN] == ["rat_isic_dual_256-128.py", "rat_isic_single_256.py",
-                                      "rat_isic_triple_256-128-64.py"]
+    assert [p.name for p in MAIN] == [
+        "rat_isic_dual_256-128.py",
+        "rat_isic_single_256.py",
+        "rat_isic_triple_256-128-64.py",
+    ]
     assert sorted(p.stem for p in ABLATIONS) == sorted(EXPECTED_DELTA)
     base = _load(TRIPLE)
     for config in ALL:
@@ -142,8 +159,10 @@ def test_config_set_and_ablation_deltas():
             assert delta == EXPECTED_DELTA[config.stem], config.name
             other = {k: v for k, v in cfg.model.items() if k not in ("backbone", "decode_head")}
             assert other == {k: v for k, v in base.model.items() if k not in ("backbone", "decode_head")}
-    assert [_load(CONFIG_DIR / f"rat_isic_{n}.py").model.backbone.scales for n in
-            ("single_256", "dual_256-128", "triple_256-128-64")] == [(1.0,), (1.0, 0.5), (1.0, 0.5, 0.25)]
+    assert [
+        _load(CONFIG_DIR / f"rat_isic_{n}.py").model.backbone.scales
+        for n in ("single_256", "dual_256-128", "triple_256-128-64")
+    ] == [(1.0,), (1.0, 0.5), (1.0, 0.5, 0.25)]
 
 
 @pytest.mark.parametrize("config", ALL, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
@@ -222,27 +241,51 @@ def test_ablation_layers_keep_the_package_weights():
         want = torch.sin((torch.arange(n) + 0.5) / n * 256).expand(n, n).T
         torch.testing.assert_close(level[0, 0].detach(), want, rtol=0, atol=1e-5)
 
+
 # ----------------------------------------------------------------------------- stock tool
 
 
 @pytest.mark.slow
 def test_stock_mmseg_train_tool_single_config(isic_data, tmp_path):
     work = tmp_path / "work"
-    opts = {"model.backbone.feature_dims": 16, "model.backbone.num_heads": 2, "model.backbone.iters": 1,
-            "model.decode_head.in_channels": "[16,16,16,16]", "model.decode_head.channels": 16,
-            "model.decode_head.pool_scales": "(1,2)", "model.data_preprocessor.size": f"({SIZE},{SIZE})",
-            "train_dataloader.dataset.pipeline.2.scale": f"({SIZE},{SIZE})",
-            "val_dataloader.dataset.pipeline.1.scale": f"({SIZE},{SIZE})",
-            "test_dataloader.dataset.pipeline.1.scale": f"({SIZE},{SIZE})",
-            "train_dataloader.batch_size": 2, "train_dataloader.num_workers": 0,
-            "train_dataloader.persistent_workers": False, "val_dataloader.num_workers": 0,
-            "val_dataloader.persistent_workers": False, "test_dataloader.num_workers": 0,
-            "test_dataloader.persistent_workers": False, "train_cfg.max_iters": 2, "train_cfg.val_interval": 2,
-            "param_scheduler.0.end": 2, "default_hooks.checkpoint.interval": 2, "default_hooks.logger.interval": 1,
-            "randomness.seed": 0}
-    proc = run_cmd([sys.executable, STOCK_TRAIN, str(CONFIG_DIR / "rat_isic_single_256.py"), "--work-dir", str(work),
-                    "--cfg-options", *[f"{k}={v}" for k, v in opts.items()]],
-                   env={"RAT_DATASETS": str(isic_data)}, timeout=600)
+    opts = {
+        "model.backbone.feature_dims": 16,
+        "model.backbone.num_heads": 2,
+        "model.backbone.iters": 1,
+        "model.decode_head.in_channels": "[16,16,16,16]",
+        "model.decode_head.channels": 16,
+        "model.decode_head.pool_scales": "(1,2)",
+        "model.data_preprocessor.size": f"({SIZE},{SIZE})",
+        "train_dataloader.dataset.pipeline.2.scale": f"({SIZE},{SIZE})",
+        "val_dataloader.dataset.pipeline.1.scale": f"({SIZE},{SIZE})",
+        "test_dataloader.dataset.pipeline.1.scale": f"({SIZE},{SIZE})",
+        "train_dataloader.batch_size": 2,
+        "train_dataloader.num_workers": 0,
+        "train_dataloader.persistent_workers": False,
+        "val_dataloader.num_workers": 0,
+        "val_dataloader.persistent_workers": False,
+        "test_dataloader.num_workers": 0,
+        "test_dataloader.persistent_workers": False,
+        "train_cfg.max_iters": 2,
+        "train_cfg.val_interval": 2,
+        "param_scheduler.0.end": 2,
+        "default_hooks.checkpoint.interval": 2,
+        "default_hooks.logger.interval": 1,
+        "randomness.seed": 0,
+    }
+    proc = run_cmd(
+        [
+            sys.executable,
+            STOCK_TRAIN,
+            str(CONFIG_DIR / "rat_isic_single_256.py"),
+            "--work-dir",
+            str(work),
+            "--cfg-options",
+            *[f"{k}={v}" for k, v in opts.items()],
+        ],
+        env={"RAT_DATASETS": str(isic_data)},
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert "Iter(train) [2/2]" in out
     assert "lesion (dataset): Dice" in out and "Specificity" in out

@@ -6,11 +6,17 @@ from rat_plugins.data.roboflow import FILTERED_NAME, ORIGINAL_NAME, filter_robof
 
 
 def _export(tmp_path, annotations, images=None):
-    images = images or [dict(id=0, file_name="a.jpg", width=100, height=80),
-                        dict(id=1, file_name="b.jpg", width=100, height=80)]
-    data = dict(info={}, licenses=[], images=images, annotations=annotations,
-                categories=[dict(id=0, name="heads", supercategory="none"),
-                            dict(id=1, name="head", supercategory="heads")])
+    images = images or [
+        dict(id=0, file_name="a.jpg", width=100, height=80),
+        dict(id=1, file_name="b.jpg", width=100, height=80),
+    ]
+    data = dict(
+        info={},
+        licenses=[],
+        images=images,
+        annotations=annotations,
+        categories=[dict(id=0, name="heads", supercategory="none"), dict(id=1, name="head", supercategory="heads")],
+    )
     path = tmp_path / ORIGINAL_NAME
     path.write_text(json.dumps(data))
     return path
@@ -21,8 +27,16 @@ def _ann(i, bbox, image_id=0):
 
 
 def test_filter_drops_supercategory_and_invalid_boxes(tmp_path):
-    src = _export(tmp_path, [_ann(1, [10, 10, 20, 20]), _ann(2, [5, 5, 0, 10]), _ann(3, [90, 70, 30, 30]),
-                             _ann(4, [200, 200, 10, 10]), _ann(5, [1, 1, -3, 4])])
+    src = _export(
+        tmp_path,
+        [
+            _ann(1, [10, 10, 20, 20]),
+            _ann(2, [5, 5, 0, 10]),
+            _ann(3, [90, 70, 30, 30]),
+            _ann(4, [200, 200, 10, 10]),
+            _ann(5, [1, 1, -3, 4]),
+        ],
+    )
     before = src.read_bytes()
     stats = filter_roboflow_coco(src)
     assert src.read_bytes() == before  # the original is never edited

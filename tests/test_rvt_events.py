@@ -3,6 +3,7 @@
 Every test reads files written here in RVT's exact layout by the synthetic ``events`` generator
 (32x32 histograms, 12 representations, a label every 2nd).
 """
+
 import os
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ def _xyxy(rows):
 
 def _frame_rows(labels, starts, k):
     end = starts[k + 1] if k + 1 < len(starts) else len(labels)
-    return labels[starts[k]:end]
+    return labels[starts[k] : end]
 
 
 def test_discovers_sequences_and_one_clip_per_labelled_frame(events_root):
@@ -152,8 +153,9 @@ def test_full_resolution_file_keeps_sensor_pixels(events_root, tmp_path):
 def test_error_messages_name_the_file_and_the_fix(events_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"split folder .*nosuch.* does not exist.*synthetic events"):
         RVTEventClips(events_root, "nosuch", CLASSES)
-    with pytest.raises(FileNotFoundError,
-                       match=r"stacked_histogram_dt=25.*found .*stacked_histogram_dt=50.*set repr_name"):
+    with pytest.raises(
+        FileNotFoundError, match=r"stacked_histogram_dt=25.*found .*stacked_histogram_dt=50.*set repr_name"
+    ):
         RVTEventClips(events_root, "val", CLASSES, repr_name="stacked_histogram_dt=25_nbins=10")
     with pytest.raises(FileNotFoundError, match=r"event_representations\.h5.*downsample=True"):
         RVTEventClips(events_root, "val", CLASSES, downsample=False)
@@ -190,6 +192,7 @@ else:
 
 def test_blosc_files_read_with_hdf5plugin_and_say_so_without(events_root, tmp_path):
     import hdf5plugin
+
     root = tmp_path / "events"
     shutil.copytree(events_root / "val", root / "val")
     seq = sorted(p.name for p in (root / "val").iterdir())[0]
@@ -200,8 +203,13 @@ def test_blosc_files_read_with_hdf5plugin_and_say_so_without(events_root, tmp_pa
         f.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], **hdf5plugin.Blosc(cname="zstd"))
     clips = RVTEventClips(root, "val", CLASSES, sequence_length=2)
     assert np.array_equal(clips[0]["clip"][-1], data[clips[0]["repr_idx"]])
-    proc = subprocess.run([sys.executable, "-c", _BLOSC_CHECK, str(root)], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOSC_CHECK, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert "IMPORTERROR" in proc.stdout, proc.stdout + proc.stderr
     assert "blosc" in proc.stdout.lower() and "pip install hdf5plugin" in proc.stdout
 
@@ -211,8 +219,9 @@ def test_blosc_files_read_with_hdf5plugin_and_say_so_without(events_root, tmp_pa
 
 @pytest.fixture(scope="module")
 def mm():
-    import rat_plugins.mm  # noqa: F401  (registers RVTEventDataset, PackEventClip)
     from mmdet.registry import DATASETS, METRICS
+
+    import rat_plugins.mm  # noqa: F401  (registers RVTEventDataset, PackEventClip)
 
     return DATASETS, METRICS
 
@@ -225,8 +234,14 @@ def _build(DATASETS, cfg):
 
 
 def _dataset_cfg(root, split, **extra):
-    cfg = dict(type="RVTEventDataset", data_root=str(root), split=split, metainfo=dict(classes=CLASSES),
-               sequence_length=L, pipeline=[dict(type="PackEventClip")])
+    cfg = dict(
+        type="RVTEventDataset",
+        data_root=str(root),
+        split=split,
+        metainfo=dict(classes=CLASSES),
+        sequence_length=L,
+        pipeline=[dict(type="PackEventClip")],
+    )
     cfg.update(extra)
     return cfg
 
@@ -270,8 +285,9 @@ def test_mmdet_dataloader_workers_open_their_own_files(mm, events_root):
     def collate_in_worker(batch):  # runs in the worker, on the worker's copy of the dataset
         return pseudo_collate(batch), os.getpid(), ds.clips._owner_pid, len(ds.clips._handles)
 
-    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_in_worker, shuffle=False,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        ds, batch_size=2, num_workers=2, collate_fn=collate_in_worker, shuffle=False, multiprocessing_context="fork"
+    )
     seen, workers = 0, set()
     for batch, worker_pid, owner_pid, open_files in loader:
         assert worker_pid != os.getpid() and owner_pid == worker_pid and open_files >= 1
@@ -293,8 +309,9 @@ def _evaluate(mm, root, drop_class=None):
         sample = ds[i]["data_samples"]
         gt = sample.gt_instances
         keep = gt.labels != drop_class if drop_class is not None else torch.ones(len(gt), dtype=torch.bool)
-        sample.pred_instances = InstanceData(bboxes=gt.bboxes[keep], labels=gt.labels[keep],
-                                             scores=torch.ones(int(keep.sum())))
+        sample.pred_instances = InstanceData(
+            bboxes=gt.bboxes[keep], labels=gt.labels[keep], scores=torch.ones(int(keep.sum()))
+        )
         metric.process({}, [sample.to_dict()])
     return metric.evaluate(len(ds)), ds
 

@@ -1,6 +1,7 @@
 """RVT on mmdet: the recurrent YOLOX detector, the event-clip preprocessor, and both RVT configs
 training a few iterations on synthetic RVT-layout events under mmdet's stock tools/train.py and the
 project's."""
+
 import importlib.util
 import json
 import sys
@@ -20,9 +21,10 @@ PATCH2 = CONFIGS / "patch2_4scale_sizeaware_200k.py"
 
 @pytest.fixture
 def mmdet_scope():  # per test: conftest clears the default scope after every test
-    import rat_plugins.mm  # noqa: F401  (registers RecurrentYOLOX, EventClipDataPreprocessor)
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope
+
+    import rat_plugins.mm  # noqa: F401  (registers RecurrentYOLOX, EventClipDataPreprocessor)
 
     with DefaultScope.overwrite_default_scope("mmdet"):  # what default_scope='mmdet' in a config does
         yield MODELS
@@ -31,16 +33,25 @@ def mmdet_scope():  # per test: conftest clears the default scope after every te
 def _tiny_detector(MODELS, patch_size=2, partition_split=1, out_indices=(0, 1, 2, 3), preprocessor=None):
     from mmengine.config import ConfigDict
 
-    dims = [8 * 2 ** i for i in out_indices]
-    strides = [patch_size * 2 ** i for i in out_indices]
-    cfg = dict(type="RecurrentYOLOX",
-               data_preprocessor=preprocessor or dict(type="EventClipDataPreprocessor"),
-               backbone=dict(type="MaxViTRNN", variant="tiny", embed_dim=8, dim_head=8, patch_size=patch_size,
-                             partition_split=partition_split, out_indices=out_indices),
-               neck=dict(type="RVTPAFPN", in_channels=dims, depth=0.33, out_channels=8),
-               bbox_head=dict(type="YOLOXHead", num_classes=3, in_channels=8, feat_channels=8, strides=strides),
-               train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)),
-               test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)))
+    dims = [8 * 2**i for i in out_indices]
+    strides = [patch_size * 2**i for i in out_indices]
+    cfg = dict(
+        type="RecurrentYOLOX",
+        data_preprocessor=preprocessor or dict(type="EventClipDataPreprocessor"),
+        backbone=dict(
+            type="MaxViTRNN",
+            variant="tiny",
+            embed_dim=8,
+            dim_head=8,
+            patch_size=patch_size,
+            partition_split=partition_split,
+            out_indices=out_indices,
+        ),
+        neck=dict(type="RVTPAFPN", in_channels=dims, depth=0.33, out_channels=8),
+        bbox_head=dict(type="YOLOXHead", num_classes=3, in_channels=8, feat_channels=8, strides=strides),
+        train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)),
+        test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)),
+    )
     torch.manual_seed(0)
     return MODELS.build(ConfigDict(cfg)).eval()  # a ConfigDict, as the Runner passes (heads read cfg.score_thr)
 
@@ -75,7 +86,7 @@ def test_clip_forward_equals_step_by_step_backbone(mmdet_scope):
         for b, (_, _, steps) in enumerate(CLIP_CASES):
             states = None
             for t in steps:
-                feats, states = net(clip[b:b + 1, t], states)
+                feats, states = net(clip[b : b + 1, t], states)
             expected.append(feats)
         assert det.backbone.out_features == ("stage1", "stage2", "stage3", "stage4")
         want = tuple(torch.cat([e[name] for e in expected]) for name in det.backbone.out_features)
@@ -118,12 +129,15 @@ def test_detector_runs_loss_and_predict_on_packed_clips(mmdet_scope):
 
 def test_preprocessor_pads_to_backbone_multiple_and_keeps_counts(mmdet_scope):
     torch.manual_seed(2)
-    clips = [torch.randint(0, 256, (3, 20, 40, 50), dtype=torch.uint8),
-             torch.randint(0, 256, (3, 20, 36, 70), dtype=torch.uint8)]
+    clips = [
+        torch.randint(0, 256, (3, 20, 40, 50), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 20, 36, 70), dtype=torch.uint8),
+    ]
     clips[0][0, 0, 0, 0] = 255  # a count no normalisation could leave unchanged
     for patch, split, multiple in [(4, 2, 64), (2, 2, 32), (2, 1, 16)]:
-        det = _tiny_detector(mmdet_scope, patch_size=patch, partition_split=split,
-                             out_indices=(1, 2, 3) if patch == 4 else (0, 1, 2, 3))
+        det = _tiny_detector(
+            mmdet_scope, patch_size=patch, partition_split=split, out_indices=(1, 2, 3) if patch == 4 else (0, 1, 2, 3)
+        )
         assert det.data_preprocessor.pad_size_divisor == det.backbone.net.pad_multiple == multiple
         samples = [_sample([True] * 3, [True, False, False]) for _ in clips]
         out = det.data_preprocessor(dict(inputs=clips, data_samples=samples), False)
@@ -152,7 +166,12 @@ def test_configs_load_with_the_experiment_values():
     assert exp.model.neck.in_channels == [64, 128, 256, 512] and exp.model.bbox_head.strides == (2, 4, 8, 16)
     head = exp.model.bbox_head
     assert (head.type, head.size_aware_weight, head.small_threshold, head.medium_threshold, head.weight_type) == (
-        "SizeAwareYOLOXHead", 2.0, 1024, 9216, "exponential")
+        "SizeAwareYOLOXHead",
+        2.0,
+        1024,
+        9216,
+        "exponential",
+    )
     assert base.train_cfg.max_iters == base.param_scheduler[0].end == 100_000
     assert exp.train_cfg.max_iters == exp.param_scheduler[0].end == 200_000
     assert (exp.train_dataloader.batch_size, exp.val_dataloader.batch_size) == (2, 2)
@@ -162,7 +181,6 @@ def test_configs_load_with_the_experiment_values():
         assert cfg.param_scheduler[0].eta_max == 3.46e-4
         assert cfg.val_evaluator.ann_file is None and cfg.val_evaluator.classwise
         assert len(cfg.classes) == cfg.model.bbox_head.num_classes == 8
-
 
 
 def test_schedule_is_rvts_one_cycle():
@@ -186,6 +204,7 @@ def test_schedule_is_rvts_one_cycle():
     mid = (peak + total - 1) // 2  # linear annealing: halfway down at the middle of the second phase
     assert lrs[mid] == pytest.approx((peak_lr + peak_lr / 10000) / 2, rel=1e-3)
 
+
 def stock_mmdet_train() -> Path:
     root = Path(importlib.util.find_spec("mmdet").submodule_search_locations[0])
     path = root / ".mim" / "tools" / "train.py"
@@ -194,26 +213,47 @@ def stock_mmdet_train() -> Path:
 
 
 def _tiny_options(out_indices):
-    dims = "[" + ",".join(str(8 * 2 ** i) for i in out_indices) + "]"
+    dims = "[" + ",".join(str(8 * 2**i) for i in out_indices) + "]"
     loaders = ["train_dataloader", "val_dataloader", "test_dataloader"]
-    return ["model.backbone.embed_dim=8", "model.backbone.dim_head=8", f"model.neck.in_channels={dims}",
-            "model.neck.depth=0.33", "model.neck.out_channels=8", "model.bbox_head.in_channels=8",
-            "model.bbox_head.feat_channels=8",
-            # after two steps no score passes RVT's 0.1 threshold and CocoMetric would have nothing
-            "model.test_cfg.score_thr=0.0",
-            *[f"{d}.num_workers=0" for d in loaders], *[f"{d}.dataset.sequence_length=3" for d in loaders],
-            "train_cfg.max_iters=2", "train_cfg.val_interval=2", "param_scheduler.0.end=2",
-            "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    return [
+        "model.backbone.embed_dim=8",
+        "model.backbone.dim_head=8",
+        f"model.neck.in_channels={dims}",
+        "model.neck.depth=0.33",
+        "model.neck.out_channels=8",
+        "model.bbox_head.in_channels=8",
+        "model.bbox_head.feat_channels=8",
+        # after two steps no score passes RVT's 0.1 threshold and CocoMetric would have nothing
+        "model.test_cfg.score_thr=0.0",
+        *[f"{d}.num_workers=0" for d in loaders],
+        *[f"{d}.dataset.sequence_length=3" for d in loaders],
+        "train_cfg.max_iters=2",
+        "train_cfg.val_interval=2",
+        "param_scheduler.0.end=2",
+        "default_hooks.checkpoint.interval=2",
+        "default_hooks.logger.interval=1",
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["stock", "project"])
-@pytest.mark.parametrize("config, out_indices", [(BASELINE, (1, 2, 3)), (PATCH2, (0, 1, 2, 3))],
-                         ids=["baseline", "patch2_4scale_sizeaware"])
+@pytest.mark.parametrize(
+    "config, out_indices", [(BASELINE, (1, 2, 3)), (PATCH2, (0, 1, 2, 3))], ids=["baseline", "patch2_4scale_sizeaware"]
+)
 def test_rvt_config_trains_and_validates(events_data, tmp_path, tool, config, out_indices):
     script = stock_mmdet_train() if tool == "stock" else REPO / "tools/train.py"
-    run_cmd([sys.executable, str(script), str(config), "--work-dir", str(tmp_path),
-             "--cfg-options", *_tiny_options(out_indices)], env={"RAT_DATASETS": str(events_data)})
+    run_cmd(
+        [
+            sys.executable,
+            str(script),
+            str(config),
+            "--work-dir",
+            str(tmp_path),
+            "--cfg-options",
+            *_tiny_options(out_indices),
+        ],
+        env={"RAT_DATASETS": str(events_data)},
+    )
     assert (tmp_path / "iter_2.pth").is_file()
     records = [json.loads(s) for s in next(tmp_path.glob("*/vis_data/scalars.json")).read_text().splitlines()]
     train = [r for r in records if "loss" in r]

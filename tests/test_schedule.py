@@ -3,8 +3,9 @@ import pytest
 from rat_plugins.engine.schedule import epoch_schedule
 
 
-@pytest.mark.parametrize("batch, epochs, expected", [(8, 100, 15900), (16, 100, 8000), (32, 100, 4000),
-                                                     (8, 150, 23850), (8, 200, 31800)])
+@pytest.mark.parametrize(
+    "batch, epochs, expected", [(8, 100, 15900), (16, 100, 8000), (32, 100, 4000), (8, 150, 23850), (8, 200, 31800)]
+)
 def test_ofat_iteration_counts(batch, epochs, expected):
     sched = epoch_schedule(1271, batch, epochs)
     assert sched.max_iter == expected
@@ -32,8 +33,9 @@ def _schedule_config(batch):
 
     from rat_plugins.detectron2.schedule import multistep_with_warmup
 
-    cfg = OmegaConf.create(dict(train=dict(checkpointer=dict(period=0)),
-                                dataloader=dict(train=dict(total_batch_size=batch))))
+    cfg = OmegaConf.create(
+        dict(train=dict(checkpointer=dict(period=0)), dataloader=dict(train=dict(total_batch_size=batch)))
+    )
     return cfg.train, multistep_with_warmup(), cfg.dataloader
 
 

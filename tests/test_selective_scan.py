@@ -1,4 +1,5 @@
 """rat_plugins.models.ops.selective_scan against a plain sequential reference kept in this file."""
+
 import random
 import warnings
 
@@ -79,15 +80,35 @@ def run(fn, inputs, cfg, weights):
 
 
 def ref_fn(x, softplus, last):
-    return reference_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                          delta_bias=x["delta_bias"], delta_softplus=softplus)
+    return reference_scan(
+        x["u"],
+        x["delta"],
+        x["A"],
+        x["B"],
+        x["C"],
+        D=x["D"],
+        z=x["z"],
+        delta_bias=x["delta_bias"],
+        delta_softplus=softplus,
+    )
 
 
 def project_fn(backend, chunk):
     def fn(x, softplus, last):
-        out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                             delta_bias=x["delta_bias"], delta_softplus=softplus, return_last_state=last,
-                             backend=backend, chunk_size=chunk)
+        out = selective_scan(
+            x["u"],
+            x["delta"],
+            x["A"],
+            x["B"],
+            x["C"],
+            D=x["D"],
+            z=x["z"],
+            delta_bias=x["delta_bias"],
+            delta_softplus=softplus,
+            return_last_state=last,
+            backend=backend,
+            chunk_size=chunk,
+        )
         return out if last else (out, None)
 
     return fn
@@ -102,8 +123,10 @@ def reference_results(L, cfg):
         x64 = make_inputs(L, cfg, torch.float64)
         g = torch.Generator().manual_seed(123 + L)
         batch, dim, state = x64["u"].shape[0], x64["u"].shape[1], x64["A"].shape[1]
-        weights = (torch.randn(batch, dim, L, generator=g, dtype=torch.float64),
-                   torch.randn(batch, dim, state, generator=g, dtype=torch.float64))
+        weights = (
+            torch.randn(batch, dim, L, generator=g, dtype=torch.float64),
+            torch.randn(batch, dim, state, generator=g, dtype=torch.float64),
+        )
         _REF_CACHE[key] = (weights, run(ref_fn, x64, cfg, weights))
     return _REF_CACHE[key]
 
@@ -116,8 +139,9 @@ def assert_close(actual, expected, what, rtol=1e-5):
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     err = (actual.double() - expected).abs()
     bound = atol + rtol * expected.abs()
-    assert bool((err <= bound).all()), (f"{what}: max excess {(err - bound).max().item():.3g}, "
-                                        f"max err {err.max().item():.3g}")
+    assert bool((err <= bound).all()), (
+        f"{what}: max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
+    )
 
 
 def cpu_backends():
@@ -177,8 +201,18 @@ def test_cpp_gradcheck():
 
     def f(*args):
         kw = dict(zip(names, args))
-        y, s = selective_scan(kw.pop("u"), kw.pop("delta"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
-                              delta_softplus=True, return_last_state=True, backend="cpp", chunk_size=4)
+        y, s = selective_scan(
+            kw.pop("u"),
+            kw.pop("delta"),
+            kw.pop("A"),
+            kw.pop("B"),
+            kw.pop("C"),
+            **kw,
+            delta_softplus=True,
+            return_last_state=True,
+            backend="cpp",
+            chunk_size=4,
+        )
         return y, s
 
     assert torch.autograd.gradcheck(f, leaves, atol=1e-7, rtol=1e-6)
@@ -198,9 +232,16 @@ def test_cpp_inference_path_matches_reference(cfg, state, L):
     bc = (batch, groups, state, L) if groups else (batch, state, L)
     # without softplus, delta must be >= 0 itself (else exp(delta A) > 1 and the states overflow)
     delta = r(batch, dim, L) * 0.5 - 1 if softplus else r(batch, dim, L).abs() * 0.3
-    x = {"u": r(batch, dim, L), "delta": delta, "A": -torch.exp(r(dim, state) * 0.5),
-         "B": r(*bc), "C": r(*bc), "D": r(dim) if use_D else None, "z": r(batch, dim, L) if use_z else None,
-         "delta_bias": r(dim) * 0.3 if use_bias else None}
+    x = {
+        "u": r(batch, dim, L),
+        "delta": delta,
+        "A": -torch.exp(r(dim, state) * 0.5),
+        "B": r(*bc),
+        "C": r(*bc),
+        "D": r(dim) if use_D else None,
+        "z": r(batch, dim, L) if use_z else None,
+        "delta_bias": r(dim) * 0.3 if use_bias else None,
+    }
     y_ref, s_ref = ref_fn(x, softplus, True)
     for dtype in (torch.float32, torch.float64):
         xt = {k: (v.to(dtype) if v is not None else None) for k, v in x.items()}
@@ -221,8 +262,16 @@ def test_cpp_inference_softplus_over_its_whole_range():
     bias = torch.tensor([0.0, 0.5, -0.25])
     ones = torch.ones(1, state, L)
     with torch.inference_mode():
-        y = selective_scan(torch.ones(1, dim, L), delta, torch.full((dim, state), -1e30), ones, ones / state,
-                           delta_bias=bias, delta_softplus=True, backend="cpp")
+        y = selective_scan(
+            torch.ones(1, dim, L),
+            delta,
+            torch.full((dim, state), -1e30),
+            ones,
+            ones / state,
+            delta_bias=bias,
+            delta_softplus=True,
+            backend="cpp",
+        )
     want = F.softplus((delta + bias[:, None]).double())
     torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=0)
 
@@ -231,11 +280,22 @@ def test_output_dtype_and_inference_mode():
     x = make_inputs(20, "gated_softplus")
     for backend in cpu_backends():
         with torch.inference_mode():
-            y = selective_scan(x["u"].bfloat16(), x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                               x["delta_bias"], True, backend=backend)
+            y = selective_scan(
+                x["u"].bfloat16(),
+                x["delta"],
+                x["A"],
+                x["B"],
+                x["C"],
+                x["D"],
+                x["z"],
+                x["delta_bias"],
+                True,
+                backend=backend,
+            )
         assert y.dtype == torch.bfloat16 and y.shape == x["u"].shape
-        y32 = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
-                             backend=backend)
+        y32 = selective_scan(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, backend=backend
+        )
         assert y32.grad_fn is None
 
 
@@ -276,8 +336,11 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
-    y_ref, _ = reference_scan(*(x[k].double() for k in ("u", "delta", "A", "B", "C", "D", "z")),
-                              delta_bias=x["delta_bias"].double(), delta_softplus=True)
+    y_ref, _ = reference_scan(
+        *(x[k].double() for k in ("u", "delta", "A", "B", "C", "D", "z")),
+        delta_bias=x["delta_bias"].double(),
+        delta_softplus=True,
+    )
     assert_close(y, y_ref, "fallback y")
     monkeypatch.setenv(ss.BACKEND_ENV, "cpp")
     with pytest.raises(RuntimeError, match="could not be built"):

@@ -1,4 +1,5 @@
 """SETR-MLA on mmseg: configs, the frozen encoder, timm weights, training through the stock and project tools."""
+
 import glob
 import importlib.util
 import json
@@ -11,36 +12,49 @@ import time
 
 import pytest
 import torch
-from _helpers import REPO, run_cmd
 
 import rat_plugins.mm  # noqa: F401  (registers FrozenVisionTransformer, VesselMetric)
-from rat_plugins.data.synthetic import make_fundus
 from rat_plugins.mm.setr import FrozenVisionTransformer
+
+from _helpers import REPO, run_cmd
 
 CONFIG_DIR = REPO / "projects" / "SETR" / "configs"
 FROZEN = CONFIG_DIR / "setr_vit-b16_mla_frozen_fundus.py"
 SMALL = CONFIG_DIR / "setr_vit-s16_mla_fundus.py"
 EXPERIMENTS = sorted(p for p in CONFIG_DIR.glob("*.py"))
-STOCK_TRAIN = os.path.join(importlib.util.find_spec("mmseg").submodule_search_locations[0], ".mim", "tools",
-                           "train.py")
+STOCK_TRAIN = os.path.join(importlib.util.find_spec("mmseg").submodule_search_locations[0], ".mim", "tools", "train.py")
 EMBED, LAYERS, SIZE = 64, 4, 32
 
 # A tiny version of the configs, as --cfg-options: 4-layer ViT 64 wide on 32x32 crops, 4 iterations.
 TINY = {
-    "model.backbone.embed_dims": EMBED, "model.backbone.num_layers": LAYERS, "model.backbone.num_heads": 2,
-    "model.backbone.out_indices": (0, 1, 2, 3), "model.backbone.img_size": (SIZE, SIZE),
-    "model.neck.in_channels": [EMBED] * 4, "model.neck.out_channels": 16,
-    "model.decode_head.in_channels": (16, 16, 16, 16), "model.decode_head.channels": 32,
-    "model.decode_head.mla_channels": 8, "model.data_preprocessor.size": (SIZE, SIZE),
+    "model.backbone.embed_dims": EMBED,
+    "model.backbone.num_layers": LAYERS,
+    "model.backbone.num_heads": 2,
+    "model.backbone.out_indices": (0, 1, 2, 3),
+    "model.backbone.img_size": (SIZE, SIZE),
+    "model.neck.in_channels": [EMBED] * 4,
+    "model.neck.out_channels": 16,
+    "model.decode_head.in_channels": (16, 16, 16, 16),
+    "model.decode_head.channels": 32,
+    "model.decode_head.mla_channels": 8,
+    "model.data_preprocessor.size": (SIZE, SIZE),
     "train_dataloader.dataset.pipeline.2.scale": (SIZE, SIZE),
     "train_dataloader.dataset.pipeline.3.crop_size": (SIZE, SIZE),
-    "val_dataloader.dataset.pipeline.1.scale": (SIZE, SIZE), "test_dataloader.dataset.pipeline.1.scale": (SIZE, SIZE),
-    "train_dataloader.batch_size": 2, "train_dataloader.num_workers": 0,
-    "train_dataloader.persistent_workers": False, "val_dataloader.num_workers": 0,
-    "val_dataloader.persistent_workers": False, "test_dataloader.num_workers": 0,
+    "val_dataloader.dataset.pipeline.1.scale": (SIZE, SIZE),
+    "test_dataloader.dataset.pipeline.1.scale": (SIZE, SIZE),
+    "train_dataloader.batch_size": 2,
+    "train_dataloader.num_workers": 0,
+    "train_dataloader.persistent_workers": False,
+    "val_dataloader.num_workers": 0,
+    "val_dataloader.persistent_workers": False,
+    "test_dataloader.num_workers": 0,
     "test_dataloader.persistent_workers": False,
-    "train_cfg.max_iters": 4, "train_cfg.val_interval": 4, "param_scheduler.0.end": 4,
-    "default_hooks.checkpoint.interval": 2, "default_hooks.logger.interval": 1, "randomness.seed": 0,
+    "train_cfg.max_iters": 4,
+    "train_cfg.val_interval": 4,
+    "param_scheduler.0.end": 4,
+    "default_hooks.checkpoint.interval": 2,
+    "default_hooks.logger.interval": 1,
+    "randomness.seed": 0,
 }
 
 
@@ -64,26 +78,51 @@ def tiny_timm_file(path, embed=EMBED, layers=LAYERS, grid=14, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: 0.05 * torch.randn(*s, generator=g)  # noqa: E731
-    sd = {"cls_token": r(1, 1, embed), "pos_embed": r(1, grid * grid + 1, embed),
-          "patch_embed.proj.weight": r(embed, 3, 16, 16), "patch_embed.proj.bias": r(embed),
-          "norm.weight": 1 + r(embed), "norm.bias": r(embed), "mask_token": r(1, 1, embed),
-          "decoder_embed.weight": r(16, embed)}
+    sd = {
+        "cls_token": r(1, 1, embed),
+        "pos_embed": r(1, grid * grid + 1, embed),
+        "patch_embed.proj.weight": r(embed, 3, 16, 16),
+        "patch_embed.proj.bias": r(embed),
+        "norm.weight": 1 + r(embed),
+        "norm.bias": r(embed),
+        "mask_token": r(1, 1, embed),
+        "decoder_embed.weight": r(16, embed),
+    }
     for i in range(layers):
         p = f"blocks.{i}."
-        sd.update({p + "norm1.weight": 1 + r(embed), p + "norm1.bias": r(embed),
-                   p + "attn.qkv.weight": r(3 * embed, embed), p + "attn.qkv.bias": r(3 * embed),
-                   p + "attn.proj.weight": r(embed, embed), p + "attn.proj.bias": r(embed),
-                   p + "norm2.weight": 1 + r(embed), p + "norm2.bias": r(embed),
-                   p + "mlp.fc1.weight": r(4 * embed, embed), p + "mlp.fc1.bias": r(4 * embed),
-                   p + "mlp.fc2.weight": r(embed, 4 * embed), p + "mlp.fc2.bias": r(embed)})
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(embed),
+                p + "norm1.bias": r(embed),
+                p + "attn.qkv.weight": r(3 * embed, embed),
+                p + "attn.qkv.bias": r(3 * embed),
+                p + "attn.proj.weight": r(embed, embed),
+                p + "attn.proj.bias": r(embed),
+                p + "norm2.weight": 1 + r(embed),
+                p + "norm2.bias": r(embed),
+                p + "mlp.fc1.weight": r(4 * embed, embed),
+                p + "mlp.fc1.bias": r(4 * embed),
+                p + "mlp.fc2.weight": r(embed, 4 * embed),
+                p + "mlp.fc2.bias": r(embed),
+            }
+        )
     torch.save({"model": sd, "epoch": 1, "args": argparse.Namespace(model="vit_tiny")}, path)
     return sd
 
 
 def tiny_backbone(**kw):
-    args = dict(img_size=(SIZE, SIZE), patch_size=16, embed_dims=EMBED, num_layers=LAYERS, num_heads=2,
-                out_indices=(0, 1, 2, 3), qkv_bias=True, patch_bias=True, final_norm=True,
-                norm_cfg=dict(type="LN", eps=1e-6))
+    args = dict(
+        img_size=(SIZE, SIZE),
+        patch_size=16,
+        embed_dims=EMBED,
+        num_layers=LAYERS,
+        num_heads=2,
+        out_indices=(0, 1, 2, 3),
+        qkv_bias=True,
+        patch_bias=True,
+        final_norm=True,
+        norm_cfg=dict(type="LN", eps=1e-6),
+    )
     args.update(kw)
     return FrozenVisionTransformer(**args)
 
@@ -204,8 +243,9 @@ def test_frozen_parameters_get_no_update_and_no_optimizer_state(timm_file):
             s.gt_sem_seg = PixelData(data=torch.randint(0, 2, (1, SIZE, SIZE)))
             s.set_metainfo(dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE), pad_shape=(SIZE, SIZE)))
             samples.append(s)
-        data = dict(inputs=[torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8) for _ in range(2)],
-                    data_samples=samples)
+        data = dict(
+            inputs=[torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8) for _ in range(2)], data_samples=samples
+        )
         model.train_step(data, optim)
     after = model.state_dict()
     enc = [k for k in after if k.startswith("backbone.")]
@@ -224,7 +264,7 @@ def test_frozen_parameters_get_no_update_and_no_optimizer_state(timm_file):
 
 def _only_ckpt_backbone(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt, {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    return ckpt, {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
 
 
 @pytest.mark.slow
@@ -233,9 +273,18 @@ def test_stock_mmseg_train_tool_frozen_config(tmp_path, fundus_data, timm_file):
     from rat_plugins.models.vit_convert import convert_timm_vit_to_mmseg
 
     work = tmp_path / "work"
-    run_cmd([sys.executable, STOCK_TRAIN, str(FROZEN), "--work-dir", str(work),
-             *cfg_options(model__backbone__pretrained_timm=str(timm_file[0]))],
-            env={"RAT_DATASETS": str(fundus_data)}, timeout=600)
+    run_cmd(
+        [
+            sys.executable,
+            STOCK_TRAIN,
+            str(FROZEN),
+            "--work-dir",
+            str(work),
+            *cfg_options(model__backbone__pretrained_timm=str(timm_file[0])),
+        ],
+        env={"RAT_DATASETS": str(fundus_data)},
+        timeout=600,
+    )
     assert (work / "iter_2.pth").is_file() and (work / "iter_4.pth").is_file()
     assert glob.glob(str(work / "best_Dice_iter_4.pth"))
     ref, _ = convert_timm_vit_to_mmseg(timm_file[1], num_layers=LAYERS, embed_dims=EMBED, grid_hw=(2, 2))
@@ -268,8 +317,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fundus_data):
     work = tmp_path / "work"
     env = {**os.environ, "RAT_DATASETS": str(fundus_data), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(REPO / "tools/train.py"), str(SMALL), "--work-dir", str(work)]
-    run = subprocess.Popen(args + cfg_options(train_cfg__max_iters=10000, train_cfg__val_interval=10000),
-                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        args + cfg_options(train_cfg__max_iters=10000, train_cfg__val_interval=10000),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 600
         while not (work / "last_checkpoint").is_file() and time.time() < deadline and run.poll() is None:
@@ -279,8 +333,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fundus_data):
         run.kill()
         run.wait()
     last = int(re.search(r"iter_(\d+)\.pth", (work / "last_checkpoint").read_text()).group(1))
-    proc = run_cmd(args + ["--resume"] + cfg_options(train_cfg__max_iters=last + 2, train_cfg__val_interval=last + 2),
-                   env={"RAT_DATASETS": str(fundus_data)}, timeout=600)
+    proc = run_cmd(
+        args + ["--resume"] + cfg_options(train_cfg__max_iters=last + 2, train_cfg__val_interval=last + 2),
+        env={"RAT_DATASETS": str(fundus_data)},
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert f"resumed epoch: 0, iter: {last}" in out
     # mmengine pads the iteration to the width of max_iters: "[ 9/10]"
@@ -289,15 +346,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, fundus_data):
     ckpt = torch.load(work / f"iter_{last + 2}.pth", map_location="cpu", weights_only=False)
     assert ckpt["meta"]["iter"] == last + 2
     assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in ckpt["state_dict"]) - sum(
-        1 for k in ckpt["state_dict"] if "running_" in k or "num_batches" in k)
+        1 for k in ckpt["state_dict"] if "running_" in k or "num_batches" in k
+    )
 
 
 @pytest.mark.slow
 def test_dist_train_two_cpu_processes(tmp_path, fundus_data):
     work = tmp_path / "work"
-    proc = run_cmd(["bash", str(REPO / "tools/dist_train.sh"), str(SMALL), "2", "--work-dir", str(work),
-                    *cfg_options(train_cfg__max_iters=2, train_cfg__val_interval=2)],
-                   env={"RAT_DATASETS": str(fundus_data), "PORT": str(_free_port())}, timeout=600)
+    proc = run_cmd(
+        [
+            "bash",
+            str(REPO / "tools/dist_train.sh"),
+            str(SMALL),
+            "2",
+            "--work-dir",
+            str(work),
+            *cfg_options(train_cfg__max_iters=2, train_cfg__val_interval=2),
+        ],
+        env={"RAT_DATASETS": str(fundus_data), "PORT": str(_free_port())},
+        timeout=600,
+    )
     log = open(glob.glob(str(work / "*" / "*.log"))[0]).read()
     assert "Distributed training: True" in log and "backend='gloo'" in log
     assert "Iter(train) [2/2]" in log + proc.stdout
@@ -306,17 +374,26 @@ def test_dist_train_two_cpu_processes(tmp_path, fundus_data):
 
 def test_check_config_reports_what_is_missing(tmp_path, fundus_data, timm_file):
     tool = str(REPO / "tools/check_config.py")
-    proc = run_cmd([sys.executable, tool, str(FROZEN), *cfg_options(
-        model__backbone__pretrained_timm=str(tmp_path / "absent.pth"))],
-        env={"RAT_DATASETS": str(tmp_path / "nothing")}, check=False)
+    proc = run_cmd(
+        [
+            sys.executable,
+            tool,
+            str(FROZEN),
+            *cfg_options(model__backbone__pretrained_timm=str(tmp_path / "absent.pth")),
+        ],
+        env={"RAT_DATASETS": str(tmp_path / "nothing")},
+        check=False,
+    )
     missing = [ln for ln in proc.stdout.splitlines() if ln.startswith("MISSING:")]
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert any("absent.pth" in ln and "model.backbone.pretrained_timm" in ln for ln in missing)
     assert sum("data:" in ln for ln in missing) == 4  # {train, val (= test)} x {images, annotations}
     assert "forward: input 1x3x32x32 -> logits 1x2x8x8 (decode head stride 4)" in proc.stdout
 
-    proc = run_cmd([sys.executable, tool, str(FROZEN), *cfg_options(
-        model__backbone__pretrained_timm=str(timm_file[0]))], env={"RAT_DATASETS": str(fundus_data)})
+    proc = run_cmd(
+        [sys.executable, tool, str(FROZEN), *cfg_options(model__backbone__pretrained_timm=str(timm_file[0]))],
+        env={"RAT_DATASETS": str(fundus_data)},
+    )
     assert "result: ok" in proc.stdout and "MISSING" not in proc.stdout
     n_bb = sum(p.numel() for p in tiny_backbone().parameters())
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("parameters:"))

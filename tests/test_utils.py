@@ -1,5 +1,6 @@
 """The shared helpers: atomic writes, the weights-only checkpoint reader, config-key errors and the
 multi-scale feature contract."""
+
 import argparse
 import errno
 import json
@@ -10,7 +11,13 @@ import torch
 
 from rat_plugins.models.features import FeatureInfo, resolve_out_features, select_features
 from rat_plugins.utils import atomic
-from rat_plugins.utils.atomic import DiskFullError, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from rat_plugins.utils.atomic import (
+    DiskFullError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from rat_plugins.utils.checkpoint_io import find_state_dict, read_checkpoint
 from rat_plugins.utils.config_keys import ConfigError, config_keys, did_you_mean, unknown_key_error
 
@@ -107,8 +114,9 @@ def test_config_keys_and_did_you_mean():
     assert did_you_mean("zzz", keys) == ""
     err = unknown_key_error("train.max_itr", keys, "override", fix="prefix with '+' to add it")
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
-    assert str(err) == ("override key 'train.max_itr' is not in the config. Did you mean train.max_iter? "
-                        "prefix with '+' to add it")
+    assert str(err) == (
+        "override key 'train.max_itr' is not in the config. Did you mean train.max_iter? prefix with '+' to add it"
+    )
 
 
 # -- the feature contract ----------------------------------------------------------------------

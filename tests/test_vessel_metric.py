@@ -1,4 +1,5 @@
 """VesselMetric (rat_plugins.mm.metrics) against hand-computed values, empty cases included."""
+
 import math
 
 import pytest
@@ -35,16 +36,19 @@ def test_hand_computed_values():
     assert m["aAcc"] == pytest.approx(100 * 5 / 7, abs=0.01)
 
 
-@pytest.mark.parametrize("pred,gt,expect", [
-    # empty prediction, empty ground truth: nothing to find, nothing found -> perfect
-    ([[0, 0], [0, 0]], [[0, 0], [0, 0]], dict(Dice=100, IoU=100, Accuracy=100, Sensitivity=100, Specificity=100)),
-    # empty prediction, two vessel pixels: everything missed
-    ([[0, 0], [0, 0]], [[1, 1], [0, 0]], dict(Dice=0, IoU=0, Accuracy=50, Sensitivity=0, Specificity=100)),
-    # one false positive on an empty ground truth: no vessel to miss, sensitivity 1
-    ([[1, 0], [0, 0]], [[0, 0], [0, 0]], dict(Dice=0, IoU=0, Accuracy=75, Sensitivity=100, Specificity=75)),
-    # every pixel vessel and found: no background -> specificity by the 0/0 rule
-    ([[1, 1], [1, 1]], [[1, 1], [1, 1]], dict(Dice=100, IoU=100, Accuracy=100, Sensitivity=100, Specificity=100)),
-])
+@pytest.mark.parametrize(
+    "pred,gt,expect",
+    [
+        # empty prediction, empty ground truth: nothing to find, nothing found -> perfect
+        ([[0, 0], [0, 0]], [[0, 0], [0, 0]], dict(Dice=100, IoU=100, Accuracy=100, Sensitivity=100, Specificity=100)),
+        # empty prediction, two vessel pixels: everything missed
+        ([[0, 0], [0, 0]], [[1, 1], [0, 0]], dict(Dice=0, IoU=0, Accuracy=50, Sensitivity=0, Specificity=100)),
+        # one false positive on an empty ground truth: no vessel to miss, sensitivity 1
+        ([[1, 0], [0, 0]], [[0, 0], [0, 0]], dict(Dice=0, IoU=0, Accuracy=75, Sensitivity=100, Specificity=75)),
+        # every pixel vessel and found: no background -> specificity by the 0/0 rule
+        ([[1, 1], [1, 1]], [[1, 1], [1, 1]], dict(Dice=100, IoU=100, Accuracy=100, Sensitivity=100, Specificity=100)),
+    ],
+)
 def test_empty_cases(pred, gt, expect):
     m = _evaluate([(pred, gt)])
     for k, v in expect.items():

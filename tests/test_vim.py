@@ -1,6 +1,7 @@
 """ViM (rat_plugins.models.vim) against a step-by-step reference written from docs/formats.md
 ("ViM checkpoints"): the official key layout, DeiT-style checkpoint loading, any-size inputs,
 freezing, the feature contract, the fused CPU mixer."""
+
 import argparse
 import logging
 import math
@@ -44,7 +45,7 @@ def ref_patchify(img, w, b, p):
     toks = []
     for r in range(H // p):
         for c in range(W // p):
-            patch = img[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+            patch = img[:, r * p : (r + 1) * p, c * p : (c + 1) * p].reshape(-1)
             toks.append(w.reshape(w.shape[0], -1) @ patch + b)
     return torch.stack(toks)
 
@@ -78,7 +79,7 @@ def ref_direction(x, z, p, sfx):
     dbl = u @ p[f"x_proj{sfx}.weight"].T
     R = p[f"dt_proj{sfx}.weight"].shape[1]
     N = (dbl.shape[1] - R) // 2
-    dt, B, C = dbl[:, :R], dbl[:, R:R + N], dbl[:, R + N:]
+    dt, B, C = dbl[:, :R], dbl[:, R : R + N], dbl[:, R + N :]
     delta = F.softplus(dt @ p[f"dt_proj{sfx}.weight"].T + p[f"dt_proj{sfx}.bias"])
     A = -torch.exp(p["A_log" if not sfx else "A_b_log"])
     D = p[f"D{sfx}"]
@@ -108,7 +109,7 @@ def ref_layers(x, sd, depth, rope=None):
                 residual = rope(residual)
         residual = hidden if residual is None else residual + hidden
         pre = f"layers.{i}."
-        p = {k[len(pre) + len("mixer."):]: v for k, v in sd.items() if k.startswith(pre + "mixer.")}
+        p = {k[len(pre) + len("mixer.") :]: v for k, v in sd.items() if k.startswith(pre + "mixer.")}
         hidden = ref_mixer(ref_rmsnorm(residual, sd[pre + "norm.weight"]), p)
     return hidden, residual
 
@@ -117,7 +118,7 @@ def ref_vim_classifier(img, sd, depth, p, rope_pt=None):
     """Middle cls token classification model: logits of one image [3, H, W]."""
     toks = ref_patchify(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], p)
     M = toks.shape[0]
-    x = torch.cat([toks[: M // 2], sd["cls_token"][0], toks[M // 2:]]) + sd["pos_embed"][0]
+    x = torch.cat([toks[: M // 2], sd["cls_token"][0], toks[M // 2 :]]) + sd["pos_embed"][0]
     rows, cols = img.shape[1] // p, img.shape[2] // p
     rope = None
     if rope_pt is not None:  # odd sequence (cls + even grid): token 0 is skipped, as officially
@@ -168,8 +169,16 @@ def as64(model):
 
 
 def tiny_vim(**kw):
-    cfg = dict(img_size=32, patch_size=PATCH, stride=PATCH, depth=DEPTH, embed_dim=E, d_state=STATE,
-               num_classes=5, drop_path_rate=0.0)
+    cfg = dict(
+        img_size=32,
+        patch_size=PATCH,
+        stride=PATCH,
+        depth=DEPTH,
+        embed_dim=E,
+        d_state=STATE,
+        num_classes=5,
+        drop_path_rate=0.0,
+    )
     cfg.update(kw)
     return randomize_(VisionMamba(**cfg)).eval()
 
@@ -210,8 +219,13 @@ def test_backbone_matches_step_by_step_reference_non_square(last):
 
 
 def test_unsupported_official_options_raise():
-    for kw in (dict(use_double_cls_token=True), dict(if_bidirectional=True), dict(bimamba_type="v1"),
-               dict(flip_img_sequences_ratio=0.5), dict(final_pool_type="median")):
+    for kw in (
+        dict(use_double_cls_token=True),
+        dict(if_bidirectional=True),
+        dict(bimamba_type="v1"),
+        dict(flip_img_sequences_ratio=0.5),
+        dict(final_pool_type="median"),
+    ):
         with pytest.raises(ValueError):
             VisionMamba(img_size=32, patch_size=PATCH, stride=PATCH, depth=1, embed_dim=E, **kw)
     with pytest.raises(ValueError, match="img_size"):
@@ -224,11 +238,33 @@ def test_unsupported_official_options_raise():
 
 def official_tiny_keys():
     """docs/formats.md ("ViM checkpoints"), written out: 7 top-level keys + 17 per layer."""
-    keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "head.weight",
-            "head.bias", "norm_f.weight"}
-    mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
-             "A_log", "D", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
-             "dt_proj_b.bias", "A_b_log", "D_b", "out_proj.weight"]
+    keys = {
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "pos_embed",
+        "cls_token",
+        "head.weight",
+        "head.bias",
+        "norm_f.weight",
+    }
+    mixer = [
+        "in_proj.weight",
+        "conv1d.weight",
+        "conv1d.bias",
+        "x_proj.weight",
+        "dt_proj.weight",
+        "dt_proj.bias",
+        "A_log",
+        "D",
+        "conv1d_b.weight",
+        "conv1d_b.bias",
+        "x_proj_b.weight",
+        "dt_proj_b.weight",
+        "dt_proj_b.bias",
+        "A_b_log",
+        "D_b",
+        "out_proj.weight",
+    ]
     for n in range(24):
         keys.add(f"layers.{n}.norm.weight")
         keys.update(f"layers.{n}.mixer.{m}" for m in mixer)
@@ -236,11 +272,17 @@ def official_tiny_keys():
 
 
 OFFICIAL_TINY_SHAPES = {
-    "patch_embed.proj.weight": (192, 3, 16, 16), "pos_embed": (1, 197, 192), "cls_token": (1, 1, 192),
-    "head.weight": (1000, 192), "layers.3.mixer.in_proj.weight": (768, 192),
-    "layers.3.mixer.conv1d.weight": (384, 1, 4), "layers.3.mixer.x_proj.weight": (44, 384),
-    "layers.3.mixer.dt_proj.weight": (384, 12), "layers.3.mixer.A_b_log": (384, 16),
-    "layers.3.mixer.D_b": (384,), "layers.3.mixer.out_proj.weight": (192, 384),
+    "patch_embed.proj.weight": (192, 3, 16, 16),
+    "pos_embed": (1, 197, 192),
+    "cls_token": (1, 1, 192),
+    "head.weight": (1000, 192),
+    "layers.3.mixer.in_proj.weight": (768, 192),
+    "layers.3.mixer.conv1d.weight": (384, 1, 4),
+    "layers.3.mixer.x_proj.weight": (44, 384),
+    "layers.3.mixer.dt_proj.weight": (384, 12),
+    "layers.3.mixer.A_b_log": (384, 16),
+    "layers.3.mixer.D_b": (384,),
+    "layers.3.mixer.out_proj.weight": (192, 384),
 }
 
 
@@ -264,8 +306,16 @@ def test_rope_model_has_official_rope_buffers():
     model = tiny_vim(if_rope=True, pt_hw_seq_len=14)
     sd = model.state_dict()
     assert sd["rope.freqs_cos"].shape == (16, E) and sd["rope.freqs_sin"].shape == (16, E)
-    fresh = VisionMamba(img_size=32, patch_size=PATCH, stride=PATCH, depth=DEPTH, embed_dim=E, d_state=STATE,
-                        num_classes=5, if_rope=True)
+    fresh = VisionMamba(
+        img_size=32,
+        patch_size=PATCH,
+        stride=PATCH,
+        depth=DEPTH,
+        embed_dim=E,
+        d_state=STATE,
+        num_classes=5,
+        if_rope=True,
+    )
     fresh.load_state_dict(sd, strict=True)
 
 
@@ -281,20 +331,43 @@ def save_deit_style(path, model, extras=True):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 3, 32, 32)).sum().backward()
     opt.step()
-    torch.save({
-        "model": sd,
-        "optimizer": opt.state_dict(),
-        "lr_scheduler": {"t_initial": 300, "lr_min": 1e-5, "warmup_t": 5, "base_values": [5e-4],
-                         "noise_range_t": None, "t_in_epochs": True, "last_epoch": 12},
-        "epoch": 12,
-        "model_ema": {k: v.clone() for k, v in sd.items()},
-        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                   "_growth_tracker": 17},
-        "args": argparse.Namespace(model="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_"
-                                         "with_midclstok_div2",
-                                   batch_size=128, lr=5e-4, input_size=224, output_dir="./output", seed=0,
-                                   distributed=True, drop_path=0.05, mixup=0.8, opt_betas=None),
-    }, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": {
+                "t_initial": 300,
+                "lr_min": 1e-5,
+                "warmup_t": 5,
+                "base_values": [5e-4],
+                "noise_range_t": None,
+                "t_in_epochs": True,
+                "last_epoch": 12,
+            },
+            "epoch": 12,
+            "model_ema": {k: v.clone() for k, v in sd.items()},
+            "scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 17,
+            },
+            "args": argparse.Namespace(
+                model="vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+                batch_size=128,
+                lr=5e-4,
+                input_size=224,
+                output_dir="./output",
+                seed=0,
+                distributed=True,
+                drop_path=0.05,
+                mixup=0.8,
+                opt_betas=None,
+            ),
+        },
+        path,
+    )
     return sd
 
 
@@ -309,8 +382,9 @@ def test_official_checkpoint_loads_weights_only_and_converts(tmp_path):
 
     backbone = tiny_backbone(pt_hw_seq_len=3)  # stored grid 3x3: the 4x4 table is resized
     converted, report = convert_vim_official_to_backbone(loaded, backbone)
-    assert sorted(report.dropped) == sorted(["head.weight", "head.bias", "cls_token", "rope.freqs_cos",
-                                             "rope.freqs_sin", "pos_embed[cls slot]"])
+    assert sorted(report.dropped) == sorted(
+        ["head.weight", "head.bias", "cls_token", "rope.freqs_cos", "rope.freqs_sin", "pos_embed[cls slot]"]
+    )
     assert report["dropped"] is report.dropped
     assert "index 8 of 17" in report.pos_embed and "4x4 -> 3x3" in report.pos_embed
     patches = torch.cat([sd["pos_embed"][:, :8], sd["pos_embed"][:, 9:]], dim=1)  # cls slot at M//2 = 8
@@ -327,8 +401,9 @@ def test_official_checkpoint_loads_weights_only_and_converts(tmp_path):
     assert torch.allclose(backbone.pos_embed, expected)
 
     # the constructor argument does the same
-    again = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=3, d_state=STATE,
-                        checkpoint=str(path))
+    again = VimBackbone(
+        embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=3, d_state=STATE, checkpoint=str(path)
+    )
     assert torch.equal(again.layers[0].mixer.in_proj.weight, sd["layers.0.mixer.in_proj.weight"])
 
 
@@ -354,8 +429,14 @@ def test_checkpoint_variants_and_errors(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"depth 2, but the backbone has embed dim 16 and depth 3"):
         convert_vim_official_to_backbone(sd, tiny_backbone(depth=3))
     with pytest.raises(ValueError, match="embed dim 16 and depth 2.*embed dim 32 and depth 2"):  # the constructor
-        VimBackbone(embed_dim=32, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE,
-                    checkpoint=tmp_path / "model_only.pth")
+        VimBackbone(
+            embed_dim=32,
+            depth=DEPTH,
+            patch_size=PATCH,
+            pt_hw_seq_len=4,
+            d_state=STATE,
+            checkpoint=tmp_path / "model_only.pth",
+        )
 
     # a [1, M, C] table (no cls token) is taken as is; missing keys are logged, not silent
     no_cls = {k: v for k, v in sd.items() if k not in ("cls_token", "layers.1.mixer.D_b")}
@@ -377,25 +458,46 @@ def official_backbone_state(embed=32, depth=2, grid=4):
     state = {k: v.clone() for k, v in src.state_dict().items()}
     m = grid * grid
     cls_entry = torch.full((1, 1, embed), 7.0)
-    state["pos_embed"] = torch.cat([state["pos_embed"][:, : m // 2], cls_entry, state["pos_embed"][:, m // 2:]], 1)
-    state.update({"cls_token": torch.zeros(1, 1, embed), "head.weight": torch.zeros(10, embed),
-                  "head.bias": torch.zeros(10), "rope.freqs_cos": torch.zeros(m, embed),
-                  "rope.freqs_sin": torch.zeros(m, embed)})
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, : m // 2], cls_entry, state["pos_embed"][:, m // 2 :]], 1)
+    state.update(
+        {
+            "cls_token": torch.zeros(1, 1, embed),
+            "head.weight": torch.zeros(10, embed),
+            "head.bias": torch.zeros(10),
+            "rope.freqs_cos": torch.zeros(m, embed),
+            "rope.freqs_sin": torch.zeros(m, embed),
+        }
+    )
     return src, state
 
 
 def test_official_checkpoint_into_backbone_logs_its_report_and_reproduces_the_source(tmp_path, caplog):
     src, state = official_backbone_state()
     path = tmp_path / "vim_tiny_pretrained.pth"
-    torch.save({"model": state, "optimizer": {"state": {}}, "lr_scheduler": {"last_epoch": 3}, "epoch": 299,
-                "model_ema": None, "scaler": {"scale": 65536.0},
-                "args": argparse.Namespace(model="vim_tiny", lr=5e-4)}, path)
+    torch.save(
+        {
+            "model": state,
+            "optimizer": {"state": {}},
+            "lr_scheduler": {"last_epoch": 3},
+            "epoch": 299,
+            "model_ema": None,
+            "scaler": {"scale": 65536.0},
+            "args": argparse.Namespace(model="vim_tiny", lr=5e-4),
+        },
+        path,
+    )
     with caplog.at_level(logging.INFO):
         net = VimBackbone(embed_dim=32, depth=2, pt_hw_seq_len=4, checkpoint=path)
     assert "dropped" in caplog.text and "cls_token" in caplog.text
     report = net.load_official_checkpoint(path)
-    assert set(report["dropped"]) == {"cls_token", "head.weight", "head.bias", "rope.freqs_cos", "rope.freqs_sin",
-                                      "pos_embed[cls slot]"}
+    assert set(report["dropped"]) == {
+        "cls_token",
+        "head.weight",
+        "head.bias",
+        "rope.freqs_cos",
+        "rope.freqs_sin",
+        "pos_embed[cls slot]",
+    }
     assert report["missing"] == [] and report["unexpected"] == []
     torch.testing.assert_close(net.pos_embed, src.pos_embed)  # cls slot removed from the middle
     x = torch.randn(1, 3, 64, 64)
@@ -413,8 +515,9 @@ def test_pos_embed_resized_to_a_larger_pretraining_grid(tmp_path):
 def test_round_trip_classifier_weights_into_backbone():
     """No-cls-token rope ViM (official detection pretraining layout) == backbone 'add & norm'."""
     src = tiny_vim(if_cls_token=False, if_rope=True, if_rope_residual=True, pt_hw_seq_len=4, final_pool_type="all")
-    backbone = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE,
-                           last_layer_process="add & norm").eval()
+    backbone = VimBackbone(
+        embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, last_layer_process="add & norm"
+    ).eval()
     converted, report = convert_vim_official_to_backbone(src.state_dict(), backbone)
     backbone.load_state_dict(converted, strict=True)
     img = torch.randn(2, 3, 32, 32)
@@ -426,8 +529,16 @@ def test_round_trip_classifier_weights_into_backbone():
 
 def test_checkpoint_filter_fn_resizes_for_another_image_size():
     src = tiny_vim(if_rope=True)
-    big = VisionMamba(img_size=48, patch_size=PATCH, stride=PATCH, depth=DEPTH, embed_dim=E, d_state=STATE,
-                      num_classes=5, if_rope=True)
+    big = VisionMamba(
+        img_size=48,
+        patch_size=PATCH,
+        stride=PATCH,
+        depth=DEPTH,
+        embed_dim=E,
+        d_state=STATE,
+        num_classes=5,
+        if_rope=True,
+    )
     big.load_state_dict(checkpoint_filter_fn({"model": src.state_dict()}, big), strict=True)
     assert big.pos_embed.shape == (1, 37, E)
     assert torch.equal(big.pos_embed[:, 18], src.pos_embed[:, 8])  # the cls slot moves to the new middle
@@ -506,8 +617,9 @@ def test_last_layer_process_variants():
     base = tiny_backbone(last_layer_process="add & norm")
     img = torch.randn(1, 3, 32, 32)
     for last in ("none", "add", "add & norm"):
-        m = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE,
-                        last_layer_process=last).eval()
+        m = VimBackbone(
+            embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, last_layer_process=last
+        ).eval()
         m.load_state_dict(base.state_dict(), strict=True)  # same keys in every variant
         assert m.norm_f.weight.requires_grad == (last == "add & norm")
         with torch.no_grad():
@@ -522,8 +634,9 @@ def test_last_layer_process_variants():
 
 
 def test_backbone_forward_backward():
-    model = VimBackbone(embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE,
-                        drop_path_rate=0.1).train()
+    model = VimBackbone(
+        embed_dim=E, depth=DEPTH, patch_size=PATCH, pt_hw_seq_len=4, d_state=STATE, drop_path_rate=0.1
+    ).train()
     x = torch.randn(2, 3, 40, 24)
     out = model(x)
     assert out.shape == (2, E, 5, 3)
@@ -555,8 +668,9 @@ def test_factories():
 from rat_plugins.models.ops import selective_scan as scan_ops  # noqa: E402
 from rat_plugins.models.vim import BiMambaV2  # noqa: E402
 
-needs_cpp = pytest.mark.skipif(not scan_ops.available_backends()["cpp"],
-                               reason="the C++ scan kernel cannot be built on this machine")
+needs_cpp = pytest.mark.skipif(
+    not scan_ops.available_backends()["cpp"], reason="the C++ scan kernel cannot be built on this machine"
+)
 
 
 @needs_cpp
@@ -626,9 +740,16 @@ def test_fused_path_only_without_autograd_and_its_cache_follows_the_parameters(m
 def test_fused_scan_rejects_positive_A():
     ext = scan_ops.load_cpp_extension(strict=True)
     b, L, di, R = 1, 4, 16, 2
-    args = [torch.zeros(b, L, 2 * di), torch.zeros(2, b, L, di), torch.zeros(2, b * L, R + 32),
-            torch.zeros(2, R, di), torch.full((2, 16, di), 0.5), torch.zeros(2, di), torch.zeros(2, di),
-            torch.empty(b, L, di)]
+    args = [
+        torch.zeros(b, L, 2 * di),
+        torch.zeros(2, b, L, di),
+        torch.zeros(2, b * L, R + 32),
+        torch.zeros(2, R, di),
+        torch.full((2, 16, di), 0.5),
+        torch.zeros(2, di),
+        torch.zeros(2, di),
+        torch.empty(b, L, di),
+    ]
     with pytest.raises(RuntimeError, match="A must be <= 0"):
         ext.bimamba_scan(*args, 0.5)
 

@@ -1,4 +1,5 @@
 """timm / DeiT ViT weights -> mmseg VisionTransformer (rat_plugins.models.vit_convert)."""
+
 import argparse
 import fractions
 
@@ -9,16 +10,44 @@ import torch.nn.functional as F
 from rat_plugins.models.vit_convert import convert_timm_vit_to_mmseg, load_timm_vit_checkpoint
 
 E, DEPTH, PATCH, GRID = 32, 2, 8, 4  # tiny ViT: 32 wide, 2 blocks, 8x8 patches, 32x32 input
-TIMM_BLOCK = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-              "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-              "mlp.fc2.weight", "mlp.fc2.bias"]
+TIMM_BLOCK = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+]
 # The mmseg names, written out from mmseg/models/backbones/vit.py + mmcv MultiheadAttention / FFN.
-MM_BLOCK = ["ln1.weight", "ln1.bias", "attn.attn.in_proj_weight", "attn.attn.in_proj_bias",
-            "attn.attn.out_proj.weight", "attn.attn.out_proj.bias", "ln2.weight", "ln2.bias",
-            "ffn.layers.0.0.weight", "ffn.layers.0.0.bias", "ffn.layers.1.weight", "ffn.layers.1.bias"]
+MM_BLOCK = [
+    "ln1.weight",
+    "ln1.bias",
+    "attn.attn.in_proj_weight",
+    "attn.attn.in_proj_bias",
+    "attn.attn.out_proj.weight",
+    "attn.attn.out_proj.bias",
+    "ln2.weight",
+    "ln2.bias",
+    "ffn.layers.0.0.weight",
+    "ffn.layers.0.0.bias",
+    "ffn.layers.1.weight",
+    "ffn.layers.1.bias",
+]
 TIMM_TOP = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
-MM_TOP = ["cls_token", "pos_embed", "patch_embed.projection.weight", "patch_embed.projection.bias",
-          "ln1.weight", "ln1.bias"]
+MM_TOP = [
+    "cls_token",
+    "pos_embed",
+    "patch_embed.projection.weight",
+    "patch_embed.projection.bias",
+    "ln1.weight",
+    "ln1.bias",
+]
 
 
 def _shape(key, e, grid, patch):
@@ -66,9 +95,15 @@ def test_key_mapping_matches_mmseg_names():
 
 def test_extras_ignored_unexpected_and_missing_reported():
     sd = timm_state()
-    extras = {"head.weight": torch.zeros(10, E), "head.bias": torch.zeros(10), "fc_norm.weight": torch.ones(E),
-              "mask_token": torch.zeros(1, 1, E), "decoder_embed.weight": torch.zeros(16, E),
-              "decoder_blocks.0.norm1.weight": torch.ones(16), "decoder_pos_embed": torch.zeros(1, 17, 16)}
+    extras = {
+        "head.weight": torch.zeros(10, E),
+        "head.bias": torch.zeros(10),
+        "fc_norm.weight": torch.ones(E),
+        "mask_token": torch.zeros(1, 1, E),
+        "decoder_embed.weight": torch.zeros(16, E),
+        "decoder_blocks.0.norm1.weight": torch.ones(16),
+        "decoder_pos_embed": torch.zeros(1, 17, 16),
+    }
     sd.update(extras)
     sd["blocks.0.ls1.gamma"] = torch.ones(E)
     del sd["norm.weight"]
@@ -99,8 +134,16 @@ def _timm_vit(img_size, **kw):
     import timm
 
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=img_size, patch_size=16, embed_dim=E, depth=DEPTH, num_heads=2, mlp_ratio=4, qkv_bias=True,
-        num_classes=5, **kw).eval()
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=E,
+        depth=DEPTH,
+        num_heads=2,
+        mlp_ratio=4,
+        qkv_bias=True,
+        num_classes=5,
+        **kw,
+    ).eval()
 
 
 def test_pos_embed_resampled_as_timm_loads_at_another_size():
@@ -125,16 +168,25 @@ def test_architecture_mismatch_names_both_shapes():
     msg = str(e.value)
     assert "checkpoint is embed 1024, 24 layers" in msg and "model is embed 768, 12 layers" in msg
     with pytest.raises(ValueError, match="patch 16.*patch 8"):
-        convert_timm_vit_to_mmseg(timm_state(e=64, depth=2, grid=14, patch=16, device="meta"),
-                                  num_layers=2, embed_dims=64, grid_hw=(14, 14), patch_size=8)
+        convert_timm_vit_to_mmseg(
+            timm_state(e=64, depth=2, grid=14, patch=16, device="meta"),
+            num_layers=2,
+            embed_dims=64,
+            grid_hw=(14, 14),
+            patch_size=8,
+        )
 
 
 @pytest.mark.parametrize("wrap", ["bare", "model", "state_dict", "deit_with_args", "ddp_prefix"])
 def test_load_checkpoint_layouts(tmp_path, wrap):
     sd = timm_state()
-    obj = {"bare": sd, "model": {"model": sd}, "state_dict": {"state_dict": sd, "epoch": 3},
-           "deit_with_args": {"model": sd, "epoch": 3, "args": argparse.Namespace(lr=1e-3, model="vit_base")},
-           "ddp_prefix": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+    obj = {
+        "bare": sd,
+        "model": {"model": sd},
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "deit_with_args": {"model": sd, "epoch": 3, "args": argparse.Namespace(lr=1e-3, model="vit_base")},
+        "ddp_prefix": {f"module.{k}": v for k, v in sd.items()},
+    }[wrap]
     torch.save(obj, tmp_path / "w.pth")
     loaded = load_timm_vit_checkpoint(tmp_path / "w.pth")
     assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
@@ -161,9 +213,20 @@ def test_load_checkpoint_errors(tmp_path):
 def _mmseg_vit(img=32, **kw):
     from mmseg.models.backbones import VisionTransformer
 
-    args = dict(img_size=img, patch_size=PATCH, embed_dims=E, num_layers=DEPTH, num_heads=2, mlp_ratio=4,
-                out_indices=(0, DEPTH - 1), qkv_bias=True, patch_bias=True, final_norm=True,
-                norm_cfg=dict(type="LN", eps=1e-6), with_cls_token=True)
+    args = dict(
+        img_size=img,
+        patch_size=PATCH,
+        embed_dims=E,
+        num_layers=DEPTH,
+        num_heads=2,
+        mlp_ratio=4,
+        out_indices=(0, DEPTH - 1),
+        qkv_bias=True,
+        patch_bias=True,
+        final_norm=True,
+        norm_cfg=dict(type="LN", eps=1e-6),
+        with_cls_token=True,
+    )
     args.update(kw)
     vit = VisionTransformer(**args)
     vit.eval()  # mmseg's VisionTransformer.train() returns None
@@ -183,8 +246,9 @@ def test_round_trip_through_timm_layout(tmp_path):
     timm_sd = {inverse[k]: v.clone() for k, v in src.state_dict().items()}
     torch.save({"model": timm_sd, "args": argparse.Namespace(arch="vit")}, tmp_path / "vfm.pth")
 
-    converted, report = convert_timm_vit_to_mmseg(load_timm_vit_checkpoint(tmp_path / "vfm.pth"),
-                                                  num_layers=DEPTH, embed_dims=E, grid_hw=(GRID, GRID))
+    converted, report = convert_timm_vit_to_mmseg(
+        load_timm_vit_checkpoint(tmp_path / "vfm.pth"), num_layers=DEPTH, embed_dims=E, grid_hw=(GRID, GRID)
+    )
     dst = _mmseg_vit()
     dst.load_state_dict(converted, strict=True)
     x = torch.randn(2, 3, 32, 32)
@@ -206,13 +270,14 @@ def test_genuine_timm_model_matches():
 
     torch.manual_seed(0)
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=PATCH, embed_dim=E, depth=DEPTH, num_heads=2, mlp_ratio=4, qkv_bias=True,
-        num_classes=5).eval()
+        img_size=32, patch_size=PATCH, embed_dim=E, depth=DEPTH, num_heads=2, mlp_ratio=4, qkv_bias=True, num_classes=5
+    ).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    converted, report = convert_timm_vit_to_mmseg(ref.state_dict(), num_layers=DEPTH, embed_dims=E,
-                                                  grid_hw=(GRID, GRID))
+    converted, report = convert_timm_vit_to_mmseg(
+        ref.state_dict(), num_layers=DEPTH, embed_dims=E, grid_hw=(GRID, GRID)
+    )
     assert report.ignored == ["head.weight", "head.bias"] and not report.unexpected and not report.missing
     vit = _mmseg_vit()
     vit.load_state_dict(converted, strict=True)
@@ -239,9 +304,20 @@ def test_timm_vit_at_another_size_gives_timm_features(tmp_path):
     ref = _timm_vit((320, 256))
     ref.load_state_dict(checkpoint_filter_fn(torch.load(tmp_path / "vit224.pth", weights_only=True), ref))
     ours = FrozenVisionTransformer(
-        img_size=(320, 256), patch_size=16, embed_dims=E, num_layers=DEPTH, num_heads=2, mlp_ratio=4,
-        out_indices=(DEPTH - 1,), qkv_bias=True, patch_bias=True, final_norm=True,
-        norm_cfg=dict(type="LN", eps=1e-6), with_cls_token=True, pretrained_timm=str(tmp_path / "vit224.pth"))
+        img_size=(320, 256),
+        patch_size=16,
+        embed_dims=E,
+        num_layers=DEPTH,
+        num_heads=2,
+        mlp_ratio=4,
+        out_indices=(DEPTH - 1,),
+        qkv_bias=True,
+        patch_bias=True,
+        final_norm=True,
+        norm_cfg=dict(type="LN", eps=1e-6),
+        with_cls_token=True,
+        pretrained_timm=str(tmp_path / "vit224.pth"),
+    )
     ours.init_weights()
     x = torch.randn(2, 3, 320, 256)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """RVT's PAFPN (3 and 4 levels, official key map) and the size-aware YOLOX head (weights, loss)."""
+
 import math
 
 import pytest
@@ -7,8 +8,7 @@ import torch.nn.functional as F
 
 from rat_plugins.models.maxvit_rnn import rvt_stage_names
 from rat_plugins.models.size_aware_loss import size_aware_weights
-from rat_plugins.models.yolox_pafpn import (YoloxPafpn, convert_rvt_to_yolox_pafpn, load_rvt_fpn,
-                                            rvt_fpn_key_map)
+from rat_plugins.models.yolox_pafpn import YoloxPafpn, convert_rvt_to_yolox_pafpn, load_rvt_fpn, rvt_fpn_key_map
 
 torch.set_num_threads(1)
 
@@ -75,13 +75,26 @@ def test_four_level_pafpn_mixes_every_level():
 def _official_conv_shapes(c0, c1, c2):
     def csp(cin, cout):
         h = cout // 2
-        return {"conv1": (h, cin, 1, 1), "conv2": (h, cin, 1, 1), "conv3": (cout, 2 * h, 1, 1),
-                "m.0.conv1": (h, h, 1, 1), "m.0.conv2": (h, h, 3, 3)}
+        return {
+            "conv1": (h, cin, 1, 1),
+            "conv2": (h, cin, 1, 1),
+            "conv3": (cout, 2 * h, 1, 1),
+            "m.0.conv1": (h, h, 1, 1),
+            "m.0.conv2": (h, h, 3, 3),
+        }
 
-    shapes = {"lateral_conv0": (c1, c2, 1, 1), "reduce_conv1": (c0, c1, 1, 1),
-              "bu_conv2": (c0, c0, 3, 3), "bu_conv1": (c1, c1, 3, 3)}
-    for name, (cin, cout) in {"C3_p4": (2 * c1, c1), "C3_p3": (2 * c0, c0),
-                              "C3_n3": (2 * c0, c1), "C3_n4": (2 * c1, c2)}.items():
+    shapes = {
+        "lateral_conv0": (c1, c2, 1, 1),
+        "reduce_conv1": (c0, c1, 1, 1),
+        "bu_conv2": (c0, c0, 3, 3),
+        "bu_conv1": (c1, c1, 3, 3),
+    }
+    for name, (cin, cout) in {
+        "C3_p4": (2 * c1, c1),
+        "C3_p3": (2 * c0, c0),
+        "C3_n3": (2 * c0, c1),
+        "C3_n4": (2 * c1, c2),
+    }.items():
         shapes.update({f"{name}.{sub}": s for sub, s in csp(cin, cout).items()})
     return shapes
 
@@ -92,18 +105,25 @@ def _to_official(state_dict, with_head_stems=False):
     out = {}
     for key, value in state_dict.items():
         prefix = next(p for p in inverse if key.startswith(p))
-        out[inverse[prefix] + key[len(prefix):]] = value.clone()
+        out[inverse[prefix] + key[len(prefix) :]] = value.clone()
     return out
 
 
 def _reference_ops(sd, prefix):
     """conv-BN-SiLU, one-bottleneck CSP (depth 0.33, no shortcut) and 2x upsampling, evaluated
     straight from a state dict (eval-mode BN)."""
+
     def base(name, x, stride=1):
         w = sd[f"{prefix}{name}.conv.weight"]
         x = F.conv2d(x, w, stride=stride, padding=(w.shape[-1] - 1) // 2)
-        x = F.batch_norm(x, sd[f"{prefix}{name}.bn.running_mean"], sd[f"{prefix}{name}.bn.running_var"],
-                         sd[f"{prefix}{name}.bn.weight"], sd[f"{prefix}{name}.bn.bias"], eps=1e-5)
+        x = F.batch_norm(
+            x,
+            sd[f"{prefix}{name}.bn.running_mean"],
+            sd[f"{prefix}{name}.bn.running_var"],
+            sd[f"{prefix}{name}.bn.weight"],
+            sd[f"{prefix}{name}.bn.bias"],
+            eps=1e-5,
+        )
         return F.silu(x)
 
     def csp(name, x):
@@ -188,7 +208,7 @@ def test_rvt_fpn_checkpoint_loads_strictly_and_matches(tmp_path):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
     # the converter is pure and also reads detector-level keys (no 'mdl.')
-    converted, ignored = convert_rvt_to_yolox_pafpn({k[len("mdl."):]: v for k, v in official.items()})
+    converted, ignored = convert_rvt_to_yolox_pafpn({k[len("mdl.") :]: v for k, v in official.items()})
     assert ignored == {} and set(converted) == set(source.state_dict())
 
 
@@ -215,12 +235,15 @@ def test_rvt_fpn_key_map_with_head_stems_and_refusals():
 AREAS = torch.tensor([0.0, 500.0, 1024.0, 5120.0, 9216.0, 1e6])  # 0, small, s, mid-band, m, huge
 
 
-@pytest.mark.parametrize("weight_type,expected", [
-    # t = clamp((a - 1024) / 8192, 0, 1) = 0, 0, 0, 0.5, 1, 1
-    ("exponential", [2.0, 2.0, 2.0, math.sqrt(2.0), 1.0, 1.0]),
-    ("linear", [2.0, 2.0, 2.0, 1.5, 1.0, 1.0]),
-    ("step", [2.0, 2.0, 1.5, 1.5, 1.0, 1.0]),  # COCO bins: a < s small, s <= a < m medium
-])
+@pytest.mark.parametrize(
+    "weight_type,expected",
+    [
+        # t = clamp((a - 1024) / 8192, 0, 1) = 0, 0, 0, 0.5, 1, 1
+        ("exponential", [2.0, 2.0, 2.0, math.sqrt(2.0), 1.0, 1.0]),
+        ("linear", [2.0, 2.0, 2.0, 1.5, 1.0, 1.0]),
+        ("step", [2.0, 2.0, 1.5, 1.5, 1.0, 1.0]),  # COCO bins: a < s small, s <= a < m medium
+    ],
+)
 def test_size_weights_by_hand(weight_type, expected):
     w = size_aware_weights(AREAS, 2.0, 1024.0, 9216.0, weight_type)
     assert w.dtype == torch.float32
@@ -230,7 +253,7 @@ def test_size_weights_by_hand(weight_type, expected):
 def test_size_weights_other_points_and_validation():
     # W = 3, a = 1024 + 8192 / 4 (t = 1/4): exponential 3^(3/4), linear 3 - 2/4, step medium 2
     a = torch.tensor([3072.0])
-    assert torch.allclose(size_aware_weights(a, 3.0, weight_type="exponential"), torch.tensor([3.0 ** 0.75]))
+    assert torch.allclose(size_aware_weights(a, 3.0, weight_type="exponential"), torch.tensor([3.0**0.75]))
     assert torch.allclose(size_aware_weights(a, 3.0, weight_type="linear"), torch.tensor([2.5]))
     assert torch.allclose(size_aware_weights(a, 3.0, weight_type="step"), torch.tensor([2.0]))
     # continuous at both thresholds for exponential / linear; W = 1 is exactly 1
@@ -249,13 +272,19 @@ def test_size_weights_other_points_and_validation():
 # ------------------------------------------------------------------------------------------------
 # mmdet head and registration
 
-HEAD = dict(num_classes=3, in_channels=8, feat_channels=8, strides=(8, 16, 32),
-            train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)))
+HEAD = dict(
+    num_classes=3,
+    in_channels=8,
+    feat_channels=8,
+    strides=(8, 16, 32),
+    train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)),
+)
 
 
 def _heads(**size_kwargs):
     """mmdet's YOLOXHead and a SizeAwareYOLOXHead with the same (seeded) weights."""
     from mmdet.models.dense_heads import YOLOXHead
+
     from rat_plugins.mm.yolox_rvt import SizeAwareYOLOXHead
 
     torch.manual_seed(0)
@@ -271,8 +300,10 @@ def _batch(boxes_per_image, size=64, seed=0):
 
     torch.manual_seed(seed)
     feats = tuple(torch.randn(len(boxes_per_image), 8, size // s, size // s) for s in (8, 16, 32))
-    gts = [InstanceData(bboxes=torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-                        labels=torch.arange(len(b)) % 3) for b in boxes_per_image]
+    gts = [
+        InstanceData(bboxes=torch.tensor(b, dtype=torch.float32).reshape(-1, 4), labels=torch.arange(len(b)) % 3)
+        for b in boxes_per_image
+    ]
     metas = [dict(img_shape=(size, size), batch_input_shape=(size, size))] * len(boxes_per_image)
     return feats, gts, metas
 
@@ -282,9 +313,11 @@ def _loss(head, feats, gts, metas, use_l1=False):
     return head.loss_by_feat(*head(feats), gts, metas)
 
 
-MIXED = [[[4.0, 4.0, 20.0, 24.0], [2.0, 30.0, 62.0, 62.0]],  # 320 px² (small), 1920 px² (medium)
-         [[10.0, 8.0, 60.0, 60.0]],                             # 2600 px²
-         []]                                                     # an image without objects
+MIXED = [
+    [[4.0, 4.0, 20.0, 24.0], [2.0, 30.0, 62.0, 62.0]],  # 320 px² (small), 1920 px² (medium)
+    [[10.0, 8.0, 60.0, 60.0]],  # 2600 px²
+    [],
+]  # an image without objects
 
 
 @pytest.mark.parametrize("normalizer", ["num_pos", "weight_sum"])
@@ -330,8 +363,9 @@ def test_registered_names_build_and_run():
     import rat_plugins.mm  # noqa: F401  (registers the adapters)
 
     neck = MODELS.build(dict(type="RVTPAFPN", in_channels=[8, 16, 32, 64], depth=0.33, out_channels=8))
-    head = MODELS.build(dict(HEAD, type="SizeAwareYOLOXHead", strides=(2, 4, 8, 16), size_aware_weight=2.0,
-                             weight_type="step"))
+    head = MODELS.build(
+        dict(HEAD, type="SizeAwareYOLOXHead", strides=(2, 4, 8, 16), size_aware_weight=2.0, weight_type="step")
+    )
     assert type(neck).__name__ == "RVTPAFPN" and type(head).__name__ == "SizeAwareYOLOXHead"
     neck.init_weights()
     head.init_weights()

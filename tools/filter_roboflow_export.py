@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Filter and check a Roboflow COCO export: writes _annotations.coco_filtered.json per split.
 
-    python tools/filter_roboflow_export.py [--root datasets/coco] [--splits train valid test]
+python tools/filter_roboflow_export.py [--root datasets/coco] [--splits train valid test]
 """
+
 import argparse
 import json
 import logging

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint of an mmseg or mmdet config (the OpenMMLab tools/test.py CLI).
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
+python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options k=v ...]
 """
+
 import os
 import sys
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train an mmseg or mmdet config (the OpenMMLab tools/train.py CLI), CPU-capable.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp] [--cfg-options k=v ...]
-    tools/dist_train.sh CONFIG GPUS [args]       # torchrun; gloo on CPU
+python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp] [--cfg-options k=v ...]
+tools/dist_train.sh CONFIG GPUS [args]       # torchrun; gloo on CPU
 """
+
 import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)

@@ -3,6 +3,7 @@
 Roboflow lists the supercategory as a category of its own next to the real class (see
 docs/formats.md, Roboflow COCO export), which would make a 1-class detector train with 2 classes.
 """
+
 import json
 import logging
 from pathlib import Path
@@ -21,7 +22,8 @@ def _load_coco(path: Path) -> dict:
         raise FileNotFoundError(
             f"COCO annotation file not found: {path}. Place the Roboflow export so that "
             f"{path.parent}/ holds {ORIGINAL_NAME} and the images (see datasets/README.md), or make "
-            f"the sample: python -m rat_plugins.data.synthetic heads --out {path.parent.parent}")
+            f"the sample: python -m rat_plugins.data.synthetic heads --out {path.parent.parent}"
+        )
     try:
         with open(path) as f:
             data = json.load(f)
@@ -75,8 +77,10 @@ def filter_roboflow_coco(src, dst=None) -> dict:
         if ann["image_id"] not in images:
             raise ValueError(f"{src}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
         if ann["category_id"] not in new_id:
-            raise ValueError(f"{src}: annotation {ann.get('id')} uses category {ann['category_id']}, "
-                             f"which is only a supercategory entry")
+            raise ValueError(
+                f"{src}: annotation {ann.get('id')} uses category {ann['category_id']}, "
+                f"which is only a supercategory entry"
+            )
         img = images[ann["image_id"]]
         x, y, w, h = (float(v) for v in ann["bbox"])
         if w <= 0 or h <= 0:
@@ -89,19 +93,41 @@ def filter_roboflow_coco(src, dst=None) -> dict:
             continue
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             clipped += 1
-        kept.append(dict(ann, bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
-                         category_id=new_id[ann["category_id"]], segmentation=ann.get("segmentation", [])))
+        kept.append(
+            dict(
+                ann,
+                bbox=[x0, y0, x1 - x0, y1 - y0],
+                area=(x1 - x0) * (y1 - y0),
+                category_id=new_id[ann["category_id"]],
+                segmentation=ann.get("segmentation", []),
+            )
+        )
 
     with_boxes = {a["image_id"] for a in kept}
-    out = dict(data, annotations=kept,
-               categories=[dict(c, id=new_id[c["id"]], supercategory="none") for c in categories])
+    out = dict(
+        data, annotations=kept, categories=[dict(c, id=new_id[c["id"]], supercategory="none") for c in categories]
+    )
     atomic_write_json(dst, out, indent=None)
-    stats = dict(path=str(dst), images=len(images), boxes=len(kept), dropped_degenerate=degenerate,
-                 dropped_outside=outside, clipped=clipped,
-                 images_without_boxes=len(images) - len(with_boxes),
-                 categories=[c["name"] for c in categories])
-    logger.info("%s: %d images, %d boxes kept, %d dropped (zero/negative size), %d dropped (outside "
-                "the image), %d clipped, %d images without boxes, classes %s", src, stats["images"],
-                stats["boxes"], degenerate, outside, clipped, stats["images_without_boxes"],
-                stats["categories"])
+    stats = dict(
+        path=str(dst),
+        images=len(images),
+        boxes=len(kept),
+        dropped_degenerate=degenerate,
+        dropped_outside=outside,
+        clipped=clipped,
+        images_without_boxes=len(images) - len(with_boxes),
+        categories=[c["name"] for c in categories],
+    )
+    logger.info(
+        "%s: %d images, %d boxes kept, %d dropped (zero/negative size), %d dropped (outside "
+        "the image), %d clipped, %d images without boxes, classes %s",
+        src,
+        stats["images"],
+        stats["boxes"],
+        degenerate,
+        outside,
+        clipped,
+        stats["images_without_boxes"],
+        stats["categories"],
+    )
     return stats

@@ -4,6 +4,7 @@ One sample per labelled frame: the representations ending at it, with its boxes.
 fields: docs/formats.md, "RVT preprocessed events". HDF5 files are opened lazily in each process
 (DataLoader workers open their own handles); Blosc-compressed downloads need ``hdf5plugin``.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ class EventSequence:
     labels: np.ndarray  # RVT's structured label records
 
     def frame_labels(self, k: int) -> np.ndarray:
-        return self.labels[self.frame_label_start[k]:self.frame_label_start[k + 1]]
+        return self.labels[self.frame_label_start[k] : self.frame_label_start[k + 1]]
 
 
 def _missing_filters(dataset) -> List[str]:
@@ -63,8 +64,10 @@ def _open_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise OSError(f"cannot open the HDF5 file '{path}' ({e}); it is corrupt or truncated: "
-                      "copy it again or re-run RVT's preprocessing for this sequence") from e
+        raise OSError(
+            f"cannot open the HDF5 file '{path}' ({e}); it is corrupt or truncated: "
+            "copy it again or re-run RVT's preprocessing for this sequence"
+        ) from e
     if "data" not in f:
         keys = list(f.keys())
         f.close()
@@ -73,10 +76,11 @@ def _open_h5(path: Path):
     missing = _missing_filters(dset)
     if missing:
         f.close()
-        hint = ("`pip install hdf5plugin`" if hdf5plugin is None
-                else "an hdf5plugin version that provides these filters")
-        raise ImportError(f"'{path}' is compressed with HDF5 filter(s) {', '.join(missing)} that this "
-                          f"installation cannot decode. To fix: {hint}.")
+        hint = "`pip install hdf5plugin`" if hdf5plugin is None else "an hdf5plugin version that provides these filters"
+        raise ImportError(
+            f"'{path}' is compressed with HDF5 filter(s) {', '.join(missing)} that this "
+            f"installation cannot decode. To fix: {hint}."
+        )
     if dset.ndim != 4:
         f.close()
         raise OSError(f"'{path}': 'data' must be [T, C, H, W], got shape {dset.shape}")
@@ -126,12 +130,23 @@ class RVTEventClips:
     has no label).
     """
 
-    def __init__(self, root: Union[str, os.PathLike], split: str, class_names: Sequence[str],
-                 repr_name: str = DEFAULT_REPR_NAME, downsample: bool = True, sequence_length: int = 5,
-                 short_clips: str = "pad", all_labels: bool = False, sequences: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        split: str,
+        class_names: Sequence[str],
+        repr_name: str = DEFAULT_REPR_NAME,
+        downsample: bool = True,
+        sequence_length: int = 5,
+        short_clips: str = "pad",
+        all_labels: bool = False,
+        sequences: Optional[Sequence[str]] = None,
+    ):
         if not class_names:
-            raise ValueError("class_names is empty: pass the dataset's class names from the config "
-                             "(e.g. the 8 eTraM classes), index i naming class id i")
+            raise ValueError(
+                "class_names is empty: pass the dataset's class names from the config "
+                "(e.g. the 8 eTraM classes), index i naming class id i"
+            )
         if int(sequence_length) < 1:
             raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
         if short_clips not in _SHORT_CLIP_RULES:
@@ -153,7 +168,8 @@ class RVTEventClips:
             raise FileNotFoundError(
                 f"split folder '{split_dir}' does not exist (found {have or 'nothing'} in '{self.root}'); "
                 "place RVT's preprocessed train/ val/ test/ folders there (datasets/README.md, events) or "
-                "write a synthetic set: python -m rat_plugins.data.synthetic events --out " + str(self.root))
+                "write a synthetic set: python -m rat_plugins.data.synthetic events --out " + str(self.root)
+            )
         names = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if sequences is None else list(sequences)
         if not names:
             raise FileNotFoundError(f"split folder '{split_dir}' holds no sequence folders")
@@ -164,8 +180,11 @@ class RVTEventClips:
         # One sample per labelled frame: (sequence index, labelled frame index).
         first_full = self.sequence_length - 1
         self._index: List[Tuple[int, int]] = [
-            (s, k) for s, seq in enumerate(self.sequences) for k, r in enumerate(seq.frame_repr_idx)
-            if short_clips == "pad" or r >= first_full]
+            (s, k)
+            for s, seq in enumerate(self.sequences)
+            for k, r in enumerate(seq.frame_repr_idx)
+            if short_clips == "pad" or r >= first_full
+        ]
         self._handles: Dict[int, object] = {}
         self._owner_pid = os.getpid()
 
@@ -179,19 +198,25 @@ class RVTEventClips:
             raise FileNotFoundError(
                 f"representation folder '{repr_dir}' does not exist (found {have or 'nothing'} in '{parent}'); "
                 "set repr_name to one of those, or preprocess this representation with RVT's "
-                "scripts/genx/preprocess_dataset.py")
+                "scripts/genx/preprocess_dataset.py"
+            )
         h5_path = repr_dir / self.h5_name
         if not h5_path.is_file():
             other = REPR_FILE if self.downsample else REPR_FILE_DS2
-            fix = (f"set downsample={not self.downsample} to read '{other}', which is there"
-                   if (repr_dir / other).is_file() else "preprocess it with RVT's scripts")
+            fix = (
+                f"set downsample={not self.downsample} to read '{other}', which is there"
+                if (repr_dir / other).is_file()
+                else "preprocess it with RVT's scripts"
+            )
             raise FileNotFoundError(f"'{h5_path}' does not exist; {fix}")
         repr_idx_path = repr_dir / "objframe_idx_2_repr_idx.npy"
         labels_path = seq_dir / "labels_v2" / "labels.npz"
         for p in (repr_idx_path, labels_path):
             if not p.is_file():
-                raise FileNotFoundError(f"'{p}' does not exist; the sequence '{seq_dir}' is incomplete "
-                                        "(RVT's layout needs it next to the representations)")
+                raise FileNotFoundError(
+                    f"'{p}' does not exist; the sequence '{seq_dir}' is incomplete "
+                    "(RVT's layout needs it next to the representations)"
+                )
         frame_repr_idx = np.load(repr_idx_path, allow_pickle=False).astype(np.int64)
         npz = _load_npz(labels_path, ("labels", "objframe_idx_2_label_idx"))
         labels, starts = npz["labels"], npz["objframe_idx_2_label_idx"].astype(np.int64)
@@ -199,15 +224,19 @@ class RVTEventClips:
             if labels.dtype.names is None or field not in labels.dtype.names:
                 raise ValueError(f"'{labels_path}': 'labels' lacks field '{field}' (has {labels.dtype.names})")
         if len(starts) != len(frame_repr_idx):
-            raise ValueError(f"'{labels_path}' indexes {len(starts)} labelled frames but '{repr_idx_path}' "
-                             f"{len(frame_repr_idx)}; the two files come from different preprocessing runs")
+            raise ValueError(
+                f"'{labels_path}' indexes {len(starts)} labelled frames but '{repr_idx_path}' "
+                f"{len(frame_repr_idx)}; the two files come from different preprocessing runs"
+            )
         if len(frame_repr_idx) and np.any(np.diff(frame_repr_idx) <= 0):
             raise ValueError(f"'{repr_idx_path}' is not strictly increasing")
         if len(labels) and int(labels["class_id"].max()) >= len(self.class_names):
             bad = int(labels["class_id"].max())
-            raise ValueError(f"'{labels_path}' has class id {bad} but class_names has {len(self.class_names)} "
-                             f"names {self.class_names}; give class_names for every id of this dataset "
-                             "in the config")
+            raise ValueError(
+                f"'{labels_path}' has class id {bad} but class_names has {len(self.class_names)} "
+                f"names {self.class_names}; give class_names for every id of this dataset "
+                "in the config"
+            )
 
         # Read the shape only and close again, so no handle exists when DataLoader workers fork.
         f, dset = _open_h5(h5_path)
@@ -216,16 +245,25 @@ class RVTEventClips:
         finally:
             f.close()
         if len(frame_repr_idx) and frame_repr_idx[-1] >= shape[0]:
-            raise ValueError(f"'{repr_idx_path}' points at representation {frame_repr_idx[-1]} but '{h5_path}' "
-                             f"holds {shape[0]}")
+            raise ValueError(
+                f"'{repr_idx_path}' points at representation {frame_repr_idx[-1]} but '{h5_path}' holds {shape[0]}"
+            )
         if self._chw is None:
             self._chw = shape[1:]
         elif self._chw != shape[1:]:
-            raise ValueError(f"'{h5_path}' has [C, H, W] = {shape[1:]} but earlier sequences of the split "
-                             f"{self._chw}; a split must hold one representation size")
-        return EventSequence(name=seq_dir.name, h5_path=h5_path, labels_path=labels_path,
-                             num_representations=shape[0], frame_repr_idx=frame_repr_idx,
-                             frame_label_start=np.append(starts, len(labels)), labels=labels)
+            raise ValueError(
+                f"'{h5_path}' has [C, H, W] = {shape[1:]} but earlier sequences of the split "
+                f"{self._chw}; a split must hold one representation size"
+            )
+        return EventSequence(
+            name=seq_dir.name,
+            h5_path=h5_path,
+            labels_path=labels_path,
+            num_representations=shape[0],
+            frame_repr_idx=frame_repr_idx,
+            frame_label_start=np.append(starts, len(labels)),
+            labels=labels,
+        )
 
     # ------------------------------------------------------------------ labels (no h5 access)
 
@@ -244,9 +282,15 @@ class RVTEventClips:
         seq = self.sequences[s]
         rows = seq.frame_labels(k)
         boxes, labels = self._boxes(rows)
-        return dict(sequence=seq.name, sequence_index=s, objframe_idx=k, repr_idx=int(seq.frame_repr_idx[k]),
-                    timestamp_us=int(rows["t"][0]) if len(rows) and "t" in rows.dtype.names else -1,
-                    bboxes=boxes, labels=labels)
+        return dict(
+            sequence=seq.name,
+            sequence_index=s,
+            objframe_idx=k,
+            repr_idx=int(seq.frame_repr_idx[k]),
+            timestamp_us=int(rows["t"][0]) if len(rows) and "t" in rows.dtype.names else -1,
+            bboxes=boxes,
+            labels=labels,
+        )
 
     # ------------------------------------------------------------------ representations (lazy h5)
 
@@ -280,10 +324,12 @@ class RVTEventClips:
         pad = L - (end + 1 - start)
         dset = self._dataset(s)
         try:
-            real = dset[start:end + 1]
+            real = dset[start : end + 1]
         except OSError as e:
-            raise OSError(f"cannot read representations {start}..{end} of '{seq.h5_path}' ({e}); the file is "
-                          "corrupt: copy it again or re-run RVT's preprocessing") from e
+            raise OSError(
+                f"cannot read representations {start}..{end} of '{seq.h5_path}' ({e}); the file is "
+                "corrupt: copy it again or re-run RVT's preprocessing"
+            ) from e
         clip = np.zeros((L,) + real.shape[1:], dtype=real.dtype)
         clip[pad:] = real
         valid = np.arange(L) >= pad
@@ -298,8 +344,15 @@ class RVTEventClips:
         hit = seq.frame_repr_idx[frames] == repr_indices[pad:]
         labelled = np.zeros(L, bool)
         labelled[pad:] = hit
-        out = dict(info, clip=clip, valid=valid, is_first=is_first, labelled=labelled, repr_indices=repr_indices,
-                   starts_sequence=bool(start == 0))
+        out = dict(
+            info,
+            clip=clip,
+            valid=valid,
+            is_first=is_first,
+            labelled=labelled,
+            repr_indices=repr_indices,
+            starts_sequence=bool(start == 0),
+        )
         if self.all_labels:
             empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
             per_step = [empty] * L
@@ -310,6 +363,8 @@ class RVTEventClips:
         return out
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root='{self.root}', split='{self.split}', sequences={len(self.sequences)}, "
-                f"clips={len(self)}, L={self.sequence_length}, file={self.h5_name}, "
-                f"CxHxW={self.channels}x{self.height}x{self.width}, classes={len(self.class_names)})")
+        return (
+            f"{type(self).__name__}(root='{self.root}', split='{self.split}', sequences={len(self.sequences)}, "
+            f"clips={len(self)}, L={self.sequence_length}, file={self.h5_name}, "
+            f"CxHxW={self.channels}x{self.height}x{self.width}, classes={len(self.class_names)})"
+        )

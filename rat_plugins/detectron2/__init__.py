@@ -1,4 +1,5 @@
 """detectron2 adapters. Importing this package registers every component into detectron2."""
+
 from .._optional import framework_missing_error
 
 try:

@@ -3,6 +3,7 @@
 Configs register nothing when loaded: their dataset entries call :func:`head_detection_dicts` /
 :func:`coco2017_dicts`, which register the splits when the dataloader is built.
 """
+
 import logging
 from pathlib import Path
 
@@ -12,8 +13,15 @@ from detectron2.data.datasets import register_coco_instances
 from ..data.paths import dataset_root
 from ..data.roboflow import FILTERED_NAME, ORIGINAL_NAME, count_images, filter_roboflow_coco
 
-__all__ = ["coco2017_dicts", "head_detection_dicts", "head_detection_mapper", "head_detection_num_images",
-           "register_coco2017", "register_head_detection", "register_custom_coco"]
+__all__ = [
+    "coco2017_dicts",
+    "head_detection_dicts",
+    "head_detection_mapper",
+    "head_detection_num_images",
+    "register_coco2017",
+    "register_head_detection",
+    "register_custom_coco",
+]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -69,8 +77,9 @@ def register_head_detection(root=None, name=HEAD_DETECTION, splits=SPLITS) -> di
         for dataset_name in (f"{prefix}_{split}" for prefix in names):
             if _registered_elsewhere(dataset_name, split_dir / FILTERED_NAME, split_dir) is not False:
                 register_coco_instances(dataset_name, {}, str(split_dir / FILTERED_NAME), str(split_dir))
-            MetadataCatalog.get(dataset_name).set(thing_classes=stats[split]["categories"],
-                                                  num_images=stats[split]["images"])
+            MetadataCatalog.get(dataset_name).set(
+                thing_classes=stats[split]["categories"], num_images=stats[split]["images"]
+            )
     return stats
 
 
@@ -111,14 +120,16 @@ def register_coco2017(root=None, names=("train", "val")) -> list:
     registered = []
     for split in names:
         ann, img = (root / rel for rel in COCO2017_SPLITS[split])
-        missing = ([] if ann.is_file() else [f"annotation file {ann}"]) + \
-                  ([] if img.is_dir() else [f"image folder {img}/"])
+        missing = ([] if ann.is_file() else [f"annotation file {ann}"]) + (
+            [] if img.is_dir() else [f"image folder {img}/"]
+        )
         if missing:
             raise FileNotFoundError(
                 f"COCO 2017 ({split}): missing {' and '.join(missing)}. Unzip train2017.zip, val2017.zip "
                 f"and annotations_trainval2017.zip from cocodataset.org into {root}/ (layout: datasets/README.md, "
                 f"section coco2017/; $RAT_DATASETS names the folder that holds coco2017/), or make the "
-                f"synthetic sample: python -m rat_plugins.data.synthetic coco --out {root}")
+                f"synthetic sample: python -m rat_plugins.data.synthetic coco --out {root}"
+            )
         name = f"coco2017_{split}"
         if _registered_elsewhere(name, ann, img) is not False:  # free, or held by other paths
             register_coco_instances(name, {}, str(ann), str(img))
@@ -134,8 +145,7 @@ def coco2017_dicts(names, root=None, **kwargs):
 
 def head_detection_mapper(is_train: bool, image_size: int = 640, flip: bool = True):
     """DatasetMapper for the head set: fixed square resize (the export is 640x640), flip in training."""
-    from detectron2.data import DatasetMapper
-    from detectron2.data import transforms as T
+    from detectron2.data import DatasetMapper, transforms as T
 
     augs = [T.Resize((image_size, image_size))]
     if is_train and flip:

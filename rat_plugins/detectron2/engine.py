@@ -4,6 +4,7 @@ schedules, the device, final test evaluation, peak memory, override checking.
 ``tools/lazyconfig_train_net.py`` is a thin CLI over :func:`main`; the configs also run under
 detectron2's stock ``tools/lazyconfig_train_net.py`` (without these extras).
 """
+
 import logging
 import os
 import resource
@@ -25,8 +26,16 @@ from ..utils.atomic import atomic_write_json
 from ..utils.config_keys import ConfigError, config_keys, did_you_mean
 from .schedule import set_epoch_schedule
 
-__all__ = ["AccumulatingTrainer", "PeakMemoryHook", "check_overrides", "resolve_device", "do_test", "do_train",
-           "main", "ConfigError"]
+__all__ = [
+    "AccumulatingTrainer",
+    "PeakMemoryHook",
+    "check_overrides",
+    "resolve_device",
+    "do_test",
+    "do_train",
+    "main",
+    "ConfigError",
+]
 
 logger = logging.getLogger("detectron2")
 
@@ -54,8 +63,9 @@ class AccumulatingTrainer(SimpleTrainer):
             data = next(self._data_loader_iter)
             data_time += time.perf_counter() - start
             last = i == self.accumulation - 1
-            sync = nullcontext() if last or not isinstance(self.model, DistributedDataParallel) \
-                else self.model.no_sync()
+            sync = (
+                nullcontext() if last or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync()
+            )
             with sync:
                 loss_dict = self.model(data)
                 if isinstance(loss_dict, torch.Tensor):
@@ -91,8 +101,10 @@ def check_overrides(cfg, overrides) -> None:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         if item.startswith("+") or key in known:
             continue
-        raise ConfigError(f"unknown config key {key!r} in override {item!r}.{did_you_mean(key, known)} "
-                          f"(prefix the override with '+' to add a new key on purpose)")
+        raise ConfigError(
+            f"unknown config key {key!r} in override {item!r}.{did_you_mean(key, known)} "
+            f"(prefix the override with '+' to add a new key on purpose)"
+        )
 
 
 def resolve_device(device) -> str:
@@ -101,8 +113,9 @@ def resolve_device(device) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {device!r} but no CUDA device is available; "
-                          "add the override train.device=cpu")
+        raise ConfigError(
+            f"train.device is {device!r} but no CUDA device is available; add the override train.device=cpu"
+        )
     return device
 
 
@@ -113,8 +126,10 @@ def _micro_batching(cfg, micro_batch):
         return 1
     per_step = micro_batch * comm.get_world_size()
     if total % per_step:
-        raise ConfigError(f"the batch ({total}) must be a multiple of micro-batch x processes "
-                          f"({micro_batch} x {comm.get_world_size()})")
+        raise ConfigError(
+            f"the batch ({total}) must be a multiple of micro-batch x processes "
+            f"({micro_batch} x {comm.get_world_size()})"
+        )
     cfg.dataloader.train.total_batch_size = per_step
     return total // per_step
 
@@ -163,18 +178,24 @@ def do_train(args, cfg):
     else:
         trainer = AccumulatingTrainer(model, train_loader, optim, accumulation=accumulation)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    trainer.register_hooks([
-        hooks.IterationTimer(),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        PeakMemoryHook(cfg.train.device),
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                             period=cfg.train.log_period) if comm.is_main_process() else None,
-    ])
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            PeakMemoryHook(cfg.train.device),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
     if accumulation > 1:
-        logger.info("Gradient accumulation: %d micro-batches of %d images (all processes) per optimizer step",
-                    accumulation, cfg.dataloader.train.total_batch_size)
+        logger.info(
+            "Gradient accumulation: %d micro-batches of %d images (all processes) per optimizer step",
+            accumulation,
+            cfg.dataloader.train.total_batch_size,
+        )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     started = time.time()
@@ -185,9 +206,12 @@ def do_train(args, cfg):
         result = do_test(cfg, model, "final_test")
     if comm.is_main_process():
         # Marks the run finished (run_all_ofat.sh skips it; summarize_ofat.py reads it).
-        atomic_write_json(os.path.join(cfg.train.output_dir, "final_metrics.json"), dict(
-            test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started),
-            indent=1, default=float)
+        atomic_write_json(
+            os.path.join(cfg.train.output_dir, "final_metrics.json"),
+            dict(test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started),
+            indent=1,
+            default=float,
+        )
     return result
 
 
@@ -226,8 +250,10 @@ def main(args):
     try:
         return do_train(args, cfg)
     except FloatingPointError as e:
-        raise SystemExit(f"error: training diverged ({str(e).splitlines()[0]}). Lower the learning "
-                         f"rate (optimizer.lr=...), lengthen the warm-up, or check the data.") from e
+        raise SystemExit(
+            f"error: training diverged ({str(e).splitlines()[0]}). Lower the learning "
+            f"rate (optimizer.lr=...), lengthen the warm-up, or check the data."
+        ) from e
 
 
 def run_guarded(fn, *args):
@@ -237,4 +263,3 @@ def run_guarded(fn, *args):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-

@@ -1,4 +1,5 @@
 """RVT's MaxViT-RNN as a detectron2 Backbone: four maps named ``p<log2 stride>``."""
+
 import math
 from typing import Optional, Sequence
 
@@ -28,15 +29,21 @@ class MaxViTRNN(Backbone):
         **kwargs: overrides passed to the model (in_chans, patch_size, partition_split, ...).
     """
 
-    def __init__(self, variant: str = "tiny", out_features: Optional[Sequence[str]] = None,
-                 checkpoint: Optional[str] = None, stem_mismatch: str = "reinit", **kwargs):
+    def __init__(
+        self,
+        variant: str = "tiny",
+        out_features: Optional[Sequence[str]] = None,
+        checkpoint: Optional[str] = None,
+        stem_mismatch: str = "reinit",
+        **kwargs,
+    ):
         super().__init__()
         self.net = create_maxvit_rnn(variant, **kwargs)
-        self.checkpoint_report = (load_rvt_checkpoint(self.net, checkpoint, stem_mismatch)
-                                  if checkpoint else None)
+        self.checkpoint_report = load_rvt_checkpoint(self.net, checkpoint, stem_mismatch) if checkpoint else None
         # detectron2's stride names for the model's maps, e.g. p3 <- stage2 (patch 4)
-        self.feature_info = [FeatureInfo(f"p{int(math.log2(i.stride))}", i.stride, i.channels)
-                             for i in self.net.feature_info]
+        self.feature_info = [
+            FeatureInfo(f"p{int(math.log2(i.stride))}", i.stride, i.channels) for i in self.net.feature_info
+        ]
         self._model_names = {d2.name: i.name for d2, i in zip(self.feature_info, self.net.feature_info)}
         try:
             self._out_features = list(resolve_out_features(self.feature_info, out_features or None))
@@ -73,5 +80,11 @@ def build_maxvit_rnn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> MaxViTRNN
     """yacs build function: ``MODEL.BACKBONE.NAME = "build_maxvit_rnn_backbone"`` after
     ``add_maxvit_rnn_config``; input channels come from ``input_shape`` (20 for RVT histograms)."""
     c = cfg.MODEL.MAXVIT_RNN
-    return MaxViTRNN(variant=c.VARIANT, out_features=list(c.OUT_FEATURES) or None, checkpoint=c.CHECKPOINT or None,
-                     in_chans=input_shape.channels, patch_size=c.PATCH_SIZE, partition_split=c.PARTITION_SPLIT)
+    return MaxViTRNN(
+        variant=c.VARIANT,
+        out_features=list(c.OUT_FEATURES) or None,
+        checkpoint=c.CHECKPOINT or None,
+        in_chans=input_shape.channels,
+        patch_size=c.PATCH_SIZE,
+        partition_split=c.PARTITION_SPLIT,
+    )

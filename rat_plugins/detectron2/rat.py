@@ -4,6 +4,7 @@ Output names are ``level<l>_block<b>`` rather than ``p<log2 stride>``: with an i
 several maps share a stride (level 1 block 0 and level 0 block 1 are both stride 4 with the
 defaults), so the stride cannot name them; ``output_shape()`` gives each map's stride.
 """
+
 import math
 from typing import Sequence, Union
 
@@ -46,8 +47,9 @@ class RAT(Backbone):
             stride = info[name].stride
             # detectron2 has one integer stride per map
             if len(set(stride)) != 1 or not isinstance(stride[0], int):
-                raise ValueError(f"{name} has stride {stride}; detectron2 needs one integer stride per map "
-                                 f"(check stride and scales)")
+                raise ValueError(
+                    f"{name} has stride {stride}; detectron2 needs one integer stride per map (check stride and scales)"
+                )
             self._out_feature_strides[name] = stride[0]
         self._out_feature_channels = {name: info[name].channels for name in self._out_features}
 
@@ -89,8 +91,20 @@ def build_rat_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RAT:
     c = cfg.MODEL.RAT
     attention = c.ATTENTION.split(",") if "," in c.ATTENTION else c.ATTENTION
     local_window = {"neighborhood_kernel": c.NEIGHBORHOOD_KERNEL} if c.NEIGHBORHOOD_KERNEL else None
-    return RAT(out_features=list(c.OUT_FEATURES) or None, input_features=input_shape.channels,
-               feature_dims=c.FEATURE_DIMS, num_blocks=c.NUM_BLOCKS, num_heads=c.NUM_HEADS, iters=c.ITERS,
-               sga_kernel_size=c.SGA_KERNEL_SIZE, stride=c.STRIDE, scales=list(c.SCALES), attention=attention,
-               local_window=local_window, pos_embed=c.POS_EMBED, abs_ref_size=c.ABS_REF_SIZE,
-               rotary_ratio=c.ROTARY_RATIO, spacing=c.SPACING)
+    return RAT(
+        out_features=list(c.OUT_FEATURES) or None,
+        input_features=input_shape.channels,
+        feature_dims=c.FEATURE_DIMS,
+        num_blocks=c.NUM_BLOCKS,
+        num_heads=c.NUM_HEADS,
+        iters=c.ITERS,
+        sga_kernel_size=c.SGA_KERNEL_SIZE,
+        stride=c.STRIDE,
+        scales=list(c.SCALES),
+        attention=attention,
+        local_window=local_window,
+        pos_embed=c.POS_EMBED,
+        abs_ref_size=c.ABS_REF_SIZE,
+        rotary_ratio=c.ROTARY_RATIO,
+        spacing=c.SPACING,
+    )

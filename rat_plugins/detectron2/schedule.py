@@ -1,4 +1,5 @@
 """Epoch-based schedules written into a LazyConfig's ``train`` / ``lr_multiplier``."""
+
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -36,8 +37,7 @@ def set_epoch_schedule(train, lr_multiplier, dataloader, epochs=None, num_images
     if num_images is not None:
         train.num_train_images = num_images
     train.warmup_iters = warmup_iters if warmup_iters is not None else train.get("warmup_iters", 500)
-    sched = epoch_schedule(train.num_train_images, dataloader.train.total_batch_size, train.epochs,
-                           train.warmup_iters)
+    sched = epoch_schedule(train.num_train_images, dataloader.train.total_batch_size, train.epochs, train.warmup_iters)
     train.max_iter = sched.max_iter
     train.eval_period = sched.iters_per_epoch
     train.checkpointer.period = sched.iters_per_epoch

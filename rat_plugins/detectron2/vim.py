@@ -1,4 +1,5 @@
 """ViM (Vision Mamba) as a detectron2 Backbone: one stride-16 map for SimpleFeaturePyramid."""
+
 import logging
 
 from detectron2.config import CfgNode
@@ -68,5 +69,11 @@ def build_vim_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ViM:
         raise ValueError(f"ViM expects 3 input channels, got {input_shape.channels}")
     v = cfg.MODEL.VIM
     frozen = {"frozen": v.FROZEN} if v.FREEZE is None else {"freeze": v.FREEZE}
-    return ViM(out_feature=v.OUT_FEATURE, embed_dim=v.EMBED_DIM, depth=v.DEPTH, checkpoint=v.CHECKPOINT or None,
-               last_layer_process=v.LAST_LAYER_PROCESS, **frozen)
+    return ViM(
+        out_feature=v.OUT_FEATURE,
+        embed_dim=v.EMBED_DIM,
+        depth=v.DEPTH,
+        checkpoint=v.CHECKPOINT or None,
+        last_layer_process=v.LAST_LAYER_PROCESS,
+        **frozen,
+    )

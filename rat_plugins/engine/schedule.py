@@ -1,4 +1,5 @@
 """Epoch-based schedules expressed in iterations (what detectron2's iteration-based trainer needs)."""
+
 import math
 from dataclasses import dataclass
 
@@ -15,15 +16,16 @@ class EpochSchedule:
     @property
     def lr_factors(self) -> tuple:
         """Learning-rate multipliers before the first milestone and after each (1, 0.1, ...)."""
-        return tuple(0.1 ** i for i in range(len(self.milestones) + 1))
+        return tuple(0.1**i for i in range(len(self.milestones) + 1))
 
     @property
     def warmup_fraction(self) -> float:
         return min(1.0, self.warmup_iters / self.max_iter)
 
 
-def epoch_schedule(num_images: int, batch_size: int, epochs: int, warmup_iters: int = 500,
-                   decay_at=(0.7, 0.9)) -> EpochSchedule:
+def epoch_schedule(
+    num_images: int, batch_size: int, epochs: int, warmup_iters: int = 500, decay_at=(0.7, 0.9)
+) -> EpochSchedule:
     """iterations = ceil(num_images / batch_size) * epochs; multistep decay at fractions of it.
 
     Args:

@@ -5,6 +5,7 @@ mmengine's checkpoints hold ``HistoryBuffer`` objects (numpy arrays, statistics 
 ``load_from`` and ``tools/test.py`` fail (open-mmlab/mmengine#1655). Importing this module adds a
 narrow allow-list instead of turning weights-only loading off.
 """
+
 import pickle
 
 import numpy as np
@@ -31,8 +32,20 @@ def _numpy_globals():
     out = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     for prefix in ("numpy._core", "numpy.core"):  # checkpoints written under numpy 2 and numpy 1
         out += [(reconstruct, f"{prefix}.multiarray._reconstruct"), (scalar, f"{prefix}.multiarray.scalar")]
-    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-              np.float16, np.float32, np.float64):
+    for t in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+    ):
         cls = type(np.dtype(t))
         out.append((cls, f"{cls.__module__}.{cls.__qualname__}"))
     return out

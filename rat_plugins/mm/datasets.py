@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from mmcv.transforms import BaseTransform
 from mmdet.datasets import BaseDetDataset, CocoDataset
-from mmdet.registry import DATASETS as MMDET_DATASETS
-from mmdet.registry import TRANSFORMS as MMDET_TRANSFORMS
+from mmdet.registry import DATASETS as MMDET_DATASETS, TRANSFORMS as MMDET_TRANSFORMS
 from mmdet.structures import DetDataSample
 from mmengine import fileio
 from mmengine.structures import InstanceData

@@ -1,4 +1,5 @@
 """RVT's MaxViT-RNN as an mmdet backbone (``type='MaxViTRNN'``)."""
+
 from typing import Optional, Sequence, Tuple
 
 from mmdet.registry import MODELS as MMDET_MODELS
@@ -31,8 +32,15 @@ class MaxViTRNN(BaseModule):
         **kwargs: overrides passed to the model (patch_size, partition_split, in_chans, ...).
     """
 
-    def __init__(self, variant: str = "tiny", out_indices: Sequence = (1, 2, 3),
-                 checkpoint: Optional[str] = None, stem_mismatch: str = "reinit", init_cfg=None, **kwargs):
+    def __init__(
+        self,
+        variant: str = "tiny",
+        out_indices: Sequence = (1, 2, 3),
+        checkpoint: Optional[str] = None,
+        stem_mismatch: str = "reinit",
+        init_cfg=None,
+        **kwargs,
+    ):
         super().__init__(init_cfg)
         self.net = create_maxvit_rnn(variant, **kwargs)
         try:
@@ -70,8 +78,9 @@ class MaxViTRNN(BaseModule):
         features, _ = self.net(x)
         return tuple(select_features(features, self.out_features).values())
 
-    def forward_clip(self, clip: Tensor, valid: Optional[Tensor] = None,
-                     is_first: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    def forward_clip(
+        self, clip: Tensor, valid: Optional[Tensor] = None, is_first: Optional[Tensor] = None
+    ) -> Tuple[Tensor, ...]:
         """The selected maps of the last step of ``clip`` [B, T, C, H, W], from a zero state."""
         features, _ = self.net.forward_clip(clip, return_all=False, valid=valid, is_first=is_first)
         return tuple(select_features(features, self.out_features).values())

@@ -1,4 +1,5 @@
 """RAT (Resolution Aware Transformer) as an mmseg backbone (``type='RAT'``; ``'RATAblation'`` is an alias)."""
+
 from typing import Optional, Sequence, Union
 
 from mmengine.model import BaseModule
@@ -35,12 +36,18 @@ class RAT(BaseModule):
             spacing, ...).
     """
 
-    def __init__(self, out_features: Union[None, str, Sequence[Union[str, int]]] = None,
-                 out_indices: Optional[Sequence[int]] = None, init_cfg=None, **kwargs):
+    def __init__(
+        self,
+        out_features: Union[None, str, Sequence[Union[str, int]]] = None,
+        out_indices: Optional[Sequence[int]] = None,
+        init_cfg=None,
+        **kwargs,
+    ):
         super().__init__(init_cfg)
         if out_features is not None and out_indices is not None:
-            raise ValueError(f"RAT: give out_features or out_indices, not both "
-                             f"(got {out_features!r} and {out_indices!r})")
+            raise ValueError(
+                f"RAT: give out_features or out_indices, not both (got {out_features!r} and {out_indices!r})"
+            )
         self.net = RATBackbone(**kwargs)
         if out_indices is not None:
             self.out_features = self.net.resolve_out_features([int(i) for i in out_indices], arg="out_indices")

@@ -1,4 +1,5 @@
 """Shared logic of tools/train.py and tools/test.py for mmseg / mmdet configs (OpenMMLab CLI)."""
+
 import argparse
 import logging
 import os
@@ -13,15 +14,23 @@ from mmengine.runner import Runner
 
 from ..utils.config_keys import ConfigError, did_you_mean
 
-__all__ = ["train_parser", "test_parser", "check_options", "load_config", "build_runner", "unique_instance_names",
-           "ConfigError"]
+__all__ = [
+    "train_parser",
+    "test_parser",
+    "check_options",
+    "load_config",
+    "build_runner",
+    "unique_instance_names",
+    "ConfigError",
+]
 
 
 def _common(parser):
     parser.add_argument("config", help="config file path")
     parser.add_argument("--work-dir", help="the dir to save logs and models")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
-                        help="override settings, key=value (as OpenMMLab's tools)")
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=DictAction, help="override settings, key=value (as OpenMMLab's tools)"
+    )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser
@@ -53,8 +62,10 @@ def check_options(cfg, options) -> None:
                 known = list(node.keys()) if hasattr(node, "keys") else []
                 if i == len(parts) - 1 and "type" in known:
                     break  # adding a constructor argument to a registered type is legitimate
-                raise ConfigError(f"--cfg-options key {key!r}: {'.'.join(parts[:i + 1])!r} is not in the config."
-                                  f"{did_you_mean(part, known)}")
+                raise ConfigError(
+                    f"--cfg-options key {key!r}: {'.'.join(parts[: i + 1])!r} is not in the config."
+                    f"{did_you_mean(part, known)}"
+                )
             node = node[part]
 
 
@@ -108,8 +119,9 @@ def unique_instance_names(cfg: Config) -> Config:
 
     vis = cfg.get("visualizer")
     # every class keeps its own instances (SegLocalVisualizer, DetLocalVisualizer, ...)
-    if isinstance(vis, dict) and any(c.check_instance_created(vis.get("name", "visualizer"))
-                                     for c in subclasses(Visualizer)):
+    if isinstance(vis, dict) and any(
+        c.check_instance_created(vis.get("name", "visualizer")) for c in subclasses(Visualizer)
+    ):
         vis["name"] = f"{vis.get('name', 'visualizer')}_{time.time_ns()}"
     return cfg
 

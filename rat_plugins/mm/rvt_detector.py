@@ -4,6 +4,7 @@ mmdet's ``YOLOX`` (neck, head, SimOTA, losses, inference) whose features come fr
 recurrent backbone over a clip and keeping its last, labelled step, as RVT's random-access
 training does (github.com/uzh-rpg/RVT, ``modules/detection.py``).
 """
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -56,15 +57,18 @@ class EventClipDataPreprocessor(BaseDataPreprocessor):
         data = self.cast_data(data)
         clips: List[Tensor] = list(data["inputs"])
         if any(c.ndim != 4 for c in clips):
-            raise ValueError("EventClipDataPreprocessor expects clips [T, C, H, W] (PackEventClip output), got "
-                             f"shapes {[tuple(c.shape) for c in clips]}")
+            raise ValueError(
+                "EventClipDataPreprocessor expects clips [T, C, H, W] (PackEventClip output), got "
+                f"shapes {[tuple(c.shape) for c in clips]}"
+            )
         if len({tuple(c.shape[:2]) for c in clips}) != 1:
             raise ValueError(f"clips of one batch must share T and C, got {[tuple(c.shape) for c in clips]}")
         height = max(int(c.shape[-2]) for c in clips)
         width = max(int(c.shape[-1]) for c in clips)
         pad_h, pad_w = self.padded_size(height, width)
-        batch = torch.stack([F.pad(c.float(), (0, pad_w - c.shape[-1], 0, pad_h - c.shape[-2]), value=self.pad_value)
-                             for c in clips])
+        batch = torch.stack(
+            [F.pad(c.float(), (0, pad_w - c.shape[-1], 0, pad_h - c.shape[-2]), value=self.pad_value) for c in clips]
+        )
         samples = data.get("data_samples")
         if samples is not None:
             # what mmdet's DetDataPreprocessor records; the head decodes in padded-input pixels
@@ -98,16 +102,19 @@ class RecurrentYOLOX(YOLOX):
     def __init__(self, backbone: dict, **kwargs):
         super().__init__(backbone=backbone, **kwargs)
         if not isinstance(self.backbone, MaxViTRNN):
-            raise TypeError(f"RecurrentYOLOX needs a recurrent backbone (type='MaxViTRNN'), "
-                            f"got {type(self.backbone).__name__}")
+            raise TypeError(
+                f"RecurrentYOLOX needs a recurrent backbone (type='MaxViTRNN'), got {type(self.backbone).__name__}"
+            )
         multiple = self.backbone.pad_multiple
         preprocessor = self.data_preprocessor
         if isinstance(preprocessor, EventClipDataPreprocessor):
             if preprocessor.pad_size_divisor is None:
                 preprocessor.pad_size_divisor = multiple
             elif preprocessor.pad_size_divisor % multiple:
-                raise ValueError(f"data_preprocessor.pad_size_divisor={preprocessor.pad_size_divisor} is not a "
-                                 f"multiple of the backbone's padding multiple {multiple}; leave it None")
+                raise ValueError(
+                    f"data_preprocessor.pad_size_divisor={preprocessor.pad_size_divisor} is not a "
+                    f"multiple of the backbone's padding multiple {multiple}; leave it None"
+                )
 
     @staticmethod
     def clip_masks(batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, Tensor]:
@@ -121,8 +128,10 @@ class RecurrentYOLOX(YOLOX):
         valid = torch.stack([torch.as_tensor(s.valid, dtype=torch.bool) for s in batch_data_samples]).to(device)
         is_first = torch.stack([torch.as_tensor(s.is_first, dtype=torch.bool) for s in batch_data_samples]).to(device)
         if valid.shape != (B, T) or is_first.shape != (B, T):
-            raise ValueError(f"valid / is_first masks must be [B, T] = [{B}, {T}], got {tuple(valid.shape)} and "
-                             f"{tuple(is_first.shape)}")
+            raise ValueError(
+                f"valid / is_first masks must be [B, T] = [{B}, {T}], got {tuple(valid.shape)} and "
+                f"{tuple(is_first.shape)}"
+            )
         if not valid[:, -1].all():
             raise ValueError("the last step of every clip must be valid: it is the labelled frame")
         return valid, is_first
@@ -140,8 +149,9 @@ class RecurrentYOLOX(YOLOX):
         return self.bbox_head.loss(self.extract_feat(batch_inputs, batch_data_samples), batch_data_samples)
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList, rescale: bool = True) -> SampleList:
-        results = self.bbox_head.predict(self.extract_feat(batch_inputs, batch_data_samples), batch_data_samples,
-                                         rescale=rescale)
+        results = self.bbox_head.predict(
+            self.extract_feat(batch_inputs, batch_data_samples), batch_data_samples, rescale=rescale
+        )
         return self.add_pred_to_datasample(batch_data_samples, results)
 
     def _forward(self, batch_inputs: Tensor, batch_data_samples: OptSampleList = None):

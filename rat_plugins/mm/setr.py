@@ -5,6 +5,7 @@ keeps eval mode and runs without autograd, so it costs no gradients, optimizer s
 activations; its outputs can be cached per input view (:mod:`rat_plugins.models.feature_cache`),
 which pays off only for views that recur (validation, or training without random augmentation).
 """
+
 import os
 
 import torch
@@ -35,8 +36,17 @@ class FrozenVisionTransformer(VisionTransformer):
     """
 
     # settings that change the outputs without changing a weight (part of the cache key)
-    _OUTPUT_SETTINGS = ("img_size", "patch_size", "interpolate_mode", "out_indices", "out_origin",
-                        "with_cls_token", "output_cls_token", "pre_norm", "final_norm")
+    _OUTPUT_SETTINGS = (
+        "img_size",
+        "patch_size",
+        "interpolate_mode",
+        "out_indices",
+        "out_origin",
+        "with_cls_token",
+        "output_cls_token",
+        "pre_norm",
+        "final_norm",
+    )
 
     def __init__(self, *args, frozen: bool = True, pretrained_timm=None, feature_cache_dir=None, **kwargs):
         if pretrained_timm is not None and (kwargs.get("init_cfg") or kwargs.get("pretrained")):
@@ -45,15 +55,20 @@ class FrozenVisionTransformer(VisionTransformer):
         self.frozen = bool(frozen)
         self.pretrained_timm = pretrained_timm
         if feature_cache_dir and not self.frozen:
-            raise ValueError("FrozenVisionTransformer: feature_cache_dir needs frozen=True (a training "
-                             "encoder's outputs change every step); set feature_cache_dir=None")
+            raise ValueError(
+                "FrozenVisionTransformer: feature_cache_dir needs frozen=True (a training "
+                "encoder's outputs change every step); set feature_cache_dir=None"
+            )
         if self.frozen:
             for p in self.parameters():
                 p.requires_grad_(False)
             self.train(False)
         # a plain attribute, not a submodule: the state dict keeps the encoder's keys once
-        self._cached_forward = (CachedFrozenForward(self, feature_cache_dir, self._OUTPUT_SETTINGS,
-                                                    compute=self._encode) if feature_cache_dir else None)
+        self._cached_forward = (
+            CachedFrozenForward(self, feature_cache_dir, self._OUTPUT_SETTINGS, compute=self._encode)
+            if feature_cache_dir
+            else None
+        )
 
     def init_weights(self):
         if self.pretrained_timm is None:
@@ -64,13 +79,19 @@ class FrozenVisionTransformer(VisionTransformer):
             raise FileNotFoundError(
                 f"pretrained encoder weights not found: {path!r} (config field model.backbone.pretrained_timm, "
                 f"resolved from {os.getcwd()!r}). Put the timm/DeiT-layout ViT checkpoint there, or set "
-                "model.backbone.pretrained_timm=None to train from a random encoder.")
+                "model.backbone.pretrained_timm=None to train from a random encoder."
+            )
         state = load_timm_vit_checkpoint(path)
         grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
         converted, report = convert_timm_vit_to_mmseg(
-            state, num_layers=len(self.layers), embed_dims=self.cls_token.shape[-1], grid_hw=grid,
-            mlp_hidden=self.layers[0].ffn.layers[0][0].out_features, patch_size=self.patch_size,
-            interpolate_mode=self.interpolate_mode)
+            state,
+            num_layers=len(self.layers),
+            embed_dims=self.cls_token.shape[-1],
+            grid_hw=grid,
+            mlp_hidden=self.layers[0].ffn.layers[0][0].out_features,
+            patch_size=self.patch_size,
+            interpolate_mode=self.interpolate_mode,
+        )
         own = self.state_dict()
         missing = [k for k in own if k not in converted]
         unexpected = [k for k in converted if k not in own]
@@ -78,7 +99,8 @@ class FrozenVisionTransformer(VisionTransformer):
             raise ValueError(
                 f"{path!r} does not match the encoder: missing {missing or 'none'}; "
                 f"not in the model {unexpected or 'none'} (timm weights need patch_bias=True, "
-                "final_norm=True, qkv_bias=True).\n" + str(report))
+                "final_norm=True, qkv_bias=True).\n" + str(report)
+            )
         self.load_state_dict(converted, strict=True)
         for line in report.lines():
             print_log(f"FrozenVisionTransformer: {path}: {line}", logger="current")

@@ -1,4 +1,5 @@
 """RVT's neck and a size-aware YOLOX head for mmdet: ``type='RVTPAFPN'``, ``type='SizeAwareYOLOXHead'``."""
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -33,8 +34,16 @@ class RVTPAFPN(BaseModule):
         init_cfg: mmengine init config (None: PyTorch's default init, as RVT).
     """
 
-    def __init__(self, in_channels: Sequence[int], depth: float = 1.0, depthwise: bool = False, act: str = "silu",
-                 out_channels: Optional[int] = None, checkpoint: Optional[str] = None, init_cfg=None):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        depth: float = 1.0,
+        depthwise: bool = False,
+        act: str = "silu",
+        out_channels: Optional[int] = None,
+        checkpoint: Optional[str] = None,
+        init_cfg=None,
+    ):
         super().__init__(init_cfg)
         self.net = YoloxPafpn(in_channels, depth=depth, depthwise=depthwise, act=act, out_channels=out_channels)
         self.checkpoint = checkpoint or None
@@ -95,9 +104,17 @@ class SizeAwareYOLOXHead(YOLOXHead):
 
     LOSS_TERMS = ("bbox", "cls", "obj", "l1")
 
-    def __init__(self, *args, size_aware_weight: float = 2.0, small_threshold: float = 1024.0,
-                 medium_threshold: float = 9216.0, weight_type: str = "exponential",
-                 weighted_losses: Sequence[str] = LOSS_TERMS, normalizer: str = "num_pos", **kwargs):
+    def __init__(
+        self,
+        *args,
+        size_aware_weight: float = 2.0,
+        small_threshold: float = 1024.0,
+        medium_threshold: float = 9216.0,
+        weight_type: str = "exponential",
+        weighted_losses: Sequence[str] = LOSS_TERMS,
+        normalizer: str = "num_pos",
+        **kwargs,
+    ):
         check_size_weight_args(size_aware_weight, small_threshold, medium_threshold, weight_type)
         unknown = set(weighted_losses) - set(self.LOSS_TERMS)
         if unknown:
@@ -114,8 +131,9 @@ class SizeAwareYOLOXHead(YOLOXHead):
 
     def size_weights(self, gt_bboxes: Tensor) -> Tensor:
         """Weights of positives from their assigned ground-truth boxes (xyxy)."""
-        return size_aware_weights(box_areas(gt_bboxes), self.size_aware_weight, self.small_threshold,
-                                  self.medium_threshold, self.weight_type)
+        return size_aware_weights(
+            box_areas(gt_bboxes), self.size_aware_weight, self.small_threshold, self.medium_threshold, self.weight_type
+        )
 
     def _normalizer(self, weights: Tensor, num_pos: int):
         """``max(mean over GPUs of (num_pos or the sum of weights), 1)``, mmdet's form."""
@@ -125,9 +143,15 @@ class SizeAwareYOLOXHead(YOLOXHead):
             total = torch.tensor(float(num_pos), dtype=torch.float, device=weights.device)
         return max(reduce_mean(total), 1.0)
 
-    def loss_by_feat(self, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
-                     objectnesses: Sequence[Tensor], batch_gt_instances,
-                     batch_img_metas: Sequence[dict], batch_gt_instances_ignore: OptInstanceList = None) -> dict:
+    def loss_by_feat(
+        self,
+        cls_scores: Sequence[Tensor],
+        bbox_preds: Sequence[Tensor],
+        objectnesses: Sequence[Tensor],
+        batch_gt_instances,
+        batch_img_metas: Sequence[dict],
+        batch_gt_instances_ignore: OptInstanceList = None,
+    ) -> dict:
         """``YOLOXHead.loss_by_feat`` with per-positive size weights (same arguments and keys)."""
         num_imgs = len(batch_img_metas)
         if batch_gt_instances_ignore is None:
@@ -136,17 +160,29 @@ class SizeAwareYOLOXHead(YOLOXHead):
         def flatten(maps: Sequence[Tensor], channels: int) -> Tensor:  # levels -> [B, priors, channels]
             return torch.cat([m.permute(0, 2, 3, 1).reshape(num_imgs, -1, channels) for m in maps], dim=1)
 
-        priors = torch.cat(self.prior_generator.grid_priors(
-            [s.shape[2:] for s in cls_scores], dtype=cls_scores[0].dtype, device=cls_scores[0].device,
-            with_stride=True))
+        priors = torch.cat(
+            self.prior_generator.grid_priors(
+                [s.shape[2:] for s in cls_scores],
+                dtype=cls_scores[0].dtype,
+                device=cls_scores[0].device,
+                with_stride=True,
+            )
+        )
         cls_flat = flatten(cls_scores, self.cls_out_channels)
         reg_flat = flatten(bbox_preds, 4)
         obj_flat = flatten(objectnesses, 1)[..., 0]
         decoded = self._bbox_decode(priors, reg_flat)
 
         pos_masks, cls_targets, obj_targets, bbox_targets, l1_targets, num_pos_per_img = multi_apply(
-            self._get_targets_single, priors.unsqueeze(0).repeat(num_imgs, 1, 1), cls_flat.detach(),
-            decoded.detach(), obj_flat.detach(), batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
+            self._get_targets_single,
+            priors.unsqueeze(0).repeat(num_imgs, 1, 1),
+            cls_flat.detach(),
+            decoded.detach(),
+            obj_flat.detach(),
+            batch_gt_instances,
+            batch_img_metas,
+            batch_gt_instances_ignore,
+        )
         # per image, positives come in prior order, so they line up with the masked predictions below
         pos_mask = torch.cat(pos_masks, 0)
         cls_targets = torch.cat(cls_targets, 0)
@@ -166,17 +202,26 @@ class SizeAwareYOLOXHead(YOLOXHead):
         obj_weights[pos_mask] = w["obj"].unsqueeze(-1)
         losses = dict(loss_obj=self.loss_obj(obj_flat.reshape(-1, 1), obj_targets, weight=obj_weights) / norm["obj"])
         if num_pos > 0:
-            losses["loss_cls"] = self.loss_cls(cls_flat.reshape(-1, self.num_classes)[pos_mask], cls_targets,
-                                               weight=w["cls"].unsqueeze(-1)) / norm["cls"]
-            losses["loss_bbox"] = self.loss_bbox(decoded.reshape(-1, 4)[pos_mask], bbox_targets,
-                                                 weight=w["bbox"]) / norm["bbox"]
+            losses["loss_cls"] = (
+                self.loss_cls(
+                    cls_flat.reshape(-1, self.num_classes)[pos_mask], cls_targets, weight=w["cls"].unsqueeze(-1)
+                )
+                / norm["cls"]
+            )
+            losses["loss_bbox"] = (
+                self.loss_bbox(decoded.reshape(-1, 4)[pos_mask], bbox_targets, weight=w["bbox"]) / norm["bbox"]
+            )
         else:  # zero losses that still reach every branch (mmdet issue 7298)
             losses["loss_cls"] = cls_flat.sum() * 0
             losses["loss_bbox"] = decoded.sum() * 0
         if self.use_l1:
             if num_pos > 0:
-                losses["loss_l1"] = self.loss_l1(reg_flat.reshape(-1, 4)[pos_mask], torch.cat(l1_targets, 0),
-                                                 weight=w["l1"].unsqueeze(-1)) / norm["l1"]
+                losses["loss_l1"] = (
+                    self.loss_l1(
+                        reg_flat.reshape(-1, 4)[pos_mask], torch.cat(l1_targets, 0), weight=w["l1"].unsqueeze(-1)
+                    )
+                    / norm["l1"]
+                )
             else:
                 losses["loss_l1"] = reg_flat.sum() * 0
         return {k: losses[k] for k in ("loss_cls", "loss_bbox", "loss_obj", "loss_l1") if k in losses}

@@ -7,6 +7,7 @@ the rat_plugins version) and by a hash of the exact input tensor (which encodes 
 resize, flip and normalisation). Features are stored as float16 where they fit, float32 otherwise;
 fresh features go through the same rounding, so a hit and a miss return the same values.
 """
+
 import hashlib
 import logging
 import os
@@ -97,8 +98,14 @@ class FrozenFeatureCache:
 
     def save(self, key: str, entry: dict) -> None:
         with atomic_path(self._path(key)) as tmp:  # readers see the old file or the whole new one
-            torch.save({"outputs": [t.cpu().clone() for t in entry["outputs"]], "sequence": entry["sequence"],
-                        "names": entry.get("names")}, tmp)
+            torch.save(
+                {
+                    "outputs": [t.cpu().clone() for t in entry["outputs"]],
+                    "sequence": entry["sequence"],
+                    "names": entry.get("names"),
+                },
+                tmp,
+            )
 
 
 class CachedFrozenForward:
@@ -116,8 +123,13 @@ class CachedFrozenForward:
             owns its cache passes its uncached forward; a backbone its ``forward_features``).
     """
 
-    def __init__(self, module: nn.Module, cache_dir: Union[str, os.PathLike], config_attrs: Iterable[str] = (),
-                 compute: Optional[Callable] = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        cache_dir: Union[str, os.PathLike],
+        config_attrs: Iterable[str] = (),
+        compute: Optional[Callable] = None,
+    ):
         if any(p.requires_grad for p in module.parameters()):
             raise ValueError("a feature cache needs a frozen module; freeze it or turn the cache off")
         self.module = module
@@ -130,8 +142,7 @@ class CachedFrozenForward:
     def cache(self) -> FrozenFeatureCache:
         if self._cache is None:
             method = "forward" if self.compute is self.module else getattr(self.compute, "__name__", "compute")
-            self._cache = FrozenFeatureCache(self.cache_dir,
-                                             module_fingerprint(self.module, self.config_attrs, method))
+            self._cache = FrozenFeatureCache(self.cache_dir, module_fingerprint(self.module, self.config_attrs, method))
             logger.info("frozen-feature cache in %s", self._cache.root)
         return self._cache
 
@@ -153,8 +164,9 @@ class CachedFrozenForward:
                 cache.save(keys[i], found[i])
         cache.hits += x.shape[0] - len(missing)
         cache.misses += len(missing)
-        outputs = [torch.stack([_expand(f["outputs"][k]) for f in found]).to(x.device)
-                   for k in range(len(found[0]["outputs"]))]
+        outputs = [
+            torch.stack([_expand(f["outputs"][k]) for f in found]).to(x.device) for k in range(len(found[0]["outputs"]))
+        ]
         names = found[0].get("names")
         if names is not None:
             return dict(zip(names, outputs))

@@ -9,6 +9,7 @@
 Adapters pick maps by name (:func:`select_features`) and read strides and channels from
 ``feature_info``; they never renumber.
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 

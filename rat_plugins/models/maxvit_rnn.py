@@ -5,6 +5,7 @@ Gehrig & Scaramuzza, "Recurrent Vision Transformers for Object Detection with Ev
 hidden state is the stage output; :meth:`MaxViTRNN.forward_clip` runs clips with per-sample sequence
 starts and padding masks. Key layout and sizes: docs/formats.md, "RVT checkpoints".
 """
+
 import logging
 import math
 import os
@@ -66,8 +67,9 @@ class OverlapConvDownsample(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, factor: int):
         super().__init__()
         self.factor = factor
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=2 * factor - 1, stride=factor,
-                              padding=factor - 1, bias=False)
+        self.conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size=2 * factor - 1, stride=factor, padding=factor - 1, bias=False
+        )
         self.norm = nn.LayerNorm(out_chs, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +96,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, hidden), nn.GELU()), nn.Dropout(drop),
-                                 nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU()), nn.Dropout(drop), nn.Linear(hidden, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -163,9 +166,17 @@ class PartitionAttentionBlock(nn.Module):
     (and its keys) where the input is already normalised, as RVT does after each downsample.
     """
 
-    def __init__(self, dim: int, kind: str, dim_head: int = 32, mlp_ratio: float = 4.0,
-                 ls_init_value: Optional[float] = 1e-5, norm_eps: float = 1e-5, skip_norm1: bool = False,
-                 drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        kind: str,
+        dim_head: int = 32,
+        mlp_ratio: float = 4.0,
+        ls_init_value: Optional[float] = 1e-5,
+        norm_eps: float = 1e-5,
+        skip_norm1: bool = False,
+        drop: float = 0.0,
+    ):
         super().__init__()
         if kind not in ("window", "grid"):
             raise ValueError(f"partition kind must be 'window' or 'grid', got {kind!r}")
@@ -229,11 +240,13 @@ class MaxViTRNNStage(nn.Module):
         self.downsample_cf2cl = OverlapConvDownsample(in_chs, dim, factor)
         # the downsample ends in a LayerNorm, so the stage's first window block needs no norm1
         self.att_blocks = nn.ModuleList(
-            WindowGridBlockPair(dim, skip_window_norm1=i == 0, **block_kwargs) for i in range(depth))
+            WindowGridBlockPair(dim, skip_window_norm1=i == 0, **block_kwargs) for i in range(depth)
+        )
         self.lstm = ConvLstmCell(dim)
 
-    def forward(self, x: torch.Tensor, partition: Tuple[int, int],
-                state: Optional[State] = None) -> Tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, partition: Tuple[int, int], state: Optional[State] = None
+    ) -> Tuple[torch.Tensor, State]:
         x = self.downsample_cf2cl(x)
         for pair in self.att_blocks:
             x = pair(x, partition)
@@ -277,16 +290,27 @@ class MaxViTRNN(nn.Module):
         drop: MLP dropout rate (RVT: 0).
     """
 
-    def __init__(self, in_chans: int = 20, embed_dim: int = 64, dim_multiplier: Sequence[int] = (1, 2, 4, 8),
-                 depths: Sequence[int] = (1, 1, 1, 1), dim_head: int = 32, patch_size: int = 4,
-                 partition_split: int = 2, mlp_ratio: float = 4.0, ls_init_value: Optional[float] = 1e-5,
-                 norm_eps: float = 1e-5, drop: float = 0.0):
+    def __init__(
+        self,
+        in_chans: int = 20,
+        embed_dim: int = 64,
+        dim_multiplier: Sequence[int] = (1, 2, 4, 8),
+        depths: Sequence[int] = (1, 1, 1, 1),
+        dim_head: int = 32,
+        patch_size: int = 4,
+        partition_split: int = 2,
+        mlp_ratio: float = 4.0,
+        ls_init_value: Optional[float] = 1e-5,
+        norm_eps: float = 1e-5,
+        drop: float = 0.0,
+    ):
         super().__init__()
         if patch_size not in (2, 4):
             raise ValueError(f"patch_size must be 2 or 4, got {patch_size}")
         if len(dim_multiplier) != 4 or len(depths) != 4:
-            raise ValueError(f"MaxViT-RNN has four stages: got dim_multiplier {tuple(dim_multiplier)}, "
-                             f"depths {tuple(depths)}")
+            raise ValueError(
+                f"MaxViT-RNN has four stages: got dim_multiplier {tuple(dim_multiplier)}, depths {tuple(depths)}"
+            )
         if int(partition_split) < 1:
             raise ValueError(f"partition_split must be a positive integer, got {partition_split}")
         self.in_chans = in_chans
@@ -296,17 +320,20 @@ class MaxViTRNN(nn.Module):
         self.partition_split = int(partition_split)
         self.depths = tuple(int(d) for d in depths)
         self.stage_dims = tuple(embed_dim * m for m in dim_multiplier)
-        self.strides = tuple(patch_size * 2 ** s for s in range(4))
+        self.strides = tuple(patch_size * 2**s for s in range(4))
         self.pad_multiple = self.strides[-1] * self.partition_split
-        block_kwargs = dict(dim_head=dim_head, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value,
-                            norm_eps=norm_eps, drop=drop)
+        block_kwargs = dict(
+            dim_head=dim_head, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value, norm_eps=norm_eps, drop=drop
+        )
         stages, prev = [], in_chans
         for s, (dim, depth) in enumerate(zip(self.stage_dims, self.depths)):
             stages.append(MaxViTRNNStage(prev, dim, patch_size if s == 0 else 2, depth, **block_kwargs))
             prev = dim
         self.stages = nn.ModuleList(stages)
-        self.feature_info = [FeatureInfo(name, stride, dim) for name, stride, dim in
-                             zip(rvt_stage_names(range(1, 5)), self.strides, self.stage_dims)]
+        self.feature_info = [
+            FeatureInfo(name, stride, dim)
+            for name, stride, dim in zip(rvt_stage_names(range(1, 5)), self.strides, self.stage_dims)
+        ]
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -322,8 +349,9 @@ class MaxViTRNN(nn.Module):
 
     # -- recurrent forward ------------------------------------------------------------------------
 
-    def forward_features(self, x: torch.Tensor, prev_states: States = None
-                         ) -> Tuple[Dict[str, torch.Tensor], List[State]]:
+    def forward_features(
+        self, x: torch.Tensor, prev_states: States = None
+    ) -> Tuple[Dict[str, torch.Tensor], List[State]]:
         """One time step.
 
         Args:
@@ -357,9 +385,15 @@ class MaxViTRNN(nn.Module):
         """One time step: :meth:`forward_features`."""
         return self.forward_features(x, prev_states)
 
-    def forward_clip(self, clip: torch.Tensor, prev_states: States = None, *, return_all: bool = True,
-                     valid: Optional[torch.Tensor] = None, is_first: Optional[torch.Tensor] = None
-                     ) -> Tuple[Dict[str, torch.Tensor], States]:
+    def forward_clip(
+        self,
+        clip: torch.Tensor,
+        prev_states: States = None,
+        *,
+        return_all: bool = True,
+        valid: Optional[torch.Tensor] = None,
+        is_first: Optional[torch.Tensor] = None,
+    ) -> Tuple[Dict[str, torch.Tensor], States]:
         """Run a clip step by step, carrying the state, with per-sample sequence starts and padding.
 
         Args:
@@ -421,8 +455,10 @@ class MaxViTRNN(nn.Module):
     def _zero_features(self, clip: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The maps of one step, all zeros (a step valid for no sample)."""
         hp, wp = self.padded_size(*clip.shape[-2:])
-        return {info.name: clip.new_zeros(clip.shape[0], info.channels, hp // info.stride, wp // info.stride)
-                for info in self.feature_info}
+        return {
+            info.name: clip.new_zeros(clip.shape[0], info.channels, hp // info.stride, wp // info.stride)
+            for info in self.feature_info
+        }
 
     @staticmethod
     def _keep_where_invalid(old: States, new: Sequence[State], valid: torch.Tensor) -> List[State]:
@@ -464,9 +500,9 @@ MaxVitRnn = MaxViTRNN  # the earlier spelling of the class name, kept as an alia
 
 MAXVIT_RNN_VARIANTS: Dict[str, dict] = {
     # RVT's published sizes (config/experiment/gen*/{tiny,small,default}.yaml); heads = dims / dim_head
-    "tiny": dict(embed_dim=32, dim_head=32),   # dims 32/64/128/256, heads 1/2/4/8
+    "tiny": dict(embed_dim=32, dim_head=32),  # dims 32/64/128/256, heads 1/2/4/8
     "small": dict(embed_dim=48, dim_head=24),  # dims 48/96/192/384, heads 2/4/8/16
-    "base": dict(embed_dim=64, dim_head=32),   # dims 64/128/256/512, heads 2/4/8/16
+    "base": dict(embed_dim=64, dim_head=32),  # dims 64/128/256/512, heads 2/4/8/16
 }
 
 
@@ -509,8 +545,7 @@ def _ignored_prefix(key: str) -> str:
     return ".".join(parts[:depth]) + "."
 
 
-def convert_rvt_to_maxvit_rnn(state_dict: Dict[str, torch.Tensor]
-                              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+def convert_rvt_to_maxvit_rnn(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
     """RVT detector state dict -> (:class:`MaxViTRNN` state dict, ignored prefixes with counts).
 
     Pure function. Accepts the Lightning module's keys (``mdl.backbone.*``), the detector's
@@ -518,11 +553,17 @@ def convert_rvt_to_maxvit_rnn(state_dict: Dict[str, torch.Tensor]
     counted per prefix and left out.
     """
     for prefix in (RVT_BACKBONE_PREFIX, "backbone.", ""):
-        backbone = {k[len(prefix):]: v for k, v in state_dict.items()
-                    if k.startswith(prefix) and k[len(prefix):].startswith("stages.")}
+        backbone = {
+            k[len(prefix) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(prefix) and k[len(prefix) :].startswith("stages.")
+        }
         if backbone:
-            ignored = Counter(_ignored_prefix(k) for k in state_dict
-                              if not (k.startswith(prefix) and k[len(prefix):].startswith("stages.")))
+            ignored = Counter(
+                _ignored_prefix(k)
+                for k in state_dict
+                if not (k.startswith(prefix) and k[len(prefix) :].startswith("stages."))
+            )
             return backbone, dict(sorted(ignored.items()))
     return {}, dict(sorted(Counter(_ignored_prefix(k) for k in state_dict).items()))
 
@@ -548,8 +589,10 @@ def rvt_backbone_architecture(state_dict: Dict[str, torch.Tensor]) -> dict:
 
 
 def _describe(arch: dict) -> str:
-    return (f"in_chans {arch.get('in_chans')}, patch {arch.get('patch_size')}, stage dims "
-            f"{arch.get('stage_dims')}, block pairs {arch.get('depths')}, mlp hidden {arch.get('mlp_hidden')}")
+    return (
+        f"in_chans {arch.get('in_chans')}, patch {arch.get('patch_size')}, stage dims "
+        f"{arch.get('stage_dims')}, block pairs {arch.get('depths')}, mlp hidden {arch.get('mlp_hidden')}"
+    )
 
 
 def _suggest(arch: dict) -> str:
@@ -557,8 +600,10 @@ def _suggest(arch: dict) -> str:
     variant = {v["embed_dim"]: name for name, v in MAXVIT_RNN_VARIANTS.items()}.get(dims[0])
     if variant is None:
         return f"build MaxViTRNN(embed_dim={dims[0]}, in_chans={arch.get('in_chans')}, ...) to match it"
-    return (f"build it with maxvit_rnn_{variant}(in_chans={arch.get('in_chans')}, "
-            f"patch_size=...) (RVT-{variant[0].upper()} sizes)")
+    return (
+        f"build it with maxvit_rnn_{variant}(in_chans={arch.get('in_chans')}, "
+        f"patch_size=...) (RVT-{variant[0].upper()} sizes)"
+    )
 
 
 def read_rvt_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
@@ -569,12 +614,18 @@ def read_rvt_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object
     a bare state dict. One reader for every part of an RVT checkpoint (backbone, PAFPN).
     """
     path = os.fspath(path)
-    unsafe_fix = ("Lightning files written by old torch versions can hold optimizer / scheduler objects. Fix: in "
-                  "a trusted environment re-save only the weights: torch.save({'state_dict': "
-                  f"torch.load({path!r}, weights_only=False)['state_dict']}}, 'rvt_weights.ckpt'), and load that file")
-    obj = read_checkpoint(path, what="RVT checkpoint", unsafe_fix=unsafe_fix,
-                          missing_fix="Put the official RVT weights (e.g. rvt-t.ckpt / rvt-s.ckpt / rvt-b.ckpt) "
-                                      "there, or build the model without a checkpoint")
+    unsafe_fix = (
+        "Lightning files written by old torch versions can hold optimizer / scheduler objects. Fix: in "
+        "a trusted environment re-save only the weights: torch.save({'state_dict': "
+        f"torch.load({path!r}, weights_only=False)['state_dict']}}, 'rvt_weights.ckpt'), and load that file"
+    )
+    obj = read_checkpoint(
+        path,
+        what="RVT checkpoint",
+        unsafe_fix=unsafe_fix,
+        missing_fix="Put the official RVT weights (e.g. rvt-t.ckpt / rvt-s.ckpt / rvt-b.ckpt) "
+        "there, or build the model without a checkpoint",
+    )
     state_dict = find_state_dict(obj, path=path, what="RVT state dict", wrappers=("state_dict",), strip_prefix=None)
     wrapped = isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
     meta = {k: obj[k] for k in _LIGHTNING_META if k in obj} if wrapped else {}
@@ -607,36 +658,51 @@ def load_rvt_checkpoint(model: MaxViTRNN, path, stem_mismatch: str = "reinit") -
     state_dict, meta = read_rvt_checkpoint(path)
     backbone, ignored = convert_rvt_to_maxvit_rnn(state_dict)
     if not backbone:
-        raise ValueError(f"{path} holds no RVT backbone weights (no '{RVT_BACKBONE_PREFIX}stages.*' keys; "
-                         f"found prefixes {ignored}). Fix: point to an RVT detector checkpoint")
+        raise ValueError(
+            f"{path} holds no RVT backbone weights (no '{RVT_BACKBONE_PREFIX}stages.*' keys; "
+            f"found prefixes {ignored}). Fix: point to an RVT detector checkpoint"
+        )
     report = RVTCheckpointReport(path=path, ignored=ignored, meta=meta)
 
     found, want = rvt_backbone_architecture(backbone), rvt_backbone_architecture(model.state_dict())
     differs = [k for k in ("in_chans", "stage_dims", "depths", "mlp_hidden") if found.get(k) != want.get(k)]
     if differs:
-        raise ValueError(f"{path} does not fit this MaxViTRNN: the checkpoint has {_describe(found)}; the model "
-                         f"has {_describe(want)} (differs in {', '.join(differs)}). Fix: {_suggest(found)}")
+        raise ValueError(
+            f"{path} does not fit this MaxViTRNN: the checkpoint has {_describe(found)}; the model "
+            f"has {_describe(want)} (differs in {', '.join(differs)}). Fix: {_suggest(found)}"
+        )
 
     if found.get("patch_size") != want.get("patch_size"):
-        what = (f"stem conv is {backbone[_STEM_KEY].shape[-1]}x{backbone[_STEM_KEY].shape[-1]} "
-                f"(patch {found.get('patch_size')}) in the checkpoint but {2 * model.patch_size - 1}x"
-                f"{2 * model.patch_size - 1} (patch {model.patch_size}) in the model")
+        what = (
+            f"stem conv is {backbone[_STEM_KEY].shape[-1]}x{backbone[_STEM_KEY].shape[-1]} "
+            f"(patch {found.get('patch_size')}) in the checkpoint but {2 * model.patch_size - 1}x"
+            f"{2 * model.patch_size - 1} (patch {model.patch_size}) in the model"
+        )
         if stem_mismatch == "error":
-            raise ValueError(f"{path}: {what}. Fix: build the model with patch_size={found.get('patch_size')}, "
-                             f"or load with stem_mismatch='reinit'")
+            raise ValueError(
+                f"{path}: {what}. Fix: build the model with patch_size={found.get('patch_size')}, "
+                f"or load with stem_mismatch='reinit'"
+            )
         stem_conv = model.stages[0].downsample_cf2cl.conv
         stem_conv.reset_parameters()  # a fresh init, not whatever the model held before
         backbone[_STEM_KEY] = stem_conv.weight.detach().clone()
         report.stem = f"re-initialised ({what})"
-        logger.warning("%s: %s; re-initialised %s, loaded the other %d backbone tensors unchanged",
-                       path, what, _STEM_KEY, len(backbone) - 1)
+        logger.warning(
+            "%s: %s; re-initialised %s, loaded the other %d backbone tensors unchanged",
+            path,
+            what,
+            _STEM_KEY,
+            len(backbone) - 1,
+        )
 
     try:
         model.load_state_dict(backbone, strict=True)
     except RuntimeError as e:  # e.g. a norm1 where this layout has none: not an RVT MaxViT-RNN
         detail = " ".join(str(e).split())
-        raise ValueError(f"{path} does not load strictly into MaxViTRNN ({detail}). Fix: point to an RVT "
-                         f"MaxViT-RNN checkpoint, or build the model with the checkpoint's sizes") from e
+        raise ValueError(
+            f"{path} does not load strictly into MaxViTRNN ({detail}). Fix: point to an RVT "
+            f"MaxViT-RNN checkpoint, or build the model with the checkpoint's sizes"
+        ) from e
     # a re-initialised stem conv was not loaded from the file
     report.loaded = len(backbone) - (0 if report.stem == "loaded" else 1)
     logger.info("%s", report)

@@ -8,6 +8,7 @@
 Both keep the package's parameters and state-dict keys; :class:`~rat_plugins.models.rat_backbone.RATBackbone`
 selects them with ``pos_embed='absolute'`` and ``attention='mha'``.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -48,9 +49,18 @@ class AbsolutePositionConv(torch.nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d, ref_size: float) -> "AbsolutePositionConv":
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         new.load_state_dict(conv.state_dict(), strict=True)
         new.ref_size = float(ref_size)
         return new
@@ -76,8 +86,9 @@ class StandardMHAGrouping(_sga.DenseSpatialGroupingAttention):
         q_grid_shape = self._calculate_strided_grid_shape(input_grid_shape)
         batch, n_in, dims = x.shape
         if mask is not None:
-            x = torch.where((mask.to(x.device) > 0).flatten(1).unsqueeze(-1),
-                            self.mask_embedding.expand(batch, n_in, dims), x)
+            x = torch.where(
+                (mask.to(x.device) > 0).flatten(1).unsqueeze(-1), self.mask_embedding.expand(batch, n_in, dims), x
+            )
         x_out = self.strider(x.transpose(1, 2).reshape(batch, dims, *input_grid_shape))
         x_out = self.norm1(x_out.flatten(2).transpose(1, 2))
         n_out = x_out.shape[1]

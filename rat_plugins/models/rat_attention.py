@@ -10,6 +10,7 @@ to a window of input tokens, gathered chunk by chunk: memory O(groups x window),
 NATTEN does; an axis shorter than the window is taken whole. The output equals the package's dense
 layer with the logits outside each window set to -inf.
 """
+
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -85,18 +86,20 @@ def local_window_index(
     ndim = len(input_grid_shape)
     flat = None
     for axis in range(ndim):
-        positions = axis_window_positions(group_grid_shape[axis], input_grid_shape[axis], stride[axis],
-                                          kernel[axis], dilation[axis], device)
+        positions = axis_window_positions(
+            group_grid_shape[axis], input_grid_shape[axis], stride[axis], kernel[axis], dilation[axis], device
+        )
         # broadcast to (groups per axis..., taps per axis...) and add up row-major offsets
         shape = [1] * (2 * ndim)
         shape[axis], shape[ndim + axis] = positions.shape
-        term = (positions * math.prod(input_grid_shape[axis + 1:])).reshape(shape)
+        term = (positions * math.prod(input_grid_shape[axis + 1 :])).reshape(shape)
         flat = term if flat is None else flat + term
     return flat.reshape(math.prod(group_grid_shape), -1)
 
 
-def expand_window_attention(window_attention: torch.Tensor, window_index: torch.Tensor,
-                            num_pixels: int) -> torch.Tensor:
+def expand_window_attention(
+    window_attention: torch.Tensor, window_index: torch.Tensor, num_pixels: int
+) -> torch.Tensor:
     """Dense ``(..., groups, pixels)`` form of compact ``(..., groups, window)`` attention.
 
     Args:
@@ -126,7 +129,7 @@ class _ChunkedResult:
         if self.chunks is not None:
             self.chunks.append(value)
         else:
-            self.buffer[:, start:start + value.shape[1]].copy_(value)
+            self.buffer[:, start : start + value.shape[1]].copy_(value)
 
     def result(self) -> torch.Tensor:
         return torch.cat(self.chunks, dim=1) if self.chunks is not None else self.buffer
@@ -166,13 +169,17 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
         super().__init__(*args, **kwargs)
         if neighborhood_kernel is None:
             neighborhood_kernel = self.kernel_size
-        self.neighborhood_kernel = to_tuple(neighborhood_kernel, self.spatial_dims, dtype_caster=int,
-                                            allow_nested=False)
-        self.neighborhood_dilation = to_tuple(neighborhood_dilation, self.spatial_dims, dtype_caster=int,
-                                              allow_nested=False)
+        self.neighborhood_kernel = to_tuple(
+            neighborhood_kernel, self.spatial_dims, dtype_caster=int, allow_nested=False
+        )
+        self.neighborhood_dilation = to_tuple(
+            neighborhood_dilation, self.spatial_dims, dtype_caster=int, allow_nested=False
+        )
         if min(self.neighborhood_kernel) < 1 or min(self.neighborhood_dilation) < 1:
-            raise ValueError(f"neighborhood_kernel {self.neighborhood_kernel} and neighborhood_dilation "
-                             f"{self.neighborhood_dilation} must be >= 1")
+            raise ValueError(
+                f"neighborhood_kernel {self.neighborhood_kernel} and neighborhood_dilation "
+                f"{self.neighborhood_dilation} must be >= 1"
+            )
         self.chunk_elements = chunk_elements
 
     @classmethod
@@ -182,13 +189,25 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
         ``neighborhood_dilation``, ``chunk_elements``."""
         rose = layer.rose
         local = cls(
-            feature_dims=layer.feature_dims, spatial_dims=layer.spatial_dims, kernel_size=layer.kernel_size,
-            num_heads=layer.num_heads, stride=layer.stride, iters=layer.iters, mlp_ratio=layer.mlp_ratio,
-            mlp_dropout=layer.mlp_dropout, mlp_bias=layer.mlp_bias, mlp_activation=layer.mlp_activation,
-            qkv_bias=layer.qkv_bias, base_theta=layer.base_theta, learnable_rose=layer.learnable_rose,
-            rotary_ratio=layer.rotary_ratio, frequency_scaling=layer.frequency_scaling,
-            learnable_rose_scaling=rose.learnable_scale, rose_initial_scaling=rose.initial_scaling,
-            spacing=layer._default_spacing, **window_kwargs,
+            feature_dims=layer.feature_dims,
+            spatial_dims=layer.spatial_dims,
+            kernel_size=layer.kernel_size,
+            num_heads=layer.num_heads,
+            stride=layer.stride,
+            iters=layer.iters,
+            mlp_ratio=layer.mlp_ratio,
+            mlp_dropout=layer.mlp_dropout,
+            mlp_bias=layer.mlp_bias,
+            mlp_activation=layer.mlp_activation,
+            qkv_bias=layer.qkv_bias,
+            base_theta=layer.base_theta,
+            learnable_rose=layer.learnable_rose,
+            rotary_ratio=layer.rotary_ratio,
+            frequency_scaling=layer.frequency_scaling,
+            learnable_rose_scaling=rose.learnable_scale,
+            rose_initial_scaling=rose.initial_scaling,
+            spacing=layer._default_spacing,
+            **window_kwargs,
         )
         reference = next(layer.parameters())
         local.to(device=reference.device, dtype=reference.dtype)  # before loading: no rounding
@@ -198,19 +217,23 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
             local.get_buffer(name).copy_(buffer)
         return local.train(layer.training)
 
-    def window_index(self, input_grid_shape: Sequence[int],
-                     device: Optional[torch.device] = None) -> torch.Tensor:
+    def window_index(self, input_grid_shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
         """``(groups, window)`` flat input-token index of each group's window for this grid."""
         input_grid_shape = tuple(int(n) for n in input_grid_shape)
-        return local_window_index(input_grid_shape, self._calculate_strided_grid_shape(input_grid_shape),
-                                  self.stride, self.neighborhood_kernel, self.neighborhood_dilation, device)
+        return local_window_index(
+            input_grid_shape,
+            self._calculate_strided_grid_shape(input_grid_shape),
+            self.stride,
+            self.neighborhood_kernel,
+            self.neighborhood_dilation,
+            device,
+        )
 
     def _groups_per_chunk(self, batch: int, window: int, features: int, device: torch.device) -> int:
-        budget = self.chunk_elements or (2 ** 20 if device.type == "cpu" else 2 ** 26)
+        budget = self.chunk_elements or (2**20 if device.type == "cpu" else 2**26)
         return max(1, budget // (batch * window * features))
 
-    def _window_softmax(self, keys: torch.Tensor, queries: torch.Tensor,
-                        window_index: torch.Tensor) -> torch.Tensor:
+    def _window_softmax(self, keys: torch.Tensor, queries: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
         """Softmax over each group's window. keys ``(B, N, H, d)``, queries ``(B, G, H, d)``
         (token-major: a gathered token is one contiguous row); returns ``(B, G, W, H)``."""
         batch, _, heads, head_dims = keys.shape
@@ -219,39 +242,46 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
         recording = torch.is_grad_enabled() and (keys.requires_grad or queries.requires_grad)
         attn_k = _ChunkedResult(recording, keys, (batch, groups, window, heads))
         for start in range(0, groups, step):
-            index = window_index[start:start + step]
+            index = window_index[start : start + step]
             window_keys = keys.index_select(1, index.reshape(-1)).view(batch, len(index), window, heads, head_dims)
-            logits = (window_keys * queries[:, start:start + step, None]).sum(-1)
+            logits = (window_keys * queries[:, start : start + step, None]).sum(-1)
             attn_k.put(start, logits.softmax(dim=2))
         return attn_k.result()
 
-    def _share_and_aggregate(self, attn_k: torch.Tensor, values: torch.Tensor, window_index: torch.Tensor,
-                             keep_attention: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _share_and_aggregate(
+        self, attn_k: torch.Tensor, values: torch.Tensor, window_index: torch.Tensor, keep_attention: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Divide each pixel's weights by their sum over the groups that see it (the package's
         ``attn_q``), then aggregate values. attn_k ``(B, G, W, H)``, values ``(B, N, H, d)``;
         returns ``(B, G, H, d)`` and, if kept, attn_q ``(B, G, W, H)``."""
         batch, groups, window, heads = attn_k.shape
         head_dims = values.shape[-1]
         claimed = attn_k.new_zeros(batch, values.shape[1], heads).index_add(
-            1, window_index.reshape(-1), attn_k.reshape(batch, groups * window, heads))
+            1, window_index.reshape(-1), attn_k.reshape(batch, groups * window, heads)
+        )
         eps = torch.finfo(attn_k.dtype).eps  # the package's guard for pixels no group claims
         step = self._groups_per_chunk(batch, window, heads * head_dims, values.device)
         recording = torch.is_grad_enabled() and (attn_k.requires_grad or values.requires_grad)
         updates = _ChunkedResult(recording, values, (batch, groups, heads, head_dims))
         shares = _ChunkedResult(recording, attn_k, attn_k.shape) if keep_attention else None
         for start in range(0, groups, step):
-            index = window_index[start:start + step].reshape(-1)
+            index = window_index[start : start + step].reshape(-1)
             count = len(index) // window
             claimed_here = claimed.index_select(1, index).view(batch, count, window, heads)
-            attn_q = attn_k[:, start:start + step] / (claimed_here + eps)
+            attn_q = attn_k[:, start : start + step] / (claimed_here + eps)
             window_values = values.index_select(1, index).view(batch, count, window, heads, head_dims)
             updates.put(start, (attn_q.unsqueeze(-1) * window_values).sum(2))
             if keep_attention:
                 shares.put(start, attn_q)
         return updates.result(), (shares.result() if keep_attention else None)
 
-    def attn(self, k: torch.Tensor, q: torch.Tensor, q_grid_shape: int | Tuple[int, ...],
-             input_grid_shape: int | Tuple[int, ...]) -> torch.Tensor:
+    def attn(
+        self,
+        k: torch.Tensor,
+        q: torch.Tensor,
+        q_grid_shape: int | Tuple[int, ...],
+        input_grid_shape: int | Tuple[int, ...],
+    ) -> torch.Tensor:
         """The package's hook, compact: k ``(B, H, N_k, d)``, q ``(B, H, N_q, d)`` as in the
         package; returns the windowed softmax ``(B, H, N_q, window)`` (not ``(B, H, N_q, N_k)``)."""
         window_index = self.window_index(to_tuple(input_grid_shape, self.spatial_dims), k.device)
@@ -267,12 +297,12 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
         return_attention: bool = False,
     ) -> Dict[str, Any]:
         """Args:
-            x: ``(B, N_in, D)`` input tokens, row-major over ``input_grid_shape``.
-            input_spacing: physical spacing of the input grid.
-            input_grid_shape: input grid shape.
-            mask: optional ``(B, *input_grid_shape)``; tokens where it is > 0 are replaced by
-                the learned mask embedding.
-            return_attention: also return the compact attention maps (see the class docstring).
+        x: ``(B, N_in, D)`` input tokens, row-major over ``input_grid_shape``.
+        input_spacing: physical spacing of the input grid.
+        input_grid_shape: input grid shape.
+        mask: optional ``(B, *input_grid_shape)``; tokens where it is > 0 are replaced by
+            the learned mask embedding.
+        return_attention: also return the compact attention maps (see the class docstring).
         """
         input_grid_shape = tuple(int(n) for n in input_grid_shape)
         group_spacing = self._calculate_strided_spacing(input_spacing)

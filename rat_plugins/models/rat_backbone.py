@@ -11,6 +11,7 @@
     grid   = ceil(ceil(size * scale_l) / s ** (b + 1))
     stride = s ** (b + 1) / scale_l        (input pixels: 2 ** (l + b + 1) for s=2, scales 1, 1/2, 1/4)
 """
+
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -59,8 +60,10 @@ def block_attention_kinds(attention: Union[str, Sequence[str]], num_blocks: int)
         attention = [attention] * num_blocks
     kinds = tuple("local" if kind == "sparse" else kind for kind in attention)
     if len(kinds) != num_blocks or any(kind not in ATTENTION_KINDS for kind in kinds):
-        raise ValueError(f"attention must be 'dense', 'local', 'sparse', 'mha', 'mixed' or one of 'dense'/'local'/"
-                         f"'sparse'/'mha' per block ({num_blocks} blocks), got {attention!r}")
+        raise ValueError(
+            f"attention must be 'dense', 'local', 'sparse', 'mha', 'mixed' or one of 'dense'/'local'/"
+            f"'sparse'/'mha' per block ({num_blocks} blocks), got {attention!r}"
+        )
     return kinds
 
 
@@ -123,8 +126,10 @@ class RATBackbone(ResolutionAwareTransformer):
         **rat_kwargs,
     ) -> None:
         if "sga_attention_type" in rat_kwargs:  # the package's "sparse" type needs NATTEN (CUDA only)
-            raise ValueError(f"RATBackbone takes attention= ('dense' / 'local' / 'mha' / 'mixed' / per block), not "
-                             f"sga_attention_type={rat_kwargs['sga_attention_type']!r}")
+            raise ValueError(
+                f"RATBackbone takes attention= ('dense' / 'local' / 'mha' / 'mixed' / per block), not "
+                f"sga_attention_type={rat_kwargs['sga_attention_type']!r}"
+            )
         if rat_kwargs.get("leading_tokens"):  # no place on a grid, and the package's forward never feeds them
             raise ValueError("RATBackbone does not take leading_tokens")
         if pos_embed not in ("rotary", "absolute"):
@@ -132,19 +137,30 @@ class RATBackbone(ResolutionAwareTransformer):
         if pos_embed == "absolute" and spatial_dims != 2:
             raise ValueError("RATBackbone: pos_embed='absolute' is implemented for 2D images only")
         kinds = block_attention_kinds(attention, num_blocks)
-        super().__init__(spatial_dims=spatial_dims, input_features=input_features, feature_dims=feature_dims,
-                         num_blocks=num_blocks, sga_attention_type="dense", sga_kernel_size=sga_kernel_size,
-                         stride=stride, spacing=spacing, **rat_kwargs)
+        super().__init__(
+            spatial_dims=spatial_dims,
+            input_features=input_features,
+            feature_dims=feature_dims,
+            num_blocks=num_blocks,
+            sga_attention_type="dense",
+            sga_kernel_size=sga_kernel_size,
+            stride=stride,
+            spacing=spacing,
+            **rat_kwargs,
+        )
         if pos_embed == "absolute" and self.rotary_ratio != 0:
-            raise ValueError("RATBackbone: pos_embed='absolute' compares against rotary encodings; "
-                             "switch those off with rotary_ratio=0.0")
+            raise ValueError(
+                "RATBackbone: pos_embed='absolute' compares against rotary encodings; "
+                "switch those off with rotary_ratio=0.0"
+            )
         self.attention_kinds = kinds
         self.pos_embed = pos_embed
         # every variant keeps the weights the package built for its dense layers
         for block, kind in enumerate(kinds):
             if kind == "local":
-                self.sga_layers[block] = LocalSpatialGroupingAttention.from_layer(self.sga_layers[block],
-                                                                                  **(local_window or {}))
+                self.sga_layers[block] = LocalSpatialGroupingAttention.from_layer(
+                    self.sga_layers[block], **(local_window or {})
+                )
         if pos_embed == "absolute":
             self.init_proj = AbsolutePositionConv.from_conv(self.init_proj, abs_ref_size)
         for block, kind in enumerate(kinds):
@@ -154,9 +170,15 @@ class RATBackbone(ResolutionAwareTransformer):
         if not self.scales or any(not 0 < s <= 1 for scale in self.scales for s in scale):
             raise ValueError(f"scales must be in (0, 1], one per pyramid level, got {scales!r}")
         self.feature_info = [
-            RATFeatureInfo(name=f"level{level}_block{block}", level=level, block=block, channels=feature_dims,
-                           stride=tuple(_integral(s ** (block + 1) / sc) for s, sc in zip(self.stride, scale)))
-            for level, scale in enumerate(self.scales) for block in range(num_blocks)
+            RATFeatureInfo(
+                name=f"level{level}_block{block}",
+                level=level,
+                block=block,
+                channels=feature_dims,
+                stride=tuple(_integral(s ** (block + 1) / sc) for s, sc in zip(self.stride, scale)),
+            )
+            for level, scale in enumerate(self.scales)
+            for block in range(num_blocks)
         ]
 
     @property
@@ -197,14 +219,17 @@ class RATBackbone(ResolutionAwareTransformer):
 
     def build_pyramid(self, image: torch.Tensor) -> List[torch.Tensor]:
         """One image -> one tensor per level, area-resized (an average: no aliasing)."""
-        return [image if size == tuple(image.shape[2:]) else F.interpolate(image, size=size, mode="area")
-                for size in self.level_sizes(image.shape[2:])]
+        return [
+            image if size == tuple(image.shape[2:]) else F.interpolate(image, size=size, mode="area")
+            for size in self.level_sizes(image.shape[2:])
+        ]
 
     def _levels(self, images: Images) -> List[torch.Tensor]:
         if isinstance(images, torch.Tensor):
             if images.dim() != self.spatial_dims + 2:
-                raise ValueError(f"expected a [B, C, {'D, ' * (self.spatial_dims == 3)}H, W] image, "
-                                 f"got shape {tuple(images.shape)}")
+                raise ValueError(
+                    f"expected a [B, C, {'D, ' * (self.spatial_dims == 3)}H, W] image, got shape {tuple(images.shape)}"
+                )
             return self.build_pyramid(images)
         levels = list(images)
         if len(levels) != self.num_levels:
@@ -214,14 +239,20 @@ class RATBackbone(ResolutionAwareTransformer):
         for level, (x, scale) in enumerate(zip(levels, self.scales)):
             expected = [n * s for n, s in zip(base, scale)]
             if x.dim() != self.spatial_dims + 2 or any(abs(n - e) > 1 for n, e in zip(x.shape[2:], expected)):
-                raise ValueError(f"level {level} has shape {tuple(x.shape)}; scales {self.scales} and level 0 "
-                                 f"{tuple(levels[0].shape)} call for a grid of about {tuple(expected)}")
+                raise ValueError(
+                    f"level {level} has shape {tuple(x.shape)}; scales {self.scales} and level 0 "
+                    f"{tuple(levels[0].shape)} call for a grid of about {tuple(expected)}"
+                )
         return levels
 
     def _level_spacing(self, spacing, num_levels: int) -> List[Tuple[float, ...]]:
         """None / number / per-axis spacing of the scale-1 image, or one per-axis spacing per level."""
-        if spacing is not None and not isinstance(spacing, (int, float)) and len(spacing) > 0 \
-                and not isinstance(spacing[0], (int, float)):
+        if (
+            spacing is not None
+            and not isinstance(spacing, (int, float))
+            and len(spacing) > 0
+            and not isinstance(spacing[0], (int, float))
+        ):
             if len(spacing) != num_levels:
                 raise ValueError(f"got {len(spacing)} spacings for {num_levels} levels")
             return [tuple(float(s) for s in to_tuple(level, self.spatial_dims)) for level in spacing]
@@ -233,17 +264,22 @@ class RATBackbone(ResolutionAwareTransformer):
         if masks is None:
             return None
         if isinstance(masks, torch.Tensor):
-            masks = [masks if tuple(masks.shape[1:]) == tuple(x.shape[2:]) else
-                     F.interpolate(masks[:, None].float(), size=x.shape[2:], mode="area")[:, 0] > 0
-                     for x in levels]
+            masks = [
+                masks
+                if tuple(masks.shape[1:]) == tuple(x.shape[2:])
+                else F.interpolate(masks[:, None].float(), size=x.shape[2:], mode="area")[:, 0] > 0
+                for x in levels
+            ]
         masks = list(masks)
         if len(masks) != len(levels):
             raise ValueError(f"got {len(masks)} masks for {len(levels)} levels")
         if all(m is None for m in masks):
             return None
         # the package dilates every mask it is given: a level without one gets an empty mask
-        return [torch.zeros(x.shape[:1] + x.shape[2:], dtype=torch.bool, device=x.device) if m is None
-                else m.bool() for m, x in zip(masks, levels)]
+        return [
+            torch.zeros(x.shape[:1] + x.shape[2:], dtype=torch.bool, device=x.device) if m is None else m.bool()
+            for m, x in zip(masks, levels)
+        ]
 
     # -- forward --------------------------------------------------------------------------------
     def _forward_sga(self, layer, out):
@@ -272,8 +308,7 @@ class RATBackbone(ResolutionAwareTransformer):
                 (after dilating the mask by the projection kernel), in the first block only.
         """
         levels = self._levels(images)
-        out = self._prepare_inputs(levels, self._level_spacing(spacing, len(levels)),
-                                   self._level_masks(masks, levels))
+        out = self._prepare_inputs(levels, self._level_spacing(spacing, len(levels)), self._level_masks(masks, levels))
         # the package's forward, recording every block (it returns the last one only)
         for state in out:
             state["x_out"] = self.init_proj(state["x_out"]).flatten(2).transpose(1, 2)
@@ -287,13 +322,18 @@ class RATBackbone(ResolutionAwareTransformer):
         """``{name: [B, feature_dims, *grid]}`` in :attr:`feature_info` order (level-major);
         arguments as in :meth:`forward_blocks`."""
         per_block = self.forward_blocks(images, spacing, masks)
-        return {info.name: tokens_to_map(per_block[info.block][info.level]["x_out"],
-                                         per_block[info.block][info.level]["out_grid_shape"])
-                for info in self.feature_info}
+        return {
+            info.name: tokens_to_map(
+                per_block[info.block][info.level]["x_out"], per_block[info.block][info.level]["out_grid_shape"]
+            )
+            for info in self.feature_info
+        }
 
     def __repr__(self) -> str:
-        return (f"RATBackbone{self.spatial_dims}D(feature_dims={self.feature_dims}, num_blocks={self.num_blocks}, "
-                f"scales={self.scales}, attention={self.attention_kinds})")
+        return (
+            f"RATBackbone{self.spatial_dims}D(feature_dims={self.feature_dims}, num_blocks={self.num_blocks}, "
+            f"scales={self.scales}, attention={self.attention_kinds})"
+        )
 
 
 def _integral(value: float) -> Union[int, float]:

@@ -2,6 +2,7 @@
 
 The mmdet head that applies them is ``rat_plugins.mm.yolox_rvt.SizeAwareYOLOXHead``.
 """
+
 from typing import Tuple
 
 import torch
@@ -11,8 +12,9 @@ __all__ = ["SIZE_WEIGHT_TYPES", "check_size_weight_args", "size_aware_weights", 
 SIZE_WEIGHT_TYPES: Tuple[str, ...] = ("exponential", "linear", "step")
 
 
-def check_size_weight_args(size_aware_weight: float, small_threshold: float, medium_threshold: float,
-                           weight_type: str) -> None:
+def check_size_weight_args(
+    size_aware_weight: float, small_threshold: float, medium_threshold: float, weight_type: str
+) -> None:
     """Raise ValueError for arguments the formulas do not define."""
     if weight_type not in SIZE_WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {SIZE_WEIGHT_TYPES}, got {weight_type!r}")
@@ -28,8 +30,13 @@ def box_areas(boxes_xyxy: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
-def size_aware_weights(areas: torch.Tensor, size_aware_weight: float = 2.0, small_threshold: float = 1024.0,
-                       medium_threshold: float = 9216.0, weight_type: str = "exponential") -> torch.Tensor:
+def size_aware_weights(
+    areas: torch.Tensor,
+    size_aware_weight: float = 2.0,
+    small_threshold: float = 1024.0,
+    medium_threshold: float = 9216.0,
+    weight_type: str = "exponential",
+) -> torch.Tensor:
     """Loss weight per object from its box area ``a`` (px², negative areas count as 0).
 
     With ``W = size_aware_weight``, ``s = small_threshold``, ``m = medium_threshold`` and

@@ -9,6 +9,7 @@ state-dict keys, so official checkpoints load strictly; :class:`VimBackbone` is 
 detection backbone, padded to any size and aspect ratio. Checkpoint layout: docs/formats.md, ViM
 checkpoints.
 """
+
 import argparse
 import logging
 import math
@@ -64,8 +65,9 @@ def _frozen_from_alias(frozen: bool, freeze: Optional[bool]) -> bool:
         raise ValueError("VimBackbone: got frozen=True and freeze=False; pass only frozen")
     if not _warned_freeze_alias:
         _warned_freeze_alias = True
-        warnings.warn("VimBackbone: `freeze` is deprecated, use `frozen` (the same switch)", FutureWarning,
-                      stacklevel=3)
+        warnings.warn(
+            "VimBackbone: `freeze` is deprecated, use `frozen` (the same switch)", FutureWarning, stacklevel=3
+        )
     return bool(freeze)
 
 
@@ -93,8 +95,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-def rope_cos_sin(grid_h: int, grid_w: int, embed_dim: int, pt_seq_len: int, theta: float = 10000.0,
-                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    grid_h: int, grid_w: int, embed_dim: int, pt_seq_len: int, theta: float = 10000.0, device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos / sin tables [grid_h * grid_w, embed_dim] of the official 2D rope (row-major tokens).
 
     Per axis ``embed_dim // 2`` channels with frequencies ``1 / theta^(2i / (embed_dim // 2))``,
@@ -160,12 +163,27 @@ class BiMambaV2(nn.Module):
         use_fast_path: allow the fused CPU inference path (False: always the unfused computation).
     """
 
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank="auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
-                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, use_fast_path: bool = True, layer_idx: Optional[int] = None,
-                 if_divide_out: bool = True, init_layer_scale: Optional[float] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank="auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: Optional[int] = None,
+        if_divide_out: bool = True,
+        init_layer_scale: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -198,8 +216,15 @@ class BiMambaV2(nn.Module):
         self._fused_cpu = FusedBiMambaCPU()
 
     def _conv(self, conv_bias, fk):
-        return nn.Conv1d(self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
-                         padding=self.d_conv - 1, bias=conv_bias, **fk)
+        return nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,
+            bias=conv_bias,
+            **fk,
+        )
 
     def _a_log_init(self, device):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
@@ -207,15 +232,16 @@ class BiMambaV2(nn.Module):
 
     def _dt_proj(self, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, fk):
         proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
-        std = self.dt_rank ** -0.5 * dt_scale
+        std = self.dt_rank**-0.5 * dt_scale
         if dt_init == "constant":
             nn.init.constant_(proj.weight, std)
         elif dt_init == "random":
             nn.init.uniform_(proj.weight, -std, std)
         else:
             raise ValueError(f"dt_init must be 'constant' or 'random', got {dt_init!r}")
-        dt = torch.exp(torch.rand(self.d_inner, device=fk["device"]) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        dt = torch.exp(
+            torch.rand(self.d_inner, device=fk["device"]) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
         with torch.no_grad():
             proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         proj.bias._no_reinit = True
@@ -241,13 +267,22 @@ class BiMambaV2(nn.Module):
         dt_f, B_f, C_f = dbl_f.split(sizes, dim=-1)
         dt_b, B_b, C_b = dbl_b.split(sizes, dim=-1)
         # computed as W @ dt^T: [b, 2 d_inner, L] comes out contiguous, as the scan reads it
-        delta = torch.cat([torch.matmul(self.dt_proj.weight, dt_f.transpose(1, 2)),
-                           torch.matmul(self.dt_proj_b.weight, dt_b.transpose(1, 2))], 1)
+        delta = torch.cat(
+            [
+                torch.matmul(self.dt_proj.weight, dt_f.transpose(1, 2)),
+                torch.matmul(self.dt_proj_b.weight, dt_b.transpose(1, 2)),
+            ],
+            1,
+        )
         Bm = torch.stack([B_f, B_b], dim=1).transpose(-1, -2)  # [b, 2, state, L]
         Cm = torch.stack([C_f, C_b], dim=1).transpose(-1, -2)
         A = -torch.exp(torch.cat([self.A_log, self.A_b_log], 0).float())
         y = selective_scan(
-            u, delta, A, Bm, Cm,
+            u,
+            delta,
+            A,
+            Bm,
+            Cm,
             D=torch.cat([self.D, self.D_b]).float(),
             z=z2,
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
@@ -270,8 +305,9 @@ class Block(nn.Module):
     the residual is kept in fp32 with ``residual_in_fp32``.
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, norm: nn.Module, drop_path: float = 0.0,
-                 residual_in_fp32: bool = True):
+    def __init__(
+        self, dim: int, mixer: nn.Module, norm: nn.Module, drop_path: float = 0.0, residual_in_fp32: bool = True
+    ):
         super().__init__()
         self.residual_in_fp32 = residual_in_fp32
         self.mixer = mixer
@@ -293,8 +329,16 @@ class PatchEmbed(nn.Module):
     any size is accepted (backbone, which pads beforehand).
     """
 
-    def __init__(self, img_size=224, patch_size: int = 16, stride: int = 16, in_chans: int = 3,
-                 embed_dim: int = 192, device=None, dtype=None):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.stride = stride
@@ -302,13 +346,16 @@ class PatchEmbed(nn.Module):
         if self.img_size is not None:
             self.grid_size = tuple((s - p) // stride + 1 for s, p in zip(self.img_size, self.patch_size))
             self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=stride,
-                              device=device, dtype=dtype)
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=stride, device=device, dtype=dtype
+        )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if self.img_size is not None and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
-                             f"{self.img_size} (build the model with img_size=... or use VimBackbone)")
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
+                f"{self.img_size} (build the model with img_size=... or use VimBackbone)"
+            )
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
@@ -320,16 +367,36 @@ def _make_norm(dim, rms_norm, eps, device, dtype):
     return nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
 
 
-def _make_layers(embed_dim, depth, d_state, ssm_cfg, norm_epsilon, rms_norm, residual_in_fp32,
-                 drop_path_rate, if_divide_out, init_layer_scale, device, dtype) -> nn.ModuleList:
+def _make_layers(
+    embed_dim,
+    depth,
+    d_state,
+    ssm_cfg,
+    norm_epsilon,
+    rms_norm,
+    residual_in_fp32,
+    drop_path_rate,
+    if_divide_out,
+    init_layer_scale,
+    device,
+    dtype,
+) -> nn.ModuleList:
     # official stochastic depth: layer i gets [0] + linspace(0, rate, depth) at index i
     dpr = [0.0] + [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
     ssm_cfg = dict(ssm_cfg or {})
     return nn.ModuleList(
         Block(
             embed_dim,
-            BiMambaV2(embed_dim, d_state=d_state, layer_idx=i, if_divide_out=if_divide_out,
-                      init_layer_scale=init_layer_scale, device=device, dtype=dtype, **ssm_cfg),
+            BiMambaV2(
+                embed_dim,
+                d_state=d_state,
+                layer_idx=i,
+                if_divide_out=if_divide_out,
+                init_layer_scale=init_layer_scale,
+                device=device,
+                dtype=dtype,
+                **ssm_cfg,
+            ),
             _make_norm(embed_dim, rms_norm, norm_epsilon, device, dtype),
             drop_path=dpr[i],
             residual_in_fp32=residual_in_fp32,
@@ -338,8 +405,13 @@ def _make_layers(embed_dim, depth, d_state, ssm_cfg, norm_epsilon, rms_norm, res
     )
 
 
-def _init_mamba_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,
-                        rescale_prenorm_residual: bool = True, n_residuals_per_layer: int = 1):
+def _init_mamba_weights(
+    module: nn.Module,
+    n_layer: int,
+    initializer_range: float = 0.02,
+    rescale_prenorm_residual: bool = True,
+    n_residuals_per_layer: int = 1,
+):
     """The official ``_init_weights`` (GPT-2 style rescaled out_proj, zero Linear biases)."""
     if isinstance(module, nn.Linear):
         if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
@@ -399,15 +471,43 @@ class VisionMamba(nn.Module):
     one, the pooling named by ``final_pool_type``.
     """
 
-    def __init__(self, img_size=224, patch_size=16, stride=16, depth=24, embed_dim=192, d_state=16,
-                 channels=3, num_classes=1000, ssm_cfg=None, drop_rate=0.0, drop_path_rate=0.1,
-                 norm_epsilon: float = 1e-5, rms_norm: bool = True, initializer_cfg=None,
-                 fused_add_norm=True, residual_in_fp32=True, device=None, dtype=None,
-                 ft_seq_len=None, pt_hw_seq_len=14, if_bidirectional=False, final_pool_type="mean",
-                 if_abs_pos_embed=True, if_rope=False, if_rope_residual=False,
-                 flip_img_sequences_ratio=-1.0, if_bimamba=False, bimamba_type="v2",
-                 if_cls_token=True, if_divide_out=True, init_layer_scale=None,
-                 use_double_cls_token=False, use_middle_cls_token=True, **kwargs):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        stride=16,
+        depth=24,
+        embed_dim=192,
+        d_state=16,
+        channels=3,
+        num_classes=1000,
+        ssm_cfg=None,
+        drop_rate=0.0,
+        drop_path_rate=0.1,
+        norm_epsilon: float = 1e-5,
+        rms_norm: bool = True,
+        initializer_cfg=None,
+        fused_add_norm=True,
+        residual_in_fp32=True,
+        device=None,
+        dtype=None,
+        ft_seq_len=None,
+        pt_hw_seq_len=14,
+        if_bidirectional=False,
+        final_pool_type="mean",
+        if_abs_pos_embed=True,
+        if_rope=False,
+        if_rope_residual=False,
+        flip_img_sequences_ratio=-1.0,
+        if_bimamba=False,
+        bimamba_type="v2",
+        if_cls_token=True,
+        if_divide_out=True,
+        init_layer_scale=None,
+        use_double_cls_token=False,
+        use_middle_cls_token=True,
+        **kwargs,
+    ):
         super().__init__()
         unsupported = []
         if use_double_cls_token:
@@ -450,9 +550,20 @@ class VisionMamba(nn.Module):
             self.rope = RotaryEmbedding2D(embed_dim, self.patch_embed.grid_size, pt_hw_seq_len, device=device)
         self.head = nn.Linear(embed_dim, num_classes, **fk) if num_classes > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
-        self.layers = _make_layers(embed_dim, depth, d_state, ssm_cfg, norm_epsilon, rms_norm,
-                                   residual_in_fp32, drop_path_rate, if_divide_out, init_layer_scale,
-                                   device, dtype)
+        self.layers = _make_layers(
+            embed_dim,
+            depth,
+            d_state,
+            ssm_cfg,
+            norm_epsilon,
+            rms_norm,
+            residual_in_fp32,
+            drop_path_rate,
+            if_divide_out,
+            init_layer_scale,
+            device,
+            dtype,
+        )
         self.norm_f = _make_norm(embed_dim, rms_norm, norm_epsilon, device, dtype)
 
         # official initialisation order
@@ -536,14 +647,30 @@ class VimBackbone(nn.Module):
             if_abs_pos_embed, init_layer_scale: as in :class:`VisionMamba`.
     """
 
-    def __init__(self, embed_dim: int = 192, depth: int = 24, patch_size: int = 16,
-                 pt_hw_seq_len: int = 14, if_rope: bool = True, if_rope_residual: bool = True,
-                 last_layer_process: str = "add", drop_path_rate: float = 0.0, frozen: bool = False,
-                 checkpoint: Optional[str] = None, *, in_chans: int = 3, d_state: int = 16,
-                 ssm_cfg: Optional[dict] = None, norm_epsilon: float = 1e-5, rms_norm: bool = True,
-                 residual_in_fp32: bool = True, if_divide_out: bool = True,
-                 if_abs_pos_embed: bool = True, init_layer_scale: Optional[float] = None,
-                 freeze: Optional[bool] = None):
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        depth: int = 24,
+        patch_size: int = 16,
+        pt_hw_seq_len: int = 14,
+        if_rope: bool = True,
+        if_rope_residual: bool = True,
+        last_layer_process: str = "add",
+        drop_path_rate: float = 0.0,
+        frozen: bool = False,
+        checkpoint: Optional[str] = None,
+        *,
+        in_chans: int = 3,
+        d_state: int = 16,
+        ssm_cfg: Optional[dict] = None,
+        norm_epsilon: float = 1e-5,
+        rms_norm: bool = True,
+        residual_in_fp32: bool = True,
+        if_divide_out: bool = True,
+        if_abs_pos_embed: bool = True,
+        init_layer_scale: Optional[float] = None,
+        freeze: Optional[bool] = None,
+    ):
         super().__init__()
         frozen = _frozen_from_alias(frozen, freeze)
         if last_layer_process not in LAST_LAYER_PROCESSES:
@@ -565,9 +692,20 @@ class VimBackbone(nn.Module):
         self.patch_embed = PatchEmbed(None, patch_size, patch_size, in_chans, embed_dim)
         if if_abs_pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, pt_hw_seq_len * pt_hw_seq_len, embed_dim))
-        self.layers = _make_layers(embed_dim, depth, d_state, ssm_cfg, norm_epsilon, rms_norm,
-                                   residual_in_fp32, drop_path_rate, if_divide_out, init_layer_scale,
-                                   None, None)
+        self.layers = _make_layers(
+            embed_dim,
+            depth,
+            d_state,
+            ssm_cfg,
+            norm_epsilon,
+            rms_norm,
+            residual_in_fp32,
+            drop_path_rate,
+            if_divide_out,
+            init_layer_scale,
+            None,
+            None,
+        )
         # present in every variant so official checkpoints load without unexpected keys; used (and
         # trainable) only with 'add & norm', so DDP never sees an unused trainable parameter
         self.norm_f = _make_norm(embed_dim, rms_norm, norm_epsilon, None, None)
@@ -593,9 +731,11 @@ class VimBackbone(nn.Module):
     def extra_repr(self) -> str:
         # the settings that change the output without changing a weight shape (also part of the
         # frozen-feature cache key)
-        return (f"patch_size={self.patch_size}, pt_hw_seq_len={self.pt_hw_seq_len}, if_rope={self.if_rope}, "
-                f"if_rope_residual={self.if_rope_residual}, last_layer_process={self.last_layer_process!r}, "
-                f"if_abs_pos_embed={self.if_abs_pos_embed}, frozen={self.frozen}")
+        return (
+            f"patch_size={self.patch_size}, pt_hw_seq_len={self.pt_hw_seq_len}, if_rope={self.if_rope}, "
+            f"if_rope_residual={self.if_rope_residual}, last_layer_process={self.last_layer_process!r}, "
+            f"if_abs_pos_embed={self.if_abs_pos_embed}, frozen={self.frozen}"
+        )
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -609,8 +749,9 @@ class VimBackbone(nn.Module):
         report.missing = list(result.missing_keys)
         report.unexpected = list(result.unexpected_keys)
         if report.missing or report.unexpected:
-            logger.warning("ViM checkpoint %s: missing keys %s; unexpected keys %s", path,
-                           report.missing, report.unexpected)
+            logger.warning(
+                "ViM checkpoint %s: missing keys %s; unexpected keys %s", path, report.missing, report.unexpected
+            )
         logger.info("ViM checkpoint %s loaded: %s", path, report)
         return report
 
@@ -622,8 +763,7 @@ class VimBackbone(nn.Module):
         if key not in self._rope_cache:
             if len(self._rope_cache) > 32:
                 self._rope_cache.clear()
-            self._rope_cache[key] = rope_cos_sin(grid[0], grid[1], self.embed_dim, self.pt_hw_seq_len,
-                                                 device=device)
+            self._rope_cache[key] = rope_cos_sin(grid[0], grid[1], self.embed_dim, self.pt_hw_seq_len, device=device)
         return self._rope_cache[key]
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -687,8 +827,9 @@ class VimConversionReport:
         return getattr(self, key)
 
     def __str__(self) -> str:
-        return (f"dropped {self.dropped}; pos_embed: {self.pos_embed}; missing {self.missing}; "
-                f"unexpected {self.unexpected}")
+        return (
+            f"dropped {self.dropped}; pos_embed: {self.pos_embed}; missing {self.missing}; unexpected {self.unexpected}"
+        )
 
 
 def load_vim_checkpoint(path) -> Dict[str, torch.Tensor]:
@@ -699,14 +840,20 @@ def load_vim_checkpoint(path) -> Dict[str, torch.Tensor]:
     FileNotFoundError for a missing file and ValueError for a file that is not a (safely loadable)
     ViM checkpoint.
     """
-    obj = read_checkpoint(path, what="ViM checkpoint", allow=SAFE_CHECKPOINT_GLOBALS,
-                          missing_fix="Put the official ViM weights there, or set "
-                                      "model.backbone.net.checkpoint='' to start from random weights",
-                          unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed")
+    obj = read_checkpoint(
+        path,
+        what="ViM checkpoint",
+        allow=SAFE_CHECKPOINT_GLOBALS,
+        missing_fix="Put the official ViM weights there, or set "
+        "model.backbone.net.checkpoint='' to start from random weights",
+        unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed",
+    )
     sd = find_state_dict(obj, path=path, what="ViM state dict")
     if "patch_embed.proj.weight" not in sd and not any(k.startswith("layers.") for k in sd):
-        raise ValueError(f"{os.fspath(path)} holds a state dict without ViM keys (patch_embed.proj.weight, "
-                         f"layers.*); first keys: {sorted(sd)[:10]}")
+        raise ValueError(
+            f"{os.fspath(path)} holds a state dict without ViM keys (patch_embed.proj.weight, "
+            f"layers.*); first keys: {sorted(sd)[:10]}"
+        )
     return sd
 
 
@@ -726,7 +873,7 @@ def _split_pos_embed(pe: torch.Tensor, cls_token_position: str) -> Tuple[torch.T
         raise ValueError(f"pos_embed has {P} entries: neither a square grid nor a square grid + 1 cls slot")
     M = P - 1
     idx = M // 2 if cls_token_position == "middle" else 0
-    patches = torch.cat([pe[:, :idx], pe[:, idx + 1:]], dim=1)
+    patches = torch.cat([pe[:, :idx], pe[:, idx + 1 :]], dim=1)
     return patches, side, f"removed the cls slot at index {idx} of {P} ({cls_token_position} cls token)"
 
 
@@ -747,9 +894,9 @@ def _checkpoint_dims(state_dict) -> Tuple[Optional[int], int]:
     return dim, (max(ids) + 1 if ids else 0)
 
 
-def convert_vim_official_to_backbone(state_dict: Dict[str, torch.Tensor], backbone: "VimBackbone",
-                                     cls_token_position: str = "middle"
-                                     ) -> Tuple[Dict[str, torch.Tensor], VimConversionReport]:
+def convert_vim_official_to_backbone(
+    state_dict: Dict[str, torch.Tensor], backbone: "VimBackbone", cls_token_position: str = "middle"
+) -> Tuple[Dict[str, torch.Tensor], VimConversionReport]:
     """Official ViM classification state dict -> :class:`VimBackbone` state dict (pure function).
 
     Drops ``head.*``, cls tokens, ``rope.*`` buffers (the backbone computes rope per input) and
@@ -764,15 +911,20 @@ def convert_vim_official_to_backbone(state_dict: Dict[str, torch.Tensor], backbo
         raise ValueError(f"cls_token_position must be 'middle' or 'first', got {cls_token_position!r}")
     dim, depth = _checkpoint_dims(state_dict)
     if dim != backbone.embed_dim or depth != backbone.depth:
-        raise ValueError(f"checkpoint is a ViM with embed dim {dim} and depth {depth}, but the backbone "
-                         f"has embed dim {backbone.embed_dim} and depth {backbone.depth}")
+        raise ValueError(
+            f"checkpoint is a ViM with embed dim {dim} and depth {depth}, but the backbone "
+            f"has embed dim {backbone.embed_dim} and depth {backbone.depth}"
+        )
     own = backbone.state_dict()
     report = VimConversionReport()
     out = {}
     for k, v in state_dict.items():
-        drop = (k.startswith("head.") or k.startswith("rope.")
-                or k in ("cls_token", "cls_token_head", "cls_token_tail", "dist_token")
-                or (k.startswith("norm_f.") and not any(o.startswith("norm_f.") for o in own)))
+        drop = (
+            k.startswith("head.")
+            or k.startswith("rope.")
+            or k in ("cls_token", "cls_token_head", "cls_token_tail", "dist_token")
+            or (k.startswith("norm_f.") and not any(o.startswith("norm_f.") for o in own))
+        )
         if drop:
             report.dropped.append(k)
         else:
@@ -783,10 +935,16 @@ def convert_vim_official_to_backbone(state_dict: Dict[str, torch.Tensor], backbo
             report.dropped.append("pos_embed[cls slot]")
         grid = getattr(backbone, "pos_grid", (side, side))
         out["pos_embed"] = _resample_grid(patches, (side, side), grid)
-        report.pos_embed = desc + (f"; resized {side}x{side} -> {grid[0]}x{grid[1]}"
-                                   if (side, side) != tuple(grid) else f"; kept {side}x{side}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
-           for k, v in out.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        report.pos_embed = desc + (
+            f"; resized {side}x{side} -> {grid[0]}x{grid[1]}"
+            if (side, side) != tuple(grid)
+            else f"; kept {side}x{side}"
+        )
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
+        for k, v in out.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if bad:
         raise ValueError("ViM checkpoint does not fit the backbone: " + "; ".join(bad))
     return out, report
@@ -803,7 +961,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
     if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
         patches, side, _ = _split_pos_embed(out["pos_embed"], "middle")
         has_cls = patches.shape[1] != out["pos_embed"].shape[1]
-        cls = out["pos_embed"][:, patches.shape[1] // 2: patches.shape[1] // 2 + 1] if has_cls else None
+        cls = out["pos_embed"][:, patches.shape[1] // 2 : patches.shape[1] // 2 + 1] if has_cls else None
         patches = _resample_grid(patches, (side, side), model.patch_embed.grid_size)
         if model.if_cls_token:
             if cls is None:
@@ -823,9 +981,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
 # ------------------------------------------------------------------------------------------------
 # factory functions
 
-_OFFICIAL_CFG = dict(patch_size=16, depth=24, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                     final_pool_type="mean", if_abs_pos_embed=True, if_rope=False, if_rope_residual=False,
-                     bimamba_type="v2", if_cls_token=True, if_divide_out=True, use_middle_cls_token=True)
+_OFFICIAL_CFG = dict(
+    patch_size=16,
+    depth=24,
+    rms_norm=True,
+    residual_in_fp32=True,
+    fused_add_norm=True,
+    final_pool_type="mean",
+    if_abs_pos_embed=True,
+    if_rope=False,
+    if_rope_residual=False,
+    bimamba_type="v2",
+    if_cls_token=True,
+    if_divide_out=True,
+    use_middle_cls_token=True,
+)
 
 
 def vim_tiny(**kwargs) -> VisionMamba:

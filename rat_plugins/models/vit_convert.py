@@ -18,6 +18,7 @@ timm / DeiT                            mmseg ``VisionTransformer``
 Foundation-model extras (``head``, ``fc_norm``, ``mask_token``, MAE's ``decoder_*``) are ignored
 and listed in the report; any other key is reported as unexpected and not converted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,12 +92,15 @@ class ConversionReport:
         out = [f"converted {self.converted} tensors from timm/DeiT ViT layout to mmseg VisionTransformer"]
         if self.pos_embed_resized:
             (h, w), (h2, w2) = self.pos_embed_resized
-            out.append(f"pos_embed interpolated ({self.pos_embed_interpolation}, cls slot kept) "
-                       f"from a {h}x{w} to a {h2}x{w2} patch grid"
-                       + (" (antialiased, as timm loads it)" if self.pos_embed_antialiased else ""))
+            out.append(
+                f"pos_embed interpolated ({self.pos_embed_interpolation}, cls slot kept) "
+                f"from a {h}x{w} to a {h2}x{w2} patch grid"
+                + (" (antialiased, as timm loads it)" if self.pos_embed_antialiased else "")
+            )
         if self.ignored:
-            out.append(f"ignored {len(self.ignored)} non-encoder keys (foundation-model extras): "
-                       f"{abbreviate(self.ignored)}")
+            out.append(
+                f"ignored {len(self.ignored)} non-encoder keys (foundation-model extras): {abbreviate(self.ignored)}"
+            )
         if self.missing:
             out.append(f"missing {len(self.missing)} keys: {abbreviate(self.missing)}")
         if self.unexpected:
@@ -119,8 +123,12 @@ def load_timm_vit_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a PyTorch checkpoint, or holds no tensor state dict.
     """
-    obj = read_checkpoint(path, what="PyTorch checkpoint of ViT weights", allow=[argparse.Namespace],
-                          unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed")
+    obj = read_checkpoint(
+        path,
+        what="PyTorch checkpoint of ViT weights",
+        allow=[argparse.Namespace],
+        unsafe_fix="only tensors, plain containers and argparse.Namespace are allowed",
+    )
     return find_state_dict(obj, path=path, what="ViT state dict")
 
 
@@ -157,12 +165,15 @@ def _resample_pos_embed(pos: torch.Tensor, grid_hw: Tuple[int, int], mode: str, 
     n = pos.shape[1] - 1
     g = math.isqrt(n)
     if g * g != n:
-        raise ValueError(f"pos_embed {tuple(pos.shape)} is not one cls slot plus a square patch grid "
-                         f"({n} patch entries); checkpoints without a cls slot are not supported")
+        raise ValueError(
+            f"pos_embed {tuple(pos.shape)} is not one cls slot plus a square patch grid "
+            f"({n} patch entries); checkpoints without a cls slot are not supported"
+        )
     if (g, g) == tuple(grid_hw):
         return pos, None
-    out = resample_abs_pos_embed(pos, new_size=list(grid_hw), old_size=[g, g], num_prefix_tokens=1,
-                                 interpolation=mode, antialias=antialias)
+    out = resample_abs_pos_embed(
+        pos, new_size=list(grid_hw), old_size=[g, g], num_prefix_tokens=1, interpolation=mode, antialias=antialias
+    )
     return out, ((g, g), tuple(grid_hw))
 
 
@@ -210,9 +221,11 @@ def convert_timm_vit_to_mmseg(
         want["patch_size"] = int(patch_size)
     clash = [k for k, v in want.items() if k in arch and arch[k] != v]
     if clash:
-        raise ValueError(f"ViT checkpoint does not fit the model: the checkpoint is {_describe(arch)}; "
-                         f"the model is {_describe({**arch, **want})} (mismatch in {', '.join(clash)}). "
-                         "Use weights of the same ViT size or change the backbone settings.")
+        raise ValueError(
+            f"ViT checkpoint does not fit the model: the checkpoint is {_describe(arch)}; "
+            f"the model is {_describe({**arch, **want})} (mismatch in {', '.join(clash)}). "
+            "Use weights of the same ViT size or change the backbone settings."
+        )
 
     out: Dict[str, torch.Tensor] = {}
     report = ConversionReport()
@@ -232,7 +245,8 @@ def convert_timm_vit_to_mmseg(
         out[new_key] = value
     if "pos_embed" in out:
         out["pos_embed"], report.pos_embed_resized = _resample_pos_embed(
-            out["pos_embed"], tuple(int(v) for v in grid_hw), interpolate_mode, antialias)
+            out["pos_embed"], tuple(int(v) for v in grid_hw), interpolate_mode, antialias
+        )
         report.pos_embed_interpolation, report.pos_embed_antialiased = interpolate_mode, antialias
 
     expected = list(_TOP_MAP) + [f"blocks.{i}.{k}" for i in range(num_layers) for k in _BLOCK_MAP]

@@ -5,6 +5,7 @@ Ge et al., "YOLOX: Exceeding YOLO Series in 2021"; the neck of RVT (github.com/u
 ``YOLOPAFPN``; four levels (a patch-2 backbone) add one top-down and one bottom-up step. Key layout:
 docs/formats.md, "RVT checkpoints".
 """
+
 import logging
 import os
 from collections import Counter
@@ -48,13 +49,15 @@ _ACTIVATIONS = {
 class ConvNormAct(nn.Module):
     """``Conv2d`` ("same" padding, no bias) -> ``BatchNorm2d`` -> activation (``conv`` / ``bn``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 act: str = "silu"):
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, act: str = "silu"
+    ):
         super().__init__()
         if act not in _ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
-                              groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(out_chs)
         self.act = _ACTIVATIONS[act]()
 
@@ -84,8 +87,15 @@ class CspBottleneck(nn.Module):
     """1x1 conv (``conv1``) then 3x3 conv (``conv2``), plus the input when ``shortcut`` and the
     widths agree."""
 
-    def __init__(self, in_chs: int, out_chs: int, shortcut: bool = True, expansion: float = 1.0,
-                 depthwise: bool = False, act: str = "silu"):
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        shortcut: bool = True,
+        expansion: float = 1.0,
+        depthwise: bool = False,
+        act: str = "silu",
+    ):
         super().__init__()
         hidden = int(out_chs * expansion)
         self.conv1 = ConvNormAct(in_chs, hidden, 1, act=act)
@@ -108,15 +118,23 @@ class CspLayer(nn.Module):
         act: ``silu`` / ``relu`` / ``lrelu``.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, num_blocks: int = 1, shortcut: bool = True,
-                 depthwise: bool = False, act: str = "silu"):
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        num_blocks: int = 1,
+        shortcut: bool = True,
+        depthwise: bool = False,
+        act: str = "silu",
+    ):
         super().__init__()
         hidden = out_chs // 2
         self.conv1 = ConvNormAct(in_chs, hidden, 1, act=act)
         self.conv2 = ConvNormAct(in_chs, hidden, 1, act=act)
         self.conv3 = ConvNormAct(2 * hidden, out_chs, 1, act=act)
-        self.m = nn.Sequential(*(CspBottleneck(hidden, hidden, shortcut, 1.0, depthwise, act)
-                                 for _ in range(num_blocks)))
+        self.m = nn.Sequential(
+            *(CspBottleneck(hidden, hidden, shortcut, 1.0, depthwise, act) for _ in range(num_blocks))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(torch.cat([self.m(self.conv1(x)), self.conv2(x)], dim=1))
@@ -153,9 +171,16 @@ class YoloxPafpn(nn.Module):
         upsample_mode: ``F.interpolate`` mode of the top-down path (RVT: ``nearest-exact``).
     """
 
-    def __init__(self, in_channels: Sequence[int], depth: float = 1.0, in_features: Optional[Sequence[str]] = None,
-                 depthwise: bool = False, act: str = "silu", out_channels: Optional[int] = None,
-                 upsample_mode: str = "nearest-exact"):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        depth: float = 1.0,
+        in_features: Optional[Sequence[str]] = None,
+        depthwise: bool = False,
+        act: str = "silu",
+        out_channels: Optional[int] = None,
+        upsample_mode: str = "nearest-exact",
+    ):
         super().__init__()
         chs = tuple(int(c) for c in in_channels)
         if len(chs) < 2:
@@ -183,8 +208,7 @@ class YoloxPafpn(nn.Module):
             self.out_convs = nn.ModuleList(ConvNormAct(c, int(out_channels), 1, act=act) for c in chs)
         self.out_channels = (int(out_channels),) * n if out_channels is not None else chs
 
-    def forward(self, features: Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
-                ) -> Tuple[torch.Tensor, ...]:
+    def forward(self, features: Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
         """Input maps fine to coarse (a sequence or an ordered ``{name: map}``) -> output maps,
         fine to coarse, at the inputs' resolutions."""
         if isinstance(features, Mapping):
@@ -224,14 +248,14 @@ RVT_HEAD_STEMS_PREFIX = "mdl.yolox_head.stems."
 # RVT's (three-level) module names -> this module's, in RVT's forward order. Everything below a
 # module (conv / bn, conv1..3, m.<i>.conv1/conv2, dconv / pconv) keeps its official name.
 RVT_FPN_MODULES: Dict[str, str] = {
-    "lateral_conv0": "lateral_convs.0",    # 1x1, C2 -> C1, on the coarsest input
-    "C3_p4": "top_down_blocks.0",          # CSP 2*C1 -> C1 at level 1
-    "reduce_conv1": "lateral_convs.1",     # 1x1, C1 -> C0
-    "C3_p3": "top_down_blocks.1",          # CSP 2*C0 -> C0 at level 0 = output 0
-    "bu_conv2": "downsample_convs.0",      # 3x3 s2, C0 -> C0
-    "C3_n3": "bottom_up_blocks.0",         # CSP 2*C0 -> C1 = output 1
-    "bu_conv1": "downsample_convs.1",      # 3x3 s2, C1 -> C1
-    "C3_n4": "bottom_up_blocks.1",         # CSP 2*C1 -> C2 = output 2
+    "lateral_conv0": "lateral_convs.0",  # 1x1, C2 -> C1, on the coarsest input
+    "C3_p4": "top_down_blocks.0",  # CSP 2*C1 -> C1 at level 1
+    "reduce_conv1": "lateral_convs.1",  # 1x1, C1 -> C0
+    "C3_p3": "top_down_blocks.1",  # CSP 2*C0 -> C0 at level 0 = output 0
+    "bu_conv2": "downsample_convs.0",  # 3x3 s2, C0 -> C0
+    "C3_n3": "bottom_up_blocks.0",  # CSP 2*C0 -> C1 = output 1
+    "bu_conv1": "downsample_convs.1",  # 3x3 s2, C1 -> C1
+    "C3_n4": "bottom_up_blocks.1",  # CSP 2*C1 -> C2 = output 2
 }
 
 
@@ -249,8 +273,9 @@ def rvt_fpn_key_map(with_head_stems: bool = False, num_levels: int = 3) -> Dict[
     return mapping
 
 
-def convert_rvt_to_yolox_pafpn(state_dict: Mapping[str, torch.Tensor], with_head_stems: bool = False
-                               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+def convert_rvt_to_yolox_pafpn(
+    state_dict: Mapping[str, torch.Tensor], with_head_stems: bool = False
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
     """RVT state dict -> (:class:`YoloxPafpn` state dict, ignored key prefixes with counts).
 
     Pure function. Takes the Lightning module's keys (``mdl.fpn.*``) or the detector's (``fpn.*``,
@@ -267,12 +292,11 @@ def convert_rvt_to_yolox_pafpn(state_dict: Mapping[str, torch.Tensor], with_head
             parts = key.split(".")
             ignored[".".join(parts[:2]) + "."] += 1
             continue
-        converted[mapping[prefix] + key[len(prefix):]] = value
+        converted[mapping[prefix] + key[len(prefix) :]] = value
     return converted, dict(sorted(ignored.items()))
 
 
-def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]]
-                 ) -> Dict[str, int]:
+def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Dict[str, int]:
     """Load RVT's PAFPN weights (and its head ``stems`` when ``neck`` has ``out_convs``) strictly.
 
     Args:
@@ -288,8 +312,10 @@ def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[s
             checkpoint that does not load strictly.
     """
     if len(neck.in_channels) != 3:
-        raise ValueError(f"RVT checkpoints hold a three-level PAFPN; this one has {len(neck.in_channels)} "
-                         f"levels. Fix: load into a neck over three backbone maps, or train the neck from scratch")
+        raise ValueError(
+            f"RVT checkpoints hold a three-level PAFPN; this one has {len(neck.in_channels)} "
+            f"levels. Fix: load into a neck over three backbone maps, or train the neck from scratch"
+        )
     if isinstance(checkpoint, Mapping):
         state_dict, source = checkpoint, "state dict"
     else:
@@ -300,8 +326,10 @@ def load_rvt_fpn(neck: YoloxPafpn, checkpoint: Union[str, os.PathLike, Mapping[s
         neck.load_state_dict(converted, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
-        raise ValueError(f"{source}: RVT PAFPN weights do not load strictly ({detail}). Fix: build the neck "
-                         f"with the checkpoint's in_channels and depth (tiny 0.33, small / base 0.67)") from e
+        raise ValueError(
+            f"{source}: RVT PAFPN weights do not load strictly ({detail}). Fix: build the neck "
+            f"with the checkpoint's in_channels and depth (tiny 0.33, small / base 0.67)"
+        ) from e
     report = {"loaded": len(converted), **ignored}
     logger.info("%s: loaded %d PAFPN tensors; ignored %s", source, len(converted), ignored or "nothing")
     return report

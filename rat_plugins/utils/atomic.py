@@ -3,6 +3,7 @@
 Readers see the old file or the whole new one, never half of it; an interrupted or failed write
 (an exception, a full disk) removes its temporary file and leaves the previous file untouched.
 """
+
 import contextlib
 import errno
 import json
@@ -40,8 +41,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except OSError as e:
         _remove(tmp)
         if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
-            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path} (folder {path.parent}); "
-                                "free space there and run again, the previous file is unchanged") from e
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {path} (folder {path.parent}); "
+                "free space there and run again, the previous file is unchanged",
+            ) from e
         raise
     except BaseException:
         _remove(tmp)

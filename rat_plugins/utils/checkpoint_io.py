@@ -4,6 +4,7 @@ errors that name the file, what was expected and how to fix it.
 One reader for every foreign checkpoint the package loads (ViM, timm / DeiT ViT, RVT Lightning
 files); the model-specific checks (which keys mark the family) stay with the model.
 """
+
 import os
 import re
 from typing import Any, Dict, Iterable, Optional, Sequence
@@ -21,8 +22,7 @@ def abbreviate(keys: Iterable[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def read_checkpoint(path, *, what: str, allow: Sequence = (), missing_fix: str = "",
-                    unsafe_fix: str = "") -> Any:
+def read_checkpoint(path, *, what: str, allow: Sequence = (), missing_fix: str = "", unsafe_fix: str = "") -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)`` under ``allow``.
 
     Args:
@@ -49,16 +49,23 @@ def read_checkpoint(path, *, what: str, allow: Sequence = (), missing_fix: str =
         text = f"{e} {e.__context__ or ''}"
         found = _UNSUPPORTED_GLOBAL.search(text)
         if found:
-            why = (f"it stores objects of class {found.group(1)}, which torch.load(weights_only=True) refuses"
-                   + (f"; {unsafe_fix}" if unsafe_fix else ""))
+            why = f"it stores objects of class {found.group(1)}, which torch.load(weights_only=True) refuses" + (
+                f"; {unsafe_fix}" if unsafe_fix else ""
+            )
         else:
             first = (str(e.__context__ or e).strip().splitlines() or [type(e).__name__])[0]
             why = f"torch.load(weights_only=True) failed: {first}"
         raise ValueError(f"{path} is not a loadable {what} ({why})") from e
 
 
-def find_state_dict(obj: Any, *, path, what: str, wrappers: Sequence[str] = ("model", "state_dict"),
-                    strip_prefix: Optional[str] = "module.") -> Dict[str, torch.Tensor]:
+def find_state_dict(
+    obj: Any,
+    *,
+    path,
+    what: str,
+    wrappers: Sequence[str] = ("model", "state_dict"),
+    strip_prefix: Optional[str] = "module.",
+) -> Dict[str, torch.Tensor]:
     """The tensor state dict in ``obj``: bare, or under the first of ``wrappers`` that holds a dict.
 
     A ``strip_prefix`` carried by every key (``module.``: DistributedDataParallel) is removed.
@@ -70,12 +77,16 @@ def find_state_dict(obj: Any, *, path, what: str, wrappers: Sequence[str] = ("mo
             if isinstance(obj.get(key), dict):
                 state = obj[key]
                 break
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         found = f"a dict with keys {abbreviate(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
         under = " / ".join(repr(w) for w in wrappers)
-        raise ValueError(f"{os.fspath(path)} holds no {what} (expected a dict of tensors, bare or under {under}; "
-                         f"found {found})")
+        raise ValueError(
+            f"{os.fspath(path)} holds no {what} (expected a dict of tensors, bare or under {under}; found {found})"
+        )
     if strip_prefix and all(k.startswith(strip_prefix) for k in state):
-        state = {k[len(strip_prefix):]: v for k, v in state.items()}
+        state = {k[len(strip_prefix) :]: v for k, v in state.items()}
     return dict(state)

@@ -1,4 +1,5 @@
 """Unknown-key errors with "did you mean", for detectron2 LazyConfigs and OpenMMLab configs alike."""
+
 import difflib
 from typing import Iterable, Mapping, Sequence
 
@@ -33,4 +34,6 @@ def config_keys(node, prefix: str = "") -> set:
 
 def unknown_key_error(key: str, known: Iterable[str], where: str, fix: str = "") -> ConfigError:
     """``ConfigError("{where} key 'x.y' is not in the config. Did you mean ...? {fix}")``."""
-    return ConfigError(f"{where} key {key!r} is not in the config.{did_you_mean(key, known)}" + (f" {fix}" if fix else ""))
+    return ConfigError(
+        f"{where} key {key!r} is not in the config.{did_you_mean(key, known)}" + (f" {fix}" if fix else "")
+    )

@@ -6,6 +6,7 @@ batched matmul for ``x_proj``, one kernel for both directions' ``dt_proj`` + gat
 backward direction scanned from the end in place (no flip, cat or transpose). The kernels live in
 ``csrc/selective_scan.cpp``; the same numbers as the unfused mixer, to float32 rounding.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -44,17 +45,22 @@ class FusedBiMambaCPU:
     def params(self, mixer: nn.Module) -> Tuple[torch.Tensor, ...]:
         """Both directions' parameters, stacked in the layouts the kernels read."""
         m = mixer
-        pairs = ((m.conv1d.weight, m.conv1d_b.weight), (m.conv1d.bias, m.conv1d_b.bias),
-                 (m.x_proj.weight, m.x_proj_b.weight), (m.dt_proj.weight, m.dt_proj_b.weight),
-                 (m.dt_proj.bias, m.dt_proj_b.bias), (m.A_log, m.A_b_log), (m.D, m.D_b))
+        pairs = (
+            (m.conv1d.weight, m.conv1d_b.weight),
+            (m.conv1d.bias, m.conv1d_b.bias),
+            (m.x_proj.weight, m.x_proj_b.weight),
+            (m.dt_proj.weight, m.dt_proj_b.weight),
+            (m.dt_proj.bias, m.dt_proj_b.bias),
+            (m.A_log, m.A_b_log),
+            (m.D, m.D_b),
+        )
         key = tuple((p.data_ptr(), p._version) for pair in pairs for p in pair if p is not None)
         if self.cache is None or self.cache[0] != key:
             conv_w, conv_b, x_w, dt_w, dt_b, a_log, d = pairs
             with torch.no_grad():
                 tensors = (
                     torch.stack(conv_w)[:, :, 0, :].transpose(1, 2).contiguous(),  # [2, d_conv, d_inner]
-                    torch.stack(conv_b).contiguous() if conv_b[0] is not None
-                    else conv_w[0].new_zeros(2, m.d_inner),
+                    torch.stack(conv_b).contiguous() if conv_b[0] is not None else conv_w[0].new_zeros(2, m.d_inner),
                     torch.stack(x_w).transpose(1, 2).contiguous(),  # [2, d_inner, dt_rank + 2 state]
                     torch.stack(dt_w).transpose(1, 2).contiguous(),  # [2, dt_rank, d_inner]
                     -torch.exp(torch.stack(a_log)).transpose(1, 2).contiguous(),  # A: [2, state, d_inner]

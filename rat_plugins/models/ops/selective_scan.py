@@ -20,6 +20,7 @@ log-depth scan). ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` | `
 ``backend=``) chooses; ``auto`` falls back to ``torch`` with one warning when the C++ kernel cannot
 be built, an explicit ``cpp`` raises. The CPU backends compute in float32 (float64 if any input is).
 """
+
 import logging
 import os
 import shutil
@@ -162,8 +163,10 @@ def backend_for(tensor: Optional[torch.Tensor] = None, backend: Optional[str] = 
         if _mamba_selective_scan_fn() is not None:
             return "mamba_ssm"
         if req == "mamba_ssm":
-            raise RuntimeError("backend 'mamba_ssm' requested but mamba_ssm cannot be imported "
-                               "(on a CUDA machine: `pip install -e .[cuda]`)")
+            raise RuntimeError(
+                "backend 'mamba_ssm' requested but mamba_ssm cannot be imported "
+                "(on a CUDA machine: `pip install -e .[cuda]`)"
+            )
         return "torch"  # the C++ kernel is CPU-only
     if req == "mamba_ssm":
         raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got a {device.type} tensor")
@@ -203,8 +206,9 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
     for name, M in (("B", B), ("C", C)):
         if M.dim() == 3 and M.shape == (batch, N, L):
             groups.append(1)
-        elif M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (N, L) and M.shape[1] > 0 \
-                and dim % M.shape[1] == 0:
+        elif (
+            M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (N, L) and M.shape[1] > 0 and dim % M.shape[1] == 0
+        ):
             groups.append(M.shape[1])
         else:
             raise ValueError(
@@ -252,7 +256,7 @@ def _exp_block(buf: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, t0: int,
     b, d, _ = delta.shape
     n = A.shape[1]
     out = buf.view(-1)[: b * d * T * n].view(b, d, T, n)
-    torch.mul(delta[:, :, t0:t0 + T, None], A[:, None, :], out=out)
+    torch.mul(delta[:, :, t0 : t0 + T, None], A[:, None, :], out=out)
     return out.exp_()
 
 
@@ -304,8 +308,7 @@ class _SelectiveScanCpp(torch.autograd.Function):
             y = y + D.to(cdt)[:, None] * uf
         out = y * F.silu(z.to(cdt)) if z is not None else y
         if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints,
-                                  y if z is not None else None)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, y if z is not None else None)
             ctx.delta_softplus = delta_softplus
             ctx.chunk = chunk
             ctx.cdt = cdt
@@ -352,8 +355,9 @@ class _SelectiveScanCpp(torch.autograd.Function):
             dA = _exp_block(buf, dlt, Af, t0, T)
             S = S_buf[: b * d * T * n].view(b, d, T, n)
             H = H_buf[: b * d * T * n].view(b, d, T, n)
-            ext.scan_bwd_chunk(dA, dlt, uf, Bt, Ct, Af, gy, checkpoints[ci].contiguous(), h, gA_part,
-                               gdelta, gu, S, H, t0)
+            ext.scan_bwd_chunk(
+                dA, dlt, uf, Bt, Ct, Af, gy, checkpoints[ci].contiguous(), h, gA_part, gdelta, gu, S, H, t0
+            )
             ext.reduce_over_dim(S, gy, gCt, t0)
             ext.reduce_over_dim(H, du, gBt, t0)
 
@@ -375,8 +379,18 @@ class _SelectiveScanCpp(torch.autograd.Function):
         def cast(gr, like):
             return None if gr is None or like is None else gr.to(like.dtype)
 
-        return (cast(gu, u), cast(gdelta, delta), cast(gA_part.sum(0), A), cast(gB, B), cast(gC, C),
-                cast(gD, D), cast(gz, z), cast(gbias, delta_bias), None, None)
+        return (
+            cast(gu, u),
+            cast(gdelta, delta),
+            cast(gA_part.sum(0), A),
+            cast(gB, B),
+            cast(gC, C),
+            cast(gD, D),
+            cast(gz, z),
+            cast(gbias, delta_bias),
+            None,
+            None,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,9 +422,9 @@ def _scan_torch_core(u, delta, A, B4, C4, chunk, block_elems=None):
         Lb = min(span, L - t0)
         nc = -(-Lb // T)
         pad = nc * T - Lb
-        dl = delta[:, :, t0:t0 + Lb]
+        dl = delta[:, :, t0 : t0 + Lb]
         a = torch.exp(dl.unsqueeze(-1) * A[:, None, :])  # [b, d, Lb, n]
-        x = ((dl * u[:, :, t0:t0 + Lb]).view(b, g, dg, Lb, 1) * Bt[:, :, None, t0:t0 + Lb, :]).reshape(b, d, Lb, n)
+        x = ((dl * u[:, :, t0 : t0 + Lb]).view(b, g, dg, Lb, 1) * Bt[:, :, None, t0 : t0 + Lb, :]).reshape(b, d, Lb, n)
         if pad:  # identity steps: decay 1, input 0
             a = F.pad(a, (0, 0, 0, pad), value=1.0)
             x = F.pad(x, (0, 0, 0, pad))
@@ -428,7 +442,7 @@ def _scan_torch_core(u, delta, A, B4, C4, chunk, block_elems=None):
             s = a_end[:, :, c] * s + x_end[:, :, c]
         states = x + a * torch.stack(starts, dim=2).unsqueeze(3)  # [b, d, nc, T, n]
         states = states.view(b, d, nc * T, n)[:, :, :Lb]
-        y = (states.reshape(b, g, dg, Lb, n) * Ct[:, :, None, t0:t0 + Lb, :]).sum(-1)
+        y = (states.reshape(b, g, dg, Lb, n) * Ct[:, :, None, t0 : t0 + Lb, :]).sum(-1)
         ys.append(y.reshape(b, d, Lb))
     y = torch.cat(ys, dim=2) if len(ys) != 1 else ys[0]
     if not ys:
@@ -452,9 +466,21 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, c
 # public entry point
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, backend: Optional[str] = None,
-                   chunk_size: Optional[int] = None):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    backend: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature (see the module docstring).
 
     Args:
@@ -471,9 +497,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = backend_for(u, backend)
     if name == "mamba_ssm":
-        return _mamba_selective_scan_fn()(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                          delta_softplus=delta_softplus,
-                                          return_last_state=return_last_state)
+        return _mamba_selective_scan_fn()(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D=D,
+            z=z,
+            delta_bias=delta_bias,
+            delta_softplus=delta_softplus,
+            return_last_state=return_last_state,
+        )
     batch, dim, L = u.shape
     if name == "cpp" and A.shape[1] > 256:  # the C++ kernel keeps the state on the stack
         name = "torch"

@@ -25,6 +25,7 @@ dataloader = dict(
         num_workers=2,
     ),
     evaluator=L(COCOEvaluator)(dataset_name="head_detection_valid", output_dir="${...train.output_dir}/eval_valid"),
-    final_test_evaluator=L(COCOEvaluator)(dataset_name="head_detection_test",
-                                          output_dir="${...train.output_dir}/eval_test"),
+    final_test_evaluator=L(COCOEvaluator)(
+        dataset_name="head_detection_test", output_dir="${...train.output_dir}/eval_test"
+    ),
 )

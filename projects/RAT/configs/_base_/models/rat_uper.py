@@ -3,21 +3,22 @@
 # (grouping conv kernel 5, stride 2). out_features='by_stride' returns them all, finest first (ties:
 # finer level first), so UPerHead's top-down path runs coarse -> fine and its pyramid pooling sits
 # on the coarsest map. Experiment configs set scales / num_blocks and the head's in_channels / in_index.
-norm_cfg = dict(type='BN', requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
+norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 feature_dims = 128
 data_preprocessor = dict(
-    type='SegDataPreProcessor',
+    type="SegDataPreProcessor",
     mean=[123.675, 116.28, 103.53],
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=(256, 256))
+    size=(256, 256),
+)
 model = dict(
-    type='EncoderDecoder',
+    type="EncoderDecoder",
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        type='RAT',
+        type="RAT",
         input_features=3,
         feature_dims=feature_dims,
         num_blocks=4,
@@ -28,15 +29,16 @@ model = dict(
         scales=(1.0,),
         # local grouping attention in the first half of the blocks (the finest grids), dense after:
         # a dense first block at 256x256 would hold a 16384 x 65536 matrix per head
-        attention='mixed',
+        attention="mixed",
         # positional encoding: the package's learnable RoSE (learnable frequencies and spacing scale)
         learnable_rose=True,
         learnable_rose_scaling=True,
-        rose_initial_scaling='log',
+        rose_initial_scaling="log",
         rotary_ratio=0.5,
-        out_features='by_stride'),
+        out_features="by_stride",
+    ),
     decode_head=dict(
-        type='UPerHead',
+        type="UPerHead",
         in_channels=[feature_dims] * 4,
         in_index=(0, 1, 2, 3),
         pool_scales=(1, 2, 3, 6),
@@ -45,6 +47,8 @@ model = dict(
         num_classes=2,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True)),
+        loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode="whole"),
+)

@@ -1,23 +1,24 @@
 # SETR-MLA on a ViT-B/16 encoder in timm layout: mmseg's VisionTransformer (through the plugin's
 # FrozenVisionTransformer), MLANeck and SETRMLAHead; 2 classes (background, vessel).
-norm_cfg = dict(type='BN', requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
+norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 patch_size = 16
 embed_dims = 768
 # SETR-MLA predicts at stride 4: each of the 4 streams is upsampled from the patch grid
 # (stride patch_size) by patch_size // 4; the segmentor resizes the logits to the input size.
 head_stride = 4
 data_preprocessor = dict(
-    type='SegDataPreProcessor',
+    type="SegDataPreProcessor",
     mean=[123.675, 116.28, 103.53],
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
     pad_val=0,
-    seg_pad_val=255)  # the experiment config sets size=crop_size
+    seg_pad_val=255,
+)  # the experiment config sets size=crop_size
 model = dict(
-    type='EncoderDecoder',
+    type="EncoderDecoder",
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        type='FrozenVisionTransformer',
+        type="FrozenVisionTransformer",
         img_size=(224, 224),  # the pretraining size; experiment configs set crop_size
         patch_size=patch_size,
         in_channels=3,
@@ -30,19 +31,17 @@ model = dict(
         patch_bias=True,  # timm's patch_embed.proj has a bias
         final_norm=True,  # timm's final `norm` -> mmseg `ln1`
         with_cls_token=True,
-        norm_cfg=dict(type='LN', eps=1e-6),
-        act_cfg=dict(type='GELU'),
-        interpolate_mode='bicubic',
+        norm_cfg=dict(type="LN", eps=1e-6),
+        act_cfg=dict(type="GELU"),
+        interpolate_mode="bicubic",
         frozen=True,
-        pretrained_timm='VFM_Fundus_weights.pth'),
+        pretrained_timm="VFM_Fundus_weights.pth",
+    ),
     neck=dict(
-        type='MLANeck',
-        in_channels=[embed_dims] * 4,
-        out_channels=256,
-        norm_cfg=norm_cfg,
-        act_cfg=dict(type='ReLU')),
+        type="MLANeck", in_channels=[embed_dims] * 4, out_channels=256, norm_cfg=norm_cfg, act_cfg=dict(type="ReLU")
+    ),
     decode_head=dict(
-        type='SETRMLAHead',
+        type="SETRMLAHead",
         in_channels=(256, 256, 256, 256),
         channels=512,  # 4 streams x mla_channels
         in_index=(0, 1, 2, 3),
@@ -52,6 +51,8 @@ model = dict(
         num_classes=2,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True)),
+        loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode="whole"),
+)
