@@ -1,0 +1,141 @@
+"""The framework-neutral run machinery: checkpoint integrity and choice, signals, work-dir lock, run record."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rat_plugins.engine.checkpoints import (
+    atomic_torch_save,
+    checkpoint_candidates,
+    checkpoint_problem,
+    choose_resume_checkpoint,
+)
+from rat_plugins.engine.run_record import (
+    RunConfigChangedError,
+    check_same_config,
+    config_differences,
+    flatten_config,
+    record_run_config,
+    reproducibility_settings,
+)
+from rat_plugins.engine.signals import GracefulStop
+from rat_plugins.engine.workdir_lock import LOCK_NAME, WorkDirBusyError, WorkDirLock
+from rat_plugins.utils.atomic import DiskFullError
+
+
+def _save(path, value=1.0):
+    atomic_torch_save({"model": {"w": torch.full((64,), value)}, "iteration": int(value)}, path)
+
+
+def test_truncated_and_empty_checkpoints_are_named(tmp_path):
+    good, cut, empty = tmp_path / "model_0000009.pth", tmp_path / "model_0000019.pth", tmp_path / "e.pth"
+    _save(good)
+    data = good.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    empty.write_bytes(b"")
+    assert checkpoint_problem(good) is None
+    assert "truncated" in checkpoint_problem(cut)
+    assert "empty" in checkpoint_problem(empty)
+    assert "does not exist" in checkpoint_problem(tmp_path / "nope.pth")
+    (tmp_path / "zip.pth").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip archive
+    assert "not a PyTorch checkpoint" in checkpoint_problem(tmp_path / "zip.pth")
+
+
+def test_resume_falls_back_to_newest_intact(tmp_path):
+    for i in (4, 9, 14):
+        _save(tmp_path / f"model_{i:07d}.pth", i)
+    newest = tmp_path / "model_0000014.pth"
+    newest.write_bytes(newest.read_bytes()[:100])
+    chosen, warnings = choose_resume_checkpoint(newest, tmp_path, ["model_*.pth"])
+    assert chosen == tmp_path / "model_0000009.pth"
+    assert "model_0000014.pth" in warnings[0] and "truncated" in warnings[0]
+    assert [p.name for p in checkpoint_candidates(tmp_path, ["model_*.pth"])][0] == "model_0000014.pth"
+    # intact pointer wins without warnings
+    assert choose_resume_checkpoint(tmp_path / "model_0000004.pth", tmp_path, ["model_*.pth"]) == (
+        tmp_path / "model_0000004.pth",
+        [],
+    )
+    for p in tmp_path.glob("model_*.pth"):
+        p.write_bytes(b"")
+    chosen, warnings = choose_resume_checkpoint(None, tmp_path, ["model_*.pth"])
+    assert chosen is None and len(warnings) == 3
+
+
+def test_atomic_torch_save_keeps_old_file_on_disk_full(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    _save(path, 1.0)
+    before = path.read_bytes()
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match="disk full.*ckpt.pth"):
+        _save(path, 2.0)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
+
+
+def test_graceful_stop_records_signal_and_restores():
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_graceful_stop_extra_signal_from_env(monkeypatch):
+    monkeypatch.setenv("RAT_STOP_SIGNALS", "USR1")
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert stop.requested == "SIGUSR1"
+    monkeypatch.setenv("RAT_STOP_SIGNALS", "NOPE")
+    with pytest.raises(ValueError, match="unknown signal 'NOPE'"):
+        GracefulStop()
+
+
+def test_workdir_lock_refuses_second_run_and_recovers_from_dead_owner(tmp_path):
+    with WorkDirLock(tmp_path, what="first", heartbeat_s=0):
+        with pytest.raises(WorkDirBusyError, match=rf"pid {os.getpid()} on host"):
+            WorkDirLock(tmp_path, what="second", heartbeat_s=0).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+    # a crashed run leaves its lock: its pid is gone, so the next run takes over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(pid=int(dead.stdout), host=socket.gethostname())))
+    with WorkDirLock(tmp_path, heartbeat_s=0) as lock:
+        assert lock.held
+    # another host's lock is trusted until it is stale
+    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(pid=1, host="elsewhere")))
+    with pytest.raises(WorkDirBusyError, match="host elsewhere"):
+        WorkDirLock(tmp_path, heartbeat_s=0).acquire()
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    with WorkDirLock(tmp_path, heartbeat_s=0) as lock:
+        assert lock.held
+
+
+def test_run_record_refuses_changed_config(tmp_path):
+    cfg = {"optimizer": {"lr": 0.1}, "train": {"max_iter": 10, "output_dir": "a"}, "steps": [1, 2]}
+    flat = flatten_config(cfg)
+    assert flat == {"optimizer.lr": 0.1, "train.max_iter": 10, "train.output_dir": "a", "steps": [1, 2]}
+    check_same_config(tmp_path, flat)  # nothing recorded yet
+    record_run_config(tmp_path, flat, reproducibility_settings(seed=7, deterministic=False))
+    check_same_config(tmp_path, flat)
+    changed = flatten_config(dict(cfg, optimizer={"lr": 0.2}, train={"max_iter": 10, "output_dir": "b"}))
+    assert config_differences(flat, changed, ignore=["train.output_dir"]) == ["optimizer.lr"]
+    with pytest.raises(RunConfigChangedError, match=r"optimizer\.lr: 0\.1 -> 0\.2"):
+        check_same_config(tmp_path, changed, ignore=["train.output_dir"])
+    record = json.loads((tmp_path / "run_config.json").read_text())
+    assert record["reproducibility"]["seed"] == 7
