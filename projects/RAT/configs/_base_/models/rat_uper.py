@@ -3,20 +3,12 @@
 # (grouping conv kernel 5, stride 2). out_features='by_stride' returns them all, finest first (ties:
 # finer level first), so UPerHead's top-down path runs coarse -> fine and its pyramid pooling sits
 # on the coarsest map. Experiment configs set scales / num_blocks and the head's in_channels / in_index.
+_base_ = ["../../../../_base_/models/imagenet_seg_preprocessor.py"]
 norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 feature_dims = 128
-data_preprocessor = dict(
-    type="SegDataPreProcessor",
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True,
-    pad_val=0,
-    seg_pad_val=255,
-    size=(256, 256),
-)
 model = dict(
     type="EncoderDecoder",
-    data_preprocessor=data_preprocessor,
+    data_preprocessor=dict(size=(256, 256)),
     backbone=dict(
         type="RAT",
         input_features=3,

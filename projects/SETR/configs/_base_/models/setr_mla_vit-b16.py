@@ -1,22 +1,14 @@
 # SETR-MLA on a ViT-B/16 encoder in timm layout: mmseg's VisionTransformer (through the plugin's
 # FrozenVisionTransformer), MLANeck and SETRMLAHead; 2 classes (background, vessel).
+_base_ = ["../../../../_base_/models/imagenet_seg_preprocessor.py"]
 norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 patch_size = 16
 embed_dims = 768
 # SETR-MLA predicts at stride 4: each of the 4 streams is upsampled from the patch grid
 # (stride patch_size) by patch_size // 4; the segmentor resizes the logits to the input size.
 head_stride = 4
-data_preprocessor = dict(
-    type="SegDataPreProcessor",
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
-    bgr_to_rgb=True,
-    pad_val=0,
-    seg_pad_val=255,
-)  # the experiment config sets size=crop_size
 model = dict(
     type="EncoderDecoder",
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         type="FrozenVisionTransformer",
         img_size=(224, 224),  # the pretraining size; experiment configs set crop_size
