@@ -60,53 +60,30 @@ model = dict(
     # RVT's postprocess: confidence 0.1, NMS IoU 0.45
     test_cfg=dict(score_thr=0.1, nms=dict(type="nms", iou_threshold=0.45)),
 )
+# one dataset entry per split (train / val / test folders of the preprocessed layout)
+event_clips = dict(
+    type="RVTEventDataset",
+    data_root=data_root,
+    metainfo=dict(classes=classes),
+    sequence_length=sequence_length,
+    pipeline=[dict(type="PackEventClip")],
+)
+eval_loader = dict(
+    batch_size=2,
+    num_workers=3,
+    persistent_workers=False,
+    drop_last=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+)
 train_dataloader = dict(
     batch_size=2,
     num_workers=4,
     persistent_workers=False,
     sampler=dict(type="InfiniteSampler", shuffle=True),
-    dataset=dict(
-        type="RVTEventDataset",
-        data_root=data_root,
-        split="train",
-        metainfo=dict(classes=classes),
-        sequence_length=sequence_length,
-        test_mode=False,
-        pipeline=[dict(type="PackEventClip")],
-    ),
+    dataset=dict(event_clips, split="train", test_mode=False),
 )
-val_dataloader = dict(
-    batch_size=2,
-    num_workers=3,
-    persistent_workers=False,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="RVTEventDataset",
-        data_root=data_root,
-        split="val",
-        metainfo=dict(classes=classes),
-        sequence_length=sequence_length,
-        test_mode=True,
-        pipeline=[dict(type="PackEventClip")],
-    ),
-)
-test_dataloader = dict(
-    batch_size=2,
-    num_workers=3,
-    persistent_workers=False,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="RVTEventDataset",
-        data_root=data_root,
-        split="test",
-        metainfo=dict(classes=classes),
-        sequence_length=sequence_length,
-        test_mode=True,
-        pipeline=[dict(type="PackEventClip")],
-    ),
-)
+val_dataloader = dict(eval_loader, dataset=dict(event_clips, split="val", test_mode=True))
+test_dataloader = dict(eval_loader, dataset=dict(event_clips, split="test", test_mode=True))
 # COCO ground truth from the data samples (boxes in ds2 histogram pixels); AP_s/m/l and per-class AP
 val_evaluator = dict(type="CocoMetric", ann_file=None, metric="bbox", classwise=True, format_only=False)
 test_evaluator = val_evaluator

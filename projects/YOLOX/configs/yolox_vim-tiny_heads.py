@@ -50,6 +50,15 @@ test_pipeline = [
     dict(type="LoadAnnotations", with_bbox=True),
     dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
 ]
+# one dataset entry per split: the export's <split>/ folder; evaluation splits keep images without heads
+heads_dataset = dict(type="RoboflowCocoDataset", data_root=data_root, metainfo=dict(classes=classes))
+eval_loader = dict(
+    batch_size=1,
+    num_workers=2,
+    persistent_workers=False,
+    drop_last=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+)
 train_dataloader = dict(
     batch_size=8,
     num_workers=2,
@@ -57,9 +66,7 @@ train_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=True),
     batch_sampler=dict(type="AspectRatioBatchSampler"),
     dataset=dict(
-        type="RoboflowCocoDataset",
-        data_root=data_root,
-        metainfo=dict(classes=classes),
+        heads_dataset,
         ann_file="train/_annotations.coco.json",
         data_prefix=dict(img="train/"),
         filter_cfg=dict(filter_empty_gt=True, min_size=1),
@@ -68,15 +75,9 @@ train_dataloader = dict(
     ),
 )
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=False,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
+    eval_loader,
     dataset=dict(
-        type="RoboflowCocoDataset",
-        data_root=data_root,
-        metainfo=dict(classes=classes),
+        heads_dataset,
         ann_file="valid/_annotations.coco.json",
         data_prefix=dict(img="valid/"),
         filter_cfg=dict(filter_empty_gt=False, min_size=1),
@@ -85,15 +86,9 @@ val_dataloader = dict(
     ),
 )
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=False,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
+    eval_loader,
     dataset=dict(
-        type="RoboflowCocoDataset",
-        data_root=data_root,
-        metainfo=dict(classes=classes),
+        heads_dataset,
         ann_file="test/_annotations.coco.json",
         data_prefix=dict(img="test/"),
         filter_cfg=dict(filter_empty_gt=False, min_size=1),
