@@ -91,8 +91,7 @@ def dense_attention_gb(backbone_cfg, resolution: int, batch: int = 1) -> Dict[st
     num_blocks = backbone_cfg.get("num_blocks", 4)
     stride = backbone_cfg.get("stride", 2)
     heads = backbone_cfg.get("num_heads", 8)
-    attention = backbone_cfg.get("attention", "dense")
-    kinds = ("mha",) * num_blocks if attention == "mha" else block_attention_kinds(attention, num_blocks)
+    kinds = block_attention_kinds(backbone_cfg.get("attention", "dense"), num_blocks)
     sizes = {}
     for level, scale in enumerate(backbone_cfg.get("scales", (1.0,))):
         scale = scale if isinstance(scale, (int, float)) else scale[0]
