@@ -116,3 +116,12 @@ def run_child(cmd, label):
         print(f"{label}: failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(line[-1][len("RESULT ") :])
+
+
+def print_table(cols, rows):
+    """Print ``rows`` (lists of strings) under ``cols`` as an aligned text table."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))

@@ -22,6 +22,7 @@ from _timing import (
     add_threads_argument,
     median_time,
     peak_rss_mb,
+    print_table,
     run_child,
     set_threads,
     threads_argv,
@@ -243,11 +244,7 @@ def main(argv=None):
             f"{ratio('peak_allocated_mb' if 'peak_allocated_mb' in base else 'peak_rss_mb'):.2f}x",
         ]
     )
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print_table(cols, rows)
     print(
         f"activation memory (saved for backward) ratio: {ratio('saved_for_backward_mb'):.2f}x; "
         f"step time ratio: {ratio('step_s'):.2f}x"

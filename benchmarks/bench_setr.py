@@ -26,7 +26,16 @@ import statistics
 import sys
 import time
 
-from _timing import SavedForBackward, add_threads_argument, peak_rss_mb, rss_mb, run_child, set_threads, threads_argv
+from _timing import (
+    SavedForBackward,
+    add_threads_argument,
+    peak_rss_mb,
+    print_table,
+    rss_mb,
+    run_child,
+    set_threads,
+    threads_argv,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("frozen", "frozen-cached", "trainable")
@@ -202,7 +211,7 @@ def main(argv=None):
     )
     cols = ["mode", "step s", "trainable", "saved for bwd MB", "grads MB", "AdamW state MB"]
     cols += ["peak alloc MB"] if "peak_allocated_mb" in r0 else ["peak RSS MB", "RSS growth MB"]
-    print(" | ".join(cols))
+    rows = []
     for r in results:
         row = [
             r["mode"],
@@ -216,7 +225,8 @@ def main(argv=None):
             row.append(f"{r['peak_allocated_mb']:.1f}")
         else:
             row += [f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f}"]
-        print(" | ".join(row))
+        rows.append(row)
+    print_table(cols, rows)
     by_mode = {r["mode"]: r for r in results}
     fr, fc, tr = by_mode["frozen"], by_mode["frozen-cached"], by_mode["trainable"]
     print(
@@ -224,8 +234,11 @@ def main(argv=None):
         f"frozen with cache hits / frozen: {fc['step_s'] / fr['step_s']:.2f}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=args.config, size=args.size, batch=args.batch, results=results), f, indent=1)
+        from rat_plugins.utils.atomic import atomic_write_json
+
+        atomic_write_json(
+            args.json, dict(config=args.config, size=args.size, batch=args.batch, results=results), indent=1
+        )
     return 0
 
 
