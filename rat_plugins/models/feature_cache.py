@@ -20,6 +20,7 @@ import errno
 import functools
 import hashlib
 import importlib.metadata
+import io
 import logging
 import math
 import os
@@ -87,15 +88,32 @@ def _referenced_modules(module: types.ModuleType) -> List[types.ModuleType]:
     return found
 
 
+def _class_module(cls: type) -> Optional[types.ModuleType]:
+    """The module that defined ``cls``: the one in ``sys.modules`` unless it was re-imported from
+    another file since (then the module of the class's own methods)."""
+    module = sys.modules.get(cls.__module__)
+    if module is not None and getattr(module, cls.__name__, None) is cls:
+        return module
+    for value in vars(cls).values():
+        namespace = getattr(value, "__globals__", None)
+        if namespace is not None and namespace.get("__name__") == cls.__module__:
+            stand_in = types.ModuleType(cls.__module__)
+            stand_in.__file__ = namespace.get("__file__")
+            return stand_in
+    return module
+
+
 @functools.cache
-def _closure_files(module_name: str) -> Tuple[Path, ...]:
-    """Source files behind ``module_name``: its own and the C++ / CUDA sources in ``csrc/`` beside
-    it; for a rat_plugins module also those of the rat_plugins modules it uses, transitively (other
-    packages count by their class files and, for torch, its version)."""
-    root = sys.modules.get(module_name)
-    if root is None:
-        return ()
-    seen, todo, files = set(), [root], set()
+def _closure_files(module_name: str, file: Optional[str]) -> Tuple[Path, ...]:
+    """Source files behind the module ``module_name`` loaded from ``file``: its own and the C++ /
+    CUDA sources in ``csrc/`` beside it; for a rat_plugins module also those of the rat_plugins
+    modules it uses, transitively (other packages count by their class files and, for torch, its
+    version)."""
+    loaded = sys.modules.get(module_name)
+    if loaded is None or getattr(loaded, "__file__", None) != file:
+        loaded = types.ModuleType(module_name)
+        loaded.__file__ = file
+    seen, todo, files = set(), [loaded], set()
     while todo:
         module = todo.pop()
         if module.__name__ in seen:
@@ -117,15 +135,16 @@ def code_files(module: nn.Module) -> Tuple[Path, ...]:
     """Every source file :func:`code_fingerprint` hashes for ``module``: the files of the classes of
     ``module`` and of its submodules (with their base classes up to ``nn.Module``), and what
     :func:`_closure_files` adds for each."""
-    names = set()
+    sources = set()
     for sub in module.modules():
         for cls in type(sub).__mro__:
             if cls is nn.Module or cls is object:
                 break
-            names.add(cls.__module__)
+            defined_in = _class_module(cls)
+            sources.add((cls.__module__, getattr(defined_in, "__file__", None)))
     files = set()
-    for name in sorted(names):
-        files.update(_closure_files(name))
+    for name, file in sorted(sources, key=str):
+        files.update(_closure_files(name, file))
     return tuple(sorted(files))
 
 
@@ -196,6 +215,13 @@ def _expand(features: torch.Tensor) -> torch.Tensor:
     return features.float() if features.dtype == torch.float16 else features
 
 
+def _check_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f'feature cache folder {path} is a file; set feature_cache_dir to a folder (or to "" to turn the cache off)'
+        )
+
+
 def _max_bytes(max_gb: Optional[float]) -> float:
     """The cap in bytes: ``max_gb``, else ``$RAT_FEATURE_CACHE_MAX_GB``, else the default."""
     source = "max_gb"
@@ -231,11 +257,7 @@ class FrozenFeatureCache:
 
     def __init__(self, cache_root: Union[str, os.PathLike], fingerprint: str, max_gb: Optional[float] = None):
         self.cache_root = Path(cache_root).expanduser()
-        if self.cache_root.exists() and not self.cache_root.is_dir():
-            raise ConfigError(
-                f"feature cache folder {self.cache_root} is a file; set feature_cache_dir to a folder "
-                '(or to "" to turn the cache off)'
-            )
+        _check_folder(self.cache_root)
         self.root = self.cache_root / fingerprint
         self.max_bytes = _max_bytes(max_gb)
         self.hits = 0
@@ -278,19 +300,22 @@ class FrozenFeatureCache:
     def save(self, key: str, entry: dict) -> bool:
         """Write one entry; False (with a warning) when it cannot be written: the run goes on."""
         path = self._path(key)
+        # serialized in memory first: torch.save writing a file itself reports a full disk as a
+        # RuntimeError (its zip writer's own error hides the OSError and its errno)
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "outputs": [t.cpu().clone() for t in entry["outputs"]],
+                "sequence": entry["sequence"],
+                "names": entry.get("names"),
+            },
+            buffer,
+        )
         try:
             # readers see the old file or the whole new one; no fsync: an entry lost to a power cut
-            # reads as truncated and is recomputed. An open file, not a path: torch.save given a path
-            # reports a full disk as a RuntimeError without its errno.
+            # reads as truncated and is recomputed
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                torch.save(
-                    {
-                        "outputs": [t.cpu().clone() for t in entry["outputs"]],
-                        "sequence": entry["sequence"],
-                        "names": entry.get("names"),
-                    },
-                    f,
-                )
+                f.write(buffer.getbuffer())
         except OSError as e:  # disk full, read-only or vanished folder, quota
             self._write_failed(path, e)
             return False
@@ -430,7 +455,9 @@ class CachedFrozenForward:
         self.cache_dir = cache_dir
         self.config_attrs = tuple(config_attrs)
         self.max_gb = max_gb
-        _max_bytes(max_gb)  # a bad cap fails here, at build time, not at the first batch
+        # a bad folder or cap fails here, when the model is built, not at the first batch
+        _check_folder(Path(cache_dir).expanduser())
+        _max_bytes(max_gb)
         self._cache: Optional[FrozenFeatureCache] = None
 
     @property
