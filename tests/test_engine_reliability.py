@@ -139,3 +139,24 @@ def test_run_record_refuses_changed_config(tmp_path):
         check_same_config(tmp_path, changed, ignore=["train.output_dir"])
     record = json.loads((tmp_path / "run_config.json").read_text())
     assert record["reproducibility"]["seed"] == 7
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail writes with ENOSPC")
+def test_atomic_torch_save_names_disk_full_that_torch_reports_as_runtime_error(tmp_path, monkeypatch):
+    """torch's zip writer turns the file's ENOSPC into "RuntimeError: unexpected pos ..."; it is still disk full."""
+    from rat_plugins.engine import checkpoints
+
+    def open_full_device(path, mode="r", *args, **kwargs):  # unbuffered: the write itself fails, as on a full disk
+        return open("/dev/full", mode, buffering=0)
+
+    monkeypatch.setattr(checkpoints, "open", open_full_device, raising=False)
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*big\.pth"):
+        atomic_torch_save({"w": torch.zeros(400_000)}, tmp_path / "big.pth")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+
+
+def test_atomic_torch_save_round_trips(tmp_path):
+    path = tmp_path / "model_0000001.pth"
+    _save(path, 3.0)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert loaded["iteration"] == 3 and torch.equal(loaded["model"]["w"], torch.full((64,), 3.0))

@@ -40,22 +40,48 @@ def atomic_torch_save(obj, path: PathLike) -> None:
     that names the file.
     """
     path = Path(path)
+    writer = None
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                writer = _WriteErrorRecorder(f)
+                torch.save(obj, writer)
                 f.flush()
                 os.fsync(f.fileno())
     except DiskFullError:
         raise
     except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError
-        if "No space left" in str(e) or getattr(e.__cause__, "errno", None) == errno.ENOSPC:
+        write_errno = getattr(getattr(writer, "error", None), "errno", None)
+        if (
+            write_errno == errno.ENOSPC
+            or "No space left" in str(e)
+            or getattr(e.__cause__, "errno", None) == errno.ENOSPC
+        ):
             raise DiskFullError(
                 errno.ENOSPC,
                 f"disk full while writing the checkpoint {path} (folder {path.parent}); "
                 "free space there and resume, the previous checkpoints are unchanged",
             ) from e
         raise
+
+
+class _WriteErrorRecorder:
+    """A file's ``write`` / ``flush`` that keeps the OSError it raised: torch's zip writer replaces it by
+    a RuntimeError without the errno ("unexpected pos 704 vs 598" on a full disk)."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self._file.flush()
 
 
 def checkpoint_problem(path: PathLike) -> Optional[str]:
