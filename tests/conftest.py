@@ -76,3 +76,27 @@ def events_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     make_events(root / "events" / "etram", n=2, seed=0, size=64, frames=12, label_every=2)
     return root
+
+
+# -- a real single-node SLURM (tools/local_slurm.sh), started once per session when a test asks --
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """``{"SLURM_CONF": ...}`` of a running localhost SLURM; its daemons are stopped at the end.
+
+    Installs Debian's slurm and munge when missing (root and apt-get needed); a machine where that
+    is impossible fails the test with the reason (deselect with ``-m "not slurm"``).
+    """
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "local_slurm.sh"
+    folder = tmp_path_factory.mktemp("slurm")
+    for step in (["install"], ["start", str(folder)]):
+        proc = subprocess.run(["bash", str(script), *step], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"cannot run a local SLURM (tools/local_slurm.sh {step[0]}): {proc.stderr.strip()[-2000:]}")
+    env = {"SLURM_CONF": str(folder / "slurm.conf")}
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, text=True, timeout=120)
