@@ -1,5 +1,6 @@
 """The framework-neutral run machinery: checkpoint integrity and choice, signals, work-dir lock, run record."""
 
+import errno
 import json
 import os
 import signal
@@ -141,18 +142,44 @@ def test_run_record_refuses_changed_config(tmp_path):
     assert record["reproducibility"]["seed"] == 7
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail writes with ENOSPC")
+class _FillsUp:
+    """A file that takes ``room`` bytes, then fails writes with ENOSPC (what a full disk does mid-checkpoint)."""
+
+    def __init__(self, path, room=1000):
+        self._file = open(path, "wb")
+        self.room = room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self._file.write(data)
+
+    def flush(self):
+        self._file.flush()
+
+    def fileno(self):
+        return self._file.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
 def test_atomic_torch_save_names_disk_full_that_torch_reports_as_runtime_error(tmp_path, monkeypatch):
     """torch's zip writer turns the file's ENOSPC into "RuntimeError: unexpected pos ..."; it is still disk full."""
     from rat_plugins.engine import checkpoints
 
-    def open_full_device(path, mode="r", *args, **kwargs):  # unbuffered: the write itself fails, as on a full disk
-        return open("/dev/full", mode, buffering=0)
-
-    monkeypatch.setattr(checkpoints, "open", open_full_device, raising=False)
-    with pytest.raises(DiskFullError, match=r"disk full while writing .*big\.pth"):
-        atomic_torch_save({"w": torch.zeros(400_000)}, tmp_path / "big.pth")
-    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+    path = tmp_path / "big.pth"
+    _save(path, 1.0)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoints, "open", lambda p, mode="r", *a, **k: _FillsUp(p), raising=False)
+    with pytest.raises(DiskFullError, match=r"disk full while writing the checkpoint .*big\.pth"):
+        atomic_torch_save({"w": torch.zeros(400_000)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pth"]  # the temporary file is gone
 
 
 def test_atomic_torch_save_round_trips(tmp_path):
