@@ -187,3 +187,23 @@ def test_atomic_torch_save_round_trips(tmp_path):
     _save(path, 3.0)
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     assert loaded["iteration"] == 3 and torch.equal(loaded["model"]["w"], torch.full((64,), 3.0))
+
+
+def test_graceful_stop_calls_back_once_and_forked_workers_ignore_signals():
+    seen = []
+    with GracefulStop(on_request=seen.append) as stop:
+        pid = os.fork()
+        if pid == 0:  # a data-loader worker: Ctrl-C reaches it too, and it must keep serving batches
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                os._exit(0 if stop.requested is None else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stop.requested is None and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == "SIGTERM" and seen == ["SIGTERM"]

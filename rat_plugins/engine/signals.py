@@ -5,13 +5,16 @@ warning signal (SLURM ``--signal=USR1@90``) only set a flag here; the training l
 at the next iteration boundary, saves a checkpoint and ends the run with exit status 0. Saving
 inside the handler could interrupt a half-written optimizer step or checkpoint. A second SIGINT
 falls through to Python's default (KeyboardInterrupt), so an impatient user can still stop at once.
+Processes forked after :meth:`GracefulStop.install` (data-loader workers) inherit the handler and
+ignore these signals: the process that installed it stops them, and a worker killed by Ctrl-C or
+a scheduler's SIGTERM to the whole job would crash the loop before it could save.
 """
 
 import logging
 import os
 import signal
 import threading
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 __all__ = ["GracefulStop", "DEFAULT_STOP_SIGNALS", "signal_name"]
 
@@ -36,9 +39,16 @@ class GracefulStop:
         signals: signal numbers to catch (default SIGTERM and SIGINT).
         extra_from_env: name of an environment variable listing more signals by name
             (``RAT_STOP_SIGNALS=USR1,USR2``), so a job script can add its scheduler's warning signal.
+        on_request: called with the signal's name on the first one (e.g. to pass the stop on to
+            child processes); runs inside the signal handler, so keep it short.
     """
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS, extra_from_env: str = "RAT_STOP_SIGNALS"):
+    def __init__(
+        self,
+        signals: Iterable[int] = DEFAULT_STOP_SIGNALS,
+        extra_from_env: str = "RAT_STOP_SIGNALS",
+        on_request: Optional[Callable[[str], None]] = None,
+    ):
         wanted = list(signals)
         for name in filter(None, (s.strip() for s in os.environ.get(extra_from_env, "").split(","))):
             name = name.upper()
@@ -48,16 +58,21 @@ class GracefulStop:
             wanted.append(int(number))
         self.signals = list(dict.fromkeys(wanted))
         self.requested: Optional[str] = None
+        self.on_request = on_request
         self._previous = {}
+        self._installer_pid: Optional[int] = None
 
     def install(self) -> "GracefulStop":
         if threading.current_thread() is not threading.main_thread():
             return self
+        self._installer_pid = os.getpid()
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self._installer_pid is not None and os.getpid() != self._installer_pid:
+            return  # a forked worker: its parent decides when it stops
         if self.requested is not None and signum == signal.SIGINT:
             # second Ctrl-C: stop now, as Python would
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -69,6 +84,8 @@ class GracefulStop:
                 "(send SIGINT again to stop without one)",
                 self.requested,
             )
+            if self.on_request is not None:
+                self.on_request(self.requested)
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
