@@ -67,3 +67,51 @@ def test_epoch_schedule_written_into_a_config_and_recomputed():
     set_epoch_schedule(train, lr, dataloader)
     assert (train.max_iter, train.eval_period) == (8000, 80)
     assert lr.scheduler.milestones == [5600, 7200]
+
+
+def test_checkpoints_once_an_epoch_or_every_few_hundred_iterations():
+    from rat_plugins.engine.schedule import MAX_CHECKPOINT_PERIOD
+
+    assert epoch_schedule(1271, 8, 100).checkpoint_period == 159  # an OFAT epoch
+    long_epoch = epoch_schedule(118_287, 16, 12)  # COCO at batch 16: 7393 iterations an epoch
+    assert long_epoch.iters_per_epoch == 7393 and long_epoch.checkpoint_period == MAX_CHECKPOINT_PERIOD == 500
+    assert epoch_schedule(3, 8, 1).checkpoint_period == 1
+
+
+def test_explicit_length_keys_that_contradict_the_epochs_are_refused():
+    from rat_plugins.detectron2.schedule import set_epoch_schedule
+    from rat_plugins.utils.config_keys import ConfigError
+
+    train, lr, dataloader = _schedule_config(batch=8)
+    set_epoch_schedule(train, lr, dataloader, epochs=100, num_images=1271)
+    train.max_iter = 50  # what the override train.max_iter=50 leaves in the config
+    with pytest.raises(
+        ConfigError, match=r"train\.max_iter=50 contradicts .*train\.epochs=100.* Override train\.epochs"
+    ):
+        set_epoch_schedule(train, lr, dataloader, explicit=["train.max_iter"])
+    train.max_iter = 15900  # the value the epochs give is no conflict
+    set_epoch_schedule(train, lr, dataloader, explicit=["train.max_iter"])
+    lr.scheduler.milestones = [10, 20]
+    with pytest.raises(ConfigError, match=r"lr_multiplier\.scheduler\.milestones=\[10,20\] contradicts"):
+        set_epoch_schedule(train, lr, dataloader, explicit=["lr_multiplier.scheduler.milestones"])
+    lr.warmup_length = 0.5
+    with pytest.raises(ConfigError, match=r"Override train\.warmup_iters instead"):
+        set_epoch_schedule(train, lr, dataloader, explicit=["lr_multiplier.warmup_length"])
+    # not given explicitly: derived values are recomputed as before
+    assert set_epoch_schedule(train, lr, dataloader) == []
+    assert lr.scheduler.milestones == [11130, 14310] and lr.warmup_length == pytest.approx(500 / 15900)
+
+
+def test_explicit_periods_are_kept_and_reported():
+    from rat_plugins.detectron2.schedule import set_epoch_schedule
+
+    train, lr, dataloader = _schedule_config(batch=8)
+    set_epoch_schedule(train, lr, dataloader, epochs=100, num_images=1271)
+    train.eval_period, train.checkpointer.period = 1000, 50
+    dataloader.train.total_batch_size = 16
+    notes = set_epoch_schedule(train, lr, dataloader, explicit=["train.eval_period", "train.checkpointer.period"])
+    assert (train.max_iter, train.eval_period, train.checkpointer.period) == (8000, 1000, 50)
+    assert notes == [
+        "train.eval_period=1000 given explicitly: kept (the epoch schedule would set 80)",
+        "train.checkpointer.period=50 given explicitly: kept (the epoch schedule would set 80)",
+    ]

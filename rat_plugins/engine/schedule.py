@@ -3,7 +3,11 @@
 import math
 from dataclasses import dataclass
 
-__all__ = ["EpochSchedule", "epoch_schedule"]
+__all__ = ["EpochSchedule", "epoch_schedule", "MAX_CHECKPOINT_PERIOD"]
+
+# A kill (preemption, OOM killer, power) loses the iterations since the last checkpoint: at most this
+# many (a few minutes of training), however long an epoch of a large training split is.
+MAX_CHECKPOINT_PERIOD = 500
 
 
 @dataclass(frozen=True)
@@ -12,6 +16,7 @@ class EpochSchedule:
     max_iter: int
     warmup_iters: int
     milestones: tuple  # iterations at which the learning rate is multiplied by 0.1
+    checkpoint_period: int = 0  # iterations between checkpoints: once an epoch, at most MAX_CHECKPOINT_PERIOD
 
     @property
     def lr_factors(self) -> tuple:
@@ -24,7 +29,12 @@ class EpochSchedule:
 
 
 def epoch_schedule(
-    num_images: int, batch_size: int, epochs: int, warmup_iters: int = 500, decay_at=(0.7, 0.9)
+    num_images: int,
+    batch_size: int,
+    epochs: int,
+    warmup_iters: int = 500,
+    decay_at=(0.7, 0.9),
+    max_checkpoint_period: int = MAX_CHECKPOINT_PERIOD,
 ) -> EpochSchedule:
     """iterations = ceil(num_images / batch_size) * epochs; multistep decay at fractions of it.
 
@@ -34,6 +44,8 @@ def epoch_schedule(
         epochs: number of passes over the training split.
         warmup_iters: linear warm-up length, capped at the schedule length.
         decay_at: fractions of ``max_iter`` where the learning rate drops by 10x.
+        max_checkpoint_period: checkpoints come once an epoch, or every this many iterations when an
+            epoch is longer.
     """
     if num_images <= 0:
         raise ValueError(f"the training split has {num_images} images; cannot build an epoch schedule")
@@ -47,4 +59,5 @@ def epoch_schedule(
     for i in range(len(milestones) - 2, -1, -1):
         milestones[i] = min(milestones[i], milestones[i + 1] - 1)
     milestones = tuple(m for m in milestones if m > 0)
-    return EpochSchedule(iters_per_epoch, max_iter, min(warmup_iters, max_iter), milestones)
+    checkpoint_period = max(1, min(iters_per_epoch, max_checkpoint_period))
+    return EpochSchedule(iters_per_epoch, max_iter, min(warmup_iters, max_iter), milestones, checkpoint_period)
