@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Run the nine OFAT experiments in sequence (baseline first).
 #
-#   ./run_all_ofat.sh [--quick] [run_single_ofat.sh options ...]
+#   ./run_all_ofat.sh [--quick] [run_single_ofat.sh options ...] [key=value ...]
 #   ./run_all_ofat.sh --clean [--yes]
 #
 # Finished runs (final_metrics.json present) are skipped; a failed run does not stop the others;
-# the end prints which finished and which failed, with their logs. --clean stops the runs this
+# the end prints which finished and which failed, with their logs. The options are checked once,
+# before the first run starts (a typo fails at once, not nine times). --clean stops the runs this
 # script started (by their PID files, nothing else) and removes work_dirs/ofat_* and the
 # filtered annotation files, after confirmation (--yes skips the question). RAT_WORK_DIRS moves
 # work_dirs/ elsewhere.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROG="./run_all_ofat.sh"
+usage() { sed -n '2,/^set /{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage_error() {
+  echo "error: $1" >&2
+  echo "usage: $PROG [--quick] [run_single_ofat.sh options] [key=value ...]  |  $PROG --clean [--yes]" \
+    "(--help for more)" >&2
+  exit 2
+}
 WORK="${RAT_WORK_DIRS:-$REPO/work_dirs}"
 DATA="${RAT_DATASETS:-${DETECTRON2_DATASETS:-$REPO/datasets}}/coco"
 NAMES=(baseline_lr0.001_bs8_adamw_ep100 ofat_lr0.01_bs8_adamw_ep100 ofat_lr0.005_bs8_adamw_ep100
@@ -33,11 +42,43 @@ stop_started_runs() {
   done
 }
 
-if [ "${1:-}" = "--clean" ]; then
+# -- the command line: --clean [--yes] alone, or options for run_single_ofat.sh ------------------
+CLEAN=0; YES=0; QUICK_SUFFIX=""; PASS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --clean) CLEAN=1 ;;
+    --yes) YES=1 ;;
+    --quick) QUICK_SUFFIX="_quick"; PASS+=("$1") ;;
+    --background | --dry-run) usage_error "$1 is an option of run_single_ofat.sh only (this script runs the nine in turn)" ;;
+    --num-gpus | --micro-batch | --num-machines | --machine-rank | --dist-url)
+      # its value travels with it (a missing one is reported by the check below)
+      PASS+=("$1")
+      if [ $# -ge 2 ] && [ "${2#--}" = "$2" ]; then PASS+=("$2"); shift; fi
+      ;;
+    -* | *=*) PASS+=("$1") ;;
+    *) usage_error "unexpected argument '$1': this script runs all nine experiments; for one, use run_single_ofat.sh $1" ;;
+  esac
+  shift
+done
+if [ "$CLEAN" = 1 ] && [ ${#PASS[@]} -gt 0 ]; then
+  usage_error "--clean takes no other option than --yes (got: ${PASS[*]})"
+fi
+[ "$YES" = 0 ] || [ "$CLEAN" = 1 ] || usage_error "--yes only goes with --clean"
+if [ "$CLEAN" = 0 ]; then
+  # run_single_ofat.sh checks the options (its --dry-run writes nothing); its exit status 2 is a
+  # usage error, whose message is ours. Other failures are left to the runs themselves to report.
+  check="$("$REPO/run_single_ofat.sh" "${NAMES[0]}" --dry-run ${PASS[@]+"${PASS[@]}"} 2>&1 >/dev/null)"
+  if [ $? -eq 2 ]; then
+    usage_error "$(printf '%s\n' "$check" | grep -m1 '^error: ' | sed 's/^error: //')"
+  fi
+fi
+
+if [ "$CLEAN" = 1 ]; then
   targets=$(ls -d "$WORK"/ofat_* "$DATA"/*/_annotations.coco_filtered.json 2>/dev/null)
   if [ -z "$targets" ]; then echo "nothing to clean"; exit 0; fi
   echo "This removes:"; echo "$targets" | sed 's/^/  /'
-  if [ "${2:-}" != "--yes" ]; then
+  if [ "$YES" = 0 ]; then
     read -r -p "Proceed? [y/N] " answer </dev/tty 2>/dev/null || answer=""
     case "$answer" in y|Y|yes) ;; *) echo "nothing removed"; exit 1 ;; esac
   fi
@@ -49,8 +90,7 @@ if [ "${1:-}" = "--clean" ]; then
   exit 0
 fi
 
-SUFFIX=""
-for a in "$@"; do [ "$a" = "--quick" ] && SUFFIX="_quick"; done
+SUFFIX="$QUICK_SUFFIX"
 mkdir -p "$WORK"
 echo $$ >"$WORK/.run_all_ofat.pid"
 trap 'stop_started_runs; rm -f "$WORK/.run_all_ofat.pid"; exit 130' INT TERM
@@ -62,7 +102,7 @@ for name in "${NAMES[@]}"; do
   fi
   mkdir -p "$out"
   echo "== $name: starting (log: $out/run.log)"
-  "$REPO/run_single_ofat.sh" "$name" "$@" >"$out/run.log" 2>&1 &
+  "$REPO/run_single_ofat.sh" "$name" ${PASS[@]+"${PASS[@]}"} >"$out/run.log" 2>&1 &
   echo $! >"$out/run.pid"
   if wait $!; then finished+=("$name"); else failed+=("$name"); echo "== $name: FAILED (see $out/run.log)"; fi
   rm -f "$out/run.pid"
