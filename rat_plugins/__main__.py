@@ -1,9 +1,13 @@
 """``python -m rat_plugins list``: what the plugin registers, per registry, and what is unavailable."""
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import sys
+import warnings
+
+from rat_plugins._optional import import_failure, install_hint
 
 REGISTRIES = {
     "detectron2": [
@@ -14,14 +18,24 @@ REGISTRIES = {
     "mmdet": [(name, "mmdet.registry", name) for name in ("MODELS", "DATASETS", "TRANSFORMS", "METRICS", "HOOKS")],
 }
 ADAPTERS = {"detectron2": "rat_plugins.detectron2", "mmseg": "rat_plugins.mm", "mmdet": "rat_plugins.mm"}
+# (module, what it gives, how to get it)
 OPTIONAL = [
-    ("mamba_ssm", "fused CUDA selective scan (GPU machines: pip install -e .[cuda])"),
-    ("detectron2._C", "detectron2's compiled ops (deformable/rotated ops; COCO eval uses pycocotools)"),
-    ("mmcv._ext", "mmcv's compiled ops (nms, roi_align, ...)"),
-    ("resolution_aware_transformer", "RAT backbone (pip install -e .[rat])"),
-    ("h5py", "event-camera data in RVT's layout (pip install -e .[events])"),
-    ("hdf5plugin", "compressed RVT event files (pip install -e .[events])"),
+    ("mamba_ssm", "fused CUDA selective scan", "on GPU machines: pip install -e .[cuda]"),
+    ("detectron2._C", "detectron2's compiled ops (deformable/rotated ops; COCO eval uses pycocotools)", "none needed"),
+    ("mmcv._ext", "mmcv's compiled ops (nms, roi_align, ...)", "run `make install`"),
+    ("resolution_aware_transformer", "RAT backbone", "pip install -e .[rat]"),
+    ("h5py", "event-camera data in RVT's layout", "pip install -e .[events]"),
+    ("hdf5plugin", "compressed RVT event files", "pip install -e .[events]"),
 ]
+
+
+@contextlib.contextmanager
+def _quiet_framework_imports():
+    """Hide the FutureWarning fvcore (imported by detectron2) triggers with torch.jit.script at
+    import: it is not ours to fix and would precede the table. Other warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def _registered_by_plugin(registry):
@@ -51,32 +65,49 @@ def _lazycall_components():
     return found
 
 
-def list_components(out=sys.stdout) -> int:
-    unavailable = []
-    for framework, registries in REGISTRIES.items():
-        try:
-            importlib.import_module(ADAPTERS[framework])
-        except ImportError as e:
-            unavailable.append((framework, str(e)))
-            continue
-        for label, module, attr in registries:
-            registry = getattr(importlib.import_module(module), attr)
-            names = _registered_by_plugin(registry)
-            if names:
-                print(f"{framework} {label}: {', '.join(names)}", file=out)
-        if framework == "detectron2":
-            print(f"detectron2 LazyCall targets: {', '.join(_lazycall_components())}", file=out)
-    for module, what in OPTIONAL:
+def _framework_rows(framework, registries, out, unavailable):
+    """Print what the plugin registered into ``framework``; or note why it cannot be imported."""
+    adapter = ADAPTERS[framework]
+    for module in (framework, adapter):  # the framework itself first: its own error is the clearer one
         try:
             importlib.import_module(module)
-        except Exception as e:  # compiled extensions fail with OSError/ImportError alike
-            unavailable.append((module, f"{what}: not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
-    try:
-        from rat_plugins.models.ops import selective_scan as scan
+        except Exception as e:  # ImportError, and mmseg / mmdet's AssertionError on a foreign mmcv
+            what = "cannot be imported" if module == framework else f"its adapter {adapter} cannot be imported"
+            unavailable.append((framework, f"{what} ({import_failure(e)}); to fix: {install_hint(framework, e)}"))
+            return
+    for label, module, attr in registries:
+        try:
+            registry = getattr(importlib.import_module(module), attr)
+            names = _registered_by_plugin(registry)
+        except Exception as e:
+            unavailable.append((f"{framework} {label}", f"cannot be read ({import_failure(e)})"))
+            continue
+        if names:
+            print(f"{framework} {label}: {', '.join(names)}", file=out)
+    if framework == "detectron2":
+        try:
+            print(f"detectron2 LazyCall targets: {', '.join(_lazycall_components())}", file=out)
+        except Exception as e:
+            unavailable.append(("detectron2 LazyCall targets", f"cannot be listed ({import_failure(e)})"))
 
-        print(f"selective scan backend on CPU: {scan.backend_for()}", file=out)
-    except Exception as e:
-        unavailable.append(("selective scan", f"{type(e).__name__}: {e}"))
+
+def list_components(out=sys.stdout) -> int:
+    """Print the table; every import failure is a line under "unavailable", never a traceback."""
+    unavailable = []
+    with _quiet_framework_imports():
+        for framework, registries in REGISTRIES.items():
+            _framework_rows(framework, registries, out, unavailable)
+        for module, what, fix in OPTIONAL:
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # compiled extensions fail with OSError/ImportError alike
+                unavailable.append((module, f"{what}: not importable ({import_failure(e)}); to fix: {fix}"))
+        try:
+            from rat_plugins.models.ops import selective_scan as scan
+
+            print(f"selective scan backend on CPU: {scan.backend_for()}", file=out)
+        except Exception as e:
+            unavailable.append(("selective scan", import_failure(e)))
     print("unavailable:" if unavailable else "unavailable: none", file=out)
     for name, why in unavailable:
         print(f"  {name}: {why}", file=out)
