@@ -7,6 +7,7 @@ fields: docs/formats.md, "RVT preprocessed events". HDF5 files are opened lazily
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._optional import require
+from .validate import DataError, MissingDataError, UnreadableDataError, cached_check, check_mode, first_few
 
 __all__ = ["RVTEventClips", "EventSequence", "REPR_FILE", "REPR_FILE_DS2", "DEFAULT_REPR_NAME"]
 
@@ -23,6 +25,8 @@ REPR_FILE = "event_representations.h5"
 REPR_FILE_DS2 = "event_representations_ds2_nearest.h5"
 DEFAULT_REPR_NAME = "stacked_histogram_dt=50_nbins=10"
 _SHORT_CLIP_RULES = ("pad", "drop")
+_READ_BLOCK = 64  # representations read at a time by the full check
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,9 +40,16 @@ class EventSequence:
     frame_repr_idx: np.ndarray  # [K] representation index of labelled frame k (increasing)
     frame_label_start: np.ndarray  # [K + 1] label rows of frame k: start[k]:start[k + 1]
     labels: np.ndarray  # RVT's structured label records
+    usable: np.ndarray  # [N] bool: the box has a positive size and overlaps the sensor
+
+    def frame_rows(self, k: int) -> np.ndarray:
+        """Every label record of labelled frame k (unusable boxes included)."""
+        return self.labels[self.frame_label_start[k] : self.frame_label_start[k + 1]]
 
     def frame_labels(self, k: int) -> np.ndarray:
-        return self.labels[self.frame_label_start[k] : self.frame_label_start[k + 1]]
+        """The usable boxes of labelled frame k."""
+        start, end = self.frame_label_start[k], self.frame_label_start[k + 1]
+        return self.labels[start:end][self.usable[start:end]]
 
 
 def _missing_filters(dataset) -> List[str]:
@@ -54,7 +65,7 @@ def _missing_filters(dataset) -> List[str]:
     return missing
 
 
-def _open_h5(path: Path):
+def _open_h5(path: Path, where: str = "RVT events"):
     """Open a representation file read-only and return ``(file, dataset 'data')`` with clear errors."""
     h5py = require("h5py", "rat_plugins.data.rvt_events")
     try:  # registers Blosc / LZ4 / Zstd filters; the gzip-compressed synthetic files do not need it
@@ -64,14 +75,17 @@ def _open_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise OSError(
-            f"cannot open the HDF5 file '{path}' ({e}); it is corrupt or truncated: "
+        raise UnreadableDataError(
+            f"{where}: cannot open the HDF5 file '{path}' ({e}); it is corrupt or truncated: "
             "copy it again or re-run RVT's preprocessing for this sequence"
         ) from e
     if "data" not in f:
         keys = list(f.keys())
         f.close()
-        raise OSError(f"'{path}' has no dataset 'data' (found {keys}); it is not an RVT representation file")
+        raise UnreadableDataError(
+            f"{where}: '{path}' has no dataset 'data' (found {keys}); it is not an RVT representation file: "
+            "copy it again or re-run RVT's preprocessing for this sequence"
+        )
     dset = f["data"]
     missing = _missing_filters(dset)
     if missing:
@@ -82,20 +96,43 @@ def _open_h5(path: Path):
             f"installation cannot decode. To fix: {hint}."
         )
     if dset.ndim != 4:
+        shape = dset.shape
         f.close()
-        raise OSError(f"'{path}': 'data' must be [T, C, H, W], got shape {dset.shape}")
+        raise UnreadableDataError(
+            f"{where}: '{path}': 'data' must be [T, C, H, W], got shape {shape}; re-run RVT's preprocessing"
+        )
     return f, dset
 
 
-def _load_npz(path: Path, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+def _read_all(path: Path, where: str) -> None:
+    """Read every representation of a file once (the full check): a damaged chunk is an error now."""
+    f, dset = _open_h5(path, where)
+    try:
+        for start in range(0, dset.shape[0], _READ_BLOCK):
+            try:
+                dset[start : start + _READ_BLOCK]
+            except OSError as e:
+                raise UnreadableDataError(
+                    f"{where}: cannot read representations {start}..{min(start + _READ_BLOCK, dset.shape[0]) - 1} "
+                    f"of '{path}' ({e}); the file is corrupt: copy it again or re-run RVT's preprocessing"
+                ) from e
+    finally:
+        f.close()
+
+
+def _load_npz(path: Path, keys: Sequence[str], where: str = "RVT events") -> Dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in keys if k not in npz.files]
             if missing:
-                raise ValueError(f"'{path}' lacks {missing} (has {npz.files}); expected RVT's labels_v2 layout")
+                raise DataError(f"{where}: '{path}' lacks {missing} (has {npz.files}); expected RVT's labels_v2 layout")
             return {k: npz[k] for k in keys}
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise OSError(f"cannot read '{path}' ({e}); copy it again or re-run RVT's preprocessing") from e
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, DataError):
+            raise
+        raise UnreadableDataError(
+            f"{where}: cannot read '{path}' ({e}); copy it again or re-run RVT's preprocessing"
+        ) from e
 
 
 class RVTEventClips:
@@ -113,6 +150,14 @@ class RVTEventClips:
             frames with fewer than L representations before them).
         all_labels: also return the boxes of every labelled frame inside the clip (per step).
         sequences: optional subset of sequence folder names (default: every folder of the split).
+        check: ``header`` (default ``$RAT_DATA_CHECK``, else header: every file opens, labels and
+            indices agree) or ``full`` (also reads every representation once; cached by the files'
+            sizes and modification times, see ``rat_plugins.data.validate``).
+        log: the logger for the data warnings (default: this module's).
+
+    Boxes of zero / negative size or outside the sensor are dropped, counted and reported at
+    WARNING with the first few (sequence, label row). Problems are a
+    :class:`~rat_plugins.data.validate.DataError` naming the split, the file and the fix.
 
     Clips at a sequence start (fewer than L representations before the labelled frame) are
     front-padded with zero histograms (``valid`` False there) or dropped, as RVT's random-access
@@ -141,16 +186,19 @@ class RVTEventClips:
         short_clips: str = "pad",
         all_labels: bool = False,
         sequences: Optional[Sequence[str]] = None,
+        check: Optional[str] = None,
+        log: Optional[logging.Logger] = None,
     ):
+        self.where = f"RVT {split} split"
         if not class_names:
-            raise ValueError(
-                "class_names is empty: pass the dataset's class names from the config "
+            raise DataError(
+                f"{self.where}: class_names is empty: pass the dataset's class names from the config "
                 "(e.g. the 8 eTraM classes), index i naming class id i"
             )
         if int(sequence_length) < 1:
-            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+            raise DataError(f"{self.where}: sequence_length must be >= 1, got {sequence_length}")
         if short_clips not in _SHORT_CLIP_RULES:
-            raise ValueError(f"short_clips must be one of {_SHORT_CLIP_RULES}, got {short_clips!r}")
+            raise DataError(f"{self.where}: short_clips must be one of {_SHORT_CLIP_RULES}, got {short_clips!r}")
         self.root = Path(root)
         self.split = split
         self.class_names = tuple(str(c) for c in class_names)
@@ -161,21 +209,29 @@ class RVTEventClips:
         self.sequence_length = int(sequence_length)
         self.short_clips = short_clips
         self.all_labels = bool(all_labels)
+        self.check = check_mode(check)
 
         split_dir = self.root / split
         if not split_dir.is_dir():
             have = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
-            raise FileNotFoundError(
-                f"split folder '{split_dir}' does not exist (found {have or 'nothing'} in '{self.root}'); "
-                "place RVT's preprocessed train/ val/ test/ folders there (datasets/README.md, events) or "
-                "write a synthetic set: python -m rat_plugins.data.synthetic events --out " + str(self.root)
+            raise MissingDataError(
+                f"{self.where}: split folder '{split_dir}' does not exist "
+                f"(found {have or 'nothing'} in '{self.root}'); place RVT's preprocessed train/ val/ test/ "
+                "folders there (datasets/README.md, events) or write a synthetic set: "
+                f"python -m rat_plugins.data.synthetic events --out {self.root}"
             )
         names = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if sequences is None else list(sequences)
         if not names:
-            raise FileNotFoundError(f"split folder '{split_dir}' holds no sequence folders")
+            raise MissingDataError(
+                f"{self.where}: split folder '{split_dir}' holds no sequence folders; the split is empty: "
+                "copy its sequences there (RVT's preprocessed layout) or drop the split from the config"
+            )
         self._chw: Optional[Tuple[int, ...]] = None
         self.sequences: List[EventSequence] = [self._load_sequence(split_dir / n) for n in names]
         self.channels, self.height, self.width = self._chw
+        self._report_unusable_boxes(log or logger)
+        if self.check == "full":
+            self._read_every_representation()
 
         # One sample per labelled frame: (sequence index, labelled frame index).
         first_full = self.sequence_length - 1
@@ -185,19 +241,31 @@ class RVTEventClips:
             for k, r in enumerate(seq.frame_repr_idx)
             if short_clips == "pad" or r >= first_full
         ]
+        if not self._index:
+            rule = (
+                " with sequence_length representations before them (short_clips='drop')"
+                if short_clips == "drop"
+                else ""
+            )
+            raise DataError(
+                f"{self.where}: '{split_dir}' has no labelled frame{rule}; the split is empty: "
+                "check labels_v2/ and objframe_idx_2_repr_idx.npy of its sequences"
+                + (", or use short_clips='pad'" if short_clips == "drop" else "")
+            )
         self._handles: Dict[int, object] = {}
         self._owner_pid = os.getpid()
 
     # ------------------------------------------------------------------ discovery (no h5 kept open)
 
     def _load_sequence(self, seq_dir: Path) -> EventSequence:
+        where = self.where
         repr_dir = seq_dir / "event_representations_v2" / self.repr_name
         if not repr_dir.is_dir():
             parent = repr_dir.parent
             have = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
-            raise FileNotFoundError(
-                f"representation folder '{repr_dir}' does not exist (found {have or 'nothing'} in '{parent}'); "
-                "set repr_name to one of those, or preprocess this representation with RVT's "
+            raise MissingDataError(
+                f"{where}: representation folder '{repr_dir}' does not exist (found {have or 'nothing'} in "
+                f"'{parent}'); set repr_name to one of those, or preprocess this representation with RVT's "
                 "scripts/genx/preprocess_dataset.py"
             )
         h5_path = repr_dir / self.h5_name
@@ -206,54 +274,71 @@ class RVTEventClips:
             fix = (
                 f"set downsample={not self.downsample} to read '{other}', which is there"
                 if (repr_dir / other).is_file()
-                else "preprocess it with RVT's scripts"
+                else "copy it again or preprocess it with RVT's scripts"
             )
-            raise FileNotFoundError(f"'{h5_path}' does not exist; {fix}")
+            raise MissingDataError(f"{where}: '{h5_path}' does not exist; {fix}")
         repr_idx_path = repr_dir / "objframe_idx_2_repr_idx.npy"
         labels_path = seq_dir / "labels_v2" / "labels.npz"
         for p in (repr_idx_path, labels_path):
             if not p.is_file():
-                raise FileNotFoundError(
-                    f"'{p}' does not exist; the sequence '{seq_dir}' is incomplete "
-                    "(RVT's layout needs it next to the representations)"
+                raise MissingDataError(
+                    f"{where}: '{p}' does not exist; the sequence '{seq_dir}' is incomplete "
+                    "(RVT's layout needs it next to the representations): copy it again"
                 )
-        frame_repr_idx = np.load(repr_idx_path, allow_pickle=False).astype(np.int64)
-        npz = _load_npz(labels_path, ("labels", "objframe_idx_2_label_idx"))
+        try:
+            frame_repr_idx = np.load(repr_idx_path, allow_pickle=False).astype(np.int64)
+        except (OSError, ValueError, EOFError) as e:
+            raise UnreadableDataError(
+                f"{where}: cannot read '{repr_idx_path}' ({e}); copy it again or re-run RVT's preprocessing"
+            ) from e
+        npz = _load_npz(labels_path, ("labels", "objframe_idx_2_label_idx"), where)
         labels, starts = npz["labels"], npz["objframe_idx_2_label_idx"].astype(np.int64)
         for field in ("x", "y", "w", "h", "class_id"):
             if labels.dtype.names is None or field not in labels.dtype.names:
-                raise ValueError(f"'{labels_path}': 'labels' lacks field '{field}' (has {labels.dtype.names})")
+                raise DataError(
+                    f"{where}: '{labels_path}': 'labels' lacks field '{field}' (has {labels.dtype.names}); "
+                    "expected RVT's labels_v2 layout"
+                )
         if len(starts) != len(frame_repr_idx):
-            raise ValueError(
-                f"'{labels_path}' indexes {len(starts)} labelled frames but '{repr_idx_path}' "
-                f"{len(frame_repr_idx)}; the two files come from different preprocessing runs"
+            raise DataError(
+                f"{where}: '{labels_path}' indexes {len(starts)} labelled frames but '{repr_idx_path}' "
+                f"{len(frame_repr_idx)}; the two files come from different preprocessing runs: preprocess "
+                "the sequence again"
             )
         if len(frame_repr_idx) and np.any(np.diff(frame_repr_idx) <= 0):
-            raise ValueError(f"'{repr_idx_path}' is not strictly increasing")
-        if len(labels) and int(labels["class_id"].max()) >= len(self.class_names):
-            bad = int(labels["class_id"].max())
-            raise ValueError(
-                f"'{labels_path}' has class id {bad} but class_names has {len(self.class_names)} "
-                f"names {self.class_names}; give class_names for every id of this dataset "
-                "in the config"
+            raise DataError(f"{where}: '{repr_idx_path}' is not strictly increasing; preprocess the sequence again")
+        if len(starts) and (np.any(np.diff(starts) < 0) or starts[0] < 0 or starts[-1] > len(labels)):
+            raise DataError(
+                f"{where}: '{labels_path}': objframe_idx_2_label_idx does not index its {len(labels)} labels "
+                "in order; preprocess the sequence again"
             )
+        if len(labels):
+            class_ids = labels["class_id"].astype(np.int64)
+            bad = class_ids[(class_ids < 0) | (class_ids >= len(self.class_names))]
+            if len(bad):
+                raise DataError(
+                    f"{where}: '{labels_path}' has class id {int(bad[0])} but class_names has "
+                    f"{len(self.class_names)} names {self.class_names}; give class_names for every id of "
+                    "this dataset in the config (metainfo=dict(classes=...)) and the head's num_classes to match"
+                )
 
         # Read the shape only and close again, so no handle exists when DataLoader workers fork.
-        f, dset = _open_h5(h5_path)
+        f, dset = _open_h5(h5_path, where)
         try:
             shape = tuple(int(v) for v in dset.shape)
         finally:
             f.close()
-        if len(frame_repr_idx) and frame_repr_idx[-1] >= shape[0]:
-            raise ValueError(
-                f"'{repr_idx_path}' points at representation {frame_repr_idx[-1]} but '{h5_path}' holds {shape[0]}"
+        if len(frame_repr_idx) and (frame_repr_idx[0] < 0 or frame_repr_idx[-1] >= shape[0]):
+            raise DataError(
+                f"{where}: '{repr_idx_path}' points at representation {frame_repr_idx[-1]} but '{h5_path}' holds "
+                f"{shape[0]}; the file is truncated or from another run: copy it again or preprocess again"
             )
         if self._chw is None:
             self._chw = shape[1:]
         elif self._chw != shape[1:]:
-            raise ValueError(
-                f"'{h5_path}' has [C, H, W] = {shape[1:]} but earlier sequences of the split "
-                f"{self._chw}; a split must hold one representation size"
+            raise DataError(
+                f"{where}: '{h5_path}' has [C, H, W] = {shape[1:]} but earlier sequences of the split "
+                f"{self._chw}; a split must hold one representation size: preprocess them alike"
             )
         return EventSequence(
             name=seq_dir.name,
@@ -263,7 +348,41 @@ class RVTEventClips:
             frame_repr_idx=frame_repr_idx,
             frame_label_start=np.append(starts, len(labels)),
             labels=labels,
+            usable=self._usable_boxes(labels, shape[2], shape[3]),
         )
+
+    def _usable_boxes(self, labels: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Boxes with a positive, finite size that overlap the sensor (labels are in sensor pixels)."""
+        if not len(labels):
+            return np.zeros(0, bool)
+        x, y, w, h = (labels[k].astype(np.float64) for k in ("x", "y", "w", "h"))
+        sensor_w, sensor_h = width / self.label_scale, height / self.label_scale
+        finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(w) & np.isfinite(h)
+        with np.errstate(invalid="ignore"):
+            return finite & (w > 0) & (h > 0) & (x < sensor_w) & (y < sensor_h) & (x + w > 0) & (y + h > 0)
+
+    def _report_unusable_boxes(self, log: logging.Logger) -> None:
+        dropped = [(seq.name, int(i)) for seq in self.sequences for i in np.flatnonzero(~seq.usable)]
+        if not dropped:
+            return
+        total = sum(len(seq.labels) for seq in self.sequences)
+        log.warning(
+            f"{self.where}: {len(dropped)} of {total} boxes dropped (zero or negative size, or outside the "
+            f"{self.width / self.label_scale:g}x{self.height / self.label_scale:g} sensor): "
+            f"{first_few([f'{name} labels.npz row {row}' for name, row in dropped])}. Fix them in labels_v2/labels.npz "
+            "to train on them"
+        )
+
+    def _read_every_representation(self) -> None:
+        files = [str(seq.h5_path) for seq in self.sequences]
+        identity = dict(kind="rvt_events", split=self.where, files=sorted(os.path.abspath(f) for f in files))
+
+        def run():
+            for seq in self.sequences:
+                _read_all(seq.h5_path, self.where)
+            return dict(sequences=len(files)), files
+
+        cached_check(identity, run, files=files)
 
     # ------------------------------------------------------------------ labels (no h5 access)
 
@@ -280,14 +399,14 @@ class RVTEventClips:
         """Which frame sample ``i`` ends at and its boxes; reads no representation."""
         s, k = self._index[i]
         seq = self.sequences[s]
-        rows = seq.frame_labels(k)
+        rows, every = seq.frame_labels(k), seq.frame_rows(k)
         boxes, labels = self._boxes(rows)
         return dict(
             sequence=seq.name,
             sequence_index=s,
             objframe_idx=k,
             repr_idx=int(seq.frame_repr_idx[k]),
-            timestamp_us=int(rows["t"][0]) if len(rows) and "t" in rows.dtype.names else -1,
+            timestamp_us=int(every["t"][0]) if len(every) and "t" in every.dtype.names else -1,
             bboxes=boxes,
             labels=labels,
         )
@@ -298,7 +417,7 @@ class RVTEventClips:
         if self._owner_pid != os.getpid():  # forked worker: the parent's handles are not ours to use
             self._handles, self._owner_pid = {}, os.getpid()
         if s not in self._handles:
-            self._handles[s] = _open_h5(self.sequences[s].h5_path)
+            self._handles[s] = _open_h5(self.sequences[s].h5_path, self.where)
         return self._handles[s][1]
 
     def close(self) -> None:
@@ -326,9 +445,9 @@ class RVTEventClips:
         try:
             real = dset[start : end + 1]
         except OSError as e:
-            raise OSError(
-                f"cannot read representations {start}..{end} of '{seq.h5_path}' ({e}); the file is "
-                "corrupt: copy it again or re-run RVT's preprocessing"
+            raise UnreadableDataError(
+                f"{self.where}: cannot read representations {start}..{end} of '{seq.h5_path}' ({e}); the file "
+                "is corrupt: copy it again or re-run RVT's preprocessing"
             ) from e
         clip = np.zeros((L,) + real.shape[1:], dtype=real.dtype)
         clip[pad:] = real
