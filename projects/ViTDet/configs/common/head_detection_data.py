@@ -8,19 +8,22 @@ from rat_plugins.detectron2.data import head_detection_dicts, head_detection_map
 
 dataloader = dict(
     image_size=640,
+    # the classes to train, in the model's order (None: every class of the export); e.g.
+    # dataloader.classes=[head] leaves out the boxes of other classes, with a warning
+    classes=None,
     train=L(build_detection_train_loader)(
-        dataset=L(head_detection_dicts)(names="head_detection_train"),
+        dataset=L(head_detection_dicts)(names="head_detection_train", classes="${...classes}"),
         mapper=L(head_detection_mapper)(is_train=True, image_size="${...image_size}"),
         total_batch_size=8,
         num_workers=2,
     ),
     test=L(build_detection_test_loader)(  # validation during training, every epoch
-        dataset=L(head_detection_dicts)(names="head_detection_valid", filter_empty=False),
+        dataset=L(head_detection_dicts)(names="head_detection_valid", classes="${...classes}", filter_empty=False),
         mapper=L(head_detection_mapper)(is_train=False, image_size="${...image_size}"),
         num_workers=2,
     ),
     final_test=L(build_detection_test_loader)(
-        dataset=L(head_detection_dicts)(names="head_detection_test", filter_empty=False),
+        dataset=L(head_detection_dicts)(names="head_detection_test", classes="${...classes}", filter_empty=False),
         mapper=L(head_detection_mapper)(is_train=False, image_size="${...image_size}"),
         num_workers=2,
     ),
