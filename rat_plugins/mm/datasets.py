@@ -6,10 +6,18 @@
 - ``RVTEventDataset`` + ``PackEventClip`` (mmdet): clips of RVT's preprocessed event layout,
   evaluated by mmdet's ``CocoMetric(ann_file=None)`` from the fields ``PackEventClip`` packs.
 
+Each dataset checks its split when it loads (``rat_plugins.data.validate``: files exist and decode,
+masks have their image's size, boxes, classes) and names the file and split of a sample that
+cannot be read mid-run. :func:`validate_config_datasets` builds and checks every loader's dataset
+of a config at start, and compares the classes with the model's ``num_classes``.
+
 File formats: docs/formats.md.
 """
 
+import copy
+import logging
 import os.path as osp
+import re
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -24,61 +32,145 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS as MMSEG_DATASETS
 
 from ..data.isic_layout import ISIC_FOLDERS
-from ..data.roboflow import filter_roboflow_coco
+from ..data.roboflow import check_roboflow_split
 from ..data.rvt_events import DEFAULT_REPR_NAME, RVTEventClips
+from ..data.validate import (
+    DataError,
+    ImageEntry,
+    MissingDataError,
+    check_image,
+    check_image_files,
+    ensure_readable,
+    image_problem,
+)
 
-__all__ = ["RoboflowCocoDataset", "ISIC2018Dataset", "RVTEventDataset", "PackEventClip"]
+__all__ = [
+    "RoboflowCocoDataset",
+    "ISIC2018Dataset",
+    "RVTEventDataset",
+    "PackEventClip",
+    "check_config_dataset",
+    "validate_config_datasets",
+]
+
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+IGNORE_INDEX = 255  # mmseg's default ignore_index: a mask may hold it besides the class values
+
+
+def _mm_logger() -> logging.Logger:
+    """The current mmengine logger: data warnings go to its console and the run's log file."""
+    from mmengine.logging import MMLogger
+
+    return MMLogger.get_current_instance()
+
+
+class _CheckedSamples:
+    """``prepare_data`` that names the file and the split of a sample that cannot be read.
+
+    Before the pipeline runs, the sample's image / mask are checked cheaply (they exist and end
+    as a complete JPEG / PNG); when the pipeline fails, they are decoded to tell a damaged file
+    (a DataError) from any other failure (raised as it is).
+    """
+
+    split_label = "dataset"
+
+    def prepare_data(self, idx):
+        info = self.get_data_info(idx)
+        files = [(info[key], what) for key, what in (("img_path", "image"), ("seg_map_path", "mask")) if info.get(key)]
+        for path, what in files:
+            ensure_readable(path, self.split_label, what)
+        try:
+            return super().prepare_data(idx)
+        except DataError:
+            raise
+        except Exception as e:
+            for path, what in files:
+                if image_problem(path, "full"):
+                    try:
+                        check_image(path, self.split_label, mode="full", what=what)
+                    except DataError as bad:
+                        raise bad from e
+            raise
 
 
 @MMDET_DATASETS.register_module()
-class RoboflowCocoDataset(CocoDataset):
+class RoboflowCocoDataset(_CheckedSamples, CocoDataset):
     """CocoDataset over a Roboflow export's original ``_annotations.coco.json``.
 
-    Reads the filtered copy (supercategory entry removed, invalid boxes dropped) that
-    :func:`rat_plugins.data.roboflow.filter_roboflow_coco` writes beside the original; the
-    class names come from the file unless ``metainfo`` sets them.
+    Reads the filtered copy (supercategory entry removed, invalid boxes dropped and reported) that
+    :func:`rat_plugins.data.roboflow.filter_roboflow_coco` writes beside the original, after
+    checking every image of the split (:func:`rat_plugins.data.roboflow.check_roboflow_split`).
+    The class names come from the file unless ``metainfo=dict(classes=...)`` names the classes to
+    train: boxes of the file's other classes are then left out, with a warning.
+
+    Args:
+        data_check: ``header`` / ``full`` image check (default ``$RAT_DATA_CHECK``, else header).
+        **kwargs: ``CocoDataset`` arguments.
     """
 
+    def __init__(self, *args, data_check: Optional[str] = None, **kwargs):
+        self.data_check = data_check
+        super().__init__(*args, **kwargs)
+
     def load_data_list(self):
-        stats = filter_roboflow_coco(self.ann_file)
-        if not self._metainfo.get("classes"):
+        classes = self._metainfo.get("classes") or None
+        split_dir = osp.dirname(self.ann_file)
+        self.split_label = f"{osp.basename(split_dir)} split"
+        stats = check_roboflow_split(
+            split_dir, classes=classes, split=self.split_label, mode=self.data_check, log=_mm_logger()
+        )
+        if not classes:
             self._metainfo["classes"] = tuple(stats["categories"])
         self.ann_file = stats["path"]
         return super().load_data_list()
 
 
 @MMSEG_DATASETS.register_module()
-class ISIC2018Dataset(BaseSegDataset):
+class ISIC2018Dataset(_CheckedSamples, BaseSegDataset):
     """ISIC 2018 Task 1 (binary lesion segmentation) in its original folder layout.
+
+    Every image and mask of the split is checked when it loads: they pair up, decode, and a mask
+    has its image's size and one channel (``data_check="full"``: decoded, mask values 0 / 255).
 
     Args:
         split: ``'Training'``, ``'Validation'`` or ``'Test'``: sets ``data_prefix`` to that split's
             input and ground-truth folders. None: give ``data_prefix`` yourself.
         img_suffix: image suffix (``.jpg``; ``ATTRIBUTION.txt`` / ``LICENSE.txt`` are skipped).
         seg_map_suffix: mask suffix (``_segmentation.png``).
+        data_check: ``header`` / ``full`` (default ``$RAT_DATA_CHECK``, else header).
         **kwargs: ``BaseSegDataset`` arguments (``data_root``, ``pipeline``, ``data_prefix``, ...).
     """
 
     METAINFO = dict(classes=("background", "lesion"), palette=[[0, 0, 0], [255, 255, 255]])
 
     def __init__(
-        self, split: Optional[str] = None, img_suffix: str = ".jpg", seg_map_suffix: str = "_segmentation.png", **kwargs
+        self,
+        split: Optional[str] = None,
+        img_suffix: str = ".jpg",
+        seg_map_suffix: str = "_segmentation.png",
+        data_check: Optional[str] = None,
+        **kwargs,
     ):
         if split is not None:
             if split not in ISIC_FOLDERS:
-                raise ValueError(f"ISIC2018Dataset: split must be one of {sorted(ISIC_FOLDERS)}, got {split!r}")
+                raise DataError(f"ISIC2018Dataset: split must be one of {sorted(ISIC_FOLDERS)}, got {split!r}")
             if kwargs.get("data_prefix"):
-                raise ValueError("ISIC2018Dataset: give split or data_prefix, not both")
+                raise DataError("ISIC2018Dataset: give split or data_prefix, not both")
             img_dir, gt_dir = ISIC_FOLDERS[split]
             kwargs["data_prefix"] = dict(img_path=img_dir, seg_map_path=gt_dir)
         self.split = split
+        self.split_label = f"ISIC 2018 {split or 'data'} split"
+        self.data_check = data_check
         super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, reduce_zero_label=False, **kwargs)
 
     @classmethod
     def get_label_map(cls, new_classes=None):
         """Masks store the lesion as 255: map it to class 1 (``LoadAnnotations`` applies this)."""
         if new_classes is not None and tuple(new_classes) != cls.METAINFO["classes"]:
-            raise ValueError(f"ISIC2018Dataset has the classes {cls.METAINFO['classes']}, got {tuple(new_classes)}")
+            raise DataError(
+                f"ISIC2018Dataset has the classes {cls.METAINFO['classes']}, got {tuple(new_classes)}; "
+                "leave metainfo.classes out of the config"
+            )
         return {0: 0, 255: 1}
 
     def load_data_list(self) -> List[dict]:
@@ -92,7 +184,9 @@ class ISIC2018Dataset(BaseSegDataset):
         )
         for kind, folder in (("image", img_dir), ("mask", ann_dir)):
             if not folder or not osp.isdir(folder):
-                raise FileNotFoundError(f"ISIC2018Dataset: {kind} folder {folder!r} does not exist; {layout}")
+                raise MissingDataError(
+                    f"ISIC2018Dataset ({self.split_label}): {kind} folder {folder!r} does not exist; {layout}"
+                )
         images = sorted(
             f[: -len(self.img_suffix)]
             for f in fileio.list_dir_or_file(
@@ -106,7 +200,10 @@ class ISIC2018Dataset(BaseSegDataset):
             )
         )
         if not images:
-            raise FileNotFoundError(f"ISIC2018Dataset: no *{self.img_suffix} image in {img_dir}; {layout}")
+            raise MissingDataError(
+                f"ISIC2018Dataset ({self.split_label}): no *{self.img_suffix} image in {img_dir}; the split is "
+                f"empty: {layout}"
+            )
         no_mask = sorted(set(images) - set(masks))
         no_image = sorted(set(masks) - set(images))
         if no_mask or no_image:
@@ -121,8 +218,12 @@ class ISIC2018Dataset(BaseSegDataset):
                     f"{len(no_image)} mask(s) in {ann_dir} without an image in {img_dir}: "
                     f"{_first_few(no_image, self.seg_map_suffix)}"
                 )
-            raise FileNotFoundError("ISIC2018Dataset: image / mask pairs do not match; " + "; ".join(problems))
-        return [
+            raise MissingDataError(
+                f"ISIC2018Dataset ({self.split_label}): image / mask pairs do not match; "
+                + "; ".join(problems)
+                + "; restore the missing files (copy the split again) or remove the unpaired ones"
+            )
+        data_list = [
             dict(
                 img_path=osp.join(img_dir, name + self.img_suffix),
                 seg_map_path=osp.join(ann_dir, name + self.seg_map_suffix),
@@ -132,6 +233,19 @@ class ISIC2018Dataset(BaseSegDataset):
             )
             for name in images
         ]
+        check_image_files(
+            [ImageEntry(d["img_path"], mask=d["seg_map_path"]) for d in data_list],
+            self.split_label,
+            mode=self.data_check,
+            mask_values=_mask_values(self),
+        )
+        return data_list
+
+
+def _mask_values(dataset) -> set:
+    """The raw values a mask of ``dataset`` may hold: the label map's keys, the class ids, ignore."""
+    label_map = dataset.metainfo.get("label_map") or {}
+    return set(label_map) | set(range(len(dataset.metainfo.get("classes") or ()))) | {IGNORE_INDEX}
 
 
 def _first_few(names: List[str], suffix: str) -> str:
@@ -152,6 +266,7 @@ class RVTEventDataset(BaseDetDataset):
         split: folder under ``data_root`` (``train`` / ``val`` / ``test``).
         repr_name, downsample, sequence_length, short_clips, all_labels: see
             :class:`~rat_plugins.data.rvt_events.RVTEventClips`.
+        data_check: ``header`` / ``full`` (``RVTEventClips``' ``check``).
         **kwargs: mmengine ``BaseDataset`` arguments; ``data_root`` is the dataset folder and
             ``metainfo=dict(classes=...)`` is required (class names are the config's).
     """
@@ -167,6 +282,7 @@ class RVTEventDataset(BaseDetDataset):
         sequence_length: int = 5,
         short_clips: str = "pad",
         all_labels: bool = False,
+        data_check: Optional[str] = None,
         **kwargs,
     ):
         self.split = split
@@ -176,6 +292,7 @@ class RVTEventDataset(BaseDetDataset):
             sequence_length=sequence_length,
             short_clips=short_clips,
             all_labels=all_labels,
+            check=data_check,
         )
         self.clips: Optional[RVTEventClips] = None
         super().__init__(*args, **kwargs)
@@ -183,15 +300,15 @@ class RVTEventDataset(BaseDetDataset):
     def load_data_list(self):
         classes = self._metainfo.get("classes")
         if not classes:
-            raise ValueError(
-                "RVTEventDataset needs the class names in the config: "
+            raise DataError(
+                f"RVTEventDataset ({self.split} split) needs the class names in the config: "
                 "metainfo=dict(classes=(...)), one name per class id of the labels"
             )
         if not self.data_root:
-            raise ValueError(
+            raise DataError(
                 "RVTEventDataset needs data_root, the folder holding train/ val/ test/ (e.g. 'datasets/events/etram')"
             )
-        self.clips = RVTEventClips(self.data_root, self.split, classes, **self.clip_args)
+        self.clips = RVTEventClips(self.data_root, self.split, classes, log=_mm_logger(), **self.clip_args)
         data_list = []
         for i in range(len(self.clips)):
             info = self.clips.sample_info(i)
@@ -295,3 +412,180 @@ class PackEventClip(BaseTransform):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(meta_keys={self.meta_keys})"
+
+
+# ----------------------------------------------------------------------------- whole configs
+
+_PROJECT_DATASETS = ("RoboflowCocoDataset", "ISIC2018Dataset", "RVTEventDataset")
+# mmengine's build_from_cfg re-raises an error as type(e)(f"class `X` in path/to/file.py: {e}")
+_BUILD_PREFIX = re.compile(r"^class `[\w.]+` in [^:]+: ")
+
+
+def _strip_build_prefix(message: str) -> str:
+    while _BUILD_PREFIX.match(message):
+        message = _BUILD_PREFIX.sub("", message, count=1)
+    return message
+
+
+def _with_data_check(node, mode: str) -> None:
+    """Give the project's datasets in a dataset config (wrappers included) the check mode."""
+    if isinstance(node, dict):
+        if str(node.get("type", "")).split(".")[-1] in _PROJECT_DATASETS:
+            node["data_check"] = mode
+        for value in node.values():
+            _with_data_check(value, mode)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _with_data_check(value, mode)
+
+
+def _leaves(dataset) -> list:
+    """The datasets inside dataset wrappers (ConcatDataset, RepeatDataset, ClassBalancedDataset, ...)."""
+    inner = getattr(dataset, "datasets", None)
+    if isinstance(inner, (list, tuple)):
+        return [leaf for d in inner for leaf in _leaves(d)]
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None and inner is not dataset and hasattr(inner, "__getitem__"):
+        return _leaves(inner)
+    return [dataset]
+
+
+def _num_classes(node, prefix: str) -> list:
+    """(dotted key, value) of every integer ``num_classes`` under ``node`` (RPN heads are class-agnostic)."""
+    found = []
+    if isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        return found
+    for key, value in items:
+        path = f"{prefix}.{key}"
+        if "rpn" in str(key):
+            continue
+        if key == "num_classes":
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.append((path, value))
+        else:
+            found += _num_classes(value, path)
+    return found
+
+
+def _classes_fix(loader_key: str, dataset, path: str, k: int) -> str:
+    if isinstance(dataset, (RoboflowCocoDataset, RVTEventDataset)) or type(dataset).__name__ == "CocoDataset":
+        return (
+            f"Name the classes to train with {loader_key}.dataset.metainfo=dict(classes=(...)) on every loader "
+            f"(a Roboflow export's other classes are then left out, with a warning), or set {path}={k}"
+        )
+    return f"Set {path}={k} (the dataset's classes are fixed)"
+
+
+def _build_dataset(cfg, loader_key: str, mode: Optional[str]):
+    from mmengine.registry import DATASETS, DefaultScope
+
+    dataset_cfg = copy.deepcopy(cfg[loader_key]["dataset"])
+    if mode is not None:
+        _with_data_check(dataset_cfg, mode)
+    where = f"{loader_key}.dataset"
+    with DefaultScope.overwrite_default_scope(cfg.get("default_scope")):
+        try:
+            dataset = DATASETS.build(dataset_cfg)
+            for leaf in _leaves(dataset):
+                if hasattr(leaf, "full_init"):  # lazy_init=True datasets load now
+                    leaf.full_init()
+        except DataError as e:
+            raise type(e)(f"{where}: {_strip_build_prefix(str(e))}") from e
+        except OSError as e:  # FileNotFoundError and the like from datasets that are not ours
+            raise MissingDataError(f"{where} ({dataset_cfg.get('type')}): {_strip_build_prefix(str(e))}") from e
+    return dataset
+
+
+def check_config_dataset(cfg, loader_key: str, mode: Optional[str] = None) -> dict:
+    """Build ``cfg[loader_key].dataset`` in the config's default scope and check it.
+
+    The project's datasets check themselves when they load; others (mmseg's ``DRIVEDataset``,
+    mmdet's ``CocoDataset`` ...) get the same file check here (images and masks exist and decode,
+    masks of their image's size, annotated sizes). The classes must match every ``num_classes``
+    under ``cfg.model`` (``bbox_head``, ``roi_head.bbox_head``, ``decode_head``, ``auxiliary_head``).
+
+    Returns:
+        ``dict(loader=, type=, samples=, images=, masks=, classes=, root=)``.
+    Raises:
+        DataError: naming the loader, the split, the file and the fix.
+    """
+    dataset = _build_dataset(cfg, loader_key, mode)
+    where = f"{loader_key}.dataset"
+    images = masks = 0
+    for leaf in _leaves(dataset):
+        infos = [leaf.get_data_info(i) for i in range(len(leaf))] if hasattr(leaf, "get_data_info") else []
+        entries = [
+            ImageEntry(
+                info["img_path"],
+                (int(info["width"]), int(info["height"])) if "width" in info and "height" in info else None,
+                info.get("seg_map_path") or None,
+            )
+            for info in infos
+            if info.get("img_path")
+        ]
+        images += len(entries)
+        masks += sum(1 for e in entries if e.mask)
+        if not len(leaf):
+            raise DataError(f"{where} ({type(leaf).__name__}): the split is empty; put its data in place or drop it")
+        # the project's datasets checked their files when they loaded
+        if entries and not isinstance(leaf, (RoboflowCocoDataset, ISIC2018Dataset, RVTEventDataset)):
+            seg = isinstance(leaf, BaseSegDataset) and not leaf.metainfo.get("reduce_zero_label")
+            check_image_files(
+                entries,
+                f"{where} ({type(leaf).__name__}, {leaf.data_root or 'data_root unset'})",
+                mode=mode,
+                mask_values=_mask_values(leaf) if seg else None,
+            )
+    classes = tuple(dataset.metainfo.get("classes") or ())
+    for path, n in _num_classes(cfg.get("model", {}), "model") if classes else []:
+        if n != len(classes):
+            effect = "some would train as background" if n < len(classes) else "some would have no data"
+            raise DataError(
+                f"{where}: the data has {len(classes)} classes {list(classes)} but {path} is {n} ({effect}). "
+                + _classes_fix(loader_key, _leaves(dataset)[0], path, len(classes))
+            )
+    return dict(
+        loader=loader_key,
+        type=type(dataset).__name__,
+        samples=len(dataset),
+        images=images,
+        masks=masks,
+        classes=list(classes),
+        root=getattr(dataset, "data_root", None) or "",
+    )
+
+
+def validate_config_datasets(cfg, mode: Optional[str] = None) -> None:
+    """Build and check the train / val / test datasets of an mmengine Config before training.
+
+    See :func:`check_config_dataset`; also, every loader must have the same classes. A loader
+    whose dataset entry equals an earlier one's (``test_dataloader = val_dataloader``) is checked once.
+
+    Args:
+        cfg: the loaded mmengine Config (``--cfg-options`` applied).
+        mode: ``header`` / ``full`` (default ``$RAT_DATA_CHECK``, else header).
+    Raises:
+        DataError: naming the loader, the split, the file and the fix.
+    """
+    from mmengine.utils import import_modules_from_strings
+
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    checked = []  # (loader key, dataset entry, classes)
+    for key in LOADERS:
+        loader = cfg.get(key)
+        if not loader or not loader.get("dataset"):
+            continue
+        if any(entry == loader["dataset"] for _, entry, _ in checked):
+            continue
+        summary = check_config_dataset(cfg, key, mode)
+        if checked and checked[0][2] and summary["classes"] and summary["classes"] != checked[0][2]:
+            raise DataError(
+                f"{key}.dataset has the classes {summary['classes']} but {checked[0][0]}.dataset "
+                f"{checked[0][2]}; every split must have the same classes in the same order"
+            )
+        checked.append((key, loader["dataset"], summary["classes"]))
