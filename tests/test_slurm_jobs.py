@@ -37,3 +37,63 @@ def test_detection_inside_srun_and_batch_shell(slurm_cluster, tmp_path):
     assert (batch["launcher"], batch["world"], batch["job"]) == ("slurm-batch", 1, job_id)
     assert [(t["launcher"], t["rank"], t["world"]) for t in tasks] == [("slurm", 0, 2), ("slurm", 1, 2)]
     assert {t["master"] for t in tasks} == {"localhost"} and tasks[0]["port"] == tasks[1]["port"] != 29500
+
+
+def _job_state(job_id, env):
+    out = _slurm(["scontrol", "show", "job", "-o", job_id], env).stdout
+    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    return fields.get("JobState"), fields
+
+
+def wait_for_job(job_id, env, timeout=600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, fields = _job_state(job_id, env)
+        if state in states:
+            return state, fields
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+
+
+def submit_job(argv, env):
+    proc = subprocess.run(
+        [sys.executable, "tools/submit.py", *argv],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("submitted job ", 1)[1].split()[0]
+
+
+@pytest.mark.slow
+def test_submit_two_process_ofat_run(slurm_cluster, heads_data, tmp_path):
+    from _helpers import TINY
+
+    work = tmp_path / "ofat"
+    env = {**slurm_cluster, "RAT_DATASETS": str(heads_data), "OMP_NUM_THREADS": "1"}
+    job_id = submit_job(
+        [
+            "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py",
+            "--scheduler",
+            "slurm",
+            "--procs-per-node",
+            "2",
+            "--work-dir",
+            str(work),
+            *TINY,
+            "train.epochs=1",
+            "dataloader.train.total_batch_size=4",
+            "train.warmup_iters=1",
+        ],
+        env,
+    )
+    state, fields = wait_for_job(job_id, env)
+    log = (work / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert json.loads((work / "final_metrics.json").read_text())["max_iter"] == 2
+    assert "[launch] host" in log and "launcher slurm" in log

@@ -202,8 +202,6 @@ def test_launcher_commands_per_family():
     cmd = node_command("tools/lazyconfig_train_net.py", ["--config-file", "c.py"], 2, one_node)
     assert cmd[1:] == [
         "tools/lazyconfig_train_net.py",
-        "--config-file",
-        "c.py",
         "--num-gpus",
         "2",
         "--num-machines",
@@ -212,6 +210,8 @@ def test_launcher_commands_per_family():
         "0",
         "--dist-url",
         f"tcp://n1:{one_node.master_port}",
+        "--config-file",
+        "c.py",
     ]
     second_of_two = detect_environment(
         {

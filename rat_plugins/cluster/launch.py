@@ -52,7 +52,8 @@ def node_command(tool: str, tool_args: Sequence[str], procs_per_node: int, env: 
     node_rank, num_nodes = _node_coordinates(env)
     python = sys.executable
     if tool_family_of_tool(tool) == "detectron2":
-        command = [python, tool, *tool_args, "--num-gpus", str(procs_per_node)]
+        # the flags go first: detectron2's parser takes everything after the first key=value as overrides
+        command = [python, tool, "--num-gpus", str(procs_per_node)]
         if num_nodes > 1 or procs_per_node > 1:
             command += [
                 "--num-machines",
@@ -62,7 +63,7 @@ def node_command(tool: str, tool_args: Sequence[str], procs_per_node: int, env: 
                 "--dist-url",
                 f"tcp://{env.master_addr}:{env.master_port}",
             ]
-        return command
+        return command + list(tool_args)
     return [
         python,
         "-m",
