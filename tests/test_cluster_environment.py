@@ -129,3 +129,15 @@ def test_open_mpi():
 def test_bad_launcher_value_names_the_variable():
     with pytest.raises(ValueError, match=r"\$SLURM_PROCID='x' is not an integer"):
         detect_environment(dict(SLURM_JOB_ID="1", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="x"))
+
+
+def test_requeue_commands():
+    from rat_plugins.cluster.requeue import requeue_command, requeue_current_job
+
+    assert requeue_command({}) is None
+    assert requeue_command({"SLURM_JOB_ID": "41"}) == ["scontrol", "requeue", "41"]
+    array_task = {"SLURM_JOB_ID": "45", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "2"}
+    assert requeue_command(array_task) == ["scontrol", "requeue", "40_2"]
+    assert requeue_command({"LSB_JOBID": "7", "LSB_JOBINDEX": "3"}) == ["brequeue", "7[3]"]
+    assert requeue_command({"SLURM_JOB_ID": "41", "RAT_NO_REQUEUE": "1"}) is None
+    assert requeue_current_job({}) == (False, "not in a scheduler job (or RAT_NO_REQUEUE=1): not requeued")
