@@ -1,7 +1,9 @@
 """Check an mmseg config before training: model, parameter counts, one forward pass, weights, data.
 
-Each problem is one ``MISSING:`` line; :func:`main` returns 1 when something is missing or fails,
-2 for a config error, else 0.
+The data of every loader is built and checked as training would check it
+(:func:`rat_plugins.mm.datasets.check_config_dataset`: files exist and decode, masks of their
+image's size, classes against the model's ``num_classes``). Each problem is one ``MISSING:``
+line; :func:`main` returns 1 when something is missing or fails, 2 for a config error, else 0.
 """
 
 import argparse
@@ -16,6 +18,12 @@ DATA_HINT = (
     "create it from raw DRIVE with tools/convert_drive.py, or a synthetic stand-in with "
     "`python -m rat_plugins.data.synthetic fundus --out <folder> --layout mmseg`"
 )
+# dataset type -> where its data comes from (DATA_HINT for the others)
+DATA_HINTS = {
+    "ISIC2018Dataset": "download ISIC 2018 Task 1 (docs/formats.md, ISIC 2018 Task 1), or a synthetic stand-in with "
+    "`python -m rat_plugins.data.synthetic isic --out <folder>`",
+}
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
 
 def _parser():
@@ -24,6 +32,12 @@ def _parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("config")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings, key=value")
+    p.add_argument(
+        "--data-check",
+        choices=("header", "full"),
+        default=None,
+        help="header: every file opens and is complete (default, $RAT_DATA_CHECK); full: decode every image and mask",
+    )
     return p
 
 
@@ -61,10 +75,20 @@ def _innermost_dataset(ds):
     return ds
 
 
-def check_data(cfg, missing, lines):
-    """Every loader's image / annotation folder exists and holds files with the expected suffix."""
+def _data_summary(result: dict) -> str:
+    if result["masks"]:
+        return f"{result['images']} images, {result['masks']} annotations"
+    return f"{result['images']} images" if result["images"] else f"{result['samples']} samples"
+
+
+def check_data(cfg, missing, lines, mode=None):
+    """Every loader's folders exist; then its dataset is built and checked (files, masks, classes)."""
+    from rat_plugins.data.validate import DataError
+    from rat_plugins.mm.datasets import check_config_dataset
+
     reported = set()
-    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+    results = []  # (dataset entry, summary or error), so that val = test is checked once
+    for loader in LOADERS:
         if not cfg.get(loader):
             continue
         ds = _innermost_dataset(cfg[loader].get("dataset", {}))
@@ -74,7 +98,6 @@ def check_data(cfg, missing, lines):
         seg_suffix = ds.get("seg_map_suffix", "_manual1.png" if ds.get("type") == "DRIVEDataset" else ".png")
         name = loader.replace("_dataloader", "")
         ok = True
-        counts = {}
         for key, suffix in (("img_path", img_suffix), ("seg_map_path", seg_suffix)):
             if key not in prefix:
                 continue
@@ -85,18 +108,29 @@ def check_data(cfg, missing, lines):
                 reported.add(folder)
                 ok = False
                 continue
-            n = sum(1 for f in os.listdir(folder) if f.endswith(suffix))
-            counts[key] = n
-            if n == 0:
+            if not any(f.endswith(suffix) for f in os.listdir(folder)):
                 if folder not in reported:
                     missing.append(f"{name} data: no *{suffix} files in {folder}")
                 reported.add(folder)
                 ok = False
-        if ok:
-            lines.append(
-                f"data {name}: ok, {counts.get('img_path', '?')} images, "
-                f"{counts.get('seg_map_path', '?')} annotations under {root}"
-            )
+        if not ok:
+            continue
+        entry = cfg[loader].get("dataset")
+        result = next((r for e, r in results if e == entry), None)
+        if result is None:
+            try:
+                result = check_config_dataset(cfg, loader, mode)
+            except DataError as e:
+                result = e
+            except Exception as e:  # noqa: BLE001  (report any build failure as one line)
+                result = DataError(f"{loader}.dataset cannot be built: {type(e).__name__}: {e}")
+            results.append((entry, result))
+        if isinstance(result, DataError):
+            if str(result) not in reported:
+                missing.append(f"{name} data: {result}")
+            reported.add(str(result))
+        else:
+            lines.append(f"data {name}: ok, {_data_summary(result)} under {root}")
 
 
 def input_size(cfg):
@@ -187,12 +221,13 @@ def main(argv=None) -> int:
         else:
             lines.append(f"weights: {field} = {path}: found")
     check_model(cfg, absent, missing, lines)
-    check_data(cfg, missing, lines)
+    check_data(cfg, missing, lines, args.data_check)
     for line in lines:
         print(line)
     for line in missing:
         print(f"MISSING: {line}")
     if any(" data: " in line for line in missing):
-        print(f"hint: {DATA_HINT}")
+        dataset_type = _innermost_dataset(cfg.get("train_dataloader", {}).get("dataset", {})).get("type")
+        print(f"hint: {DATA_HINTS.get(dataset_type, DATA_HINT)}")
     print("result: " + (f"{len(missing)} problem(s)" if missing else "ok"))
     return 1 if missing else 0
