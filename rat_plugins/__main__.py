@@ -7,7 +7,7 @@ import inspect
 import sys
 import warnings
 
-from rat_plugins._optional import import_failure, install_hint
+from rat_plugins._optional import failing_package, import_failure, install_hint
 
 REGISTRIES = {
     "detectron2": [
@@ -21,7 +21,11 @@ ADAPTERS = {"detectron2": "rat_plugins.detectron2", "mmseg": "rat_plugins.mm", "
 # (module, what it gives, how to get it)
 OPTIONAL = [
     ("mamba_ssm", "fused CUDA selective scan", "on GPU machines: pip install -e .[cuda]"),
-    ("detectron2._C", "detectron2's compiled ops (deformable/rotated ops; COCO eval uses pycocotools)", "none needed"),
+    (
+        "detectron2._C",
+        "detectron2's compiled ops (deformable/rotated ops; COCO eval uses pycocotools)",
+        "nothing to do (unused here)",
+    ),
     ("mmcv._ext", "mmcv's compiled ops (nms, roi_align, ...)", "run `make install`"),
     ("resolution_aware_transformer", "RAT backbone", "pip install -e .[rat]"),
     ("h5py", "event-camera data in RVT's layout", "pip install -e .[events]"),
@@ -73,7 +77,12 @@ def _framework_rows(framework, registries, out, unavailable):
             importlib.import_module(module)
         except Exception as e:  # ImportError, and mmseg / mmdet's AssertionError on a foreign mmcv
             what = "cannot be imported" if module == framework else f"its adapter {adapter} cannot be imported"
-            unavailable.append((framework, f"{what} ({import_failure(e)}); to fix: {install_hint(framework, e)}"))
+            culprit = failing_package(e)
+            if culprit in (None, framework, "rat_plugins"):
+                culprit = framework
+            else:  # another package broke it, e.g. mmdet importing a broken detectron2
+                what += f": `{culprit}` fails at import"
+            unavailable.append((framework, f"{what} ({import_failure(e)}); to fix: {install_hint(culprit, e)}"))
             return
     for label, module, attr in registries:
         try:

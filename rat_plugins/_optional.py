@@ -7,7 +7,7 @@ for another torch raises OSError or RuntimeError. Each becomes the same kind of 
 
 import importlib
 
-__all__ = ["require", "framework_missing_error", "install_hint", "import_failure"]
+__all__ = ["require", "framework_missing_error", "install_hint", "import_failure", "failing_package"]
 
 _INSTALL_HINTS = {
     "detectron2": "run `make install` (tools/install.sh installs detectron2), or build detectron2 from source",
@@ -39,6 +39,18 @@ def import_failure(cause: BaseException) -> str:
     """``"AssertionError: first line of the message"``, short enough for one line."""
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0][:160] if lines else '(no message)'}"
+
+
+def failing_package(cause: BaseException):
+    """The top-level package whose import failed: the missing one for an ImportError, else the one
+    whose code raised (mmseg for its mmcv assertion, detectron2 when mmdet imports a broken one)."""
+    if isinstance(cause, ImportError) and cause.name:
+        return cause.name.split(".")[0]
+    tb, name = cause.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__") or name
+        tb = tb.tb_next
+    return name.split(".")[0] if name and name != "__main__" else None
 
 
 def framework_missing_error(module: str, needed_by: str, cause: BaseException) -> ImportError:

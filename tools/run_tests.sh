@@ -4,7 +4,7 @@
 # only failed tests keep theirs (pyproject.toml, [tool.pytest.ini_options]), so repeated runs
 # cannot fill the disk.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 tmp_root="${TMPDIR:-/tmp}"
 basetemp="$tmp_root/rat-plugins-pytest-$(id -u)"
 # The training tests write checkpoints and feature caches: about 1 GB at the peak.
