@@ -3,23 +3,75 @@
 
 python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp] [--cfg-options k=v ...]
 tools/dist_train.sh CONFIG GPUS [args]       # torchrun; gloo on CPU
+
+A run loses nothing: checkpoints are written atomically and replaced only by complete successors;
+SIGTERM / SIGINT save a checkpoint at the next iteration and exit 0; --resume continues from the
+newest intact checkpoint; a second run into a busy work dir, or a changed config in a work dir that
+holds a run, is refused (exit 2). A full disk ends the run with exit status 1 and names the file.
 """
 
+import errno
 import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
-from rat_plugins.mm.runner import ConfigError, build_runner, load_config, train_parser
+from rat_plugins.engine.workdir_lock import WorkDirLock
+from rat_plugins.mm.hooks import TrainingStopped
+from rat_plugins.mm.runner import (
+    ConfigError,
+    build_runner,
+    check_run_config,
+    launch_rank,
+    load_config,
+    prepare_training,
+    record_run_config,
+    resolve_resume,
+    train_parser,
+)
+
+EXIT_CONFIG, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def main(argv=None):
     args = train_parser().parse_args(argv)
+    lock, work_dir = None, args.work_dir
     try:
-        cfg = load_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    build_runner(cfg).train()
-    return 0
+        try:
+            cfg = prepare_training(load_config(args))
+            work_dir = cfg.work_dir
+            rank0 = launch_rank(cfg) == 0
+            if rank0:
+                lock = WorkDirLock(cfg.work_dir, what=f"tools/train.py {args.config}").acquire()
+            check_run_config(cfg)  # every rank: all refuse together
+            resume_warnings = resolve_resume(cfg, from_work_dir=bool(args.resume))
+            runner = build_runner(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        for warning in resume_warnings:
+            runner.logger.warning(warning)
+        if rank0:
+            record_run_config(cfg, runner)
+        try:
+            runner.train()
+        except TrainingStopped:
+            runner.call_hook("after_run")  # what a finished run does: close the visualizer, restore handlers
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        return 0
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = e.filename or f"a file under {work_dir or 'the work dir'}"
+        message = e.strerror if "disk full" in (e.strerror or "") else f"disk full while writing {where} ({e})"
+        print(f"error: {message}. tools/train.py --resume continues from the last complete checkpoint", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except KeyboardInterrupt:
+        print("error: interrupted (second Ctrl-C): stopped without a checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,20 @@
-"""Shared logic of tools/train.py and tools/test.py for mmseg / mmdet configs (OpenMMLab CLI)."""
+"""Shared logic of tools/train.py and tools/test.py for mmseg / mmdet configs (OpenMMLab CLI).
+
+Besides parsing and building, the pieces that make a run lose nothing (all through mmengine's own
+extension points: hooks, the checkpoint hook's file backend, ``load_from`` / ``resume``):
+:func:`prepare_training` (atomic checkpoints, a checkpoint on SIGTERM / SIGINT), :func:`resolve_resume`
+(resume from the newest intact checkpoint), :func:`check_run_config` / :func:`record_run_config`
+(``run_config.json``: a changed config never silently continues an old run), :func:`launch_rank`
+(the work-dir lock is rank 0's) and :func:`prepare_testing` (strict checkpoint loading, ``--out``).
+"""
 
 import argparse
 import logging
 import os
 import os.path as osp
 import time
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import torch
 from mmengine.config import Config, DictAction
@@ -12,7 +22,11 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..engine import run_record
+from ..engine.checkpoints import checkpoint_problem
 from ..utils.config_keys import ConfigError, did_you_mean
+from . import hooks  # noqa: F401  (registers SafeCheckpointHook, GracefulStopHook, CheckpointFitHook)
+from .checkpoint import RESUME_PATTERNS, choose_mm_resume_checkpoint
 
 __all__ = [
     "train_parser",
@@ -21,6 +35,13 @@ __all__ = [
     "load_config",
     "build_runner",
     "unique_instance_names",
+    "prepare_training",
+    "resolve_resume",
+    "comparable_config",
+    "check_run_config",
+    "record_run_config",
+    "launch_rank",
+    "prepare_testing",
     "ConfigError",
 ]
 
@@ -138,3 +159,151 @@ def build_runner(cfg: Config) -> Runner:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
     return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+
+
+# ----------------------------------------------------------------------------- training that loses nothing
+
+
+def prepare_training(cfg: Config) -> Config:
+    """Swap mmengine's ``CheckpointHook`` for :class:`~rat_plugins.mm.hooks.SafeCheckpointHook` (same
+    arguments) and add :class:`~rat_plugins.mm.hooks.GracefulStopHook`, so every config gets both."""
+    checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
+        checkpoint["type"] = "SafeCheckpointHook"
+    custom = list(cfg.get("custom_hooks") or [])
+    if not any(isinstance(h, dict) and h.get("type") == "GracefulStopHook" for h in custom):
+        custom.append(dict(type="GracefulStopHook"))
+    cfg.custom_hooks = custom
+    return cfg
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """Where the checkpoint hook writes: ``out_dir/<work dir name>`` when it has an ``out_dir``, else the work dir."""
+    out_dir = ((cfg.get("default_hooks") or {}).get("checkpoint") or {}).get("out_dir")
+    if out_dir is None:
+        return cfg.work_dir
+    return osp.join(out_dir, osp.basename(cfg.work_dir.rstrip(osp.sep)))
+
+
+def resolve_resume(cfg: Config, from_work_dir: bool) -> List[str]:
+    """Point ``cfg.load_from`` at the checkpoint to resume from; return warnings for the run's log.
+
+    ``from_work_dir`` (``--resume``): the checkpoint ``last_checkpoint`` names when it is intact, else the
+    newest intact ``iter_*.pth`` / ``epoch_*.pth`` (each skipped file named), else a fresh start (the
+    config's own ``load_from``, if any, still loads). Otherwise ``resume=True`` with an explicit
+    ``load_from`` must name an intact checkpoint (ConfigError).
+    """
+    if not cfg.get("resume"):
+        return []
+    if not from_work_dir and cfg.get("load_from"):
+        problem = checkpoint_problem(cfg.load_from)
+        if problem:
+            raise ConfigError(
+                f"load_from {cfg.load_from} (resume=True) cannot be resumed from: {problem}. Pass an intact "
+                "checkpoint, or use --resume alone to continue from the newest intact one in the work dir"
+            )
+        return []
+    folder = checkpoint_dir(cfg)
+    template = ((cfg.get("default_hooks") or {}).get("checkpoint") or {}).get("filename_tmpl")
+    patterns = RESUME_PATTERNS + ((template.replace("{}", "*"),) if template else ())
+    chosen, warnings = choose_mm_resume_checkpoint(cfg.work_dir, folder, patterns)
+    if chosen is None:
+        cfg.resume = False  # mmengine would resume from a pretrained load_from instead
+        what = "no intact checkpoint" if warnings else "no checkpoint"
+        return warnings + [f"--resume: {what} in {folder}; training starts from the beginning"]
+    cfg.load_from = str(chosen)
+    return warnings
+
+
+# Keys that may differ between the starts of one run: where things are and how they run, not what
+# is trained. Dataset roots move between machines ($RAT_DATASETS is resolved when the config loads);
+# mmengine still compares the dataset's classes when it resumes.
+RUN_INDEPENDENT_PREFIXES = (
+    "resume",
+    "load_from",
+    "launcher",
+    "work_dir",
+    "env_cfg",
+    "model_wrapper_cfg",
+    "log_level",
+    "log_processor",
+    "visualizer",
+    "vis_backends",
+    "default_hooks.logger",
+    "default_hooks.visualization",
+)
+RUN_INDEPENDENT_LEAVES = ("data_root", "ann_file", "num_workers", "persistent_workers", "pin_memory")
+
+
+def comparable_config(cfg: Config) -> Tuple[Dict[str, object], List[str]]:
+    """(the flattened config, the keys of it that may differ between starts of the same run)."""
+    flat = run_record.flatten_config(cfg)
+    ignore = [k for k in flat if k.rsplit(".", 1)[-1] in RUN_INDEPENDENT_LEAVES]
+    return flat, [*RUN_INDEPENDENT_PREFIXES, *ignore]
+
+
+def check_run_config(cfg: Config) -> None:
+    """Refuse (``RunConfigChangedError``, a ConfigError naming the keys) a work dir whose run had another config."""
+    flat, ignore = comparable_config(cfg)
+    run_record.check_same_config(cfg.work_dir, flat, ignore=ignore, what="training run")
+
+
+def record_run_config(cfg: Config, runner: Runner) -> Path:
+    """Write ``<work_dir>/run_config.json``: the flattened config, the seed used and the deterministic settings."""
+    randomness = cfg.get("randomness") or {}
+    reproducibility = run_record.reproducibility_settings(runner.seed, randomness.get("deterministic", False))
+    reproducibility["diff_rank_seed"] = bool(randomness.get("diff_rank_seed", False))
+    return run_record.record_run_config(cfg.work_dir, comparable_config(cfg)[0], reproducibility)
+
+
+def launch_rank(cfg: Config) -> int:
+    """This process's global rank before torch.distributed starts (0 without a launcher)."""
+    if cfg.get("launcher", "none") == "none":
+        return 0
+    from ..cluster import detect_environment
+
+    return detect_environment().rank
+
+
+# ----------------------------------------------------------------------------- testing
+
+_FILE_SUFFIXES = (".pkl", ".pickle", ".json", ".png", ".npy", ".npz", ".txt", ".csv", ".pth")
+
+
+def prepare_testing(cfg: Config, checkpoint: str, out=None) -> Config:
+    """Load ``checkpoint`` strictly (:class:`~rat_plugins.mm.hooks.CheckpointFitHook`) and dump predictions
+    to ``out`` as OpenMMLab's own test tools do: mmdet, a ``DumpDetResults`` pickle; mmseg, a folder of
+    masks (``output_dir`` + ``keep_results`` of ``IoUMetric``)."""
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ConfigError(f"checkpoint {checkpoint} cannot be loaded: {problem}. Pass an intact checkpoint")
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    custom = list(cfg.get("custom_hooks") or [])
+    if not any(isinstance(h, dict) and h.get("type") == "CheckpointFitHook" for h in custom):
+        custom.append(dict(type="CheckpointFitHook"))
+    cfg.custom_hooks = custom
+    if out is None:
+        return cfg
+    scope = cfg.get("default_scope")
+    evaluator = cfg.get("test_evaluator")
+    if scope == "mmdet":
+        if not str(out).endswith((".pkl", ".pickle")):
+            raise ConfigError(
+                f"--out {out}: for an mmdet config --out is the predictions file, a pickle: give it a .pkl or "
+                ".pickle name (e.g. --out results.pkl)"
+            )
+        dump = dict(type="DumpDetResults", out_file_path=str(out))
+        cfg.test_evaluator = [*evaluator, dump] if isinstance(evaluator, (list, tuple)) else [evaluator, dump]
+    elif scope == "mmseg":
+        if Path(out).is_file() or Path(out).suffix.lower() in _FILE_SUFFIXES:
+            raise ConfigError(
+                f"--out {out}: for an mmseg config --out is a folder for the predicted masks (one PNG per image), "
+                "not a file: give a folder name (e.g. --out work_dirs/predictions)"
+            )
+        for metric in evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]:
+            metric["output_dir"] = str(out)
+            metric["keep_results"] = True
+    else:
+        raise ConfigError(f"--out: supported for mmseg and mmdet configs (default_scope), this one has {scope!r}")
+    return cfg
