@@ -19,3 +19,6 @@ log_processor = dict(type="LogProcessor", window_size=50, by_epoch=True)
 log_level = "INFO"
 load_from = None
 resume = False
+# a fixed seed unless the config sets one (tools/train.py records it and the deterministic settings in
+# <work_dir>/run_config.json); deterministic=True trades speed for bit-identical repeats on GPU
+randomness = dict(seed=0, deterministic=False)
