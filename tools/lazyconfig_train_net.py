@@ -7,14 +7,21 @@ Same arguments as detectron2's tools/lazyconfig_train_net.py:
 plus ``--micro-batch K`` (gradient accumulation: the config's batch stays the effective batch).
 Without CUDA, ``--num-gpus N`` starts N CPU processes that train together over gloo.
 ``train.device=auto`` (the project's configs) means cuda if available, else cpu.
+
+Runs lose nothing (rat_plugins/detectron2/engine.py): checkpoints are written whole or not at all;
+``--resume`` continues from the newest intact checkpoint; SIGTERM / SIGINT save a checkpoint at the
+next iteration boundary and exit 0 (``RAT_STOP_SIGNALS=USR1`` adds a scheduler's warning signal);
+a second run into the same ``train.output_dir`` refuses; a restart with another config refuses,
+naming the keys that differ; ``--eval-only`` refuses a checkpoint that does not fit the model.
+Input errors exit 2 with one ``error:`` line, a full disk exits 1 naming the file.
 """
 
 import sys
 
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
 import rat_plugins.detectron2  # noqa: F401  (registers the plugin's components)
-from rat_plugins.detectron2.engine import load_config, main, run_guarded
+from rat_plugins.detectron2.engine import launch_from_cli
 
 
 def parse_args(argv=None):
@@ -30,16 +37,7 @@ def parse_args(argv=None):
 
 
 def invoke_main(argv=None):
-    args = parse_args(argv)
-    run_guarded(load_config, args)  # report config / override / data errors once, before launching
-    launch(
-        run_guarded,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(main, args),
-    )
+    launch_from_cli(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,29 +1,44 @@
 """Training loop pieces for LazyConfig experiments: gradient accumulation, CPU-capable DDP, epoch
-schedules, the device, final test evaluation, peak memory, override checking.
+schedules, the device, final test evaluation, peak memory, override checking, and runs that lose
+nothing: atomic checkpoints, verified resume, a checkpoint and exit 0 on SIGTERM / SIGINT, one run
+per work dir, the run's config recorded and compared on every restart, strict evaluation loading.
 
-``tools/lazyconfig_train_net.py`` is a thin CLI over :func:`main`; the configs also run under
-detectron2's stock ``tools/lazyconfig_train_net.py`` (without these extras).
+``tools/lazyconfig_train_net.py`` is a thin CLI over :func:`launch_from_cli` (checks, work-dir
+lock, signals, then detectron2's ``launch`` of :func:`main` in each process); the configs also run
+under detectron2's stock ``tools/lazyconfig_train_net.py`` (without these extras).
 """
 
+import copy
+import errno
 import logging
+import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
+from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
-from ..utils.atomic import atomic_write_json
+from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
+from ..engine.signals import GracefulStop
+from ..engine.workdir_lock import WorkDirLock
+from ..utils.atomic import DiskFullError, atomic_write_json
 from ..utils.config_keys import ConfigError, config_keys, did_you_mean
+from .checkpoint import RunCheckpointer, require_checkpoint_file
+from .hooks import SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
 from .schedule import set_epoch_schedule
 
 __all__ = [
@@ -34,6 +49,12 @@ __all__ = [
     "do_test",
     "do_train",
     "main",
+    "load_config",
+    "precheck",
+    "check_run_config",
+    "run_config_flat",
+    "launch_from_cli",
+    "run_guarded",
     "ConfigError",
 ]
 
@@ -162,7 +183,66 @@ def _ddp_kwargs(cfg):
     return kwargs
 
 
-def do_train(args, cfg):
+# -- the run record: what a restart is compared with ---------------------------------------------
+# keys that may differ between a run and its resume: where it runs and how fast, not what it computes
+RESUME_MAY_CHANGE = ("train.output_dir", "train.device", "train.micro_batch_size", "train.log_period")
+RESUME_MAY_CHANGE_SUFFIXES = (".num_workers", ".feature_cache_dir")
+
+
+def _named_targets(value):
+    """A config container with classes and functions as ``module.qualname`` (their repr holds an address)."""
+    if isinstance(value, dict):
+        return {k: _named_targets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_named_targets(v) for v in value]
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return value
+
+
+def run_config_flat(cfg) -> dict:
+    """The config as ``{"a.b": value}``, interpolations unresolved (``${...train.output_dir}/eval``),
+    so the record does not depend on where the work dir is."""
+    container = OmegaConf.to_container(copy.deepcopy(cfg), resolve=False)
+    return flatten_config(_named_targets(container))
+
+
+def _resume_may_change(flat) -> List[str]:
+    return list(RESUME_MAY_CHANGE) + [k for k in flat if k.endswith(RESUME_MAY_CHANGE_SUFFIXES)]
+
+
+def check_run_config(cfg) -> dict:
+    """Refuse a work dir that holds a run started with another config; return the flat config."""
+    flat = run_config_flat(cfg)
+    check_same_config(cfg.train.output_dir, flat, ignore=_resume_may_change(flat), what="run")
+    return flat
+
+
+def _record_run(cfg) -> None:
+    flat = check_run_config(cfg)
+    settings = reproducibility_settings(cfg.train.seed, torch.are_deterministic_algorithms_enabled())
+    settings.update(world_size=comm.get_world_size(), seed_of_each_process="train.seed + rank")
+    path = record_run_config(cfg.train.output_dir, flat, settings)
+    logger.info("Run config, seed %s and deterministic settings recorded in %s", cfg.train.seed, path)
+
+
+# -- training ------------------------------------------------------------------------------------
+# The stop signals of this process when launch_from_cli runs training in it (one process); the
+# processes it spawns for DDP install their own in main().
+_SESSION_STOP: Optional[GracefulStop] = None
+
+
+@contextmanager
+def _stop_signals():
+    if _SESSION_STOP is not None:
+        yield _SESSION_STOP
+        return
+    with GracefulStop() as stop:
+        yield stop
+
+
+def do_train(args, cfg, stop: Optional[GracefulStop] = None):
+    """Train; returns the final test's results, or None when a stop signal ended training early."""
     accumulation = _micro_batching(cfg, cfg.train.get("micro_batch_size") or None)
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
@@ -177,14 +257,16 @@ def do_train(args, cfg):
         trainer = AMPTrainer(model, train_loader, optim)
     else:
         trainer = AccumulatingTrainer(model, train_loader, optim, accumulation=accumulation)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = RunCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             PeakMemoryHook(cfg.train.device),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            SafePeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # after the checkpointer and the evaluation: see StopOnSignal
+            StopOnSignal(stop or GracefulStop(), checkpointer),
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
             if comm.is_main_process()
             else None,
@@ -196,10 +278,24 @@ def do_train(args, cfg):
             accumulation,
             cfg.dataloader.train.total_batch_size,
         )
+    if not args.resume and checkpointer.has_checkpoint() and comm.is_main_process():
+        logger.warning(
+            "Starting afresh (no --resume) in %s, which holds checkpoints (the last: %s): this run replaces "
+            "them as it saves its own. Stop now and add --resume to continue that run instead",
+            cfg.train.output_dir,
+            checkpointer.get_checkpoint_file(),
+        )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    start_iter = trainer.iter + 1 if checkpointer.resumed_from else 0
     started = time.time()
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except TrainingStopped as stopped:
+        _report_stop(stopped, cfg)
+        return None
+    except TrainingAborted as aborted:
+        logger.error("%s", aborted.error)
+        raise aborted.error from None
     result = None
     if "final_test" in cfg.dataloader:
         logger.info("Final evaluation on the test split")
@@ -215,7 +311,31 @@ def do_train(args, cfg):
     return result
 
 
-def load_config(args):
+def _report_stop(stopped: TrainingStopped, cfg) -> None:
+    if not comm.is_main_process():
+        return
+    if stopped.checkpoint is None:
+        logger.warning(
+            "Stopped by %s before the first iteration: nothing new to save. Continue with --resume",
+            stopped.signal_name,
+        )
+        return
+    logger.warning(
+        "Stopped by %s after iteration %d of %d: checkpoint %s. Continue with --resume (same config and "
+        "train.output_dir=%s)",
+        stopped.signal_name,
+        stopped.iteration,
+        cfg.train.max_iter,
+        stopped.checkpoint,
+        cfg.train.output_dir,
+    )
+
+
+def load_config(args, notes: Optional[List[str]] = None):
+    """The LazyConfig with the overrides, its epoch schedule recomputed and the device resolved.
+
+    ``notes`` (a list) receives the lines the run's log should carry (explicit periods kept).
+    """
     if not os.path.isfile(args.config_file):
         raise ConfigError(f"config file not found: {args.config_file}")
     try:
@@ -227,39 +347,144 @@ def load_config(args):
     if getattr(args, "micro_batch", None):
         cfg.train.micro_batch_size = args.micro_batch
     if "epochs" in cfg.train and "num_train_images" in cfg.train:  # recomputed after the overrides
-        set_epoch_schedule(cfg.train, cfg.get("lr_multiplier"), cfg.dataloader)
+        explicit = [item.split("=", 1)[0].lstrip("+") for item in args.opts]
+        kept = set_epoch_schedule(cfg.train, cfg.get("lr_multiplier"), cfg.dataloader, explicit=explicit)
+        if notes is not None:
+            notes.extend(kept)
     cfg.train.device = resolve_device(cfg.train.device)
     return cfg
 
 
+def _evaluate(cfg):
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    model = create_ddp_model(model, **_ddp_kwargs(cfg))
+    if cfg.train.init_checkpoint:
+        RunCheckpointer(model).load_strict(cfg.train.init_checkpoint)
+    else:
+        logger.warning(
+            "--eval-only without train.init_checkpoint: evaluating the model as built (its backbone's own "
+            "checkpoint, if any, and randomly initialised heads)"
+        )
+    result = {"valid": do_test(cfg, model)}
+    if "final_test" in cfg.dataloader:
+        result["test"] = do_test(cfg, model, "final_test")
+    if comm.is_main_process():
+        atomic_write_json(os.path.join(cfg.train.output_dir, "eval_metrics.json"), result, indent=1, default=float)
+    print(result)
+    return result
+
+
+def _log_project_messages(output_dir, rank: int) -> None:
+    """The project's own messages (resume choice, stop signals, caches) in the run's log.txt too.
+
+    detectron2 caches setup_logger by its arguments: calling it again in a process adds nothing.
+    """
+    setup_logger(output_dir, distributed_rank=rank, name="rat_plugins", abbrev_name="rat")
+
+
 def main(args):
-    cfg = load_config(args)
-    default_setup(cfg, args)
-    if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = create_ddp_model(model, **_ddp_kwargs(cfg))
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-        result = {"valid": do_test(cfg, model)}
-        if "final_test" in cfg.dataloader:
-            result["test"] = do_test(cfg, model, "final_test")
+    """One process of a run (detectron2's ``launch`` calls it in each)."""
+    notes: List[str] = []
+    cfg = load_config(args, notes)
+    with nullcontext() if args.eval_only else _stop_signals() as stop:
+        default_setup(cfg, args)
+        _log_project_messages(cfg.train.output_dir, comm.get_rank())
+        for note in notes:
+            logger.info(note)
+        if args.eval_only:
+            return _evaluate(cfg)
         if comm.is_main_process():
-            atomic_write_json(os.path.join(cfg.train.output_dir, "eval_metrics.json"), result, indent=1, default=float)
-        print(result)
-        return result
-    try:
-        return do_train(args, cfg)
-    except FloatingPointError as e:
-        raise SystemExit(
-            f"error: training diverged ({str(e).splitlines()[0]}). Lower the learning "
-            f"rate (optimizer.lr=...), lengthen the warm-up, or check the data."
-        ) from e
+            _record_run(cfg)
+        try:
+            return do_train(args, cfg, stop)
+        except FloatingPointError as e:
+            raise SystemExit(
+                f"error: training diverged ({str(e).splitlines()[0]}). Lower the learning "
+                f"rate (optimizer.lr=...), lengthen the warm-up, or check the data."
+            ) from e
 
 
 def run_guarded(fn, *args):
-    """Turn ConfigError into one clear message instead of a traceback."""
+    """Turn a ConfigError (exit 2) or a full disk (exit 1) into one clear message instead of a traceback."""
     try:
         return fn(*args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if not isinstance(e, DiskFullError) and e.errno != errno.ENOSPC:
+            raise
+        message = e.strerror if isinstance(e, DiskFullError) else f"disk full ({e}); free space and resume"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+# -- the command line: checks, the work-dir lock and signals around detectron2's launch ----------
+def precheck(cfg, args) -> None:
+    """What can fail before any process starts, so a broken input fails in the first minute."""
+    if cfg.train.init_checkpoint:
+        require_checkpoint_file(cfg.train.init_checkpoint, "train.init_checkpoint")
+
+
+def _pass_stop_to_workers(signal_name: str) -> None:
+    """In the launching process of a multi-process run: the training processes do the stopping.
+
+    They get SIGTERM whatever this process got: a Ctrl-C has reached them already (same process
+    group), and a second SIGINT would make them stop without a checkpoint.
+    """
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    logging.getLogger(__name__).warning(
+        "%s: asked the %d training processes to save a checkpoint and stop (they receive SIGTERM)",
+        signal_name,
+        len(workers),
+    )
+
+
+def launch_from_cli(args) -> None:
+    """The project's ``lazyconfig_train_net.py``: checks, lock, signals, then ``launch(main)``.
+
+    The machine of rank 0 holds the work-dir lock for the whole run (released at exit, on errors
+    and after a stop signal); a second run into the same ``train.output_dir`` refuses, naming the
+    first one's pid and host. A training run stops on SIGTERM / SIGINT with a checkpoint, exit 0.
+    """
+    global _SESSION_STOP
+    cfg = run_guarded(load_config, args)  # config / override / data errors once, before launching
+    run_guarded(precheck, cfg, args)
+    spawns = args.num_gpus * args.num_machines > 1  # detectron2's launch starts a process per rank
+    stop = None
+    if not args.eval_only:
+        stop = GracefulStop(on_request=_pass_stop_to_workers if spawns else None).install()
+        _SESSION_STOP = None if spawns else stop
+    lock = WorkDirLock(cfg.train.output_dir, what="tools/lazyconfig_train_net.py") if args.machine_rank == 0 else None
+    try:
+        if lock is not None:
+            run_guarded(lock.acquire)
+            if not args.eval_only:  # under the lock: no other run rewrites the record in between
+                run_guarded(check_run_config, cfg)
+            if spawns:  # this process's stop messages in the run's log, beside its processes' own
+                _log_project_messages(cfg.train.output_dir, 0)
+        launch(
+            run_guarded,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(main, args),
+        )
+    except ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code > 0:
+            sys.exit(e.exit_code)  # the process printed why
+        print(f"error: a training process ended without a message: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if lock is not None:
+            lock.release()
+        if stop is not None:
+            stop.restore()
+            _SESSION_STOP = None
