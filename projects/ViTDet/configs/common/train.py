@@ -10,7 +10,9 @@ train.init_checkpoint = ""  # the backbone loads its own checkpoint (model.backb
 train.device = "auto"
 train.log_period = 20
 train.checkpointer.max_to_keep = 3
-train.seed = -1  # detectron2's default (a new seed per run); e.g. train.seed=0 to repeat a run exactly
+# fixed by default, so a run can be repeated (each process seeds train.seed + its rank; the project's
+# tool records the seed and deterministic settings in run_config.json); train.seed=-1: a new seed per run
+train.seed = 0
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
 
 lr_multiplier = multistep_with_warmup()
