@@ -97,3 +97,48 @@ def test_submit_two_process_ofat_run(slurm_cluster, heads_data, tmp_path):
     assert state == "COMPLETED", log[-3000:]
     assert json.loads((work / "final_metrics.json").read_text())["max_iter"] == 2
     assert "[launch] host" in log and "launcher slurm" in log
+
+
+@pytest.mark.slow
+def test_sweep_array_reports_finished_and_failed_runs(slurm_cluster, heads_data, tmp_path, monkeypatch):
+    """Three OFAT runs as one job array (two at a time), one of them broken; the summary job runs last."""
+    from rat_plugins.cluster.sweep import sweep_status, write_manifest
+
+    from _helpers import TINY
+
+    tiny = [*TINY, "train.epochs=1", "dataloader.train.total_batch_size=4", "train.warmup_iters=1"]
+    names = ["baseline_lr0.001_bs8_adamw_ep100", "ofat_lr0.01_bs8_adamw_ep100", "ofat_lr0.001_bs8_sgd_ep100"]
+    runs = [
+        dict(
+            name=name,
+            config=f"projects/ViTDet/configs/OFAT/{name}.py",
+            work_dir=str(tmp_path / f"ofat_{name}"),
+            overrides=tiny + (["train.max_itr=3"] if i == 1 else []),  # a typo: this run fails at once
+        )
+        for i, name in enumerate(names)
+    ]
+    summary = [sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(tmp_path)]
+    manifest = write_manifest(tmp_path / "ofat_sweep.json", "ofat", runs, summary)
+    env = {**slurm_cluster, "RAT_DATASETS": str(heads_data), "OMP_NUM_THREADS": "1"}
+    proc = _slurm(
+        [sys.executable, "-m", "rat_plugins.cluster.sweep", "submit", str(manifest), "--max-parallel", "2"],
+        env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = json.loads(manifest.read_text())["jobs"]
+    assert "#SBATCH --array=0-2%2" in (tmp_path / "ofat_sweep.sbatch").read_text()
+    state, _ = wait_for_job(jobs["summary"], env, timeout=900)
+    assert state == "COMPLETED", (tmp_path / f"summary-{jobs['summary']}.out").read_text()[-2000:]
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])  # sweep_status asks scontrol
+    rows = {r["name"]: r["state"] for r in sweep_status(manifest)}
+    assert rows == {names[0]: "finished", names[1]: "failed", names[2]: "finished"}, rows
+    status = _slurm([sys.executable, "-m", "rat_plugins.cluster.sweep", "status", str(manifest)], env, cwd=REPO)
+    assert "1 failed, 2 finished" in status.stdout
+    assert "unknown config key 'train.max_itr'" in (tmp_path / f"slurm-{jobs['array']}_1.out").read_text()
+    assert (tmp_path / "ofat_summary.md").is_file()
+    # submitted again, finished runs are skipped by their array tasks
+    proc = _slurm([sys.executable, "-m", "rat_plugins.cluster.sweep", "submit", str(manifest)], env, cwd=REPO)
+    again = json.loads(manifest.read_text())["jobs"]
+    wait_for_job(again["summary"], env, timeout=600)
+    assert "finished already" in (tmp_path / f"slurm-{again['array']}_0.out").read_text()

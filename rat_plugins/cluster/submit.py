@@ -137,16 +137,20 @@ def _launch_line(spec: JobSpec) -> str:
     return " ".join(shlex.quote(w) for w in words + _tool_command(spec))
 
 
-def render_sbatch(spec: JobSpec) -> str:
-    """The sbatch script of ``spec``."""
+def render_sbatch(spec: JobSpec, command: Optional[str] = None, array: Optional[str] = None) -> str:
+    """The sbatch script of ``spec``; ``command`` replaces the launcher line's program (sweeps), ``array``
+    (``0-8%3``) makes it a job array with one log per task."""
+    log = f"{spec.work_dir}/slurm-%A_%a.out" if array else f"{spec.work_dir}/slurm-%j.out"
     directives = [
         f"--job-name={spec.name}",
         f"--nodes={spec.nodes}",
         "--ntasks-per-node=1",  # the launcher starts the node's processes
-        f"--output={spec.work_dir}/slurm-%j.out",
+        f"--output={log}",
         "--open-mode=append",  # a requeued job keeps one log
         f"--signal={spec.warning_signal}@{spec.warning_seconds}",  # to the job steps: the training processes
     ]
+    if array:
+        directives.append(f"--array={array}")
     if spec.requeue:
         directives.append("--requeue")
     if spec.gpus_per_node:
@@ -163,16 +167,20 @@ def render_sbatch(spec: JobSpec) -> str:
     ):
         if value:
             directives.append(f"--{flag}={value}")
-    lines = ["#!/bin/bash", f"# {spec.family} run of {spec.config}, written by tools/submit.py"]
+    lines = ["#!/bin/bash", f"# {_what(spec, array)}, written by tools/submit.py"]
     lines += [f"#SBATCH {d}" for d in directives]
     lines += [line if line.startswith("#SBATCH") else f"#SBATCH {line}" for line in spec.extra]
     lines += ["set -euo pipefail", *spec.setup, f"cd {shlex.quote(spec.repo)}"]
     lines += [
         f"export RAT_STOP_SIGNALS={spec.warning_signal}  # the warning signal stops like SIGTERM: checkpoint, requeue",
         'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)"',
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {_launch_line(spec)}",
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {command or _launch_line(spec)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _what(spec: JobSpec, array: Optional[str]) -> str:
+    return f"sweep {spec.name} (array {array})" if array else f"{spec.family} run of {spec.config}"
 
 
 def _lsf_minutes(text: str) -> str:
@@ -189,13 +197,14 @@ def _lsf_minutes(text: str) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}"
 
 
-def render_bsub(spec: JobSpec) -> str:
-    """The bsub script of ``spec`` (one task per host, started by blaunch)."""
+def render_bsub(spec: JobSpec, command: Optional[str] = None, array: Optional[str] = None) -> str:
+    """The bsub script of ``spec`` (one task per host, started by blaunch); ``command`` and ``array``
+    (``1-9%3``, LSF counts from 1) as in :func:`render_sbatch`."""
     directives = [
-        f"-J {spec.name}",
+        f"-J {spec.name}[{array}]" if array else f"-J {spec.name}",
         f"-n {spec.nodes}",
         '-R "span[ptile=1]"',  # one launcher task per host
-        f"-o {spec.work_dir}/lsf-%J.out",
+        f"-o {spec.work_dir}/lsf-%J_%I.out" if array else f"-o {spec.work_dir}/lsf-%J.out",
         f"-wa {spec.warning_signal}",
         f"-wt {max(1, round(spec.warning_seconds / 60))}",  # minutes before the limit
     ]
@@ -215,7 +224,7 @@ def render_bsub(spec: JobSpec) -> str:
         directives.append(f"-P {spec.account}")
     if spec.constraint:
         directives.append(f'-R "select[{spec.constraint}]"')
-    lines = ["#!/bin/bash", f"# {spec.family} run of {spec.config}, written by tools/submit.py"]
+    lines = ["#!/bin/bash", f"# {_what(spec, array)}, written by tools/submit.py"]
     lines += [f"#BSUB {d}" for d in directives]
     lines += [line if line.startswith("#BSUB") else f"#BSUB {line}" for line in spec.extra]
     lines += ["set -euo pipefail", *spec.setup, f"cd {shlex.quote(spec.repo)}"]
@@ -223,7 +232,7 @@ def render_bsub(spec: JobSpec) -> str:
         f"export RAT_STOP_SIGNALS={spec.warning_signal}  # the warning signal stops like SIGTERM: checkpoint, requeue",
         'echo "job $LSB_JOBID on $(sort -u "$LSB_DJOB_HOSTFILE" | tr "\\n" " ") at $(date)"',
         'HOSTS="$(sort -u "$LSB_DJOB_HOSTFILE" | tr "\\n" " ")"',
-        f'blaunch -z "$HOSTS" env RAT_LAUNCHER=blaunch {_launch_line(spec)}',
+        f'blaunch -z "$HOSTS" env RAT_LAUNCHER=blaunch {command or _launch_line(spec)}',
     ]
     return "\n".join(lines) + "\n"
 

@@ -250,13 +250,46 @@ def summary_main(argv=None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sweeps on a scheduler
+def sweep_manifest(out: Path, work_dirs: Path, quick: bool = False, names=None, overrides=()) -> Path:
+    """Write the manifest of the OFAT sweep (one run per config, as run_all_ofat.sh runs them) for
+    ``python -m rat_plugins.cluster.sweep submit``; the summary table is its dependent job."""
+    from rat_plugins.cluster.sweep import write_manifest
+
+    suffix = "_quick" if quick else ""
+    runs = [
+        dict(
+            name=name,
+            config=str((OFAT_DIR / f"{name}.py").relative_to(REPO)),
+            work_dir=str(Path(work_dirs).resolve() / f"ofat_{name}{suffix}"),
+            overrides=(quick_overrides() if quick else []) + list(overrides),
+        )
+        for name in (names or config_names())
+    ]
+    summary = [sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(Path(work_dirs).resolve())]
+    return write_manifest(out, "ofat" + suffix, runs, summary)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rat_plugins.experiments.ofat", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["quick-overrides"])
-    parser.parse_args(argv)
-    if not PRETRAINED_VIM.is_file():
+    parser.add_argument("command", choices=["quick-overrides", "sweep-manifest"])
+    parser.add_argument("out", nargs="?", type=Path, help="sweep-manifest: the manifest file to write")
+    parser.add_argument("overrides", nargs="*", help="sweep-manifest: key=value overrides of every run")
+    parser.add_argument("--quick", action="store_true", help="sweep-manifest: quick-mode runs")
+    parser.add_argument("--names", nargs="+", help="sweep-manifest: only these configs")
+    parser.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
+    args = parser.parse_intermixed_args(argv)
+    if not PRETRAINED_VIM.is_file() and (args.command == "quick-overrides" or args.quick):
         print(RANDOM_BACKBONE_WARNING, file=sys.stderr)
-    print("\n".join(quick_overrides()))
+    if args.command == "quick-overrides":
+        print("\n".join(quick_overrides()))
+        return 0
+    if args.out is None:
+        parser.error("sweep-manifest needs the manifest path")
+    unknown = sorted(set(args.names or ()) - set(config_names()))
+    if unknown:
+        parser.error(f"unknown OFAT configs {unknown}; choose from {config_names()}")
+    print(sweep_manifest(args.out, args.work_dirs, args.quick, args.names, args.overrides))
     return 0
 
 
