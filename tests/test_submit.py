@@ -240,3 +240,41 @@ def test_launcher_commands_per_family():
     ]
     with pytest.raises(ValueError, match="unknown tool"):
         node_command("tools/demo.py", [], 1, one_node)
+
+
+def test_ofat_sweep_manifest_lists_the_nine_runs(tmp_path):
+    out = tmp_path / "sweep.json"
+    run_cmd(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-m",
+            "rat_plugins.experiments.ofat",
+            "sweep-manifest",
+            str(out),
+            "--quick",
+            "--work-dirs",
+            str(tmp_path),
+            "train.seed=3",
+        ]
+    )
+    import json
+
+    manifest = json.loads(out.read_text())
+    assert len(manifest["runs"]) == 9 and manifest["runs"][0]["name"].startswith("baseline")
+    first = manifest["runs"][0]
+    assert first["work_dir"] == str(tmp_path / f"ofat_{first['name']}_quick")
+    assert "train.epochs=24" in first["overrides"] and first["overrides"][-1] == "train.seed=3"
+    assert manifest["summary"][-2:] == ["--work-dirs", str(tmp_path)]
+    proc = run_cmd(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-m",
+            "rat_plugins.experiments.ofat",
+            "sweep-manifest",
+            str(out),
+            "--names",
+            "x",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown OFAT configs ['x']" in proc.stderr
