@@ -108,6 +108,10 @@ class RoboflowCocoDataset(_CheckedSamples, CocoDataset):
         **kwargs: ``CocoDataset`` arguments.
     """
 
+    # No default classes: CocoDataset's are COCO's 80, which would match no class of the export
+    # and leave every box out.
+    METAINFO = dict(classes=(), palette=CocoDataset.METAINFO["palette"])
+
     def __init__(self, *args, data_check: Optional[str] = None, **kwargs):
         self.data_check = data_check
         super().__init__(*args, **kwargs)
