@@ -4,10 +4,17 @@
 # What gets installed is pyproject.toml's dependency lists (every extra but `cuda`), at the
 # versions pinned in requirements/constraints.txt.
 #
-# Idempotent: a finished install leaves a stamp (hash of the pins, pyproject.toml and this
-# script); a later run with the same stamp checks the imports and installs nothing.  Safe to
+# Idempotent: a finished install leaves a stamp (hash of the pins, pyproject.toml and these
+# scripts); a later run with the same stamp checks the imports and installs nothing.  Safe to
 # interrupt: every step checks what is already there, the mmcv wheel is built in a temporary
 # folder and renamed into the cache only when complete, and the stamp is written last.
+#
+# The mmcv wheel cache is keyed by what makes a wheel incompatible: Python ABI, torch version
+# with its local tag, and CPU-only or CUDA ops (CUDA when torch sees a GPU and a matching nvcc
+# exists; then also the CUDA release and architectures) -- a wheel built on a CPU login node is
+# never installed on a GPU node. Set-ups running at once (two jobs, one home folder) take turns:
+# one lock per checkout, one per cache key around the build and its copy into the cache; the
+# second waits and says so. The build prints its progress (objects compiled / total) every 30 s.
 #
 # Environment:
 #   RAT_PLUGINS_PYTHON       interpreter for the venv (default: python3.11, else python3)
@@ -22,6 +29,8 @@ CONSTRAINTS="$REPO/requirements/constraints.txt"
 PYPROJECT="$REPO/pyproject.toml"
 WHEEL_CACHE="${RAT_PLUGINS_WHEEL_CACHE:-$HOME/.cache/rat-plugins/wheels}"
 STAMP="$VENV/.rat-plugins-install-stamp"
+# shellcheck source=tools/_install_lib.sh
+. "$REPO/tools/_install_lib.sh"
 
 MMCV_VERSION=2.1.0
 D2_WHEEL=sal_detectron2-0.7.2-cp310-none-any.whl
@@ -44,7 +53,14 @@ pip_install() {
     | grep -vE "^WARNING: Location 'file:|^ERROR: pip's dependency resolver does not currently|^This behaviour is the source of the following|^sal-detectron2 0.7.2 requires" ; return "${PIPESTATUS[0]}"
 }
 stamp_value() {
-  cat "$CONSTRAINTS" "$PYPROJECT" "$REPO/tools/install.sh" | sha256sum | cut -d' ' -f1
+  cat "$CONSTRAINTS" "$PYPROJECT" "$REPO/tools/install.sh" "$REPO/tools/_install_lib.sh" | sha256sum | cut -d' ' -f1
+}
+# sets MMCV_KIND / MMCV_KEY / MMCV_ARCHS / MMCV_NOTE / MMCV_CUDA_HOME (tools/_install_lib.sh)
+plan_mmcv_build() {
+  local facts
+  MMCV_CUDA_HOME="$(cuda_home)"
+  facts="$(torch_build_facts "$PY" 2>/dev/null)" || return 1
+  mmcv_build_plan "$facts" "$(nvcc_release "${MMCV_CUDA_HOME:+$MMCV_CUDA_HOME/bin/nvcc}")"
 }
 # pyproject.toml's requirements (core + the extras below), one per line, less those that later
 # steps install themselves: torch first, mmcv compiled, mmdet / mmseg without their pins.
@@ -68,19 +84,23 @@ for req in project["dependencies"] + [r for e in extras for r in project["option
 EOF
 }
 stack_imports_ok() {
-  "$PY" - <<'EOF' >/dev/null 2>&1
+  "$PY" - <<'EOF' >/dev/null 2>&1 && mmcv_ops_ok "$PY" "${MMCV_KIND:-cpu}"
 import os, torch, mmcv, mmengine, mmdet, mmseg, rat_plugins
 if os.environ.get("RAT_PLUGINS_SKIP_DETECTRON2", "0") != "1":
     import detectron2
-from mmcv.ops import nms
-boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
-_, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
-assert keep.tolist() == [0, 2], keep
 EOF
 }
 
+# -- one set-up per checkout at a time (a lock on this script's file: nothing new to clean up) ----
+exec 8<"$REPO/tools/install.sh"
+if ! flock -n 8; then
+  echo "==> [install] another tools/install.sh is running in $REPO; waiting for it to finish"
+  flock 8
+fi
+
 # -- 0. already done? ---------------------------------------------------------------------------
-if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] && stack_imports_ok; then
+if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] && plan_mmcv_build \
+    && stack_imports_ok; then
   echo "==> [install] environment up to date ($VENV); nothing to install"
   exit 0
 fi
@@ -110,20 +130,29 @@ REQS="$(project_requirements)" || { HINT="pyproject.toml could not be read: chec
 mapfile -t REQ_LIST <<<"$REQS"
 pip_install "${REQ_LIST[@]}" || fail
 
-# -- 5. mmcv with CPU ops, compiled once into the wheel cache ------------------------------------
+# -- 5. mmcv with compiled ops, built once per cache key into the wheel cache --------------------
 step "mmcv $MMCV_VERSION with compiled ops" "the build needs g++ and about 20-40 minutes on 2 cores; its log is kept in the cache folder"
-TORCH_TAG="$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")"
-MMCV_CACHE="$WHEEL_CACHE/torch-$TORCH_TAG"
-mmcv_ok() { "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; }
+plan_mmcv_build || { HINT="torch does not import: re-run to reinstall it"; fail; }
+echo "    $MMCV_KIND ops ($MMCV_NOTE); wheel cache key $MMCV_KEY"
+MMCV_CACHE="$WHEEL_CACHE/mmcv-$MMCV_VERSION/$MMCV_KEY"
+mmcv_ok() { "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null && mmcv_ops_ok "$PY" "$MMCV_KIND"; }
+cached_wheel() { ls "$MMCV_CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1; }
 if mmcv_ok; then
   echo "    mmcv $MMCV_VERSION already installed"
 else
   mkdir -p "$MMCV_CACHE" || fail
-  WHEEL="$(ls "$MMCV_CACHE"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1)"
+  WHEEL="$(cached_wheel)"
   if [ -z "$WHEEL" ]; then
+    # one build per key at a time; whoever waited finds the other's wheel and builds nothing
+    cache_lock_acquire "$MMCV_CACHE/.build.lock" "building mmcv into $MMCV_CACHE" || fail
+    WHEEL="$(cached_wheel)"
+  fi
+  if [ -z "$WHEEL" ]; then
+    rm -rf "$MMCV_CACHE"/.build-*  # left by a killed build; under the lock no other build runs here
     BUILD_DIR="$(mktemp -d "$MMCV_CACHE/.build-XXXXXX")" || fail
-    # an interrupted build leaves no half-built folder behind (the next run starts the build anew)
-    trap 'rm -rf "$BUILD_DIR"' EXIT
+    # an interrupted build leaves no half-built folder and no progress loop behind (the next run
+    # starts the build anew)
+    trap 'build_progress_stop; rm -rf "$BUILD_DIR"' EXIT
     trap 'exit 130' INT TERM
     echo "    building mmcv from source in $BUILD_DIR (log: $MMCV_CACHE/build.log)"
     "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary=:all: \
@@ -131,23 +160,38 @@ else
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail
     # mmcv 2.1.0's setup.py needs an older setuptools (pkg_resources API of < 70) while it builds.
     "$PY" -m pip install --disable-pip-version-check -q "setuptools<70" 2>&1 | grep -v "^WARNING: Location 'file:"
-    # torch >= 2.10 headers need C++20; mmcv's setup.py forces -std=c++17 (see cxx20_wrapper.sh).
-    if ! env MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" CXX="$REPO/tools/cxx20_wrapper.sh" \
+    # torch >= 2.10 headers need C++20; mmcv's setup.py forces -std=c++17 (see cxx20_wrapper.sh,
+    # which rewrites the flag for g++ and, in a CUDA build, for nvcc). mmcv's setup.py builds CUDA
+    # ops whenever torch sees a GPU: a CPU build hides the GPUs.
+    if [ "$MMCV_KIND" = cuda ]; then
+      BUILD_ENV=(FORCE_CUDA=1 "CUDA_HOME=$MMCV_CUDA_HOME" "TORCH_CUDA_ARCH_LIST=$MMCV_ARCHS"
+        "PYTORCH_NVCC=env RAT_REAL_CXX=$MMCV_CUDA_HOME/bin/nvcc $REPO/tools/cxx20_wrapper.sh")
+    else
+      BUILD_ENV=(FORCE_CUDA=0 CUDA_VISIBLE_DEVICES=)
+    fi
+    BUILD_START="$(date +%s)"
+    build_progress_start "$MMCV_CACHE/build.log"
+    if ! env MMCV_WITH_OPS=1 "${BUILD_ENV[@]}" MAX_JOBS="$(nproc)" CXX="$REPO/tools/cxx20_wrapper.sh" \
         "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -v \
         -w "$BUILD_DIR/out" "$BUILD_DIR"/src/mmcv-*.tar.gz >"$MMCV_CACHE/build.log" 2>&1; then
+      build_progress_stop
       tail -n 30 "$MMCV_CACHE/build.log"
       pip_install setuptools
       fail
     fi
+    build_progress_stop
+    echo "    mmcv built in $((($(date +%s) - BUILD_START) / 60)) min"
     pip_install setuptools || fail  # back to the pinned version
     BUILT="$(ls "$BUILD_DIR"/out/mmcv-*.whl | head -n1)"
-    mv "$BUILT" "$MMCV_CACHE/" || fail
+    mv "$BUILT" "$MMCV_CACHE/" || fail  # a rename in one folder: the cache never holds half a wheel
     rm -rf "$BUILD_DIR"
     trap - EXIT INT TERM
     WHEEL="$MMCV_CACHE/$(basename "$BUILT")"
   fi
+  cache_lock_release
   echo "    installing $WHEEL"
-  pip_install --no-deps "$WHEEL" || fail
+  # --force-reinstall: the same version built for other ops (CPU vs CUDA) is another wheel
+  pip_install --no-deps --force-reinstall "$WHEEL" || fail
   mmcv_ok || { HINT="delete $MMCV_CACHE and re-run to rebuild the wheel"; fail; }
 fi
 

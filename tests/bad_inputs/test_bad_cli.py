@@ -15,7 +15,14 @@ import pytest
 from _helpers import REPO, run_cmd
 
 BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
-SHELL_CLIS = ("run_single_ofat.sh", "run_all_ofat.sh", "tools/dist_train.sh", "tools/run_tests.sh", "tools/install.sh")
+SHELL_CLIS = (
+    "run_single_ofat.sh",
+    "run_all_ofat.sh",
+    "tools/dist_train.sh",
+    "tools/run_tests.sh",
+    "tools/install.sh",
+    "tools/_install_lib.sh",
+)
 
 
 def usage_error(args, tmp_path, env=None):
