@@ -7,7 +7,7 @@
 #   build_progress_start LOG / build_progress_stop / build_progress_line LOG START   progress
 #   mmcv_ops_ok PY KIND   the check after install: mmcv's nms on the CPU, and on the GPU for cuda
 #
-# Bash 4.2 compatible: no namerefs, no negative indices, no ${var@Q}, no $EPOCHSECONDS.
+# Bash 4.2 compatible (tests/bad_inputs/test_bad_cli.py lists what newer bash features it avoids).
 
 # "ABI TORCH_VERSION CUDA_AVAILABLE TORCH_CUDA ARCHS" of the interpreter PY, e.g.
 # "cp311 2.14.1+cu130 0 13.0 none" (ARCHS: the visible GPUs' compute capabilities, 9.0;8.6).
