@@ -147,3 +147,23 @@ def test_named_features_keep_their_names_and_order(tmp_path):
     assert plain.cache.root != cached.cache.root
     assert torch.is_tensor(plain(x)) and plain.cache.misses == 2
     assert module_fingerprint(net, method="forward_features") != module_fingerprint(net)
+
+
+def test_code_fingerprint_reads_each_source_once_per_process(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from rat_plugins.models import feature_cache
+
+    feature_cache._clear_code_cache()
+    reads = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read(self))
+    net = tiny_vim()
+    first = feature_cache.code_fingerprint(net)
+    assert any(p.name == "vim.py" for p in reads) and any(p.suffix == ".cpp" for p in reads)
+    count = len(reads)
+    assert feature_cache.code_fingerprint(tiny_vim(if_rope=False)) == first and len(reads) == count
+    # the code fingerprint is part of the module's: other code, other cache folder
+    before = module_fingerprint(net)
+    monkeypatch.setattr(feature_cache, "code_fingerprint", lambda module: "edited")
+    assert module_fingerprint(net) != before
