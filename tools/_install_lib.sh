@@ -147,6 +147,7 @@ build_progress_start() {
   start="$(date +%s)"
   (
     me="$BASHPID"
+    exec 8<&- 9>&-  # not the set-up's locks: a loop outliving a killed set-up must not hold them
     # sleep's output is not the pipe of whoever reads ours: a killed loop leaves no writer behind
     while sleep "$interval" >/dev/null 2>&1; do
       _parent_is_alive "$me" "$parent" || exit 0

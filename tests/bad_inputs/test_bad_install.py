@@ -211,3 +211,27 @@ def test_require_turns_any_import_failure_into_one_clear_error(tmp_path, monkeyp
     assert "rat_plugins.some_adapter needs `broken_dependency_for_test`" in message
     assert "AssertionError: MMCV==2.2.0 is used but incompatible." in message
     assert "To fix: install the pinned versions" in message and "make install" in message
+
+
+def test_progress_loop_of_a_killed_setup_holds_no_lock(tmp_path):
+    lock, log, out = tmp_path / ".build.lock", tmp_path / "build.log", tmp_path / "out.txt"
+    log.write_text("")
+    with open(out, "w") as f:  # not a pipe: the orphaned loop keeps writing for a while
+        subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'. "{LIB}"; cache_lock_acquire "{lock}" building; build_progress_start "{log}"; '
+                'echo "$BUILD_PROGRESS_PID"; kill -9 $$',
+            ],
+            stdout=f,
+            env={"PATH": "/usr/bin:/bin", "RAT_PLUGINS_PROGRESS_INTERVAL": "30"},
+            timeout=10,
+        )
+    loop_pid = int(out.read_text().split()[0])
+    try:
+        start = time.time()
+        again = lib(f'cache_lock_acquire "{lock}" building && echo got it', timeout=10)
+        assert again.stdout.strip() == "got it" and time.time() - start < 5  # before: waited for the loop
+    finally:
+        subprocess.run(["kill", str(loop_pid)], capture_output=True)
