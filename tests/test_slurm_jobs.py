@@ -142,3 +142,24 @@ def test_sweep_array_reports_finished_and_failed_runs(slurm_cluster, heads_data,
     again = json.loads(manifest.read_text())["jobs"]
     wait_for_job(again["summary"], env, timeout=600)
     assert "finished already" in (tmp_path / f"slurm-{again['array']}_0.out").read_text()
+
+
+@pytest.mark.slow
+def test_rat_segmentation_group_as_job_array(slurm_cluster, tmp_path, monkeypatch):
+    """The three RAT segmentation runs (quick mode) as array tasks; the table is built by the summary job."""
+    from rat_plugins.cluster.sweep import sweep_status
+
+    manifest, work = tmp_path / "rat.json", tmp_path / "rat"
+    argv = ["segmentation", "--quick", "--iters", "3", "--work-dir", str(work), "--sweep-manifest", str(manifest)]
+    env = {**slurm_cluster, "OMP_NUM_THREADS": "1"}
+    assert _slurm([sys.executable, "tools/run_rat_experiments.py", *argv], env, cwd=REPO).returncode == 0
+    proc = _slurm([sys.executable, "-m", "rat_plugins.cluster.sweep", "submit", str(manifest)], env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    jobs = json.loads(manifest.read_text())["jobs"]
+    state, _ = wait_for_job(jobs["summary"], env, timeout=900)
+    summary_log = (tmp_path / f"summary-{jobs['summary']}.out").read_text()
+    assert state == "COMPLETED", summary_log[-3000:]
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    assert [r["state"] for r in sweep_status(manifest)] == ["finished"] * 3
+    table = (work / "results.md").read_text()
+    assert all(name in table for name in ("rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64"))

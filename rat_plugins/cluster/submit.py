@@ -319,9 +319,12 @@ def _positive(name: str, value: Optional[int], allow_zero: bool = False) -> None
         raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
-def build_spec(args) -> JobSpec:
+def build_spec(args, check_config: bool = True):
+    """(JobSpec, scheduler) from the parsed options; ``check_config=False`` for sweeps, whose runs
+    name their own configs or commands."""
     config = os.path.relpath(Path(args.config).resolve(), REPO) if Path(args.config).is_file() else args.config
-    config_tool_family(Path(REPO, config) if not os.path.isabs(config) else config)
+    if check_config:
+        config_tool_family(Path(REPO, config) if not os.path.isabs(config) else config)
     scheduler = args.scheduler or (detect_scheduler() if not args.dry_run else "slurm")
     settings = load_site_settings(args.site, scheduler)
     signal_name, _, seconds = args.signal.partition("@")

@@ -6,7 +6,9 @@ and a dependent job that builds the summary when the last run ends.
     python -m rat_plugins.cluster.sweep task MANIFEST        # inside an array task (the job script runs it)
 
 A manifest (JSON, written by the sweep's own script, e.g. ``run_all_ofat.sh --submit``) lists the
-runs — ``{"name", "config", "work_dir", "overrides"}`` — and the summary command. ``submit`` writes
+runs — ``{"name", "config", "work_dir", "overrides"}`` run through the project's tools, or
+``{"name", "command", "work_dir"}`` for a study's own one-process command — and the summary command.
+A run is finished when its work dir holds ``done_file`` (default ``final_metrics.json``). ``submit`` writes
 the array script beside it and records the job ids in it; ``status`` reads them back.
 """
 
@@ -31,10 +33,13 @@ FINISHED_MARKER = "final_metrics.json"  # what both tool families' runs write la
 def write_manifest(path, name: str, runs: List[Dict], summary: Optional[List[str]] = None) -> Path:
     """Write a sweep manifest: ``runs`` of dicts with name, config, work_dir and overrides."""
     for run in runs:
-        missing = [k for k in ("name", "config", "work_dir") if not run.get(k)]
+        missing = [k for k in ("name", "work_dir") if not run.get(k)]
+        if not run.get("config") and not run.get("command"):
+            missing.append("config or command")
         if missing:
             raise ConfigError(f"sweep {name}: run {run} lacks {missing}")
         run.setdefault("overrides", [])
+        run.setdefault("done_file", FINISHED_MARKER)
     path = Path(path)
     atomic_write_json(path, dict(name=name, runs=runs, summary=summary or [], jobs={}), indent=1)
     return path
@@ -67,7 +72,8 @@ def submit_sweep(manifest_path, template: submit_mod.JobSpec, scheduler: str, ma
     manifest = read_manifest(manifest_path)
     runs = manifest["runs"]
     for run in runs:  # every run's config must be readable before anything is queued
-        submit_mod.config_tool_family(Path(template.repo, run["config"]))
+        if run.get("config"):
+            submit_mod.config_tool_family(Path(template.repo, run["config"]))
     cap = f"%{max_parallel}" if max_parallel else ""
     task = " ".join(shlex.quote(w) for w in (template.python, "-m", "rat_plugins.cluster.sweep", "task"))
     command = f"{task} {shlex.quote(str(manifest_path))} --procs-per-node {template.processes_per_node}"
@@ -142,10 +148,14 @@ def run_task(manifest_path, procs_per_node: int = 1) -> int:
     if not 0 <= index < len(manifest["runs"]):
         raise ConfigError(f"array task {index} but the manifest lists {len(manifest['runs'])} runs")
     run = manifest["runs"][index]
-    if (Path(run["work_dir"]) / FINISHED_MARKER).is_file():
-        print(f"[sweep] {run['name']}: finished already ({run['work_dir']}/{FINISHED_MARKER}); skipping")
+    done = Path(run["work_dir"]) / run.get("done_file", FINISHED_MARKER)
+    if done.is_file():
+        print(f"[sweep] {run['name']}: finished already ({done}); skipping")
         return 0
     Path(run["work_dir"]).mkdir(parents=True, exist_ok=True)
+    if run.get("command"):
+        print(f"[sweep] task {index}: {run['name']}: {' '.join(run['command'])}", flush=True)
+        os.execvp(run["command"][0], run["command"])
     spec = _run_spec(submit_mod.JobSpec(config=run["config"], work_dir=run["work_dir"]), run)
     spec.procs_per_node = procs_per_node
     print(f"[sweep] task {index}: {run['name']} -> {run['work_dir']}", flush=True)
@@ -189,7 +199,7 @@ def sweep_status(manifest_path) -> List[Dict]:
     rows = []
     for i, run in enumerate(manifest["runs"]):
         scheduler_state = states.get(i)
-        if (Path(run["work_dir"]) / FINISHED_MARKER).is_file():
+        if (Path(run["work_dir"]) / run.get("done_file", FINISHED_MARKER)).is_file():
             state = "finished"
         elif scheduler_state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "EXIT"):
             state = "failed"
@@ -233,9 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if known.command == "task":
             return run_task(known.manifest, known.procs_per_node)
         manifest = read_manifest(known.manifest)
-        first = manifest["runs"][0]
-        sub_args = submit_mod._parser().parse_intermixed_args([first["config"], *rest])
-        template, scheduler = submit_mod.build_spec(sub_args)
+        # the scheduler options of tools/submit.py; each run brings its own config or command
+        sub_args = submit_mod._parser().parse_intermixed_args([manifest.get("name", "sweep"), *rest])
+        template, scheduler = submit_mod.build_spec(sub_args, check_config=False)
         jobs = submit_sweep(known.manifest, template, scheduler, known.max_parallel, dry_run=sub_args.dry_run)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -99,12 +99,22 @@ def quick_overrides(
 
 def prepare_quick_data(work_dir: Path) -> None:
     """Synthetic ISIC-like data under ``<work_dir>/datasets`` (written once), made the dataset root."""
+    import shutil
+    import tempfile
+
     from rat_plugins.data.synthetic import make_isic
 
     root = work_dir / "datasets"
     if not (root / "isic2018").is_dir():
         print(f"[rat] quick mode: writing synthetic ISIC data to {root / 'isic2018'}")
-        make_isic(root / "isic2018", **QUICK_DATA)
+        root.mkdir(parents=True, exist_ok=True)
+        # written aside and renamed: runs started together (array tasks) never read a half-written set
+        partial = Path(tempfile.mkdtemp(prefix=".isic2018-", dir=root))
+        make_isic(partial, **QUICK_DATA)
+        try:
+            partial.rename(root / "isic2018")
+        except OSError:  # another run finished first: its copy is the same (fixed seed)
+            shutil.rmtree(partial, ignore_errors=True)
     os.environ["RAT_DATASETS"] = str(root.resolve())
 
 
@@ -231,6 +241,43 @@ def collect(work_dir: Path) -> list:
     return rows
 
 
+# ----------------------------------------------------------------------------- sweeps on a scheduler
+def _without(argv, option: str, takes_value: bool = True):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = takes_value
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def sweep_manifest(args, argv) -> Path:
+    """One sweep run per experiment of the training groups (this CLI with ``--only NAME``); the
+    dependent summary job is this CLI over all of them again, which finds every run done (their
+    ``result.json``), writes the table and runs the robustness group when it was asked for."""
+    from rat_plugins.cluster.sweep import write_manifest
+
+    work_dir = Path(args.work_dir).resolve()
+    base = [sys.executable, "tools/run_rat_experiments.py", *_without(argv, "--sweep-manifest")]
+    base = _without(_without(base, "--only"), "--work-dir") + ["--work-dir", str(work_dir)]
+    runs = [
+        dict(
+            name=f"{group}/{config.stem}",
+            command=[*[a for a in base if a not in GROUPS and a != "all"], group, "--only", config.stem],
+            work_dir=str(work_dir / group / config.stem),
+            done_file="result.json",
+        )
+        for group in args.groups
+        if group != "robustness"
+        for config in group_configs(group)
+        if not args.only or config.stem in args.only
+    ]
+    return write_manifest(args.sweep_manifest, "rat" + ("_quick" if args.quick else ""), runs, summary=base)
+
+
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     from mmengine.config import DictAction
@@ -252,6 +299,13 @@ def parse_args(argv=None):
     p.add_argument("--max-attention-gb", type=float, default=8.0)
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments (config names) of the groups")
+    p.add_argument(
+        "--sweep-manifest",
+        metavar="FILE",
+        help="write a manifest for `python -m rat_plugins.cluster.sweep submit FILE` (one array task per "
+        "experiment, the table and robustness as the dependent job) instead of running",
+    )
     args = p.parse_args(argv)
     args.groups = list(GROUPS) if "all" in args.groups else [g for g in GROUPS if g in args.groups]
     args.work_dir = args.work_dir or ("work_dirs/rat_quick" if args.quick else "work_dirs/rat")
@@ -265,11 +319,23 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     work_dir = Path(args.work_dir)
+    if args.sweep_manifest:
+        print(sweep_manifest(args, argv if argv is not None else sys.argv[1:]))
+        return 0
+    known = {c.stem for g in args.groups if g != "robustness" for c in group_configs(g)}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        print(
+            f"error: --only {unknown}: not experiments of {args.groups}; choose from {sorted(known)}", file=sys.stderr
+        )
+        return 2
     if args.quick and any(g != "robustness" for g in args.groups):
         prepare_quick_data(work_dir)  # robustness reads the data path from each run's config
     failed = []
     for group in [g for g in args.groups if g != "robustness"]:
         for config in group_configs(group):
+            if args.only and config.stem not in args.only:
+                continue
             try:
                 train_and_test(config, group, args)
             except Exception as e:  # record it and go on with the next run
