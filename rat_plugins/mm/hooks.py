@@ -8,6 +8,7 @@ OpenMMLab's own tools can name them too (``custom_hooks=[dict(type='GracefulStop
 
 import errno
 import os.path as osp
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -84,6 +85,17 @@ class SafeCheckpointHook(CheckpointHook):
             self.backend_args = dict(backend="local_atomic")
         super().before_train(runner)  # may prune beyond max_keep_ckpts: those have newer successors
         self.file_backend = _DeferredRemoval(self.file_backend)
+        if is_main_process() and self.backend_args == dict(backend="local_atomic"):
+            self._remove_stale_temporaries(runner, self.out_dir)
+
+    @staticmethod
+    def _remove_stale_temporaries(runner, folder) -> None:
+        """Temporary files of saves a kill interrupted (``.iter_4.pth.<random>.tmp.pth``); tools/train.py
+        holds the work-dir lock, so no other run is writing them."""
+        stale = [*Path(folder).glob(".*.pth.*.tmp.pth"), *Path(runner.work_dir).glob(".last_checkpoint.*.tmp")]
+        for path in stale:
+            runner.logger.warning(f"removing {path}: the unfinished save of an interrupted run")
+            path.unlink(missing_ok=True)
 
     def _kept_paths(self):
         best = [getattr(self, "best_ckpt_path", None), *getattr(self, "best_ckpt_path_dict", {}).values()]
