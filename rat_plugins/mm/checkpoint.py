@@ -158,6 +158,12 @@ def choose_mm_resume_checkpoint(
 
     Returns (path or None, warnings naming every skipped file and why).
     """
+    folder = Path(checkpoint_dir or work_dir)
     pointed, warnings = read_last_checkpoint(work_dir)
-    chosen, more = choose_resume_checkpoint(pointed, checkpoint_dir or work_dir, patterns)
+    if pointed is not None and Path(pointed).resolve().parent != folder.resolve():
+        # mmengine writes the path as the run saw it: a moved or copied work dir still names the old place
+        local = folder / Path(pointed).name
+        warnings.append(f"{Path(work_dir) / 'last_checkpoint'} names {pointed}, outside {folder}: using {local}")
+        pointed = str(local)
+    chosen, more = choose_resume_checkpoint(pointed, folder, patterns)
     return chosen, warnings + more
