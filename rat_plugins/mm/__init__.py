@@ -3,15 +3,15 @@
 Configs load it with ``custom_imports = dict(imports=['rat_plugins.mm'], allow_failed_imports=False)``.
 """
 
-from .._optional import framework_missing_error
+from .._optional import failing_package, framework_missing_error
 
 try:
     import mmdet  # noqa: F401
     import mmengine  # noqa: F401
     import mmseg  # noqa: F401
     import mmcv.ops  # noqa: F401  (compiled ops: mmdet needs them at model build)
-except ImportError as e:
-    raise framework_missing_error(getattr(e, "name", None) or "mmseg", "rat_plugins.mm", e) from e
+except Exception as e:  # also a version assertion (mmseg refusing the mmcv) or a broken compiled op
+    raise framework_missing_error(failing_package(e) or "mmseg", "rat_plugins.mm", e) from e
 
 # registration happens at class definition: one import per module, by model family
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
