@@ -218,6 +218,12 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_checkpoint(fund
     out = resumed.text()
     assert "taking over the stale lock" in out and f"process {run.proc.pid} on this host is gone" in out
     assert f"resumed epoch: 0, iter: {last}" in out and min(_iters_logged(out)) == last + 1
+    stopped = int(re.search(r"SIGTERM: stopping after iteration (\d+)", out).group(1))
+    ckpt = torch.load(work / f"iter_{stopped}.pth", map_location="cpu", weights_only=False)
+    assert ckpt["meta"]["iter"] == stopped
+    # the optimizer state came back with the weights: one AdamW state per trained parameter
+    trained = [k for k in ckpt["state_dict"] if "running_" not in k and "num_batches" not in k]
+    assert len(ckpt["optimizer"]["state"]) == len(trained)
 
 
 @pytest.mark.slow
