@@ -36,11 +36,30 @@ def test_baseline_trains_under_project_tool_and_resumes(heads_data, tmp_path):
     assert "AP50" in final["test"]["bbox"]
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-    # resume with one more epoch: continues at iteration 4 and stops at 8
-    run_cmd(args[:2] + ["--resume"] + args[2:-1] + ["train.epochs=2", f"train.output_dir={out}"], env=env)
-    iters = [m["iteration"] for m in _metrics(out) if "total_loss" in m]
-    assert iters[:4] == [0, 1, 2, 3] and iters[4:] == [4, 5, 6, 7]
-    assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 8
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["config"]["train.epochs"] == 1 and record["reproducibility"]["seed"] == 0
+    # resuming the finished run: nothing left to train, the final test again
+    run_cmd(args[:2] + ["--resume"] + args[2:], env=env)
+    assert "Starting training from iteration 4" in (out / "log.txt").read_text()
+    assert [m["iteration"] for m in _metrics(out) if "total_loss" in m] == [0, 1, 2, 3]
+    # one more epoch is another config: refused, naming the keys, nothing trained
+    refused = run_cmd(args[:2] + ["--resume"] + args[2:] + ["train.epochs=2"], env=env, check=False)
+    assert (
+        refused.returncode == 2
+        and "train.epochs: 1 -> 2" in refused.stderr
+        and "train.max_iter: 4 -> 8" in refused.stderr
+    )
+    assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 4
+    # its own checkpoint loads strictly for evaluation
+    evaluated = tmp_path / "eval"
+    run_cmd(
+        args[:2]
+        + ["--eval-only"]
+        + args[2:]
+        + [f"train.init_checkpoint={out}/model_final.pth", f"train.output_dir={evaluated}"],
+        env=env,
+    )
+    assert "AP50" in json.loads((evaluated / "eval_metrics.json").read_text())["test"]["bbox"]
 
 
 @pytest.mark.slow
