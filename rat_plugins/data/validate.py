@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,17 +157,24 @@ def _ends_complete(fmt: str, tail: bytes) -> bool:
     return True  # other formats have no cheap end marker: the header check is all
 
 
-def _decode(img, path: str) -> None:
+_TRUNCATED_FLAG = threading.Lock()
+
+
+def _decode(img) -> None:
     from PIL import ImageFile
 
-    # Some libraries switch this on globally; a truncated file must fail here, not decode grey.
-    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        img.load()
+        if not ImageFile.LOAD_TRUNCATED_IMAGES:
+            img.load()
+        else:  # some libraries switch this on globally; a truncated file must fail here, not decode grey
+            with _TRUNCATED_FLAG:
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                try:
+                    img.load()
+                finally:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = True
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise _FileProblem(f"cannot be decoded, it is truncated or corrupt ({e})") from e
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def inspect_image(path: str, mode: str = "header") -> ImageInfo:
@@ -189,7 +197,7 @@ def inspect_image(path: str, mode: str = "header") -> ImageInfo:
             if fmt == "JPEG" and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 width, height = height, width  # detectron2 and mmcv apply the EXIF rotation
             if mode == "full" or not _ends_complete(fmt, _tail(path, size)):
-                _decode(img, path)  # no end marker: decide by decoding (trailing bytes are allowed)
+                _decode(img)  # no end marker: decide by decoding (trailing bytes are allowed)
     except _FileProblem:
         raise
     except UnidentifiedImageError as e:

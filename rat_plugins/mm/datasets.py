@@ -534,7 +534,12 @@ def check_config_dataset(cfg, loader_key: str, mode: Optional[str] = None) -> di
         images += len(entries)
         masks += sum(1 for e in entries if e.mask)
         if not len(leaf):
-            raise DataError(f"{where} ({type(leaf).__name__}): the split is empty; put its data in place or drop it")
+            drops_empty = (getattr(leaf, "filter_cfg", None) or {}).get("filter_empty_gt")
+            filtered = " once filter_cfg left out the images without boxes" if drops_empty else ""
+            raise DataError(
+                f"{where} ({type(leaf).__name__}): the split is empty{filtered}; put its data in place "
+                "(annotate its images) or drop the loader"
+            )
         # the project's datasets checked their files when they loaded
         if entries and not isinstance(leaf, (RoboflowCocoDataset, ISIC2018Dataset, RVTEventDataset)):
             seg = isinstance(leaf, BaseSegDataset) and not leaf.metainfo.get("reduce_zero_label")
