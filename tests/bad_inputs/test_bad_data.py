@@ -426,6 +426,41 @@ def test_coco2017_unknown_category_and_bad_box(data, clean_catalog):
     assert f"zero or negative size (annotation ids {first_id})" in warning
 
 
+RAT_COCO = REPO / "projects/RAT/configs/coco/rat_fpn_3level_coco.py"
+RAT_COCO_SMALL = [
+    "dataloader.test.mapper.augmentations.0.short_edge_length=64",
+    "dataloader.test.mapper.augmentations.0.max_size=64",
+    "dataloader.test.num_workers=0",
+]
+
+
+def test_coco2017_classes_against_the_80_class_model(data, clean_catalog):
+    from rat_plugins.detectron2.data import validate_lazy_config_data
+
+    with pytest.raises(DataError) as err:
+        validate_lazy_config_data(load_lazy(RAT_COCO))
+    message = str(err.value)
+    assert message.startswith("coco2017_train (dataloader.train): the data has 3 classes ['person', 'car', 'dog']")
+    assert "model.roi_heads.num_classes is 80" in message and "Set model.roi_heads.num_classes=3" in message
+
+
+def test_coco2017_truncated_image_mid_run_through_the_zoo_mapper(data, clean_catalog):
+    """The RAT config uses detectron2's own DatasetMapper: the check wraps it in place."""
+    from detectron2.config import instantiate
+
+    from rat_plugins.detectron2.data import checked_mapper, validate_lazy_config_data
+
+    cfg = load_lazy(RAT_COCO, "model.roi_heads.num_classes=3", *RAT_COCO_SMALL)
+    validate_lazy_config_data(cfg)
+    assert cfg.dataloader.test.mapper._target_ is checked_mapper
+    assert cfg.dataloader.test.mapper.mapper_target == "detectron2.data.DatasetMapper"
+    broken = images(data / "coco2017" / "val2017")[-1]
+    truncate(broken)
+    with pytest.raises(UnreadableDataError, match=rf"^coco2017_val: image file '{broken}' .*truncated"):
+        for _ in instantiate(cfg.dataloader.test):
+            pass
+
+
 # ----------------------------------------------------------------------------- ISIC 2018 and DRIVE (mmseg)
 
 
