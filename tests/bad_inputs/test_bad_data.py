@@ -593,6 +593,29 @@ def test_rvt_missing_or_corrupt_h5(data):
         RVTEventClips(root, "val", CLASSES)
 
 
+def test_rvt_h5_damaged_inside(data):
+    """Header and shape intact, one compressed chunk zeroed: the full check finds it at start, a
+    sample reading it names the file and the split."""
+    import h5py
+
+    from rat_plugins.data.rvt_events import REPR_FILE_DS2, RVTEventClips
+    from rat_plugins.data.synthetic import EVENT_REPR_NAME
+
+    root, seq = _sequence(data)
+    h5 = seq / "event_representations_v2" / EVENT_REPR_NAME / REPR_FILE_DS2
+    with h5py.File(h5, "r") as f:
+        chunk = f["data"].id.get_chunk_info(3)
+    damaged = bytearray(h5.read_bytes())
+    damaged[chunk.byte_offset : chunk.byte_offset + chunk.size // 2] = bytes(chunk.size // 2)
+    h5.write_bytes(bytes(damaged))
+    clips = RVTEventClips(root, "val", CLASSES)  # the header check opens it and reads the shape
+    with pytest.raises(UnreadableDataError, match=rf"^RVT val split: cannot read representations .* of '{h5}'"):
+        for i in range(len(clips)):
+            clips[i]
+    with pytest.raises(UnreadableDataError, match=rf"^RVT val split: cannot read representations 0..11 of '{h5}'"):
+        RVTEventClips(root, "val", CLASSES, check="full")
+
+
 def test_rvt_unusable_boxes_dropped_with_a_warning(data):
     from rat_plugins.data.rvt_events import RVTEventClips
 
