@@ -118,3 +118,19 @@ def test_head_detection_names_and_the_earlier_ones(tmp_path):
         assert all(name in DatasetCatalog.list() for name in names)
     finally:
         _unregister(*names)
+
+
+def test_classes_choose_and_order_the_kept_classes(tmp_path):
+    """classes= keeps the named classes with ids in its order; the other real class is left out."""
+    src = _export(tmp_path, [_ann(1, [10, 10, 20, 20]), dict(_ann(2, [30, 30, 10, 10]), category_id=2)])
+    doc = json.loads(src.read_text())
+    doc["categories"].append(dict(id=2, name="helmet", supercategory="heads"))
+    src.write_text(json.dumps(doc))
+    both = filter_roboflow_coco(src, classes=["helmet", "head"])
+    out = json.loads((tmp_path / FILTERED_NAME).read_text())
+    assert both["categories"] == ["helmet", "head"] and both["left_out"] == {}
+    assert [(c["id"], c["name"]) for c in out["categories"]] == [(1, "helmet"), (2, "head")]
+    assert {a["id"]: a["category_id"] for a in out["annotations"]} == {1: 2, 2: 1}
+    one = filter_roboflow_coco(src, classes=["head"])
+    assert one["categories"] == ["head"] and one["left_out"] == {"helmet": 1} and one["boxes"] == 1
+    assert filter_roboflow_coco(src)["categories"] == ["head", "helmet"]  # default: every real class
