@@ -56,7 +56,6 @@ __all__ = [
     "ensure_readable",
     "first_few",
     "image_problem",
-    "inspect_image",
     "load_coco_json",
     "report_dropped_boxes",
 ]
@@ -177,7 +176,7 @@ def _decode(img) -> None:
         raise _FileProblem(f"cannot be decoded, it is truncated or corrupt ({e})") from e
 
 
-def inspect_image(path: str, mode: str = "header") -> ImageInfo:
+def _inspect_image(path: str, mode: str = "header") -> ImageInfo:
     """Open ``path`` and return its :class:`ImageInfo`; raises ``_FileProblem`` with the reason."""
     from PIL import Image, UnidentifiedImageError
 
@@ -210,7 +209,7 @@ def inspect_image(path: str, mode: str = "header") -> ImageInfo:
 def image_problem(path: str, mode: str = "full") -> Optional[str]:
     """Why ``path`` cannot be used as an image (``"does not exist"``, ...), or None."""
     try:
-        inspect_image(path, mode)
+        _inspect_image(path, mode)
     except _FileProblem as e:
         return e.reason
     return None
@@ -229,9 +228,9 @@ def _file_error(split: str, what: str, path: str, reason: str, listed_in: Option
 def check_image(
     path: str, split: str, mode: Optional[str] = None, what: str = "image", listed_in: Optional[str] = None
 ) -> ImageInfo:
-    """:func:`inspect_image` with the error a user can act on (a :class:`DataError` naming split and file)."""
+    """The image's :class:`ImageInfo`, or a :class:`DataError` naming the split and the file, with the fix."""
     try:
-        return inspect_image(str(path), check_mode(mode))
+        return _inspect_image(str(path), check_mode(mode))
     except _FileProblem as e:
         raise _file_error(split, what, str(path), e.reason, listed_in, e.missing) from None
 
@@ -265,7 +264,7 @@ class _Problem:
 def _check_entry(entry: ImageEntry, mode: str, mask_values: Optional[frozenset]) -> List[_Problem]:
     problems = []
     try:
-        info = inspect_image(entry.path, mode)
+        info = _inspect_image(entry.path, mode)
     except _FileProblem as e:
         return [_Problem("missing" if e.missing else "unreadable", "image", entry.path, e.reason)]
     if entry.size is not None and (info.width, info.height) != tuple(entry.size):
@@ -275,7 +274,7 @@ def _check_entry(entry: ImageEntry, mode: str, mask_values: Optional[frozenset])
     if entry.mask is None:
         return problems
     try:
-        mask = inspect_image(entry.mask, mode)
+        mask = _inspect_image(entry.mask, mode)
     except _FileProblem as e:
         return problems + [_Problem("missing" if e.missing else "unreadable", "mask", entry.mask, e.reason)]
     if (mask.width, mask.height) != (info.width, info.height):
