@@ -7,7 +7,9 @@ tools/dist_train.sh CONFIG GPUS [args]       # torchrun; gloo on CPU
 A run loses nothing: checkpoints are written atomically and replaced only by complete successors;
 SIGTERM / SIGINT save a checkpoint at the next iteration and exit 0; --resume continues from the
 newest intact checkpoint; a second run into a busy work dir, or a changed config in a work dir that
-holds a run, is refused (exit 2). A full disk ends the run with exit status 1 and names the file.
+holds a run, is refused (exit 2), and so is a broken dataset split (checked before training starts,
+every rank: node-local data is checked where it is read). A full disk ends the run with exit
+status 1 and names the file.
 """
 
 import errno
@@ -15,6 +17,7 @@ import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
 from rat_plugins.engine.workdir_lock import WorkDirLock
+from rat_plugins.mm.datasets import validate_config_datasets
 from rat_plugins.mm.hooks import TrainingStopped
 from rat_plugins.mm.runner import (
     ConfigError,
@@ -38,6 +41,8 @@ def main(argv=None):
         try:
             cfg = prepare_training(load_config(args))
             work_dir = cfg.work_dir
+            # every split's files, masks and classes now, not at the first test; before anything is written
+            validate_config_datasets(cfg)
             rank0 = launch_rank(cfg) == 0
             if rank0:
                 lock = WorkDirLock(cfg.work_dir, what=f"tools/train.py {args.config}").acquire()

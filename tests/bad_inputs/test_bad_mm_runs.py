@@ -275,6 +275,20 @@ def test_busy_work_dir_is_refused_naming_pid_and_host(fundus_data, tmp_path, mon
     assert f"in use by tools/train.py another.py (pid {os.getpid()} on host {socket.gethostname()}" in err
 
 
+def test_broken_evaluation_split_fails_before_training(fundus_data, tmp_path, monkeypatch, capsys):
+    """The fundus configs evaluate on the validation split, first used after training: checked at start."""
+    data = tmp_path / "data"
+    shutil.copytree(fundus_data, data)
+    mask = data / "fundus/drive_mmseg/annotations/validation/02_manual1.png"
+    mask.write_bytes(b"not a png")
+    monkeypatch.setenv("RAT_DATASETS", str(data))
+    work = tmp_path / "work"
+    status = tool_main(TRAIN)([str(SETR), "--work-dir", str(work), *cfg_options()])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and err.startswith("error: val_dataloader.dataset") and str(mask) in err, err
+    assert not work.exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
 def test_changed_config_in_a_finished_work_dir_is_refused(
