@@ -26,6 +26,14 @@ def feature_cache_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_check_cache_dir(tmp_path_factory):
+    """The data checks' cache of passed checks goes to a temporary folder, not ~/.cache."""
+    path = tmp_path_factory.mktemp("data_checks")
+    os.environ["RAT_DATA_CHECK_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def heads_data(tmp_path_factory):
     """A small synthetic Roboflow head export (train/valid/test), shared by the detectron2 tests."""

@@ -124,7 +124,10 @@ def _build_mm(path):
     init_default_scope(scope)
     reg = _registries(scope)
     built = {}
-    if "model" in cfg:
+    if "model" in cfg and "type" not in cfg.model:  # a base holding parts of a model: build those
+        for key, part in cfg.model.items():
+            built[f"model.{key}"] = reg.MODELS.build(part)
+    elif "model" in cfg:
         backbone = cfg.model.get("backbone", {})
         if "checkpoint" in backbone:
             backbone.checkpoint = None

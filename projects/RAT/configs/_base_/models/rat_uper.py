@@ -3,7 +3,7 @@
 # (grouping conv kernel 5, stride 2). out_features='by_stride' returns them all, finest first (ties:
 # finer level first), so UPerHead's top-down path runs coarse -> fine and its pyramid pooling sits
 # on the coarsest map. Experiment configs set scales / num_blocks and the head's in_channels / in_index.
-_base_ = ["../../../../_base_/models/imagenet_seg_preprocessor.py"]
+_base_ = ["../../../../_base_/models/mmseg_imagenet_preprocessor.py"]
 norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 feature_dims = 128
 model = dict(

@@ -1,6 +1,6 @@
 # SETR-MLA on a ViT-B/16 encoder in timm layout: mmseg's VisionTransformer (through the plugin's
 # FrozenVisionTransformer), MLANeck and SETRMLAHead; 2 classes (background, vessel).
-_base_ = ["../../../../_base_/models/imagenet_seg_preprocessor.py"]
+_base_ = ["../../../../_base_/models/mmseg_imagenet_preprocessor.py"]
 norm_cfg = dict(type="BN", requires_grad=True)  # set sync_bn='torch' for multi-GPU runs
 patch_size = 16
 embed_dims = 768
