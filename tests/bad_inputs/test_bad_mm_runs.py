@@ -226,6 +226,35 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_checkpoint(fund
     assert len(ckpt["optimizer"]["state"]) == len(trained)
 
 
+def _worker_with_rank(agent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank``."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    for pid in map(int, children):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_of_two_stops_both_with_one_checkpoint(fundus_data, tmp_path):
+    """torchrun, 2 CPU processes over gloo: only rank 1 gets SIGTERM; the ranks agree at the next iteration,
+    rank 0 saves, both exit 0 (a rank left alone would wait forever in the next all-reduce)."""
+    from test_setr import _free_port
+
+    work = tmp_path / "work"
+    args = ["bash", str(REPO / "tools/dist_train.sh"), str(SETR), "2", "--work-dir", str(work), *cfg_options(**LONG)]
+    run = Background(args, _env(fundus_data, PORT=str(_free_port()), PYTHON=sys.executable), tmp_path / "dist.log")
+    run.wait_for(r"Iter\(train\) \[\s*3/")
+    os.kill(_worker_with_rank(run.proc.pid, 1), signal.SIGTERM)
+    assert run.finish(timeout=180) == 0, run.text()[-3000:]
+    stopped = r"a stop signal \(on another rank\): stopping after iteration (\d+); checkpoint (\S+)"
+    found = re.search(stopped, run.text())
+    assert found, run.text()[-3000:]
+    saved = Path(found.group(2))
+    assert saved == work / f"iter_{found.group(1)}.pth" and checkpoint_problem(saved) is None
+    assert (work / "last_checkpoint").read_text() == str(saved)
+
+
 @pytest.mark.slow
 def test_sigint_in_an_epoch_based_run_saves_and_resume_repeats_that_epoch(heads_data, tmp_path):
     """YOLOX (EpochBasedTrainLoop, 4 iterations an epoch): SIGINT ends the run with a checkpoint and exit 0,
