@@ -59,7 +59,11 @@ def _common(parser):
 
 def train_parser():
     p = _common(argparse.ArgumentParser(description="Train an mmseg / mmdet config"))
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the work dir's last checkpoint, or the newest intact one when that is damaged",
+    )
     p.add_argument("--amp", action="store_true", help="automatic mixed precision")
     return p
 
