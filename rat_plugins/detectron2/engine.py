@@ -38,6 +38,7 @@ from ..engine.workdir_lock import WorkDirLock
 from ..utils.atomic import DiskFullError, atomic_write_json
 from ..utils.config_keys import ConfigError, config_keys, did_you_mean
 from .checkpoint import RunCheckpointer, require_checkpoint_file
+from .data import validate_lazy_config_data
 from .hooks import SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
 from .schedule import set_epoch_schedule
 
@@ -332,7 +333,7 @@ def _report_stop(stopped: TrainingStopped, cfg) -> None:
 
 
 def load_config(args, notes: Optional[List[str]] = None):
-    """The LazyConfig with the overrides, its epoch schedule recomputed and the device resolved.
+    """The LazyConfig with the overrides, its epoch schedule recomputed, the device resolved and the data checked.
 
     ``notes`` (a list) receives the lines the run's log should carry (explicit periods kept).
     """
@@ -352,6 +353,9 @@ def load_config(args, notes: Optional[List[str]] = None):
         if notes is not None:
             notes.extend(kept)
     cfg.train.device = resolve_device(cfg.train.device)
+    # every split's files, boxes and classes, before anything trains: the launcher's call fails a broken
+    # test split in the first minute; each process's call gives its loaders the CheckedMapper (in cfg)
+    validate_lazy_config_data(cfg)
     return cfg
 
 

@@ -398,3 +398,17 @@ def test_injected_disk_full_keeps_the_previous_checkpoint_and_its_pointer(tmp_pa
     monkeypatch.undo()
     periodic.after_step()  # space again: the new one is saved, then the old one deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+def test_a_broken_test_split_fails_before_anything_starts(heads_data, tmp_path):
+    """The data of every split is checked before launching: a missing test image is found in seconds,
+    not after the whole training run."""
+    data = tmp_path / "datasets"
+    shutil.copytree(heads_data, data)
+    missing = sorted((data / "coco" / "test").glob("*.jpg"))[0]
+    missing.unlink()
+    out = tmp_path / "run"
+    proc = run_cmd(tool(out, *FINISHED_EPOCHS), env={"RAT_DATASETS": str(data)}, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert missing.name in proc.stderr and "test" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
