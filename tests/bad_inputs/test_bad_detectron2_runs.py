@@ -412,3 +412,23 @@ def test_a_broken_test_split_fails_before_anything_starts(heads_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert missing.name in proc.stderr and "test" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_disk_full_while_writing_the_final_metrics_keeps_the_old_file_and_names_it(tmp_path, monkeypatch, capsys):
+    """final_metrics.json / eval_metrics.json go through atomic writes; the tool's guard prints one line, exit 1."""
+    from rat_plugins.detectron2.engine import run_guarded
+    from rat_plugins.utils import atomic
+    from rat_plugins.utils.atomic import atomic_write_json
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to fail writes with ENOSPC")
+    metrics = tmp_path / "final_metrics.json"
+    metrics.write_text('{"test": {"bbox": {"AP50": 12.5}}}\n')
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r", **kwargs: open("/dev/full", mode), raising=False)
+    with pytest.raises(SystemExit) as exited:
+        run_guarded(atomic_write_json, metrics, {"test": None})
+    assert exited.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: disk full while writing {metrics}") and "previous file is unchanged" in error
+    assert json.loads(metrics.read_text())["test"]["bbox"]["AP50"] == 12.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_metrics.json"]
