@@ -12,6 +12,7 @@ import os
 import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+from rat_plugins.engine.distributed import closing_process_group
 from rat_plugins.mm.runner import ConfigError, build_runner, load_config, prepare_testing, test_parser
 
 EXIT_CONFIG, EXIT_DISK_FULL = 2, 1
@@ -38,4 +39,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with closing_process_group():  # before the interpreter finalizes: no gloo thread outlives it
+        status = main()
+    sys.exit(status)

@@ -16,6 +16,7 @@ import errno
 import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+from rat_plugins.engine.distributed import closing_process_group
 from rat_plugins.engine.workdir_lock import WorkDirLock
 from rat_plugins.mm.datasets import validate_config_datasets
 from rat_plugins.mm.hooks import TrainingStopped
@@ -80,4 +81,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with closing_process_group():  # before the interpreter finalizes: no gloo thread outlives it
+        status = main()
+    sys.exit(status)
