@@ -240,6 +240,8 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint
     assert f"Starting training from iteration {kept + 1}" in run_log
     assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 48
     assert not list(out.glob(".*.tmp*")) and not (out / ".run.lock").exists()
+    # max_to_keep (3) counts the killed session's checkpoints too: the newest three are left
+    assert sorted(p.name for p in out.glob("model_[0-9]*.pth")) == [f"model_{i:07d}.pth" for i in (39, 43, 47)]
 
 
 # -- the work dir ----------------------------------------------------------------------------------
