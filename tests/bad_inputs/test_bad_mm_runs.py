@@ -426,6 +426,38 @@ def test_disk_full_in_a_checkpoint_save_keeps_the_previous_file(tmp_path, monkey
     assert path.read_bytes() == b"the previous checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_disk_full_in_the_successor_keeps_the_checkpoint_max_keep_ckpts_would_delete(tmp_path):
+    """mmengine's CheckpointHook deletes the oldest checkpoint before writing the next; the safe hook after."""
+    import errno
+    from collections import deque
+    from types import SimpleNamespace
+
+    from rat_plugins.mm.checkpoint import AtomicLocalBackend
+    from rat_plugins.mm.hooks import SafeCheckpointHook, _DeferredRemoval
+    from rat_plugins.utils.atomic import DiskFullError
+
+    oldest = tmp_path / "iter_1.pth"
+    torch.save({"meta": {"iter": 1}}, oldest)
+
+    def full_disk(out_dir, filename, *args, **kwargs):
+        (Path(out_dir) / filename).write_bytes(b"a checkpoint cut short")
+        raise DiskFullError(errno.ENOSPC, f"disk full while writing {Path(out_dir) / filename}")
+
+    runner = SimpleNamespace(
+        work_dir=str(tmp_path), save_checkpoint=full_disk, message_hub=SimpleNamespace(update_info=lambda *a: None)
+    )
+    hook = SafeCheckpointHook(interval=1, by_epoch=False, max_keep_ckpts=1)
+    hook.out_dir, hook.keep_ckpt_ids = str(tmp_path), deque([1], 1)
+    hook.file_backend = _DeferredRemoval(AtomicLocalBackend())
+    with pytest.raises(DiskFullError, match=r"disk full while writing \S*iter_2\.pth"):
+        hook._save_checkpoint_with_step(runner, 2, dict(iter=2))
+    assert checkpoint_problem(oldest) is None  # still there: its successor never completed
+
+    runner.save_checkpoint = lambda out_dir, filename, *a, **k: torch.save({}, Path(out_dir) / filename)
+    hook._save_checkpoint_with_step(runner, 3, dict(iter=3))
+    assert not oldest.exists() and checkpoint_problem(tmp_path / "iter_3.pth") is None
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 6 MiB tmpfs: room for one tiny-SETR checkpoint (3.4 MB), not for a second beside it."""
