@@ -100,7 +100,8 @@ def checkpoint_problem(path: PathLike) -> Optional[str]:
         try:
             torch.load(path, map_location="cpu", weights_only=False, mmap=False)
         except Exception as e:
-            return f"it is truncated or not a PyTorch checkpoint ({size} bytes; {type(e).__name__}: {e})"
+            first_line = (str(e).strip().splitlines() or [""])[0][:120]
+            return f"it is truncated or not a PyTorch checkpoint ({size} bytes; {type(e).__name__}: {first_line})"
         return None
     except OSError as e:
         return f"it cannot be read ({e})"

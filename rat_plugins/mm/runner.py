@@ -94,9 +94,6 @@ def check_options(cfg, options) -> None:
             node = node[part]
 
 
-_check_options = check_options  # earlier name
-
-
 def load_config(args) -> Config:
     if not osp.isfile(args.config):
         raise ConfigError(f"config file not found: {args.config}")
