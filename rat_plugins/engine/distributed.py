@@ -22,7 +22,9 @@ def close_process_group() -> bool:
 
     Call it once the run's objects are out of scope: the group (and its threads) ends only with its
     last reference, and a finished Runner's DistributedDataParallel wrapper holds one through
-    reference cycles, hence the collection.
+    reference cycles, hence the collection. (``torch.distributed.nn.functional`` imported for the
+    first time while a group exists keeps it in its default arguments for good; mmengine imports it
+    before, at import time.)
     """
     if not (dist.is_available() and dist.is_initialized()):
         return False
