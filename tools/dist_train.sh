@@ -70,7 +70,29 @@ train_parser().parse_args(sys.argv[1:])
     exit 1
   fi
 fi
-exec "$PYTHON" -m torch.distributed.run \
+# A stop signal goes to the training processes, not to torchrun's agent: they checkpoint at the next
+# iteration and exit 0, and the agent then exits 0 too (signalled itself, it would exit 1 with a
+# traceback and stop the workers before they save). The agent runs in a session of its own, so a
+# terminal's Ctrl-C reaches this script only; the first SIGINT or SIGTERM is passed on as SIGTERM,
+# a second SIGINT as SIGINT (the workers then stop at once, without a checkpoint).
+setsid "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
   --nproc_per_node="$GPUS" --master_port="$PORT" \
-  "$HERE/train.py" "$CONFIG" --launcher pytorch ${1+"$@"}
+  "$HERE/train.py" "$CONFIG" --launcher pytorch ${1+"$@"} &
+agent=$!
+stops=0
+forward() { pkill "-$1" -P "$agent" 2>/dev/null || kill "-$1" "$agent" 2>/dev/null || true; }
+on_stop() {
+  stops=$((stops + 1))
+  if [ "$1" = INT ] && [ "$stops" -gt 1 ]; then forward INT; else forward TERM; fi
+}
+trap 'on_stop TERM' TERM
+trap 'on_stop INT' INT
+trap 'forward USR1' USR1
+trap 'forward USR2' USR2
+# wait returns early (status > 128) when a trapped signal arrives: wait again until the agent ends
+while :; do
+  wait "$agent" && status=0 || status=$?
+  kill -0 "$agent" 2>/dev/null || break
+done
+exit "$status"

@@ -226,13 +226,21 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_checkpoint(fund
     assert len(ckpt["optimizer"]["state"]) == len(trained)
 
 
-def _worker_with_rank(agent_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker process with ``RANK=rank``."""
-    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
-    for pid in map(int, children):
-        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            return pid
-    raise AssertionError(f"no worker with RANK={rank} among {children}")
+def _descendants(pid: int) -> list:
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _worker_with_rank(script_pid: int, rank: int) -> int:
+    """The pid of the training process with ``RANK=rank`` under tools/dist_train.sh (bash -> torchrun -> workers)."""
+    found = _descendants(script_pid)
+    for pid in found:
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"no worker with RANK={rank} among {found}")
 
 
 @pytest.mark.slow
@@ -253,6 +261,23 @@ def test_sigterm_to_one_rank_of_two_stops_both_with_one_checkpoint(fundus_data, 
     saved = Path(found.group(2))
     assert saved == work / f"iter_{found.group(1)}.pth" and checkpoint_problem(saved) is None
     assert (work / "last_checkpoint").read_text() == str(saved)
+
+
+@pytest.mark.slow
+def test_sigterm_to_dist_train_sh_reaches_the_workers_and_it_exits_0(fundus_data, tmp_path):
+    """SIGTERM to tools/dist_train.sh (as a scheduler or `kill` sends it) is passed on to the training
+    processes, not to torchrun's agent (which would exit 1 and stop them before they save)."""
+    from test_setr import _free_port
+
+    work = tmp_path / "work"
+    args = ["bash", str(REPO / "tools/dist_train.sh"), str(SETR), "2", "--work-dir", str(work), *cfg_options(**LONG)]
+    run = Background(args, _env(fundus_data, PORT=str(_free_port()), PYTHON=sys.executable), tmp_path / "dist.log")
+    run.wait_for(r"Iter\(train\) \[\s*3/")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=180) == 0, run.text()[-3000:]
+    assert "SignalException" not in run.text()
+    saved = Path((work / "last_checkpoint").read_text())
+    assert checkpoint_problem(saved) is None and re.fullmatch(r"iter_\d+\.pth", saved.name)
 
 
 @pytest.mark.slow
