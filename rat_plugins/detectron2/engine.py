@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
+from ..engine.distributed import closing_process_group
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
 from ..engine.signals import GracefulStop
 from ..engine.workdir_lock import WorkDirLock
@@ -389,6 +390,12 @@ def _log_project_messages(output_dir, rank: int) -> None:
 
 def main(args):
     """One process of a run (detectron2's ``launch`` calls it in each)."""
+    # a DDP process leaves its gloo / NCCL group before the interpreter finalizes (see engine.distributed)
+    with closing_process_group():
+        return _run_process(args)
+
+
+def _run_process(args):
     notes: List[str] = []
     cfg = load_config(args, notes)
     with nullcontext() if args.eval_only else _stop_signals() as stop:
