@@ -86,8 +86,9 @@ def check_same_config(work_dir, flat: Mapping[str, Any], ignore: Iterable[str] =
     if differing:
         shown = "; ".join(_describe(k, recorded, flat) for k in differing[:8])
         more = f" (+{len(differing) - 8} more)" if len(differing) > 8 else ""
+        keys = "1 key differs" if len(differing) == 1 else f"{len(differing)} keys differ"
         raise RunConfigChangedError(
-            f"{work_dir} holds a {what} started with another config ({len(differing)} keys differ: {shown}{more}). "
+            f"{work_dir} holds a {what} started with another config ({keys}: {shown}{more}). "
             f"Use a new work dir for the new config, or restore the old values to continue that run"
         )
 

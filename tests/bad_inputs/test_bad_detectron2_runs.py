@@ -326,7 +326,7 @@ def test_finished_run_restarted_with_another_lr_is_refused_naming_the_key(finish
             tool(out, *FINISHED_EPOCHS, "optimizer.lr=0.002", flags=flags), env=_env(heads_data), check=False
         )
         assert proc.returncode == 2, flags
-        assert "holds a run started with another config (1 keys differ: optimizer.lr: 0.001 -> 0.002)" in proc.stderr
+        assert "holds a run started with another config (1 key differs: optimizer.lr: 0.001 -> 0.002)" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert _snapshot(out) == before  # checkpoints, metrics and log as the finished run left them
 
