@@ -207,3 +207,15 @@ def test_graceful_stop_calls_back_once_and_forked_workers_ignore_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested == "SIGTERM" and seen == ["SIGTERM"]
+
+
+def test_workdir_lock_of_the_same_scheduler_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued job restarts (maybe on another node) while its old lock is still there."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(pid=12345, host="node-a", job="slurm:4242")))
+    with WorkDirLock(tmp_path, heartbeat_s=0) as lock:
+        assert lock.held
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["job"] == "slurm:4242"
+    (tmp_path / LOCK_NAME).write_text(json.dumps(dict(pid=12345, host="node-a", job="slurm:9")))
+    with pytest.raises(WorkDirBusyError, match="host node-a"):
+        WorkDirLock(tmp_path, heartbeat_s=0).acquire()

@@ -4,7 +4,9 @@ Two runs writing checkpoints and metrics into one folder corrupt each other sile
 one refuses. The lock is a JSON file (``.run.lock``) created with O_EXCL. It cannot stay stale
 forever: on the same host a lock whose pid is gone is taken over, and the owner refreshes the
 file's modification time every ``heartbeat_s``, so a lock from another host (shared file system)
-that has not been refreshed for ``stale_after_s`` is taken over too. Both take-overs are logged.
+that has not been refreshed for ``stale_after_s`` is taken over too, and so is a lock of the same
+scheduler job (a requeued job restarting, possibly on another node: one job never runs twice at
+once). Take-overs are logged.
 """
 
 import json
@@ -22,6 +24,14 @@ __all__ = ["WorkDirLock", "WorkDirBusyError", "LOCK_NAME"]
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = ".run.lock"
+
+
+def _scheduler_job():
+    """The SLURM / LSF job id of this process (an array task's own id), or None."""
+    for key in ("SLURM_JOB_ID", "LSB_JOBID"):
+        if os.environ.get(key):
+            return f"{key.split('_')[0].lower()}:{os.environ[key]}"
+    return None
 
 
 class WorkDirBusyError(ConfigError):
@@ -58,9 +68,9 @@ class WorkDirLock:
         self.held = False
 
     def _owner_text(self) -> str:
-        return json.dumps(
-            dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"), what=self.what)
-        )
+        owner = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        owner.update(what=self.what, job=_scheduler_job())
+        return json.dumps(owner)
 
     def _read_owner(self) -> dict:
         try:
@@ -76,6 +86,9 @@ class WorkDirLock:
         host, pid = owner.get("host"), owner.get("pid")
         if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
             return f"its process {pid} on this host is gone"
+        job = _scheduler_job()
+        if job is not None and owner.get("job") == job and pid != os.getpid():
+            return f"it belongs to an earlier run of this job ({job}, requeued)"
         if not owner and age > 60:
             return "it is unreadable and older than a minute"
         if age > self.stale_after_s:
