@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -163,3 +164,99 @@ def test_rat_segmentation_group_as_job_array(slurm_cluster, tmp_path, monkeypatc
     assert [r["state"] for r in sweep_status(manifest)] == ["finished"] * 3
     table = (work / "results.md").read_text()
     assert all(name in table for name in ("rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple_256-128-64"))
+
+
+def _release_when_requeued(job_id, env, timeout=600):
+    """Wait until the job is back in the queue after a requeue, then start it at once (SLURM holds a
+    requeued job for about two minutes); return the wait in seconds from the call."""
+    import time
+
+    start = time.time()
+    while time.time() - start < timeout:
+        state, fields = _job_state(job_id, env)
+        if int(fields.get("Restarts", "0")) >= 1 and state == "PENDING":
+            # the node must be done with the job's previous run first, and the release must come in a
+            # later second than the requeue: slurmd refuses a credential of the same second as the
+            # revocation ("Job credential revoked")
+            requeued_at = time.time()
+            while _slurm(["sinfo", "-h", "-o", "%T"], env).stdout.strip() not in ("idle", "mixed"):
+                time.sleep(0.5)
+            time.sleep(max(0.0, requeued_at + 2 - time.time()))
+            _slurm(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env)
+            return time.time() - start
+        if state in ("COMPLETED", "FAILED", "CANCELLED"):
+            raise AssertionError(f"job {job_id} ended {state} without a requeue")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} was not requeued within {timeout} s")
+
+
+def _wait_for_text(path, pattern, timeout=600):
+    import re
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = path.read_text() if path.is_file() else ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} not in {path} after {timeout} s:\n{text[-3000:]}")
+
+
+@pytest.mark.slow
+def test_ofat_job_preempted_by_the_warning_signal_requeues_and_resumes(slurm_cluster, heads_data, tmp_path):
+    """USR2 (what --signal=USR2@90 sends before the time limit) to a 2-process detectron2 job: checkpoint,
+    requeue, resume from that checkpoint, finish with the full iteration count."""
+    from _helpers import TINY
+
+    work = tmp_path / "ofat"
+    env = {**slurm_cluster, "RAT_DATASETS": str(heads_data), "OMP_NUM_THREADS": "1"}
+    tiny = [*TINY, "train.epochs=10", "dataloader.train.total_batch_size=4", "train.warmup_iters=1"]
+    job_id = submit_job(
+        ["projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py", "--scheduler", "slurm"]
+        + ["--procs-per-node", "2", "--work-dir", str(work), *tiny, "train.eval_period=1000"],
+        env,
+    )
+    _wait_for_text(work / "metrics.json", r'"iteration": 3\b')
+    assert _slurm(["scancel", "--signal=USR2", job_id], env).returncode == 0
+    waited = _release_when_requeued(job_id, env)
+    state, fields = wait_for_job(job_id, env)
+    log = (work / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED" and fields["Restarts"] == "1", log[-4000:]
+    stopped = re.search(r"Stopped by SIGUSR2 after iteration (\d+) of 20: checkpoint (\S+\.pth)", log)
+    assert stopped, log[-4000:]
+    assert f"requeued: scontrol requeue {job_id}" in log
+    assert "(restart 1)" in log
+    assert f"--resume: continuing from {stopped.group(2)}" in (work / "log.txt").read_text()
+    records = [json.loads(line) for line in (work / "metrics.json").read_text().splitlines()]
+    iterations = [r["iteration"] for r in records if "total_loss" in r]
+    # every iteration trained exactly once over the two runs: nothing lost, nothing repeated
+    assert iterations == list(range(20)), iterations
+    assert json.loads((work / "final_metrics.json").read_text())["max_iter"] == 20
+    print(f"signal -> requeued and pending: {waited:.1f} s")
+
+
+@pytest.mark.slow
+def test_setr_job_requeued_by_the_scheduler_resumes(slurm_cluster, fundus_data, tmp_path):
+    """`scontrol requeue` (SLURM ends the job with SIGTERM and queues it again) of a 2-process mmseg job:
+    the processes checkpoint on SIGTERM; the restart resumes and finishes with the full iteration count."""
+    from test_setr import SMALL, cfg_options
+
+    work = tmp_path / "setr"
+    env = {**slurm_cluster, "RAT_DATASETS": str(fundus_data), "OMP_NUM_THREADS": "1"}
+    env["RAT_PLUGINS_SCAN_BACKEND"] = "torch"
+    options = cfg_options(train_cfg__max_iters=40, param_scheduler__0__end=40, train_cfg__val_interval=40)[1:]
+    job_id = submit_job(
+        [str(SMALL), "--scheduler", "slurm", "--procs-per-node", "2", "--work-dir", str(work), *options], env
+    )
+    log = tmp_path / "setr" / f"slurm-{job_id}.out"
+    _wait_for_text(log, r"Iter\(train\) \[\s*5/40\]")
+    assert _slurm(["scontrol", "requeue", job_id], env).returncode == 0
+    _release_when_requeued(job_id, env)
+    state, fields = wait_for_job(job_id, env)
+    text = log.read_text()
+    assert state == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
+    assert re.search(r"SIGTERM: stopping after iteration \d+; checkpoint \S+iter_\d+\.pth", text), text[-4000:]
+    assert "Iter(train) [40/40]" in text
+    final = json.loads((work / "final_metrics.json").read_text())
+    assert final["iter"] == 40 and "mDice" in final["val"] or "Dice" in json.dumps(final["val"])

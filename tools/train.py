@@ -16,10 +16,11 @@ import errno
 import sys
 
 import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
+from rat_plugins.cluster.requeue import requeue_command, requeue_current_job
 from rat_plugins.engine.distributed import closing_process_group
 from rat_plugins.engine.workdir_lock import WorkDirLock
 from rat_plugins.mm.datasets import validate_config_datasets
-from rat_plugins.mm.hooks import TrainingStopped
+from rat_plugins.mm.hooks import GracefulStopHook, TrainingStopped
 from rat_plugins.mm.runner import (
     ConfigError,
     build_runner,
@@ -30,6 +31,7 @@ from rat_plugins.mm.runner import (
     record_run_config,
     resolve_resume,
     train_parser,
+    write_final_metrics,
 )
 
 EXIT_CONFIG, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 130
@@ -37,7 +39,7 @@ EXIT_CONFIG, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 1, 130
 
 def main(argv=None):
     args = train_parser().parse_args(argv)
-    lock, work_dir = None, args.work_dir
+    lock, work_dir, requeue = None, args.work_dir, False
     try:
         try:
             cfg = prepare_training(load_config(args))
@@ -64,6 +66,10 @@ def main(argv=None):
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG
+        stopped = any(getattr(h, "stopped_by", None) for h in runner.hooks if isinstance(h, GracefulStopHook))
+        requeue = stopped and rank0 and requeue_command() is not None
+        if rank0 and not stopped:
+            write_final_metrics(runner)  # marks the run finished (sweeps skip it)
         return 0
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -78,6 +84,8 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.release()
+        if requeue:  # after the lock's release: the requeued job takes the work dir again
+            runner.logger.warning(requeue_current_job()[1])
 
 
 if __name__ == "__main__":

@@ -80,6 +80,19 @@ def node_command(tool: str, tool_args: Sequence[str], procs_per_node: int, env: 
     ]
 
 
+def _ignore_warning_signals_in_agent() -> None:
+    """A scheduler signals every process of the job step: torchrun's agent would die of a warning signal
+    (USR1 / USR2 terminate by default) and take the training processes with it. Ignored here, the
+    signals stay ignored in the agent after exec; the training processes install their own handlers
+    (``RAT_STOP_SIGNALS``) and checkpoint."""
+    import signal
+
+    for name in filter(None, (s.strip().upper() for s in os.environ.get("RAT_STOP_SIGNALS", "").split(","))):
+        number = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+        if number is not None and number not in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, signal.SIG_IGN)
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m rat_plugins.cluster.launch", description=__doc__.split("\n")[0])
     parser.add_argument("--procs-per-node", type=int, default=1, help="training processes per node (GPUs, or CPU)")
@@ -108,6 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # task variables (torchrun reads RANK itself; detectron2 takes --machine-rank)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)
+    if tool_family_of_tool(args.tool) == "openmmlab":
+        _ignore_warning_signals_in_agent()
     os.execv(command[0], command)
     return 0  # not reached
 

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
+from ..cluster.requeue import requeue_command, requeue_current_job
 from ..engine.distributed import closing_process_group
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
 from ..engine.signals import GracefulStop
@@ -499,3 +500,13 @@ def launch_from_cli(args) -> None:
         if stop is not None:
             stop.restore()
             _SESSION_STOP = None
+    if stop is not None and stop.requested and lock is not None:
+        _requeue_unfinished(cfg.train.output_dir)
+
+
+def _requeue_unfinished(output_dir) -> None:
+    """After a stop signal in a scheduler job: back into the queue (after the lock's release), so the
+    job resumes from the checkpoint just saved; a run that finished meanwhile is left alone."""
+    if requeue_command() is None or os.path.isfile(os.path.join(output_dir, "final_metrics.json")):
+        return
+    logging.getLogger(__name__).warning("%s", requeue_current_job()[1])

@@ -152,6 +152,7 @@ class GracefulStopHook(Hook):
     def __init__(self):
         self._signals: Optional[GracefulStop] = None
         self._stop_after_epoch: Optional[str] = None
+        self.stopped_by: Optional[str] = None  # the signal that ended training early (tools/train.py requeues)
 
     def before_train(self, runner) -> None:
         self._signals = GracefulStop().install()
@@ -176,6 +177,7 @@ class GracefulStopHook(Hook):
             return
         loop, hook = runner.train_loop, _checkpoint_hook(runner)
         done = dict(epoch=runner.epoch, iter=runner.iter + 1)  # in an epoch loop: epoch not yet complete
+        self.stopped_by = signal_name
         if isinstance(loop, IterBasedTrainLoop):
             path = self._save(runner, hook, runner.iter + 1, done)
             runner.logger.warning(f"{signal_name}: stopping after iteration {runner.iter + 1}; checkpoint {path}")

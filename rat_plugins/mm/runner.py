@@ -43,6 +43,7 @@ __all__ = [
     "launch_rank",
     "prepare_testing",
     "ConfigError",
+    "write_final_metrics",
 ]
 
 
@@ -308,3 +309,15 @@ def prepare_testing(cfg: Config, checkpoint: str, out=None) -> Config:
     else:
         raise ConfigError(f"--out: supported for mmseg and mmdet configs (default_scope), this one has {scope!r}")
     return cfg
+
+
+def write_final_metrics(runner) -> str:
+    """``<work_dir>/final_metrics.json``: where training ended and the last validation metrics, written
+    last (atomically), so its presence marks a finished run."""
+    from ..utils.atomic import atomic_write_json
+
+    scalars = runner.message_hub.log_scalars
+    val = {k[len("val/") :]: float(v.current()) for k, v in scalars.items() if k.startswith("val/")}
+    path = osp.join(runner.work_dir, "final_metrics.json")
+    atomic_write_json(path, dict(val=val, iter=runner.iter, epoch=runner.epoch), indent=1)
+    return path
