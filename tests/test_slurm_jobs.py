@@ -260,3 +260,34 @@ def test_setr_job_requeued_by_the_scheduler_resumes(slurm_cluster, fundus_data, 
     assert "Iter(train) [40/40]" in text
     final = json.loads((work / "final_metrics.json").read_text())
     assert final["iter"] == 40 and "mDice" in final["val"] or "Dice" in json.dumps(final["val"])
+
+
+@pytest.mark.slow
+def test_tools_run_as_srun_tasks_without_cluster_flags(slurm_cluster, heads_data, fundus_data, tmp_path):
+    """`srun -n 2 <tool>`: each task finds its rank, world and master from SLURM (no --launcher, no
+    --num-machines); every rank logs its coordinates once."""
+    import shlex
+
+    from test_setr import SMALL, cfg_options
+
+    from _helpers import TINY
+
+    ofat, setr = tmp_path / "ofat", tmp_path / "setr"
+    detectron2 = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file"]
+    detectron2 += ["projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py", *TINY, "train.epochs=1"]
+    detectron2 += ["dataloader.train.total_batch_size=4", "train.warmup_iters=1", f"train.output_dir={ofat}"]
+    mm = [sys.executable, "tools/train.py", str(SMALL), "--work-dir", str(setr), *cfg_options(train_cfg__max_iters=2)]
+    script = tmp_path / "job.sh"
+    script.write_text(
+        f"#!/bin/bash\n#SBATCH -n 2\n#SBATCH -o {tmp_path}/out.txt\nset -e\ncd {REPO}\n"
+        f"srun -n 2 {shlex.join(detectron2)}\nRAT_DATASETS={fundus_data} srun -n 2 {shlex.join(mm)}\n"
+    )
+    env = {**slurm_cluster, "RAT_DATASETS": str(heads_data), "OMP_NUM_THREADS": "1"}
+    env["RAT_PLUGINS_SCAN_BACKEND"] = "torch"
+    proc = _slurm(["sbatch", "--parsable", "--wait", str(script)], env, cwd=REPO)
+    out = (tmp_path / "out.txt").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    for rank in (0, 1):  # once per tool
+        assert len(re.findall(rf"rank {rank}/2, local rank \d, device cpu, launcher slurm, slurm job", out)) == 2, out
+    assert json.loads((ofat / "final_metrics.json").read_text())["max_iter"] == 2
+    assert json.loads((setr / "final_metrics.json").read_text())["iter"] == 2

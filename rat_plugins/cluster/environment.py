@@ -23,6 +23,8 @@ from typing import Dict, List, Mapping, Optional
 
 __all__ = [
     "ProcessEnvironment",
+    "adopt_environment",
+    "coordinates_line",
     "detect_environment",
     "expand_hostlist",
     "master_port_for_job",
@@ -30,6 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's default
+_ADOPTED = "RAT_ADOPTED_LAUNCHER"
 _PORT_BASE, _PORT_SPAN = 20000, 20000  # derived ports: 20000..39999, below Linux's ephemeral range
 
 
@@ -280,3 +283,27 @@ def detect_environment(environ: Optional[Mapping[str, str]] = None) -> ProcessEn
             )
         return ProcessEnvironment(launcher="lsf-batch", master_port=_port(env, job_id), **common)
     return ProcessEnvironment(launcher="local", master_port=_int(env, "MASTER_PORT", DEFAULT_MASTER_PORT), **common)
+
+
+def adopt_environment(environ=None) -> Optional[ProcessEnvironment]:
+    """When a scheduler started this process as one rank of a world (srun tasks, blaunch, jsrun, MPI),
+    export the variables torch.distributed's ``env://`` reads and return the environment; else None.
+
+    torchrun's own variables are already there; a batch shell or a laptop is one process.
+    """
+    env = detect_environment(environ)
+    if not env.distributed or env.launcher == "torchrun":
+        return None
+    os.environ.update(env.torch_env())
+    os.environ[_ADOPTED] = env.launcher  # the launcher that started us, for the logs (RANK now says torchrun)
+    return env
+
+
+def coordinates_line(rank: int, local_rank: int, world_size: int, device) -> str:
+    """One line per process at start, so a wrong rank mapping shows in the logs."""
+    env = detect_environment()
+    job = f", {env.scheduler} job {env.job_id}" if env.job_id else ""
+    return (
+        f"process on {socket.gethostname()}: rank {rank}/{world_size}, local rank {local_rank}, device {device}, "
+        f"launcher {os.environ.get(_ADOPTED) or env.launcher}{job}"
+    )

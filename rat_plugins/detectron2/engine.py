@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
+from ..cluster.environment import coordinates_line
 from ..cluster.requeue import requeue_command, requeue_current_job
 from ..engine.distributed import closing_process_group
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
@@ -402,6 +403,8 @@ def _run_process(args):
     with nullcontext() if args.eval_only else _stop_signals() as stop:
         default_setup(cfg, args)
         _log_project_messages(cfg.train.output_dir, comm.get_rank())
+        line = coordinates_line(comm.get_rank(), comm.get_local_rank(), comm.get_world_size(), cfg.train.device)
+        print(line, file=sys.stderr, flush=True)  # every process, once: a wrong rank mapping shows
         for note in notes:
             logger.info(note)
         if args.eval_only:
@@ -458,6 +461,22 @@ def _pass_stop_to_workers(signal_name: str) -> None:
     )
 
 
+def adopt_scheduler_ranks(args) -> None:
+    """One process per rank started by a scheduler (``srun -n N``, blaunch, jsrun, mpirun) and no
+    explicit ``--num-machines`` / ``--dist-url``: each process is a "machine" of one process, at the
+    rank and master address the scheduler gives (GPU binding: one GPU per task, e.g. ``--gpus-per-task``)."""
+    from detectron2.engine import default_argument_parser
+
+    from ..cluster.environment import detect_environment
+
+    env = detect_environment()
+    explicit = args.num_machines != 1 or args.dist_url != default_argument_parser().get_default("dist_url")
+    if not env.distributed or env.launcher == "torchrun" or explicit:
+        return
+    args.num_gpus, args.num_machines, args.machine_rank = 1, env.world_size, env.rank
+    args.dist_url = f"tcp://{env.master_addr}:{env.master_port}"
+
+
 def launch_from_cli(args) -> None:
     """The project's ``lazyconfig_train_net.py``: checks, lock, signals, then ``launch(main)``.
 
@@ -466,6 +485,7 @@ def launch_from_cli(args) -> None:
     first one's pid and host. A training run stops on SIGTERM / SIGINT with a checkpoint, exit 0.
     """
     global _SESSION_STOP
+    adopt_scheduler_ranks(args)
     cfg = run_guarded(load_config, args)  # config / override / data errors once, before launching
     run_guarded(precheck, cfg, args)
     spawns = args.num_gpus * args.num_machines > 1  # detectron2's launch starts a process per rank

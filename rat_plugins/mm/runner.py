@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import os.path as osp
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -95,11 +96,30 @@ def check_options(cfg, options) -> None:
             node = node[part]
 
 
+def resolve_launcher(launcher: str) -> str:
+    """The mmengine launcher for this process. A process started as one rank of a world — by torchrun,
+    or by a scheduler (``srun -n N``, blaunch, jsrun, mpirun) — trains as that rank with ``--launcher
+    none`` too (the scheduler's coordinates are exported for torch.distributed: ``pytorch``).
+    ``slurm`` and ``mpi`` take the same path: mmengine's own SLURM launcher sets a CUDA device
+    unconditionally (no CPU runs) and reads ``SLURM_NODELIST`` only."""
+    from ..cluster.environment import adopt_environment, detect_environment
+
+    if launcher not in ("none", "slurm", "mpi"):
+        return launcher
+    env = detect_environment()
+    if env.distributed:
+        adopt_environment()  # a no-op under torchrun, whose variables are there already
+        return "pytorch"
+    if launcher != "none":
+        raise ConfigError(f"--launcher {launcher}: this process is not one rank of a {launcher} job ({env.launcher})")
+    return launcher
+
+
 def load_config(args) -> Config:
     if not osp.isfile(args.config):
         raise ConfigError(f"config file not found: {args.config}")
     cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
+    cfg.launcher = resolve_launcher(args.launcher)
     check_options(cfg, args.cfg_options)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -107,7 +127,7 @@ def load_config(args) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
-    if args.launcher != "none" and not torch.cuda.is_available():
+    if cfg.launcher != "none" and not torch.cuda.is_available():
         # CPU processes cannot use NCCL; gloo is the CPU backend of torch.distributed. DDP takes
         # no device ids for CPU modules.
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
@@ -160,7 +180,16 @@ def build_runner(cfg: Config) -> Runner:
         # group first makes the Runner skip it (it only initialises when none exists).
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-    return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    from mmengine.dist import get_dist_info
+
+    from ..cluster.environment import coordinates_line
+
+    rank, world = get_dist_info()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    line = coordinates_line(rank, int(os.environ.get("LOCAL_RANK", 0)), world, device)
+    print(line, file=sys.stderr, flush=True)  # every rank, once (mmengine's logger writes rank 0 only)
+    return runner
 
 
 # ----------------------------------------------------------------------------- training that loses nothing
