@@ -1,4 +1,5 @@
-"""``python -m rat_plugins list``: what the plugin registers, per registry, and what is unavailable."""
+"""``python -m rat_plugins list``: what the plugin registers, per registry, and what is unavailable;
+``python -m rat_plugins env``: where this process runs (launcher, rank, world, master), as the tools see it."""
 
 import argparse
 import contextlib
@@ -123,11 +124,38 @@ def list_components(out=sys.stdout) -> int:
     return 0
 
 
+def show_environment(out=sys.stdout) -> int:
+    """``python -m rat_plugins env``: where this process runs, as the training tools will see it."""
+    import dataclasses
+
+    from rat_plugins.cluster.environment import detect_environment
+
+    try:
+        env = detect_environment()
+    except ValueError as e:  # a launcher variable that is not a number, a host not in the job's list
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for field in dataclasses.fields(env):
+        print(f"{field.name}: {getattr(env, field.name)}", file=out)
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        devices = torch.cuda.device_count() if cuda else 0
+    except Exception as e:  # a broken torch is worth reporting, not a traceback
+        print(f"torch: cannot be imported ({type(e).__name__}: {e})", file=out)
+        return 0
+    print(f"distributed: {env.distributed} (backend {'nccl' if cuda else 'gloo'}, {devices} CUDA devices)", file=out)
+    if env.launcher.endswith("-batch"):
+        print("note: this is the scheduler's batch shell (one process); start the ranks with srun / blaunch", file=out)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rat_plugins", description=__doc__)
-    parser.add_argument("command", choices=["list"])
-    parser.parse_args(argv)
-    return list_components()
+    parser.add_argument("command", choices=["list", "env"], help="list: registered components; env: the launcher")
+    args = parser.parse_args(argv)
+    return list_components() if args.command == "list" else show_environment()
 
 
 if __name__ == "__main__":

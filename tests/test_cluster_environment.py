@@ -141,3 +141,20 @@ def test_requeue_commands():
     assert requeue_command({"LSB_JOBID": "7", "LSB_JOBINDEX": "3"}) == ["brequeue", "7[3]"]
     assert requeue_command({"SLURM_JOB_ID": "41", "RAT_NO_REQUEUE": "1"}) is None
     assert requeue_current_job({}) == (False, "not in a scheduler job (or RAT_NO_REQUEUE=1): not requeued")
+
+
+def test_env_command_prints_what_the_tools_see():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LSB_", "OMPI_"))}
+    env.update(SLURM_JOB_ID="77", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_STEP_NODELIST="gpu[3-4]")
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "rat_plugins", "env"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("launcher: slurm", "rank: 1", "world_size: 2", "master_addr: gpu3", "job_id: 77"):
+        assert line in proc.stdout.splitlines(), proc.stdout
+    env["SLURM_PROCID"] = "x"
+    proc = subprocess.run([sys.executable, "-m", "rat_plugins", "env"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "$SLURM_PROCID='x' is not an integer" in proc.stderr
