@@ -3,13 +3,17 @@
 #
 #   ./run_all_ofat.sh [--quick] [run_single_ofat.sh options ...] [key=value ...]
 #   ./run_all_ofat.sh --clean [--yes]
+#   ./run_all_ofat.sh [--quick] [key=value ...] --submit [tools/submit.py options ...]
 #
 # Finished runs (final_metrics.json present) are skipped; a failed run does not stop the others;
 # the end prints which finished and which failed, with their logs. The options are checked once,
 # before the first run starts (a typo fails at once, not nine times). --clean stops the runs this
 # script started (by their PID files, nothing else) and removes work_dirs/ofat_* and the
 # filtered annotation files, after confirmation (--yes skips the question). RAT_WORK_DIRS moves
-# work_dirs/ elsewhere.
+# work_dirs/ elsewhere. --submit queues the nine as one SLURM / LSF job array instead (the options
+# after it are tools/submit.py's, e.g. --gpus-per-node 1 --time 12:00:00, plus --max-parallel N),
+# with the summary table as a job that runs when the array ends; status:
+# python -m rat_plugins.cluster.sweep status work_dirs/ofat_sweep.json
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PROG="./run_all_ofat.sh"
@@ -43,10 +47,11 @@ stop_started_runs() {
 }
 
 # -- the command line: --clean [--yes] alone, or options for run_single_ofat.sh ------------------
-CLEAN=0; YES=0; QUICK_SUFFIX=""; PASS=()
+CLEAN=0; YES=0; QUICK_SUFFIX=""; PASS=(); SUBMIT=0; SUBMIT_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
+    --submit) SUBMIT=1; shift; SUBMIT_ARGS=("$@"); break ;;
     --clean) CLEAN=1 ;;
     --yes) YES=1 ;;
     --quick) QUICK_SUFFIX="_quick"; PASS+=("$1") ;;
@@ -61,6 +66,23 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ "$SUBMIT" = 1 ]; then
+  # the sweep's manifest (runs, overrides, summary), then one array job through the scheduler
+  PY="${PYTHON:-$REPO/.venv/bin/python}"; [ -x "$PY" ] || PY=python
+  MANIFEST_ARGS=()
+  for a in ${PASS[@]+"${PASS[@]}"}; do
+    case "$a" in
+      --quick | *=*) MANIFEST_ARGS+=("$a") ;;
+      *) usage_error "$a does not go with --submit (the job's resources are tools/submit.py options after --submit)" ;;
+    esac
+  done
+  [ "$CLEAN" = 0 ] || usage_error "--clean does not go with --submit"
+  MANIFEST="$WORK/ofat_sweep${QUICK_SUFFIX}.json"
+  cd "$REPO" || exit 1
+  "$PY" -m rat_plugins.experiments.ofat sweep-manifest "$MANIFEST" --work-dirs "$WORK" \
+    ${MANIFEST_ARGS[@]+"${MANIFEST_ARGS[@]}"} >/dev/null || exit $?
+  exec "$PY" -m rat_plugins.cluster.sweep submit "$MANIFEST" ${SUBMIT_ARGS[@]+"${SUBMIT_ARGS[@]}"}
+fi
 if [ "$CLEAN" = 1 ] && [ ${#PASS[@]} -gt 0 ]; then
   usage_error "--clean takes no other option than --yes (got: ${PASS[*]})"
 fi

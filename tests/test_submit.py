@@ -278,3 +278,18 @@ def test_ofat_sweep_manifest_lists_the_nine_runs(tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "unknown OFAT configs ['x']" in proc.stderr
+
+
+def test_run_all_ofat_submit_writes_one_job_array(tmp_path):
+    proc = run_cmd(
+        ["bash", "run_all_ofat.sh", "--quick", "train.seed=1", "--submit", "--dry-run", "--max-parallel", "3"],
+        env={"RAT_WORK_DIRS": str(tmp_path)},
+    )
+    assert "#SBATCH --array=0-8%3" in proc.stdout
+    assert f"rat_plugins.cluster.sweep task {tmp_path}/ofat_sweep_quick.json" in proc.stdout
+    import json
+
+    runs = json.loads((tmp_path / "ofat_sweep_quick.json").read_text())["runs"]
+    assert len(runs) == 9 and all(r["overrides"][-1] == "train.seed=1" for r in runs)
+    bad = run_cmd(["bash", "run_all_ofat.sh", "--num-gpus", "2", "--submit"], check=False)
+    assert bad.returncode == 2 and "--num-gpus does not go with --submit" in bad.stderr
