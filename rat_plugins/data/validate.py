@@ -686,3 +686,29 @@ def check_coco_detection(
     total = result["boxes"] + sum(result["dropped_counts"].values())
     report_dropped_boxes(split, ann_file, result["dropped"], total, counts=result["dropped_counts"], log=log)
     return dict(result, cached=cached)
+
+
+def model_num_classes(node, prefix: str = "model") -> list:
+    """(dotted key, value) of every integer ``num_classes`` in a model config (dicts and lists,
+    detectron2's OmegaConf nodes included). RPNs are class-agnostic: skipped."""
+    found = []
+    if hasattr(node, "keys"):
+        keys = list(node.keys())
+    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+        keys = list(range(len(node)))
+    else:
+        return found
+    for key in keys:
+        path = f"{prefix}.{key}"
+        if "proposal_generator" in path or "rpn" in str(key):
+            continue
+        try:
+            value = node[key]
+        except Exception:  # noqa: BLE001  (an interpolation that only resolves elsewhere)
+            continue
+        if key == "num_classes":
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.append((path, value))
+        else:
+            found += model_num_classes(value, path)
+    return found

@@ -26,6 +26,7 @@ from ..data.validate import (
     check_image_files,
     ensure_readable,
     image_problem,
+    model_num_classes,
 )
 from ..utils.config_keys import did_you_mean
 
@@ -309,31 +310,6 @@ def _target(node):
     return locate(target) if isinstance(target, str) else target
 
 
-def _num_classes(node, prefix: str) -> list:
-    """(dotted key, value) of every integer ``num_classes`` under ``node`` (RPNs are class-agnostic: skipped)."""
-    found = []
-    if hasattr(node, "keys"):
-        keys = list(node.keys())
-    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
-        keys = list(range(len(node)))
-    else:
-        return found
-    for key in keys:
-        path = f"{prefix}.{key}"
-        if "proposal_generator" in path or "rpn" in str(key):
-            continue
-        try:
-            value = node[key]
-        except Exception:  # noqa: BLE001  (an interpolation that only resolves elsewhere)
-            continue
-        if key == "num_classes":
-            if isinstance(value, int) and not isinstance(value, bool):
-                found.append((path, value))
-        else:
-            found += _num_classes(value, path)
-    return found
-
-
 def _names(names) -> List[str]:
     return [names] if isinstance(names, str) else [str(n) for n in names]
 
@@ -413,7 +389,7 @@ def validate_lazy_config_data(cfg, mode: Optional[str] = None) -> None:
             f"the head-detection loaders name different classes {head_filters}: the splits are registered together, "
             "so give every loader the same classes (dataloader.classes=[...])"
         )
-    counts = _num_classes(cfg.model, "model") if "model" in cfg else []
+    counts = model_num_classes(cfg.model, "model") if "model" in cfg else []
     first = None  # (loader key, classes) of the first loader
     for key, loader in loaders:
         dataset = loader.dataset

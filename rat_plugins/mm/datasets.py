@@ -42,6 +42,7 @@ from ..data.validate import (
     check_image_files,
     ensure_readable,
     image_problem,
+    model_num_classes,
 )
 
 __all__ = [
@@ -454,27 +455,6 @@ def _leaves(dataset) -> list:
     return [dataset]
 
 
-def _num_classes(node, prefix: str) -> list:
-    """(dotted key, value) of every integer ``num_classes`` under ``node`` (RPN heads are class-agnostic)."""
-    found = []
-    if isinstance(node, dict):
-        items = list(node.items())
-    elif isinstance(node, (list, tuple)):
-        items = list(enumerate(node))
-    else:
-        return found
-    for key, value in items:
-        path = f"{prefix}.{key}"
-        if "rpn" in str(key):
-            continue
-        if key == "num_classes":
-            if isinstance(value, int) and not isinstance(value, bool):
-                found.append((path, value))
-        else:
-            found += _num_classes(value, path)
-    return found
-
-
 def _classes_fix(loader_key: str, dataset, path: str, k: int) -> str:
     if isinstance(dataset, (RoboflowCocoDataset, RVTEventDataset)) or type(dataset).__name__ == "CocoDataset":
         return (
@@ -550,7 +530,7 @@ def check_config_dataset(cfg, loader_key: str, mode: Optional[str] = None) -> di
                 mask_values=_mask_values(leaf) if seg else None,
             )
     classes = tuple(dataset.metainfo.get("classes") or ())
-    for path, n in _num_classes(cfg.get("model", {}), "model") if classes else []:
+    for path, n in model_num_classes(cfg.get("model", {}), "model") if classes else []:
         if n != len(classes):
             effect = "some would train as background" if n < len(classes) else "some would have no data"
             raise DataError(
