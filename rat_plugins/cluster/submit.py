@@ -167,16 +167,28 @@ def render_sbatch(spec: JobSpec, command: Optional[str] = None, array: Optional[
     ):
         if value:
             directives.append(f"--{flag}={value}")
+    return _script(
+        spec,
+        array,
+        "#SBATCH",
+        directives,
+        [
+            'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)"',
+            f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {command or _launch_line(spec)}",
+        ],
+    )
+
+
+def _script(spec: JobSpec, array: Optional[str], prefix: str, directives: List[str], run: List[str]) -> str:
+    """A job script: the scheduler's directives, the site's extra lines and setup, then ``run``."""
     lines = ["#!/bin/bash", f"# {_what(spec, array)}, written by tools/submit.py"]
-    lines += [f"#SBATCH {d}" for d in directives]
-    lines += [line if line.startswith("#SBATCH") else f"#SBATCH {line}" for line in spec.extra]
+    lines += [f"{prefix} {d}" for d in directives]
+    lines += [line if line.startswith(prefix) else f"{prefix} {line}" for line in spec.extra]
     lines += ["set -euo pipefail", *spec.setup, f"cd {shlex.quote(spec.repo)}"]
-    lines += [
-        f"export RAT_STOP_SIGNALS={spec.warning_signal}  # the warning signal stops like SIGTERM: checkpoint, requeue",
-        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)"',
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {command or _launch_line(spec)}",
-    ]
-    return "\n".join(lines) + "\n"
+    lines.append(
+        f"export RAT_STOP_SIGNALS={spec.warning_signal}  # the warning signal stops like SIGTERM: checkpoint, requeue"
+    )
+    return "\n".join(lines + run) + "\n"
 
 
 def _what(spec: JobSpec, array: Optional[str]) -> str:
@@ -224,17 +236,17 @@ def render_bsub(spec: JobSpec, command: Optional[str] = None, array: Optional[st
         directives.append(f"-P {spec.account}")
     if spec.constraint:
         directives.append(f'-R "select[{spec.constraint}]"')
-    lines = ["#!/bin/bash", f"# {_what(spec, array)}, written by tools/submit.py"]
-    lines += [f"#BSUB {d}" for d in directives]
-    lines += [line if line.startswith("#BSUB") else f"#BSUB {line}" for line in spec.extra]
-    lines += ["set -euo pipefail", *spec.setup, f"cd {shlex.quote(spec.repo)}"]
-    lines += [
-        f"export RAT_STOP_SIGNALS={spec.warning_signal}  # the warning signal stops like SIGTERM: checkpoint, requeue",
-        'echo "job $LSB_JOBID on $(sort -u "$LSB_DJOB_HOSTFILE" | tr "\\n" " ") at $(date)"',
-        'HOSTS="$(sort -u "$LSB_DJOB_HOSTFILE" | tr "\\n" " ")"',
-        f'blaunch -z "$HOSTS" env RAT_LAUNCHER=blaunch {command or _launch_line(spec)}',
-    ]
-    return "\n".join(lines) + "\n"
+    return _script(
+        spec,
+        array,
+        "#BSUB",
+        directives,
+        [
+            'HOSTS="$(sort -u "$LSB_DJOB_HOSTFILE" | tr "\\n" " ")"',
+            'echo "job $LSB_JOBID on $HOSTS at $(date)"',
+            f'blaunch -z "$HOSTS" env RAT_LAUNCHER=blaunch {command or _launch_line(spec)}',
+        ],
+    )
 
 
 def load_site_settings(path: Optional[os.PathLike], scheduler: str) -> Dict:
