@@ -199,7 +199,7 @@ def small_tmpfs(tmp_path):
     mount_point.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+        pytest.fail(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
     try:
         yield mount_point
     finally:

@@ -343,7 +343,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(heads_data, tmp_path):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "3m"):  # room for one 1.6 MB checkpoint and the logs, not two
-        pytest.skip("needs root to mount a small tmpfs (the injected ENOSPC case runs everywhere)")
+        pytest.fail("cannot mount a small tmpfs: needs root (run the suite as root, as CI does)")
     try:
         out = disk / "run"
         # 12 iterations: the second checkpoint (iteration 7) is the one that does not fit
@@ -423,7 +423,7 @@ def test_disk_full_while_writing_the_final_metrics_keeps_the_old_file_and_names_
     from rat_plugins.utils.atomic import atomic_write_json
 
     if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full (Linux) to fail writes with ENOSPC")
+        pytest.fail("no /dev/full: this test needs Linux to fail writes with ENOSPC")
     metrics = tmp_path / "final_metrics.json"
     metrics.write_text('{"test": {"bbox": {"AP50": 12.5}}}\n')
     monkeypatch.setattr(atomic, "open", lambda path, mode="r", **kwargs: open("/dev/full", mode), raising=False)
