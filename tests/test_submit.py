@@ -147,6 +147,14 @@ def test_site_file_settings_and_flags_win(capsys, tmp_path):
     assert "#BSUB -q lsfq" in out and "site-acct" not in out
 
 
+def _refused_dry_run(*argv):
+    """tools/submit.py --dry-run in a fresh process; its stderr, after checking exit 2 and no traceback."""
+    cmd = [str(REPO / ".venv/bin/python"), "tools/submit.py", *argv, "--dry-run", "--scheduler", "slurm"]
+    proc = run_cmd(cmd, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -157,44 +165,15 @@ def test_site_file_settings_and_flags_win(capsys, tmp_path):
     ],
 )
 def test_bad_submit_options_are_one_clear_error(argv, message, tmp_path):
-    proc = run_cmd(
-        [str(REPO / ".venv/bin/python"), "tools/submit.py", *argv, "--dry-run", "--scheduler", "slurm"], check=False
-    )
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert message in _refused_dry_run(*argv)
 
 
 def test_bad_site_file_names_the_setting(tmp_path):
     site = tmp_path / "cluster.toml"
     site.write_text('partiton = "gpu"\n')
-    proc = run_cmd(
-        [
-            str(REPO / ".venv/bin/python"),
-            "tools/submit.py",
-            OFAT,
-            "--site",
-            str(site),
-            "--dry-run",
-            "--scheduler",
-            "slurm",
-        ],
-        check=False,
-    )
-    assert proc.returncode == 2 and "unknown settings ['partiton']" in proc.stderr
+    assert "unknown settings ['partiton']" in _refused_dry_run(OFAT, "--site", str(site))
     site.write_text("partition = \n")
-    proc = run_cmd(
-        [
-            str(REPO / ".venv/bin/python"),
-            "tools/submit.py",
-            OFAT,
-            "--site",
-            str(site),
-            "--dry-run",
-            "--scheduler",
-            "slurm",
-        ],
-        check=False,
-    )
-    assert proc.returncode == 2 and "is not valid TOML" in proc.stderr
+    assert "is not valid TOML" in _refused_dry_run(OFAT, "--site", str(site))
 
 
 def test_launcher_commands_per_family():
