@@ -3,11 +3,13 @@
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +221,40 @@ def test_workdir_lock_of_the_same_scheduler_job_is_taken_over(tmp_path, monkeypa
     (tmp_path / LOCK_NAME).write_text(json.dumps(dict(pid=12345, host="node-a", job="slurm:9")))
     with pytest.raises(WorkDirBusyError, match="host node-a"):
         WorkDirLock(tmp_path, heartbeat_s=0).acquire()
+
+
+class _RandomLoader:
+    """An endless loader whose order (torch, at iterator start) and augmentation (numpy) are random."""
+
+    def __iter__(self):
+        while True:
+            for index in torch.randperm(6).tolist():
+                yield index + float(np.random.rand())
+
+
+def _consume(batches, n):
+    """What a training loop sees: each batch, then the model's own random draw (dropout, box sampling)."""
+    out = []
+    for batch in batches:
+        out.append((batch, torch.rand(1).item(), random.random()))
+        if len(out) == n:
+            return out
+
+
+def test_replayed_batches_continue_the_uninterrupted_stream():
+    from rat_plugins.engine.reproducible import ReplayableBatches
+
+    whole = _consume(ReplayableBatches(_RandomLoader(), seed=3, rank=1), 20)
+    torch.manual_seed(12345)  # a restarted process: its generators anywhere
+    resumed = ReplayableBatches(_RandomLoader(), seed=3, rank=1)
+    resumed.skip = 7
+    assert _consume(resumed, 13) == whole[7:]
+    other_rank = _consume(ReplayableBatches(_RandomLoader(), seed=3, rank=0), 20)
+    assert [b for b, _, _ in other_rank] != [b for b, _, _ in whole]
+    # seed -1 (a new seed per run): the loader as it is, no reseeding
+    torch.manual_seed(0)
+    np.random.seed(0)
+    plain = [next(iter(_RandomLoader())) for _ in range(1)]
+    torch.manual_seed(0)
+    np.random.seed(0)
+    assert [next(iter(ReplayableBatches(_RandomLoader(), seed=-1, rank=0)))] == plain

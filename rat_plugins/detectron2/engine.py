@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..cluster.environment import coordinates_line
 from ..cluster.requeue import requeue_command, requeue_current_job
 from ..engine.distributed import closing_process_group
+from ..engine.reproducible import ReplayableBatches
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
 from ..engine.signals import GracefulStop
 from ..engine.workdir_lock import WorkDirLock
@@ -253,7 +254,8 @@ def do_train(args, cfg, stop: Optional[GracefulStop] = None):
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = _build_loader(cfg.dataloader.train)
+    # each batch reseeded by its number, and replayed on resume: a resumed run continues exactly
+    train_loader = ReplayableBatches(_build_loader(cfg.dataloader.train), cfg.train.seed, comm.get_rank())
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
     if cfg.train.amp.enabled:
         if accumulation > 1:
@@ -291,6 +293,7 @@ def do_train(args, cfg, stop: Optional[GracefulStop] = None):
         )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if checkpointer.resumed_from else 0
+    train_loader.skip = start_iter * accumulation
     started = time.time()
     try:
         trainer.train(start_iter, cfg.train.max_iter)

@@ -191,8 +191,23 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resume_continues(heads_data, tm
     assert not (out / "final_metrics.json").exists() and not (out / ".run.lock").exists()
     # the same command with --resume continues after that iteration and finishes
     run_cmd(tool(out, *LONG_EPOCHS, flags=["--resume"]), env=_env(heads_data))
-    assert f"Starting training from iteration {iteration + 1}" in (out / "log.txt").read_text()
-    assert json.loads((out / "final_metrics.json").read_text())["max_iter"] == 48
+    resumed_log = (out / "log.txt").read_text()
+    assert f"Starting training from iteration {iteration + 1}" in resumed_log
+    assert f"replaying the data of the {iteration + 1} batches already trained" in resumed_log
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["max_iter"] == 48
+    # ... and ends where an uninterrupted run ends: the same weights, the same test metrics
+    whole = tmp_path / "uninterrupted"
+    run_cmd(tool(whole, *LONG_EPOCHS), env=_env(heads_data))
+    assert json.loads((whole / "final_metrics.json").read_text())["test"] == final["test"]
+    _assert_same_weights(out / "model_final.pth", whole / "model_final.pth")
+
+
+def _assert_same_weights(path: Path, reference: Path) -> None:
+    weights, expected = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (path, reference))
+    assert weights.keys() == expected.keys()
+    differing = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not differing, f"{len(differing)} of {len(expected)} tensors differ, e.g. {differing[:3]}"
 
 
 @pytest.mark.slow
