@@ -49,3 +49,13 @@ TINY = [
     "train.device=cpu",
     "train.log_period=1",
 ]
+
+
+def assert_same_weights(path, reference, key: str) -> None:
+    """The checkpoints' weights (``checkpoint[key]``) are equal tensor for tensor."""
+    import torch
+
+    weights, expected = (torch.load(p, map_location="cpu", weights_only=False)[key] for p in (path, reference))
+    assert weights.keys() == expected.keys()
+    differing = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not differing, f"{len(differing)} of {len(expected)} tensors differ, e.g. {differing[:3]}"

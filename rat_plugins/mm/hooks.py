@@ -23,6 +23,7 @@ from ..engine.signals import GracefulStop
 from ..utils.atomic import DiskFullError, atomic_write_text
 from ..utils.config_keys import ConfigError
 from .checkpoint import describe_mismatches, state_dict_mismatches
+from .loops import ReproducibleEpochBasedTrainLoop
 
 __all__ = ["SafeCheckpointHook", "GracefulStopHook", "CheckpointFitHook", "TrainingStopped"]
 
@@ -140,9 +141,11 @@ class GracefulStopHook(Hook):
     - an ``IterBasedTrainLoop`` stops through its ``stop_training`` flag and ends as a finished run;
     - an epoch-based loop checks that flag only between epochs: after the last batch of an epoch the
       run stops at the epoch's end (a complete ``epoch_N.pth``); mid-epoch the checkpoint records the
-      epoch as not done (``meta.epoch`` = epochs completed, ``meta.iter`` = iterations done), so
-      ``--resume`` repeats that epoch from its start, and :class:`TrainingStopped` (exit status 0)
-      ends the run.
+      epoch as not done (``meta.epoch`` = epochs completed, ``meta.iter`` = iterations done) and
+      :class:`TrainingStopped` (exit status 0) ends the run. ``--resume`` continues that epoch after
+      its last trained batch under ``tools/train.py``
+      (:class:`~rat_plugins.mm.loops.ReproducibleEpochBasedTrainLoop`); mmengine's own loop repeats the
+      epoch from its start.
 
     A second SIGINT stops at once, without a checkpoint.
     """
@@ -188,9 +191,14 @@ class GracefulStopHook(Hook):
             self._stop_after_epoch = signal_name  # the epoch is complete: saved as such in after_train_epoch
             return
         path = self._save(runner, hook, runner.epoch + 1 if by_epoch else runner.iter + 1, done)
+        epoch = runner.epoch + 1
+        if isinstance(loop, ReproducibleEpochBasedTrainLoop):
+            resume = f"continues epoch {epoch} after that iteration"
+        else:  # mmengine's own loop
+            resume = f"repeats epoch {epoch} from its start"
         runner.logger.warning(
-            f"{signal_name}: stopping in epoch {runner.epoch + 1} after iteration {runner.iter + 1}; checkpoint "
-            f"{path} (--resume repeats epoch {runner.epoch + 1} from its start)"
+            f"{signal_name}: stopping in epoch {epoch} after iteration {runner.iter + 1}; checkpoint {path} "
+            f"(--resume {resume})"
         )
         if get_world_size() > 1:
             barrier()  # nobody leaves before rank 0 has written the checkpoint

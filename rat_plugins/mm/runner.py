@@ -28,6 +28,7 @@ from ..engine.checkpoints import checkpoint_problem
 from ..utils.config_keys import ConfigError, did_you_mean
 from . import hooks  # noqa: F401  (registers SafeCheckpointHook, GracefulStopHook, CheckpointFitHook)
 from .checkpoint import RESUME_PATTERNS, choose_mm_resume_checkpoint
+from .loops import reproducible_loop_type
 
 __all__ = [
     "train_parser",
@@ -197,7 +198,11 @@ def build_runner(cfg: Config) -> Runner:
 
 def prepare_training(cfg: Config) -> Config:
     """Swap mmengine's ``CheckpointHook`` for :class:`~rat_plugins.mm.hooks.SafeCheckpointHook` (same
-    arguments) and add :class:`~rat_plugins.mm.hooks.GracefulStopHook`, so every config gets both."""
+    arguments) and add :class:`~rat_plugins.mm.hooks.GracefulStopHook`, so every config gets both; run
+    mmengine's training loops as their reproducible subclasses (:mod:`rat_plugins.mm.loops`: a resumed run
+    continues as the uninterrupted one would)."""
+    if isinstance(cfg.get("train_cfg"), dict):
+        cfg.train_cfg = reproducible_loop_type(cfg.train_cfg)
     checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
         checkpoint["type"] = "SafeCheckpointHook"
@@ -269,6 +274,10 @@ RUN_INDEPENDENT_LEAVES = ("data_root", "ann_file", "num_workers", "persistent_wo
 def comparable_config(cfg: Config) -> Tuple[Dict[str, object], List[str]]:
     """(the flattened config, the keys of it that may differ between starts of the same run)."""
     flat = run_record.flatten_config(cfg)
+    # the loop as the config names it: prepare_training's reproducible subclass trains the same thing
+    loop = flat.get("train_cfg.type")
+    if isinstance(loop, str) and loop.startswith("Reproducible"):
+        flat["train_cfg.type"] = loop[len("Reproducible") :]
     ignore = [k for k in flat if k.rsplit(".", 1)[-1] in RUN_INDEPENDENT_LEAVES]
     return flat, [*RUN_INDEPENDENT_PREFIXES, *ignore]
 

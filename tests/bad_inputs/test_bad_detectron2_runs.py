@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import REPO, TINY, run_cmd
+from _helpers import REPO, TINY, assert_same_weights, run_cmd
 
 BASELINE = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
 # TINY with 16-channel pyramid and box heads: checkpoints of 1.6 MB instead of 590 MB
@@ -200,14 +200,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resume_continues(heads_data, tm
     whole = tmp_path / "uninterrupted"
     run_cmd(tool(whole, *LONG_EPOCHS), env=_env(heads_data))
     assert json.loads((whole / "final_metrics.json").read_text())["test"] == final["test"]
-    _assert_same_weights(out / "model_final.pth", whole / "model_final.pth")
-
-
-def _assert_same_weights(path: Path, reference: Path) -> None:
-    weights, expected = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (path, reference))
-    assert weights.keys() == expected.keys()
-    differing = [k for k in expected if not torch.equal(weights[k], expected[k])]
-    assert not differing, f"{len(differing)} of {len(expected)} tensors differ, e.g. {differing[:3]}"
+    assert_same_weights(out / "model_final.pth", whole / "model_final.pth", key="model")
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from test_setr import SMALL as SETR, cfg_options
 from rat_plugins.engine.checkpoints import checkpoint_problem
 from rat_plugins.engine.workdir_lock import LOCK_NAME, WorkDirLock
 
-from _helpers import REPO, run_cmd
+from _helpers import REPO, assert_same_weights, run_cmd
 
 TRAIN, TEST = str(REPO / "tools/train.py"), str(REPO / "tools/test.py")
 # no periodic checkpoint or validation in the way: a signal's checkpoint is the only one
@@ -201,6 +201,36 @@ def test_sigterm_saves_and_exits_0_a_second_run_is_refused_and_sigint_after_resu
 
 
 @pytest.mark.slow
+def test_sigterm_then_resume_ends_with_the_uninterrupted_runs_weights_and_metrics(fundus_data, tmp_path):
+    """Stopped by SIGTERM and resumed, an iteration-based run ends where an uninterrupted one does: the same
+    weights and the same validation metrics (same seed; the data replayed, each batch reseeded)."""
+    env = _env(fundus_data)
+    short = dict(LONG, train_cfg__max_iters=30, param_scheduler__0__end=30, train_cfg__val_interval=30)
+    # randomness in the model too (dropout, drop path), beside the transforms' (this process: num_workers=0)
+    short.update(model__decode_head__dropout_ratio=0.1, model__backbone__drop_path_rate=0.1)
+
+    def args(work):
+        return [sys.executable, TRAIN, str(SETR), "--work-dir", str(work), *cfg_options(**short)]
+
+    work = tmp_path / "stopped"
+    first = Background(args(work), env, tmp_path / "first.log")
+    first.wait_for(r"Iter\(train\) \[\s*4/")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish() == 0, first.text()[-3000:]
+    stopped = int(re.search(r"SIGTERM: stopping after iteration (\d+)", first.text()).group(1))
+    assert stopped < 29, "the run ended before the signal: nothing to compare"
+    resumed = run_cmd(args(work) + ["--resume"], env=env)
+    assert f"resumed epoch: 0, iter: {stopped}" in resumed.stdout + resumed.stderr
+    whole = tmp_path / "uninterrupted"
+    run_cmd(args(whole), env=env)
+    assert_same_weights(work / "iter_30.pth", whole / "iter_30.pth", key="state_dict")
+    final, expected = (json.loads((w / "final_metrics.json").read_text()) for w in (work, whole))
+    for metrics in (final, expected):
+        del metrics["val"]["time"], metrics["val"]["data_time"]  # how fast, not what was learnt
+    assert final == expected and final["iter"] == 30 and final["val"]["mIoU"] > 0
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_loses_only_the_iterations_since_the_checkpoint(fundus_data, tmp_path):
     work, env = tmp_path / "work", _env(fundus_data)
     args = [sys.executable, TRAIN, str(SETR), "--work-dir", str(work)]
@@ -281,13 +311,18 @@ def test_sigterm_to_dist_train_sh_reaches_the_workers_and_it_exits_0(fundus_data
 
 
 @pytest.mark.slow
-def test_sigint_in_an_epoch_based_run_saves_and_resume_repeats_that_epoch(heads_data, tmp_path):
+def test_sigint_in_an_epoch_based_run_saves_and_resume_continues_to_the_uninterrupted_result(heads_data, tmp_path):
     """YOLOX (EpochBasedTrainLoop, 4 iterations an epoch): SIGINT ends the run with a checkpoint and exit 0,
-    mid-epoch or at the epoch's end; --resume continues from what that checkpoint records."""
-    work, env = tmp_path / "work", _env(heads_data)
-    options = ["--cfg-options", *YOLOX_TINY, "train_cfg.max_epochs=100", "train_dataloader.batch_size=2"]
-    args = [sys.executable, TRAIN, str(YOLOX), "--work-dir", str(work), *options]
-    run = Background(args, env, tmp_path / "first.log")
+    mid-epoch or at the epoch's end; --resume continues after the last trained iteration (mid-epoch: in
+    that epoch) and ends with the uninterrupted run's weights."""
+    env = _env(heads_data)
+    options = ["--cfg-options", *YOLOX_TINY, "train_cfg.max_epochs=5", "train_dataloader.batch_size=2"]
+
+    def args(work):
+        return [sys.executable, TRAIN, str(YOLOX), "--work-dir", str(work), *options]
+
+    work = tmp_path / "work"
+    run = Background(args(work), env, tmp_path / "first.log")
     run.wait_for(r"Epoch\(train\)\s+\[2\]\[2/4\]")
     run.proc.send_signal(signal.SIGINT)
     assert run.finish() == 0, run.text()[-3000:]
@@ -298,17 +333,21 @@ def test_sigint_in_an_epoch_based_run_saves_and_resume_repeats_that_epoch(heads_
     saved = Path(found.group(1))
     meta = torch.load(saved, map_location="cpu", weights_only=False)["meta"]
     assert checkpoint_problem(saved) is None and (work / "last_checkpoint").read_text() == str(saved)
-    assert meta["iter"] == len(re.findall(r"Epoch\(train\)\s+\[\d+\]\[\s*\d+/4\]", run.text()))
+    trained = len(re.findall(r"Epoch\(train\)\s+\[\d+\]\[\s*\d+/4\]", run.text()))
+    assert meta["iter"] == trained < 20, "the run ended before the signal: nothing to compare"
     assert "Traceback" not in run.text()
     record = json.loads((work / "run_config.json").read_text())  # the runtime base's default seed, recorded
     assert record["reproducibility"]["seed"] == 0 and record["config"]["randomness.seed"] == 0
 
-    resumed = Background(args + ["--resume"], env, tmp_path / "resumed.log")
-    resumed.wait_for(rf"Epoch\(train\)\s+\[{meta['epoch'] + 1}\]\[1/4\]")
-    resumed.proc.send_signal(signal.SIGTERM)
-    assert resumed.finish() == 0, resumed.text()[-3000:]
-    assert f"resumed epoch: {meta['epoch']}, iter: {meta['iter']}" in resumed.text()
-    assert not re.search(r"Epoch\(train\)\s+\[1\]\[", resumed.text())
+    resumed = run_cmd(args(work) + ["--resume"], env=env)
+    text = resumed.stdout + resumed.stderr
+    assert f"resumed epoch: {meta['epoch']}, iter: {meta['iter']}" in text
+    next_epoch, next_batch = meta["iter"] // 4 + 1, meta["iter"] % 4 + 1  # the first iteration not trained
+    logged = re.findall(r"Epoch\(train\)\s+\[(\d+)\]\[\s*(\d+)/4\]", text)
+    assert logged[0] == (str(next_epoch), str(next_batch)) and len(logged) == 20 - meta["iter"], logged
+    whole = tmp_path / "uninterrupted"
+    run_cmd(args(whole), env=env)
+    assert_same_weights(work / "epoch_5.pth", whole / "epoch_5.pth", key="state_dict")
 
 
 # ----------------------------------------------------------------------------- the work dir
