@@ -27,6 +27,15 @@ def feature_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def tracking_off_unless_asked():
+    """Runs under test do not track (tests/test_tracking.py turns it on for its own), and MLflow's telemetry
+    stays off."""
+    os.environ["RAT_TRACKING"] = "0"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["DO_NOT_TRACK"] = "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
 def data_check_cache_dir(tmp_path_factory):
     """The data checks' cache of passed checks goes to a temporary folder, not ~/.cache."""
     path = tmp_path_factory.mktemp("data_checks")
@@ -108,3 +117,87 @@ def slurm_cluster(tmp_path_factory):
         yield env
     finally:
         subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, text=True, timeout=120)
+
+
+# -- a real MLflow tracking server on 127.0.0.1, from the full mlflow package in a venv of its own --
+def _mlflow_server_python():
+    """The server venv's python (created once per version in ~/.cache/rat-plugins; the training venv has
+    only the client, mlflow-skinny, at the same version)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    constraints = (Path(__file__).resolve().parents[1] / "requirements" / "constraints.txt").read_text()
+    version = re.search(r"^mlflow-skinny==(\S+)", constraints, re.M).group(1)
+    venv = Path(
+        os.environ.get("RAT_MLFLOW_SERVER_VENV", Path.home() / ".cache" / "rat-plugins" / f"mlflow-server-{version}")
+    )
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").is_file():
+        print(f"installing mlflow {version} for the test tracking server into {venv}", file=sys.stderr)
+        steps = [
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"mlflow=={version}"],
+        ]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                pytest.fail(f"cannot install the MLflow server ({' '.join(step[:4])}...): {proc.stderr[-2000:]}")
+        (venv / ".complete").write_text(version)
+    return python
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The URI of a running ``mlflow server`` (sqlite store, artifacts proxied) on 127.0.0.1; stopped at the end."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    python = _mlflow_server_python()
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        str(python),
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder}/server.db",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
+    log = open(folder / "server.log", "w")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK":
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

@@ -25,6 +25,7 @@ from rat_plugins.mm.runner import (
     ConfigError,
     build_runner,
     check_run_config,
+    end_tracking,
     launch_rank,
     load_config,
     prepare_training,
@@ -70,6 +71,8 @@ def main(argv=None):
         requeue = stopped and rank0 and requeue_command() is not None
         if rank0 and not stopped:
             write_final_metrics(runner)  # marks the run finished (sweeps skip it)
+        if rank0:
+            end_tracking(cfg, stopped)
         return 0
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -10,6 +10,7 @@ under detectron2's stock ``tools/lazyconfig_train_net.py`` (without these extras
 
 import copy
 import errno
+import json
 import logging
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ from .checkpoint import RunCheckpointer, require_checkpoint_file
 from .data import validate_lazy_config_data
 from .hooks import SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
 from .schedule import set_epoch_schedule
+from .tracking import MLflowWriter, end_tracking, start_tracking
 
 __all__ = [
     "AccumulatingTrainer",
@@ -190,7 +192,13 @@ def _ddp_kwargs(cfg):
 
 # -- the run record: what a restart is compared with ---------------------------------------------
 # keys that may differ between a run and its resume: where it runs and how fast, not what it computes
-RESUME_MAY_CHANGE = ("train.output_dir", "train.device", "train.micro_batch_size", "train.log_period")
+RESUME_MAY_CHANGE = (
+    "train.output_dir",
+    "train.device",
+    "train.micro_batch_size",
+    "train.log_period",
+    "train.tracking",
+)
 RESUME_MAY_CHANGE_SUFFIXES = (".num_workers", ".feature_cache_dir")
 
 
@@ -249,6 +257,24 @@ def _stop_signals():
 def do_train(args, cfg, stop: Optional[GracefulStop] = None):
     """Train; returns the final test's results, or None when a stop signal ended training early."""
     accumulation = _micro_batching(cfg, cfg.train.get("micro_batch_size") or None)
+    tracked = start_tracking(cfg, args.config_file, run_config_flat(cfg))
+    status = "FAILED"
+    try:
+        result = _train(args, cfg, stop, accumulation, tracked)
+        status = "FINISHED" if result is not _STOPPED else "KILLED"
+        return None if result is _STOPPED else result
+    finally:
+        final_file, final = os.path.join(cfg.train.output_dir, "final_metrics.json"), None
+        if status == "FINISHED" and tracked is not None and os.path.isfile(final_file):
+            with open(final_file) as f:
+                final = json.load(f)
+        end_tracking(tracked, cfg, status, final)
+
+
+_STOPPED = object()  # _train's result when a stop signal ended training early
+
+
+def _train(args, cfg, stop, accumulation, tracked):
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -273,7 +299,11 @@ def do_train(args, cfg, stop: Optional[GracefulStop] = None):
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             # after the checkpointer and the evaluation: see StopOnSignal
             StopOnSignal(stop or GracefulStop(), checkpointer),
-            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter)
+                + ([MLflowWriter(tracked)] if tracked else []),
+                period=cfg.train.log_period,
+            )
             if comm.is_main_process()
             else None,
         ]
@@ -299,7 +329,7 @@ def do_train(args, cfg, stop: Optional[GracefulStop] = None):
         trainer.train(start_iter, cfg.train.max_iter)
     except TrainingStopped as stopped:
         _report_stop(stopped, cfg)
-        return None
+        return _STOPPED
     except TrainingAborted as aborted:
         logger.error("%s", aborted.error)
         raise aborted.error from None

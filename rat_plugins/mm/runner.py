@@ -46,6 +46,8 @@ __all__ = [
     "prepare_testing",
     "ConfigError",
     "write_final_metrics",
+    "add_tracking",
+    "end_tracking",
 ]
 
 
@@ -203,6 +205,7 @@ def prepare_training(cfg: Config) -> Config:
     continues as the uninterrupted one would)."""
     if isinstance(cfg.get("train_cfg"), dict):
         cfg.train_cfg = reproducible_loop_type(cfg.train_cfg)
+    add_tracking(cfg)
     checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
         checkpoint["type"] = "SafeCheckpointHook"
@@ -211,6 +214,43 @@ def prepare_training(cfg: Config) -> Config:
         custom.append(dict(type="GracefulStopHook"))
     cfg.custom_hooks = custom
     return cfg
+
+
+def add_tracking(cfg: Config) -> Config:
+    """Add :class:`~rat_plugins.mm.tracking.ProjectMLflowVisBackend` to the visualizer (unless ``$RAT_TRACKING=0``
+    or the config lists an MLflow backend of its own)."""
+    from ..tracking import tracking_enabled
+
+    visualizer = cfg.get("visualizer")
+    if not tracking_enabled() or not isinstance(visualizer, dict):
+        return cfg
+    backends = list(visualizer.get("vis_backends") or [])
+    if not any("MLflow" in str(b.get("type", "")) for b in backends if isinstance(b, dict)):
+        backends.append(dict(type="ProjectMLflowVisBackend"))
+    visualizer["vis_backends"] = backends
+    return cfg
+
+
+def end_tracking(cfg: Config, stopped: bool) -> None:
+    """After training (rank 0): the final metrics and the run's files into its MLflow run, and its end status."""
+    import glob
+
+    from ..tracking import continue_run, flatten_metrics
+
+    run = continue_run(cfg.work_dir)
+    if run is None:
+        return
+    final = osp.join(cfg.work_dir, "final_metrics.json")
+    if not stopped and osp.isfile(final):
+        import json
+
+        with open(final) as f:
+            metrics = json.load(f)
+        run.log_metrics(flatten_metrics(metrics.get("val", {}), "final/val"), step=metrics.get("iter", 0))
+    config_dump = osp.join(cfg.work_dir, osp.basename(cfg.filename)) if cfg.filename else ""
+    scalars = sorted(glob.glob(osp.join(cfg.work_dir, "*", "vis_data", "scalars.json")))
+    run.log_artifacts([config_dump, osp.join(cfg.work_dir, "run_config.json"), final, *scalars[-1:]])
+    run.finish("KILLED" if stopped else "FINISHED")
 
 
 def checkpoint_dir(cfg: Config) -> str:

@@ -13,6 +13,9 @@ train.checkpointer.max_to_keep = 3
 # fixed by default, so a run can be repeated (each process seeds train.seed + its rank; the project's
 # tool records the seed and deterministic settings in run_config.json); train.seed=-1: a new seed per run
 train.seed = 0
+# MLflow (the project's tool): sqlite:///<work dir's parent>/mlflow.db unless $MLFLOW_TRACKING_URI or
+# uri names another store; experiment: the config's folder (OFAT); run name: the work dir's name
+train.tracking = dict(enabled=True, uri=None, experiment=None, run_name=None)
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
 
 lr_multiplier = multistep_with_warmup()

@@ -1,0 +1,21 @@
+"""Experiment tracking shared by both tool families: one MLflow run per training run."""
+
+from .mlflow_run import (
+    RUN_FILE,
+    MlflowRun,
+    continue_run,
+    experiment_for_config,
+    flatten_metrics,
+    tracking_enabled,
+    tracking_uri,
+)
+
+__all__ = [
+    "RUN_FILE",
+    "MlflowRun",
+    "continue_run",
+    "experiment_for_config",
+    "flatten_metrics",
+    "tracking_enabled",
+    "tracking_uri",
+]

@@ -1,0 +1,158 @@
+"""MLflow tracking: the shared run handling, quick runs of both tool families into a sqlite store, and a
+run logged to a real ``mlflow server`` on 127.0.0.1 (the ``mlflow_server`` fixture starts and stops it)."""
+
+import json
+import socket
+import sys
+import time
+
+import pytest
+
+from _helpers import REPO, TINY, run_cmd
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _only_run(uri, experiment):
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, [e.name for e in client.search_experiments()]
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def _artifacts(client, run_id):
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_run_params_metrics_artifacts_and_resume(tmp_path, monkeypatch):
+    from rat_plugins.tracking import MlflowRun
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "sweep" / "run_a"
+    work.mkdir(parents=True)
+    (work / "final_metrics.json").write_text("{}")
+    params = {"train.max_iter": 4, "model.depths": [2, 2], "long": "x" * 2000}
+    run = MlflowRun(work, experiment="OFAT").start(params, world_size=2, device="cpu")
+    assert run.uri == f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}" and run.active and not run.resumed
+    for step in range(3):
+        run.log_metrics({"total_loss": 1.0 / (step + 1), "not a number": "n/a"}, step=step)
+    run.log_artifacts([work / "final_metrics.json", work / "absent.json"])
+    run.finish("KILLED")
+    again = MlflowRun(work, experiment="OFAT").start(params)
+    assert again.resumed and again.run_id == run.run_id
+    again.log_metrics({"total_loss": 0.1}, step=3)
+    again.finish()
+
+    client, stored = _only_run(run.uri, "OFAT")
+    assert stored.info.run_id == run.run_id and stored.info.run_name == "run_a" and stored.info.status == "FINISHED"
+    assert stored.data.params["train.max_iter"] == "4" and stored.data.params["model.depths"] == "[2, 2]"
+    assert stored.data.params["long"].endswith("...[truncated]") and len(stored.data.params["long"]) == 500
+    assert stored.data.tags["world_size"] == "2" and stored.data.tags["host"] == socket.gethostname()
+    assert [m.step for m in client.get_metric_history(run.run_id, "total_loss")] == [0, 1, 2, 3]
+    assert _artifacts(client, run.run_id) == {"final_metrics.json"}
+    assert (tmp_path / "sweep" / "mlartifacts" / "OFAT").is_dir()  # beside the store, not ./mlruns
+
+
+def test_plain_file_store_is_refused_with_the_fix(tmp_path):
+    from rat_plugins.tracking import tracking_uri
+    from rat_plugins.utils.config_keys import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plain file store, which MLflow 3 refuses: use a sqlite store"):
+        tracking_uri(tmp_path, f"file:{tmp_path}/mlruns")
+
+
+def test_a_server_that_is_down_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from rat_plugins.tracking import MlflowRun
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    started = time.time()
+    run = MlflowRun(tmp_path / "run", experiment="OFAT").start({"a": 1})
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.finish()
+    assert not run.active and time.time() - started < 60
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking" in r.getMessage()]
+    assert len(warnings) == 1 and "training goes on without tracking" in warnings[0], warnings
+
+
+# -- both tool families, end to end -----------------------------------------------------------------
+OFAT = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
+
+
+def _detectron2_args(out):
+    return [
+        sys.executable,
+        "tools/lazyconfig_train_net.py",
+        "--config-file",
+        str(OFAT),
+        *TINY,
+        "train.epochs=1",
+        "dataloader.train.total_batch_size=2",
+        "train.warmup_iters=1",
+        "train.log_period=1",
+        f"train.output_dir={out}",
+    ]
+
+
+@pytest.mark.slow
+def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
+    out = tmp_path / "work_dirs" / "ofat_baseline"
+    env = {"RAT_DATASETS": str(heads_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""}
+    args = _detectron2_args(out)
+    run_cmd(args, env=env)
+    run_cmd(args[:2] + ["--resume"] + args[2:], env=env)  # finished: the final test again, same MLflow run
+    uri = f"sqlite:///{tmp_path / 'work_dirs' / 'mlflow.db'}"
+    client, run = _only_run(uri, "OFAT")
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert run.info.run_name == "ofat_baseline" and run.info.status == "FINISHED"
+    assert run.data.params["train.max_iter"] == "4" and run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.tags["device"] == "cpu" and "mlflow.source.git.commit" in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "total_loss")] == [0, 1, 2, 3]
+    assert client.get_metric_history(run.info.run_id, "lr")
+    assert "final/test/bbox/AP50" in run.data.metrics
+    assert {"config.yaml", "run_config.json", "metrics.json", "final_metrics.json"} <= _artifacts(
+        client, run.info.run_id
+    )
+
+
+@pytest.mark.slow
+def test_mmseg_run_and_its_resume_log_one_mlflow_run(fundus_data, tmp_path):
+    from test_setr import SMALL, cfg_options
+
+    work = tmp_path / "work_dirs" / "setr"
+    env = {"RAT_DATASETS": str(fundus_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""}
+    env["RAT_PLUGINS_SCAN_BACKEND"] = "torch"
+    args = [sys.executable, "tools/train.py", str(SMALL), "--work-dir", str(work), *cfg_options()]
+    run_cmd(args, env=env)
+    run_cmd(args + ["--resume"], env=env)
+    client, run = _only_run(f"sqlite:///{tmp_path / 'work_dirs' / 'mlflow.db'}", "SETR")
+    assert json.loads((work / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "setr"
+    assert run.data.params["train_cfg.max_iters"] == "4"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert "mIoU" in run.data.metrics and "final/val/mIoU" in run.data.metrics
+    assert {"setr_vit-s16_mla_fundus.py", "run_config.json", "final_metrics.json"} <= _artifacts(
+        client, run.info.run_id
+    )
+
+
+@pytest.mark.slow
+def test_detectron2_run_logs_to_a_real_tracking_server(mlflow_server, heads_data, tmp_path):
+    out = tmp_path / "ofat"
+    env = {"RAT_DATASETS": str(heads_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": mlflow_server}
+    run_cmd(_detectron2_args(out), env=env)
+    client, run = _only_run(mlflow_server, "OFAT")
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "total_loss")) == 4
+    assert "final_metrics.json" in _artifacts(client, run.info.run_id)  # uploaded through the server
+    assert not (tmp_path / "mlflow.db").exists()
