@@ -4,7 +4,8 @@
 Same arguments as detectron2's tools/lazyconfig_train_net.py:
     python tools/lazyconfig_train_net.py --config-file CFG [--num-gpus N] [--num-machines M
         --machine-rank R --dist-url URL] [--resume] [--eval-only] [key=value ...]
-plus ``--micro-batch K`` (gradient accumulation: the config's batch stays the effective batch).
+plus ``--micro-batch K`` (gradient accumulation: the config's batch stays the effective batch) and the
+memory switches ``--amp [--amp-dtype bfloat16]``, ``--activation-checkpointing``, ``--clip-grad 1.0``.
 Without CUDA, ``--num-gpus N`` starts N CPU processes that train together over gloo.
 ``train.device=auto`` (the project's configs) means cuda if available, else cpu.
 
@@ -32,6 +33,37 @@ def parse_args(argv=None):
         default=None,
         help="images per forward pass per process; gradients are accumulated "
         "up to the config's batch (dataloader.train.total_batch_size)",
+    )
+    parser.add_argument("--amp", action="store_true", help="mixed precision (train.amp.enabled=True)")
+    parser.add_argument(
+        "--amp-dtype",
+        choices=["float16", "bfloat16"],
+        default=None,
+        help="the autocast type (train.amp.dtype): float16 with loss scaling (CUDA), bfloat16 (CUDA or CPU)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the backbone blocks' activations in the backward pass (train.activation_checkpointing)",
+    )
+    parser.add_argument(
+        "--clip-grad",
+        type=float,
+        default=None,
+        metavar="MAX_NORM",
+        help="clip gradients by total norm (train.clip_grad_norm)",
+    )
+    parser.add_argument(
+        "--auto-batch",
+        action="store_true",
+        help="the largest micro-batch that fits this device, gradients accumulated up to the config's batch "
+        "(train.auto_batch)",
+    )
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="CPU: the RAM --auto-batch may plan for (default 60%% of the available memory)",
     )
     return parser.parse_args(argv)
 

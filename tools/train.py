@@ -32,6 +32,7 @@ from rat_plugins.mm.runner import (
     record_run_config,
     resolve_resume,
     train_parser,
+    turn_on_activation_checkpointing,
     write_final_metrics,
 )
 
@@ -53,6 +54,8 @@ def main(argv=None):
             check_run_config(cfg)  # every rank: all refuse together
             resume_warnings = resolve_resume(cfg, from_work_dir=bool(args.resume))
             runner = build_runner(cfg)
+            if args.activation_checkpointing:
+                turn_on_activation_checkpointing(runner)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG

@@ -40,11 +40,13 @@ from ..engine.reproducible import ReplayableBatches
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
 from ..engine.signals import GracefulStop
 from ..engine.workdir_lock import WorkDirLock
+from ..models.checkpointing import enable_activation_checkpointing
 from ..utils.atomic import DiskFullError, atomic_write_json
 from ..utils.config_keys import ConfigError, config_keys, did_you_mean
+from .batch_fit import fit_batch
 from .checkpoint import RunCheckpointer, require_checkpoint_file
 from .data import validate_lazy_config_data
-from .hooks import SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
+from .hooks import ClipGradNorm, SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
 from .schedule import set_epoch_schedule
 from .tracking import MLflowWriter, end_tracking, start_tracking
 
@@ -76,11 +78,18 @@ class AccumulatingTrainer(SimpleTrainer):
     statistics (LN/GN, frozen BN). DDP gradient all-reduce runs on the last micro-batch only.
     """
 
-    def __init__(self, model, data_loader, optimizer, accumulation: int = 1, **kwargs):
+    def __init__(self, model, data_loader, optimizer, accumulation: int = 1, autocast_dtype=None, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         if accumulation < 1:
             raise ConfigError(f"gradient accumulation must be >= 1, got {accumulation}")
         self.accumulation = accumulation
+        self.autocast_dtype = autocast_dtype  # bfloat16: mixed precision without loss scaling (CPU or CUDA)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.autocast_dtype)
 
     def run_step(self):
         assert self.model.training, "[AccumulatingTrainer] model was changed to eval mode!"
@@ -94,7 +103,7 @@ class AccumulatingTrainer(SimpleTrainer):
             sync = (
                 nullcontext() if last or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync()
             )
-            with sync:
+            with sync, self._autocast():
                 loss_dict = self.model(data)
                 if isinstance(loss_dict, torch.Tensor):
                     loss_dict = {"total_loss": loss_dict}
@@ -198,6 +207,9 @@ RESUME_MAY_CHANGE = (
     "train.micro_batch_size",
     "train.log_period",
     "train.tracking",
+    "train.activation_checkpointing",  # memory, not what is computed
+    "train.auto_batch",
+    "train.memory_budget_gb",
 )
 RESUME_MAY_CHANGE_SUFFIXES = (".num_workers", ".feature_cache_dir")
 
@@ -222,6 +234,13 @@ def run_config_flat(cfg) -> dict:
 
 def _resume_may_change(flat) -> List[str]:
     return list(RESUME_MAY_CHANGE) + [k for k in flat if k.endswith(RESUME_MAY_CHANGE_SUFFIXES)]
+
+
+def check_run_config_flat(cfg) -> dict:
+    """The flat config less the keys a restart may change (the batch plan's key)."""
+    flat = run_config_flat(cfg)
+    ignore = tuple(_resume_may_change(flat))
+    return {k: v for k, v in flat.items() if not k.startswith(ignore)}
 
 
 def check_run_config(cfg) -> dict:
@@ -256,11 +275,10 @@ def _stop_signals():
 
 def do_train(args, cfg, stop: Optional[GracefulStop] = None):
     """Train; returns the final test's results, or None when a stop signal ended training early."""
-    accumulation = _micro_batching(cfg, cfg.train.get("micro_batch_size") or None)
     tracked = start_tracking(cfg, args.config_file, run_config_flat(cfg))
     status = "FAILED"
     try:
-        result = _train(args, cfg, stop, accumulation, tracked)
+        result = _train(args, cfg, stop, tracked)
         status = "FINISHED" if result is not _STOPPED else "KILLED"
         return None if result is _STOPPED else result
     finally:
@@ -274,27 +292,40 @@ def do_train(args, cfg, stop: Optional[GracefulStop] = None):
 _STOPPED = object()  # _train's result when a stop signal ended training early
 
 
-def _train(args, cfg, stop, accumulation, tracked):
+def _train(args, cfg, stop, tracked):
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
+    if cfg.train.get("activation_checkpointing"):
+        switched = enable_activation_checkpointing(model)
+        if not switched:
+            raise ConfigError("train.activation_checkpointing: this model has no blocks that can be checkpointed")
+        logger.info("Activation checkpointing: %s", ", ".join(switched))
+    micro_batch = cfg.train.get("micro_batch_size") or None
+    if cfg.train.get("auto_batch"):
+        if micro_batch:
+            raise ConfigError("train.auto_batch chooses the micro-batch itself: drop train.micro_batch_size")
+        micro_batch = fit_batch(cfg, model, optim, check_run_config_flat(cfg))
+    accumulation = _micro_batching(cfg, micro_batch)
     # each batch reseeded by its number, and replayed on resume: a resumed run continues exactly
     train_loader = ReplayableBatches(_build_loader(cfg.dataloader.train), cfg.train.seed, comm.get_rank())
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
-    if cfg.train.amp.enabled:
+    precision = _autocast_dtype(cfg)
+    if precision == torch.float16:  # loss scaling: detectron2's AMPTrainer
         if accumulation > 1:
-            raise ConfigError("train.amp.enabled with gradient accumulation is not supported")
-        trainer = AMPTrainer(model, train_loader, optim)
+            raise ConfigError("train.amp with float16 and gradient accumulation is not supported; use bfloat16")
+        trainer = AMPTrainer(model, train_loader, optim, precision=precision)
     else:
-        trainer = AccumulatingTrainer(model, train_loader, optim, accumulation=accumulation)
+        trainer = AccumulatingTrainer(model, train_loader, optim, accumulation=accumulation, autocast_dtype=precision)
     checkpointer = RunCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             PeakMemoryHook(cfg.train.device),
+            ClipGradNorm(cfg.train.clip_grad_norm) if cfg.train.get("clip_grad_norm") else None,
             SafePeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             # after the checkpointer and the evaluation: see StopOnSignal
@@ -383,6 +414,7 @@ def load_config(args, notes: Optional[List[str]] = None):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if getattr(args, "micro_batch", None):
         cfg.train.micro_batch_size = args.micro_batch
+    _memory_switches(cfg, args)
     if "epochs" in cfg.train and "num_train_images" in cfg.train:  # recomputed after the overrides
         explicit = [item.split("=", 1)[0].lstrip("+") for item in args.opts]
         kept = set_epoch_schedule(cfg.train, cfg.get("lr_multiplier"), cfg.dataloader, explicit=explicit)
@@ -393,6 +425,38 @@ def load_config(args, notes: Optional[List[str]] = None):
     # test split in the first minute; each process's call gives its loaders the CheckedMapper (in cfg)
     validate_lazy_config_data(cfg)
     return cfg
+
+
+def _memory_switches(cfg, args) -> None:
+    """The CLI shortcuts into the config keys they stand for."""
+    if getattr(args, "amp", False) or getattr(args, "amp_dtype", None):
+        cfg.train.amp.enabled = True
+    if getattr(args, "amp_dtype", None):
+        cfg.train.amp.dtype = args.amp_dtype
+    if getattr(args, "activation_checkpointing", False):
+        cfg.train.activation_checkpointing = True
+    if getattr(args, "clip_grad", None) is not None:
+        cfg.train.clip_grad_norm = args.clip_grad
+    if getattr(args, "auto_batch", False):
+        cfg.train.auto_batch = True
+    if getattr(args, "memory_budget_gb", None) is not None:
+        cfg.train.memory_budget_gb = args.memory_budget_gb
+
+
+def _autocast_dtype(cfg) -> Optional[torch.dtype]:
+    """None (full precision) or the autocast type of ``train.amp``; float16 on CPU is refused with the fix."""
+    amp = cfg.train.amp
+    if not amp.enabled:
+        return None
+    name = str(amp.get("dtype", "float16"))
+    if name not in ("float16", "bfloat16"):
+        raise ConfigError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}")
+    if name == "float16" and not str(cfg.train.device).startswith("cuda"):
+        raise ConfigError(
+            "train.amp with float16 needs a CUDA device (loss scaling); on CPU use bfloat16: "
+            "--amp-dtype bfloat16 (train.amp.dtype=bfloat16)"
+        )
+    return getattr(torch, name)
 
 
 def _evaluate(cfg):

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import hooks
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from ..engine.signals import GracefulStop
 from ..utils.atomic import DiskFullError
+from ..utils.config_keys import ConfigError
 
-__all__ = ["TrainingStopped", "TrainingAborted", "SafePeriodicCheckpointer", "StopOnSignal"]
+__all__ = ["TrainingStopped", "TrainingAborted", "SafePeriodicCheckpointer", "StopOnSignal", "ClipGradNorm"]
 
 
 class TrainingStopped(BaseException):
@@ -127,3 +129,23 @@ class StopOnSignal(hooks.HookBase):
             except DiskFullError as e:
                 raise TrainingAborted(e) from e
         raise TrainingStopped(name, iteration, self.checkpointer.get_checkpoint_file())
+
+
+class ClipGradNorm(hooks.HookBase):
+    """Clip the gradients by their total norm before the optimizer step (detectron2's LazyConfig trainers have
+    no clipping of their own); the norm before clipping is logged as ``grad_norm``. Under float16 AMP the
+    gradients are unscaled first (the grad scaler's step then skips its own unscaling)."""
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0):
+        if not max_norm > 0:
+            raise ConfigError(f"train.clip_grad_norm must be a positive number, got {max_norm}")
+        self.max_norm, self.norm_type = float(max_norm), float(norm_type)
+
+    def after_backward(self) -> None:
+        trainer = self.trainer
+        scaler = getattr(trainer, "grad_scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(trainer.optimizer)
+        params = [p for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
+        get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=False)

@@ -47,6 +47,7 @@ __all__ = [
     "ConfigError",
     "write_final_metrics",
     "add_tracking",
+    "turn_on_activation_checkpointing",
     "end_tracking",
 ]
 
@@ -69,7 +70,26 @@ def train_parser():
         action="store_true",
         help="continue from the work dir's last checkpoint, or the newest intact one when that is damaged",
     )
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    p.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper; CUDA)")
+    p.add_argument(
+        "--amp-dtype",
+        choices=["float16", "bfloat16"],
+        default=None,
+        help="the autocast type of --amp (optim_wrapper.dtype): float16 with loss scaling, bfloat16",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the backbone blocks' activations in the backward pass (the backbones' "
+        "grad_checkpointing / with_cp)",
+    )
+    p.add_argument(
+        "--clip-grad",
+        type=float,
+        default=None,
+        metavar="MAX_NORM",
+        help="clip gradients by total norm (optim_wrapper.clip_grad.max_norm)",
+    )
     return p
 
 
@@ -136,7 +156,15 @@ def load_config(args) -> Config:
         cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
         if cfg.get("model_wrapper_cfg") is None:
             cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
-    if getattr(args, "amp", False):
+    _memory_switches(cfg, args)
+    if getattr(args, "amp", False) or getattr(args, "amp_dtype", None):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--amp: mmengine's AmpOptimWrapper needs a CUDA device; on CPU train in full precision "
+                "(the detectron2 tool has bfloat16 autocast on CPU: --amp-dtype bfloat16)"
+            )
+        if getattr(args, "amp_dtype", None):
+            cfg.optim_wrapper.dtype = args.amp_dtype
         if cfg.optim_wrapper.type == "AmpOptimWrapper":
             print_log("AMP training is already enabled in your config.", logger="current", level=logging.WARNING)
         elif cfg.optim_wrapper.type != "OptimWrapper":
@@ -147,6 +175,27 @@ def load_config(args) -> Config:
     if getattr(args, "resume", False):
         cfg.resume = True
     return cfg
+
+
+def _memory_switches(cfg: Config, args) -> None:
+    if getattr(args, "clip_grad", None) is not None:
+        if not args.clip_grad > 0:
+            raise ConfigError(f"--clip-grad must be a positive number, got {args.clip_grad}")
+        cfg.optim_wrapper.clip_grad = dict(max_norm=float(args.clip_grad), norm_type=2)
+
+
+def turn_on_activation_checkpointing(runner: Runner) -> List[str]:
+    """``--activation-checkpointing``: every backbone block of the built model that can be checkpointed."""
+    from mmengine.model import is_model_wrapper
+
+    from ..models.checkpointing import enable_activation_checkpointing
+
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    switched = enable_activation_checkpointing(model)
+    if not switched:
+        raise ConfigError("--activation-checkpointing: this model has no blocks that can be checkpointed")
+    print_log(f"Activation checkpointing: {', '.join(switched)}", logger="current")
+    return switched
 
 
 def unique_instance_names(cfg: Config) -> Config:

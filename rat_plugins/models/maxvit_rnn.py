@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.checkpoint_io import find_state_dict, read_checkpoint
+from .checkpointing import GradCheckpointing, run_block
 from .features import FeatureInfo
 
 __all__ = [
@@ -232,7 +233,7 @@ class ConvLstmCell(nn.Module):
         return h, c
 
 
-class MaxViTRNNStage(nn.Module):
+class MaxViTRNNStage(GradCheckpointing, nn.Module):
     """Downsample -> block pairs -> ConvLSTM. NCHW in; the LSTM hidden state (NCHW) out."""
 
     def __init__(self, in_chs: int, dim: int, factor: int, depth: int = 1, **block_kwargs):
@@ -249,7 +250,7 @@ class MaxViTRNNStage(nn.Module):
     ) -> Tuple[torch.Tensor, State]:
         x = self.downsample_cf2cl(x)
         for pair in self.att_blocks:
-            x = pair(x, partition)
+            x = run_block(pair, x, partition, enabled=self.grad_checkpointing)
         h, c = self.lstm(x.permute(0, 3, 1, 2).contiguous(), state)
         return h, (h, c)
 
@@ -288,6 +289,8 @@ class MaxViTRNN(nn.Module):
         ls_init_value: LayerScale initial value (0 or None: no LayerScale, and no ``gamma`` keys).
         norm_eps: LayerNorm eps inside the blocks.
         drop: MLP dropout rate (RVT: 0).
+        grad_checkpointing: recompute each block pair's activations in the backward pass (less
+            memory, one more forward); also ``set_grad_checkpointing()``.
     """
 
     def __init__(
@@ -303,6 +306,7 @@ class MaxViTRNN(nn.Module):
         ls_init_value: Optional[float] = 1e-5,
         norm_eps: float = 1e-5,
         drop: float = 0.0,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if patch_size not in (2, 4):
@@ -330,10 +334,17 @@ class MaxViTRNN(nn.Module):
             stages.append(MaxViTRNNStage(prev, dim, patch_size if s == 0 else 2, depth, **block_kwargs))
             prev = dim
         self.stages = nn.ModuleList(stages)
+        self.set_grad_checkpointing(grad_checkpointing)
         self.feature_info = [
             FeatureInfo(name, stride, dim)
             for name, stride, dim in zip(rvt_stage_names(range(1, 5)), self.strides, self.stage_dims)
         ]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each window / grid block pair's activations in the backward pass (every stage)."""
+        self.grad_checkpointing = bool(enable)
+        for stage in self.stages:
+            stage.set_grad_checkpointing(enable)
 
     # -- geometry ---------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rat_plugins._optional import require
+from rat_plugins.models.checkpointing import GradCheckpointing, run_block
 from rat_plugins.models.features import FeatureInfo, feature_names, resolve_out_features
 from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping
 from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
@@ -75,7 +76,7 @@ def tokens_to_map(tokens: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tens
     return tokens.transpose(1, 2).reshape(batch, channels, *grid_shape)
 
 
-class RATBackbone(ResolutionAwareTransformer):
+class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
     """The package's ``ResolutionAwareTransformer`` returning feature maps per level and block.
 
     Args:
@@ -102,6 +103,8 @@ class RATBackbone(ResolutionAwareTransformer):
             image coordinate times this, so the levels of a pyramid agree on positions.
         spacing: pixel spacing of the scale-1 image (number or per axis); level ``l`` defaults
             to ``spacing / scales[l]``.
+        grad_checkpointing: recompute each block's activations in the backward pass (less memory,
+            one more forward); also ``set_grad_checkpointing()``.
         **rat_kwargs: the package's other arguments (``num_heads``, ``iters``, ``mlp_ratio``,
             ``proj_kernel_size``, ``rotary_ratio``, ``learnable_rose``, ``rose_initial_scaling``, ...).
 
@@ -123,6 +126,7 @@ class RATBackbone(ResolutionAwareTransformer):
         pos_embed: str = "rotary",
         abs_ref_size: float = 256.0,
         spacing: Optional[Union[float, Sequence[float]]] = None,
+        grad_checkpointing: bool = False,
         **rat_kwargs,
     ) -> None:
         if "sga_attention_type" in rat_kwargs:  # the package's "sparse" type needs NATTEN (CUDA only)
@@ -155,6 +159,7 @@ class RATBackbone(ResolutionAwareTransformer):
             )
         self.attention_kinds = kinds
         self.pos_embed = pos_embed
+        self.grad_checkpointing = grad_checkpointing  # recompute each block's activations in backward
         # every variant keeps the weights the package built for its dense layers
         for block, kind in enumerate(kinds):
             if kind == "local":
@@ -314,9 +319,13 @@ class RATBackbone(ResolutionAwareTransformer):
             state["x_out"] = self.init_proj(state["x_out"]).flatten(2).transpose(1, 2)
         per_block = []
         for sga_layer, mr_attn_layer in zip(self.sga_layers, self.mr_attn_layers):
-            out = self._forward_mr_attn(mr_attn_layer, self._forward_sga(sga_layer, out))
+            out = run_block(self._forward_block, sga_layer, mr_attn_layer, out, enabled=self.grad_checkpointing)
             per_block.append([dict(state) for state in out])
         return per_block
+
+    def _forward_block(self, sga_layer, mr_attn_layer, out):
+        # on fresh copies of the level states: a checkpointed block recomputes from its unchanged inputs
+        return self._forward_mr_attn(mr_attn_layer, self._forward_sga(sga_layer, [dict(state) for state in out]))
 
     def forward_features(self, images: Images, spacing=None, masks: Masks = None) -> Dict[str, torch.Tensor]:
         """``{name: [B, feature_dims, *grid]}`` in :attr:`feature_info` order (level-major);

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 
 from ..utils.checkpoint_io import find_state_dict, read_checkpoint
+from .checkpointing import GradCheckpointing, run_block
 from .features import FeatureInfo
 from .ops.bimamba_fused import FusedBiMambaCPU
 from .ops.selective_scan import selective_scan
@@ -444,7 +445,7 @@ def _segm_init_weights(m: nn.Module):
 # models
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(GradCheckpointing, nn.Module):
     """ViM classification model with the official constructor and state-dict keys.
 
     Args (official names; see hustvl/Vim ``models_mamba.py``):
@@ -597,7 +598,7 @@ class VisionMamba(nn.Module):
                 hidden_states = self.rope(hidden_states)
                 if residual is not None and self.if_rope_residual:
                     residual = self.rope(residual)
-            hidden_states, residual = layer(hidden_states, residual)
+            hidden_states, residual = run_block(layer, hidden_states, residual, enabled=self.grad_checkpointing)
         residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
         hidden_states = self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 
@@ -619,7 +620,7 @@ class VisionMamba(nn.Module):
         return x
 
 
-class VimBackbone(nn.Module):
+class VimBackbone(GradCheckpointing, nn.Module):
     """ViM detection backbone: one stride-``patch_size`` map [B, embed_dim, ceil(H/p), ceil(W/p)],
     named ``last_feat`` in :attr:`feature_info` and :meth:`forward_features`; ``forward`` returns it.
 
@@ -645,6 +646,8 @@ class VimBackbone(nn.Module):
         checkpoint: official ViM checkpoint to load (see :meth:`load_official_checkpoint`).
         in_chans, d_state, ssm_cfg, norm_epsilon, rms_norm, residual_in_fp32, if_divide_out,
             if_abs_pos_embed, init_layer_scale: as in :class:`VisionMamba`.
+        grad_checkpointing: recompute each layer's activations in the backward pass (less memory,
+            one more forward); also ``set_grad_checkpointing()``.
     """
 
     def __init__(
@@ -670,9 +673,11 @@ class VimBackbone(nn.Module):
         if_abs_pos_embed: bool = True,
         init_layer_scale: Optional[float] = None,
         freeze: Optional[bool] = None,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         frozen = _frozen_from_alias(frozen, freeze)
+        self.grad_checkpointing = grad_checkpointing  # recompute each layer's activations in backward
         if last_layer_process not in LAST_LAYER_PROCESSES:
             raise ValueError(f"last_layer_process must be one of {LAST_LAYER_PROCESSES}, got {last_layer_process!r}")
         if if_rope and embed_dim % 4:
@@ -795,7 +800,7 @@ class VimBackbone(nn.Module):
                 hidden_states = hidden_states * cos + rotate_half(hidden_states) * sin
                 if residual is not None and self.if_rope_residual:
                     residual = residual * cos + rotate_half(residual) * sin
-            hidden_states, residual = layer(hidden_states, residual)
+            hidden_states, residual = run_block(layer, hidden_states, residual, enabled=self.grad_checkpointing)
 
         if self.last_layer_process == "none" or residual is None:
             out = hidden_states

@@ -72,6 +72,11 @@ class FusedBiMambaCPU:
 
     def __call__(self, mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """``mixer(hidden_states)`` fused; call only where :meth:`applies` is True."""
+        # the kernels read float32: a frozen ViM under bfloat16 autocast runs its fused path in float32
+        with torch.autocast("cpu", enabled=False):
+            return self._fused(mixer, hidden_states)
+
+    def _fused(self, mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         ext = load_cpp_extension()
         b, L, _ = hidden_states.shape
         conv_w, conv_b, x_w, dt_w, A, D, dt_b = self.params(mixer)

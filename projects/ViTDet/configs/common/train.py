@@ -16,6 +16,16 @@ train.seed = 0
 # MLflow (the project's tool): sqlite:///<work dir's parent>/mlflow.db unless $MLFLOW_TRACKING_URI or
 # uri names another store; experiment: the config's folder (OFAT); run name: the work dir's name
 train.tracking = dict(enabled=True, uri=None, experiment=None, run_name=None)
+# memory switches (the project's tool; shortcuts --amp / --amp-dtype, --activation-checkpointing, --clip-grad):
+# mixed precision (float16 with loss scaling on CUDA, bfloat16 on CUDA or CPU), recomputed block
+# activations in the backward pass, gradient clipping by total norm
+train.amp.dtype = "float16"
+train.activation_checkpointing = False
+train.clip_grad_norm = None
+# --auto-batch: the largest micro-batch that fits (CUDA: the device; CPU: memory_budget_gb, default 60 %
+# of the available RAM), gradients accumulated up to the batch; the plan is kept in the work dir
+train.auto_batch = False
+train.memory_budget_gb = None
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
 
 lr_multiplier = multistep_with_warmup()
