@@ -105,7 +105,7 @@ def _detectron2_args(out):
 
 @pytest.mark.slow
 def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
-    out = tmp_path / "work_dirs" / "ofat_baseline"
+    out = tmp_path / "work_dirs" / "ofat_baseline_lr0.001_bs8_adamw_ep100"
     env = {"RAT_DATASETS": str(heads_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""}
     args = _detectron2_args(out)
     run_cmd(args, env=env)
@@ -113,7 +113,7 @@ def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
     uri = f"sqlite:///{tmp_path / 'work_dirs' / 'mlflow.db'}"
     client, run = _only_run(uri, "OFAT")
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
-    assert run.info.run_name == "ofat_baseline" and run.info.status == "FINISHED"
+    assert run.info.run_name == out.name and run.info.status == "FINISHED"
     assert run.data.params["train.max_iter"] == "4" and run.data.params["optimizer.lr"] == "0.001"
     assert run.data.tags["device"] == "cpu" and "mlflow.source.git.commit" in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "total_loss")] == [0, 1, 2, 3]
@@ -122,6 +122,15 @@ def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
     assert {"config.yaml", "run_config.json", "metrics.json", "final_metrics.json"} <= _artifacts(
         client, run.info.run_id
     )
+    # the OFAT table from the store: the same row as from the work dir
+    tables = []
+    for source in ([], ["--mlflow"]):
+        summary = tmp_path / ("from_mlflow" if source else "from_work_dirs")
+        args = [sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(out.parent), "--out", str(summary)]
+        run_cmd(args + source)
+        row = next(r for r in (summary / "ofat_summary.csv").read_text().splitlines() if r.startswith("baseline_"))
+        tables.append(row.split(",")[:7])  # name, status, the five AP columns
+    assert tables[0] == tables[1] and tables[0][1] == "finished", tables
 
 
 @pytest.mark.slow

@@ -115,4 +115,9 @@ def main() -> int:
     print(f"test AP50: untrained {untrained['AP50']:.1f} -> trained {final['AP50']:.1f}")
     print(verdict(records, untrained["AP50"], final["AP50"]))
     sh([sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(work_dirs)])
+    tracked = out / "mlflow_run.json"
+    if tracked.is_file():  # tracking is on unless RAT_TRACKING=0
+        record = json.loads(tracked.read_text())
+        print(f"\n== MLflow: run {record['run_id']} in {record['tracking_uri']}")
+        print(f"   browse it: mlflow ui --backend-store-uri {record['tracking_uri']}")
     return 0

@@ -137,38 +137,56 @@ def training_seconds(run_dir: Path) -> Optional[float]:
 
 
 def summarize_run(name: str, run_dir: Path) -> dict:
-    """One table row; ``_losses`` / ``_evals`` carry the curves for the plots."""
-    row = dict.fromkeys(COLUMNS, "")
-    row["experiment"] = name
+    """One table row from a run's work dir; ``_losses`` / ``_evals`` carry the curves for the plots."""
     if not run_dir.is_dir():
-        row["status"] = "missing"
-        return row
+        return _row(name, "missing")
     losses, evals, peak = read_metrics(run_dir)
     final = run_dir / "final_metrics.json"
-    row["status"] = "finished" if final.is_file() else ("unfinished" if losses else "not started")
-    if final.is_file():
-        test = (json.loads(final.read_text()).get("test") or {}).get("bbox", {})
-        for col, key in (
-            ("mAP@0.5", "AP50"),
-            ("mAP@0.5:0.95", "AP"),
-            ("AP_small", "APs"),
-            ("AP_medium", "APm"),
-            ("AP_large", "APl"),
-        ):
-            value = test.get(key)
-            row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
+    status = "finished" if final.is_file() else ("unfinished" if losses else "not started")
+    test = (json.loads(final.read_text()).get("test") or {}).get("bbox", {}) if final.is_file() else {}
+    return _row(name, status, test, losses, evals, peak, iters_per_epoch(run_dir), training_seconds(run_dir))
+
+
+def _row(name, status, test=None, losses=(), evals=(), peak=None, per_epoch=None, seconds=None) -> dict:
+    row = dict.fromkeys(COLUMNS, "")
+    row["experiment"], row["status"] = name, status
+    for col, key in (
+        ("mAP@0.5", "AP50"),
+        ("mAP@0.5:0.95", "AP"),
+        ("AP_small", "APs"),
+        ("AP_medium", "APm"),
+        ("AP_large", "APl"),
+    ):
+        value = (test or {}).get(key)
+        row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
     scored = [e for e in evals if e[1] == e[1]]  # NaN (nothing detected yet) never counts as best
     if scored:
         best_iter = max(scored, key=lambda e: e[1])[0]
-        per_epoch = iters_per_epoch(run_dir)
         row["best_epoch"] = str(round((best_iter + 1) / per_epoch)) if per_epoch else f"iter {best_iter}"
-    seconds = training_seconds(run_dir)
     if seconds:
         row["train_time"] = str(datetime.timedelta(seconds=int(seconds)))
     if peak:
         row["peak_memory_mb"] = f"{peak:.0f}"
-    row["_losses"], row["_evals"] = losses, evals
+    row["_losses"], row["_evals"] = list(losses), list(evals)
     return row
+
+
+_MLFLOW_STATUS = {"FINISHED": "finished", "RUNNING": "unfinished", "KILLED": "stopped", "FAILED": "failed"}
+
+
+def summarize_mlflow_run(name: str, client, run) -> dict:
+    """One table row from an MLflow run (what :class:`rat_plugins.tracking.MlflowRun` logged)."""
+    metrics = run.data.metrics
+    status = _MLFLOW_STATUS.get(run.info.status, run.info.status.lower())
+    prefix = "final/test/bbox/"
+    test = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in ("total_loss", "bbox/AP50")}
+    losses = [(m.step, m.value) for m in sorted(history["total_loss"], key=lambda m: m.step)]
+    evals = [(m.step, m.value, None) for m in sorted(history["bbox/AP50"], key=lambda m: m.step)]
+    peak = max((m.value for m in client.get_metric_history(run.info.run_id, "peak_memory_mb")), default=None)
+    per_epoch = run.data.params.get("train.eval_period")
+    seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    return _row(name, status, test, losses, evals, peak, int(per_epoch) if per_epoch else None, seconds)
 
 
 def markdown(rows) -> str:
@@ -215,17 +233,45 @@ def plot(rows, out_dir: Path) -> None:
             plt.close(fig)
 
 
-def summarize(work_dirs: Path, out_dir: Path) -> str:
-    """Write ``ofat_summary.{md,csv}`` and the two plots to ``out_dir``; returns the Markdown table."""
+def _mlflow_rows(uri: str, names) -> list:
+    """The rows of the OFAT experiment's runs in an MLflow store (runs named as their work dirs)."""
+    from mlflow.tracking import MlflowClient
+
+    from rat_plugins.utils.config_keys import ConfigError
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("OFAT")
+    if experiment is None:
+        raise ConfigError(f"no OFAT experiment in the MLflow store {uri}: give the store the OFAT runs logged to")
+    runs = {}
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+        runs[run.info.run_name] = run  # the latest run of a name wins
+    rows = [
+        summarize_mlflow_run(n, client, runs[f"ofat_{n}"]) if f"ofat_{n}" in runs else _row(n, "missing") for n in names
+    ]
+    rows += [
+        summarize_mlflow_run(f"{n} (quick)", client, runs[f"ofat_{n}_quick"])
+        for n in names
+        if f"ofat_{n}_quick" in runs
+    ]
+    return rows
+
+
+def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None) -> str:
+    """Write ``ofat_summary.{md,csv}`` and the two plots to ``out_dir``; returns the Markdown table. The
+    rows come from the work dirs, or from the MLflow store at ``mlflow_uri``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = config_names()
-    rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in names]
-    # quick (smoke) runs appear only when present, labelled as such
-    rows += [
-        summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick")
-        for n in names
-        if (work_dirs / f"ofat_{n}_quick").is_dir()
-    ]
+    if mlflow_uri:
+        rows = _mlflow_rows(mlflow_uri, names)
+    else:
+        rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in names]
+        # quick (smoke) runs appear only when present, labelled as such
+        rows += [
+            summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick")
+            for n in names
+            if (work_dirs / f"ofat_{n}_quick").is_dir()
+        ]
     table = markdown(rows)
     atomic_write_text(out_dir / "ofat_summary.md", table)
     atomic_write_text(out_dir / "ofat_summary.csv", to_csv(rows))
@@ -240,9 +286,28 @@ def summary_main(argv=None) -> int:
     )
     parser.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
     parser.add_argument("--out", type=Path, default=None, help="where to write the table and plots")
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help="read the runs from an MLflow store instead of the work dirs (default URI: "
+        "sqlite:///<work-dirs>/mlflow.db, the store the runs log to)",
+    )
     args = parser.parse_args(argv)
     out_dir = args.out or args.work_dirs
-    print(summarize(args.work_dirs, out_dir))
+    uri = None
+    if args.mlflow is not None:
+        uri = args.mlflow or "sqlite:///" + str((args.work_dirs / "mlflow.db").resolve())
+    from rat_plugins.utils.config_keys import ConfigError
+
+    try:
+        table = summarize(args.work_dirs, out_dir, uri)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
     print(
         f"written: {out_dir / 'ofat_summary.md'}, {out_dir / 'ofat_summary.csv'}, "
         f"{out_dir / 'ofat_loss.png'}, {out_dir / 'ofat_val_map.png'}"
