@@ -19,6 +19,7 @@ import rat_plugins.mm  # noqa: F401  (registers the plugin's components)
 from rat_plugins.cluster.requeue import requeue_command, requeue_current_job
 from rat_plugins.engine.distributed import closing_process_group
 from rat_plugins.engine.workdir_lock import WorkDirLock
+from rat_plugins.mm.batch_fit import fit_runner_batch
 from rat_plugins.mm.datasets import validate_config_datasets
 from rat_plugins.mm.hooks import GracefulStopHook, TrainingStopped
 from rat_plugins.mm.runner import (
@@ -56,6 +57,8 @@ def main(argv=None):
             runner = build_runner(cfg)
             if args.activation_checkpointing:
                 turn_on_activation_checkpointing(runner)
+            if args.auto_batch:
+                fit_runner_batch(runner, cfg, args.memory_budget_gb)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG

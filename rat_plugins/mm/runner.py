@@ -90,6 +90,17 @@ def train_parser():
         metavar="MAX_NORM",
         help="clip gradients by total norm (optim_wrapper.clip_grad.max_norm)",
     )
+    p.add_argument(
+        "--auto-batch",
+        action="store_true",
+        help="the largest micro-batch that fits this device; each iteration accumulates the config's batch",
+    )
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="CPU: the RAM --auto-batch may plan for (default 60%% of the available memory)",
+    )
     return p
 
 

@@ -1,0 +1,127 @@
+"""``--auto-batch`` for mmseg / mmdet runs.
+
+The loader keeps the config's batch; each training iteration splits it into micro-batches whose
+gradients are accumulated before the one optimizer step (:func:`micro_batched_train_step`, the
+counterpart of detectron2's ``AccumulatingTrainer``). Iterations, their count, the LR schedule,
+checkpoint names and logging intervals stay those of the config, which mmengine's
+``accumulative_counts`` (one iteration per micro-batch) would change. The micro-batch is the
+largest that fits (:mod:`rat_plugins.engine.batch_fit`, probed on one real batch of the run).
+"""
+
+import types
+from contextlib import nullcontext
+from typing import Dict
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from ..engine.batch_fit import cpu_budget_mb, fit_micro_batch, load_plan, measure_cpu_step, plan_key, save_plan
+
+__all__ = ["fit_runner_batch", "micro_batched_train_step", "split_batch"]
+
+
+def split_batch(data: Dict, parts: int):
+    """A pseudo-collated batch (``inputs`` / ``data_samples`` lists) as ``parts`` equal consecutive chunks."""
+    size = len(data["inputs"])
+    step = size // parts
+    return [{k: v[i * step : (i + 1) * step] for k, v in data.items()} for i in range(parts)]
+
+
+def _with_chunk(model, data, optim_wrapper):
+    module = model.module if is_model_wrapper(model) else model
+    with optim_wrapper.optim_context(model):
+        data = module.data_preprocessor(data, True)
+        losses = model._run_forward(data, mode="loss")
+    return module.parse_losses(losses)
+
+
+def micro_batched_train_step(accumulation: int):
+    """A ``train_step`` (for a model or its DDP wrapper) that accumulates ``accumulation`` micro-batches."""
+
+    def train_step(self, data, optim_wrapper):
+        chunks = split_batch(data, accumulation)
+        summed: Dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            # gradients are all-reduced once, with the last micro-batch
+            sync = self.no_sync() if hasattr(self, "no_sync") and not last else nullcontext()
+            with sync:
+                loss, log_vars = _with_chunk(self, chunk, optim_wrapper)
+                optim_wrapper.backward(loss / accumulation)
+            for key, value in log_vars.items():
+                summed[key] = summed.get(key, 0.0) + value / accumulation
+        optim_wrapper.step()
+        optim_wrapper.zero_grad()
+        return summed
+
+    return train_step
+
+
+def _optimizer_copies(cfg) -> int:
+    kind = str((cfg.get("optim_wrapper") or {}).get("optimizer", {}).get("type", "AdamW"))
+    return 2 if kind.startswith("Adam") else 1
+
+
+def fit_runner_batch(runner, cfg, budget_gb=None) -> int:
+    """Probe, plan (cached in the work dir) and install micro-batching on ``runner``; return the accumulation."""
+    from mmengine.dist import broadcast_object_list, get_rank, get_world_size
+
+    from .runner import comparable_config
+
+    per_process = int(cfg.train_dataloader.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flat, ignore = comparable_config(cfg)
+    key = plan_key({k: v for k, v in flat.items() if not k.startswith(tuple(ignore))}, device, get_world_size())
+    plan = load_plan(cfg.work_dir, key)
+    if plan is None:
+        plan = _probe(runner, cfg, per_process, device, budget_gb)
+        plan.key = key
+        if get_rank() == 0:
+            save_plan(cfg.work_dir, plan)
+        print_log(f"Auto batch: {plan.describe()}", logger="current")
+    else:
+        print_log(f"Auto batch: {plan.describe()} (the plan in {cfg.work_dir})", logger="current")
+    if get_world_size() > 1:  # every process splits its batch alike: rank 0's plan
+        shared = [plan]
+        broadcast_object_list(shared, src=0)
+        plan = shared[0]
+    if plan.accumulation > 1:
+        runner.model.train_step = types.MethodType(micro_batched_train_step(plan.accumulation), runner.model)
+    return plan.accumulation
+
+
+def _probe(runner, cfg, per_process: int, device: str, budget_gb):
+    from mmengine.runner import Runner
+
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    loader = Runner.build_dataloader(dict(cfg.train_dataloader), seed=0)
+    batch = next(iter(loader))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()
+    copies = _optimizer_copies(cfg)
+
+    def loss_of(m):
+        chunk = {k: v[:m] for k, v in batch.items()}
+        return lambda: model.parse_losses(model(**model.data_preprocessor(chunk, True), mode="loss"))[0]
+
+    if device == "cuda":
+        budget = torch.cuda.get_device_properties(0).total_memory / 2**20 * 0.9
+        state_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * copies / 2**20
+
+        def try_step(m):
+            torch.cuda.reset_peak_memory_stats()
+            loss_of(m)().backward()
+            model.zero_grad(set_to_none=True)
+            return torch.cuda.max_memory_allocated() / 2**20 + state_mb  # + the optimizer state to come
+    else:
+        budget = cpu_budget_mb(budget_gb)
+
+        def try_step(m):
+            return measure_cpu_step(model, loss_of(m), copies)
+
+    try:
+        return fit_micro_batch(try_step, per_process, budget, device)
+    finally:  # the probe leaves nothing behind: weights and batch statistics as built
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
