@@ -59,3 +59,24 @@ def assert_same_weights(path, reference, key: str) -> None:
     assert weights.keys() == expected.keys()
     differing = [k for k in expected if not torch.equal(weights[k], expected[k])]
     assert not differing, f"{len(differing)} of {len(expected)} tensors differ, e.g. {differing[:3]}"
+
+
+def tiny_ofat_command(out, *flags, batch: int = 2):
+    """tools/lazyconfig_train_net.py on the OFAT baseline at TINY sizes, one epoch of the 8-image sample
+    (``batch`` images a step), logging every iteration, into ``out``; ``flags`` go before the overrides."""
+    import sys
+
+    config = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
+    return [
+        sys.executable,
+        "tools/lazyconfig_train_net.py",
+        "--config-file",
+        str(config),
+        *flags,
+        *TINY,
+        "train.epochs=1",
+        f"dataloader.train.total_batch_size={batch}",
+        "train.warmup_iters=1",
+        "train.log_period=1",
+        f"train.output_dir={out}",
+    ]

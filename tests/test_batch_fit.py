@@ -1,7 +1,6 @@
 """Automatic batch sizing: the largest micro-batch that fits, the rest accumulated (rat_plugins.engine.batch_fit)."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from rat_plugins.engine.batch_fit import fit_micro_batch, load_plan, measure_cpu_step, save_plan
 from rat_plugins.utils.config_keys import ConfigError
 
-from _helpers import REPO, TINY, run_cmd
+from _helpers import run_cmd, tiny_ofat_command
 
 
 def _oom_above(limit, tried):
@@ -53,29 +52,11 @@ def test_cpu_measure_grows_with_the_micro_batch_and_the_plan_round_trips(tmp_pat
     assert load_plan(tmp_path, "abc") == plan and load_plan(tmp_path, "other") is None
 
 
-OFAT = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
-
-
-def _tool(out, *flags):
-    return [
-        sys.executable,
-        "tools/lazyconfig_train_net.py",
-        "--config-file",
-        str(OFAT),
-        *flags,
-        *TINY,
-        "train.epochs=1",
-        "dataloader.train.total_batch_size=4",
-        "train.warmup_iters=1",
-        f"train.output_dir={out}",
-    ]
-
-
 @pytest.mark.slow
 def test_detectron2_auto_batch_plans_against_a_cpu_budget_and_reuses_the_plan(heads_data, tmp_path):
     env = {"RAT_DATASETS": str(heads_data)}
     out = tmp_path / "run"
-    run_cmd(_tool(out, "--auto-batch", "--memory-budget-gb", "64"), env=env)
+    run_cmd(tiny_ofat_command(out, "--auto-batch", "--memory-budget-gb", "64", batch=4), env=env)
     plan = json.loads((out / "batch_plan.json").read_text())
     assert (plan["micro_batch"], plan["accumulation"], plan["per_process_batch"]) == (4, 1, 4)
     assert "Auto batch: micro-batch 4 x 1 accumulation steps" in (out / "log.txt").read_text()
@@ -83,12 +64,18 @@ def test_detectron2_auto_batch_plans_against_a_cpu_budget_and_reuses_the_plan(he
     # a budget just below the measured peak of 4 images: fewer per forward pass, the rest accumulated
     half = tmp_path / "half"
     budget_gb = (measured * 0.99) / 1024
-    run_cmd(_tool(half, "--auto-batch", "--memory-budget-gb", f"{budget_gb:.6f}"), env=env)
+    run_cmd(tiny_ofat_command(half, "--auto-batch", "--memory-budget-gb", f"{budget_gb:.6f}", batch=4), env=env)
     plan = json.loads((half / "batch_plan.json").read_text())
     assert plan["micro_batch"] in (1, 2) and plan["micro_batch"] * plan["accumulation"] == 4, plan
     assert "Gradient accumulation" in (half / "log.txt").read_text()
     # the resumed run reads the plan instead of probing again
-    run_cmd(_tool(half, "--auto-batch", "--memory-budget-gb", f"{budget_gb:.6f}", "--resume"), env=env)
+    run_cmd(
+        tiny_ofat_command(half, "--auto-batch", "--memory-budget-gb", f"{budget_gb:.6f}", "--resume", batch=4), env=env
+    )
     assert f"(the plan in {half})" in (half / "log.txt").read_text()
-    refused = run_cmd(_tool(tmp_path / "tiny", "--auto-batch", "--memory-budget-gb", "0.0001"), env=env, check=False)
+    refused = run_cmd(
+        tiny_ofat_command(tmp_path / "tiny", "--auto-batch", "--memory-budget-gb", "0.0001", batch=4),
+        env=env,
+        check=False,
+    )
     assert refused.returncode == 2 and "error: not even a micro-batch of 1 fits in 0 MB on cpu" in refused.stderr

@@ -7,9 +7,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import REPO, TINY, run_cmd
-
-OFAT = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
+from _helpers import run_cmd, tiny_ofat_command
 
 
 def test_clip_grad_norm_hook_clips_and_logs_the_norm_before():
@@ -30,27 +28,11 @@ def test_clip_grad_norm_hook_clips_and_logs_the_norm_before():
     assert before > 1.0 and logged == pytest.approx(float(before)) and float(after) == pytest.approx(1.0, rel=1e-5)
 
 
-def _detectron2(out, *extra):
-    return [
-        sys.executable,
-        "tools/lazyconfig_train_net.py",
-        "--config-file",
-        str(OFAT),
-        *extra,
-        *TINY,
-        "train.epochs=1",
-        "dataloader.train.total_batch_size=2",
-        "train.warmup_iters=1",
-        "train.log_period=1",
-        f"train.output_dir={out}",
-    ]
-
-
 @pytest.mark.slow
 def test_detectron2_trains_with_bf16_checkpointing_and_clipping_on_cpu(heads_data, tmp_path):
     out = tmp_path / "run"
     flags = ["--amp-dtype", "bfloat16", "--activation-checkpointing", "--clip-grad", "0.5"]
-    proc = run_cmd(_detectron2(out, *flags), env={"RAT_DATASETS": str(heads_data)})
+    proc = run_cmd(tiny_ofat_command(out, *flags), env={"RAT_DATASETS": str(heads_data)})
     log = (out / "log.txt").read_text()
     assert "Activation checkpointing: backbone.net" in log, proc.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
@@ -61,7 +43,7 @@ def test_detectron2_trains_with_bf16_checkpointing_and_clipping_on_cpu(heads_dat
 
 
 def test_detectron2_float16_on_cpu_is_refused_with_the_fix(heads_data, tmp_path):
-    proc = run_cmd(_detectron2(tmp_path / "run", "--amp"), env={"RAT_DATASETS": str(heads_data)}, check=False)
+    proc = run_cmd(tiny_ofat_command(tmp_path / "run", "--amp"), env={"RAT_DATASETS": str(heads_data)}, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: train.amp with float16 needs a CUDA device (loss scaling); on CPU use bfloat16" in proc.stderr
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from _helpers import REPO, TINY, run_cmd
+from _helpers import run_cmd, tiny_ofat_command
 
 
 def _client(uri):
@@ -85,29 +85,11 @@ def test_a_server_that_is_down_warns_once_and_training_goes_on(tmp_path, monkeyp
 
 
 # -- both tool families, end to end -----------------------------------------------------------------
-OFAT = REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"
-
-
-def _detectron2_args(out):
-    return [
-        sys.executable,
-        "tools/lazyconfig_train_net.py",
-        "--config-file",
-        str(OFAT),
-        *TINY,
-        "train.epochs=1",
-        "dataloader.train.total_batch_size=2",
-        "train.warmup_iters=1",
-        "train.log_period=1",
-        f"train.output_dir={out}",
-    ]
-
-
 @pytest.mark.slow
 def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
     out = tmp_path / "work_dirs" / "ofat_baseline_lr0.001_bs8_adamw_ep100"
     env = {"RAT_DATASETS": str(heads_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""}
-    args = _detectron2_args(out)
+    args = tiny_ofat_command(out)
     run_cmd(args, env=env)
     run_cmd(args[:2] + ["--resume"] + args[2:], env=env)  # finished: the final test again, same MLflow run
     uri = f"sqlite:///{tmp_path / 'work_dirs' / 'mlflow.db'}"
@@ -159,7 +141,7 @@ def test_mmseg_run_and_its_resume_log_one_mlflow_run(fundus_data, tmp_path):
 def test_detectron2_run_logs_to_a_real_tracking_server(mlflow_server, heads_data, tmp_path):
     out = tmp_path / "ofat"
     env = {"RAT_DATASETS": str(heads_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": mlflow_server}
-    run_cmd(_detectron2_args(out), env=env)
+    run_cmd(tiny_ofat_command(out), env=env)
     client, run = _only_run(mlflow_server, "OFAT")
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "total_loss")) == 4
