@@ -23,6 +23,7 @@ from detectron2.engine import default_argument_parser
 
 import rat_plugins.detectron2  # noqa: F401  (registers the plugin's components)
 from rat_plugins.detectron2.engine import launch_from_cli
+from rat_plugins.engine.memory_cli import add_memory_arguments
 
 
 def parse_args(argv=None):
@@ -34,37 +35,7 @@ def parse_args(argv=None):
         help="images per forward pass per process; gradients are accumulated "
         "up to the config's batch (dataloader.train.total_batch_size)",
     )
-    parser.add_argument("--amp", action="store_true", help="mixed precision (train.amp.enabled=True)")
-    parser.add_argument(
-        "--amp-dtype",
-        choices=["float16", "bfloat16"],
-        default=None,
-        help="the autocast type (train.amp.dtype): float16 with loss scaling (CUDA), bfloat16 (CUDA or CPU)",
-    )
-    parser.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute the backbone blocks' activations in the backward pass (train.activation_checkpointing)",
-    )
-    parser.add_argument(
-        "--clip-grad",
-        type=float,
-        default=None,
-        metavar="MAX_NORM",
-        help="clip gradients by total norm (train.clip_grad_norm)",
-    )
-    parser.add_argument(
-        "--auto-batch",
-        action="store_true",
-        help="the largest micro-batch that fits this device, gradients accumulated up to the config's batch "
-        "(train.auto_batch)",
-    )
-    parser.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        default=None,
-        help="CPU: the RAM --auto-batch may plan for (default 60%% of the available memory)",
-    )
+    add_memory_arguments(parser, amp_help="mixed precision (train.amp.enabled; float16 needs CUDA)")
     return parser.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ from mmengine.runner import Runner
 
 from ..engine import run_record
 from ..engine.checkpoints import checkpoint_problem
+from ..engine.memory_cli import add_memory_arguments
 from ..utils.config_keys import ConfigError, did_you_mean
 from . import hooks  # noqa: F401  (registers SafeCheckpointHook, GracefulStopHook, CheckpointFitHook)
 from .checkpoint import RESUME_PATTERNS, choose_mm_resume_checkpoint
@@ -70,37 +71,7 @@ def train_parser():
         action="store_true",
         help="continue from the work dir's last checkpoint, or the newest intact one when that is damaged",
     )
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper; CUDA)")
-    p.add_argument(
-        "--amp-dtype",
-        choices=["float16", "bfloat16"],
-        default=None,
-        help="the autocast type of --amp (optim_wrapper.dtype): float16 with loss scaling, bfloat16",
-    )
-    p.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute the backbone blocks' activations in the backward pass (the backbones' "
-        "grad_checkpointing / with_cp)",
-    )
-    p.add_argument(
-        "--clip-grad",
-        type=float,
-        default=None,
-        metavar="MAX_NORM",
-        help="clip gradients by total norm (optim_wrapper.clip_grad.max_norm)",
-    )
-    p.add_argument(
-        "--auto-batch",
-        action="store_true",
-        help="the largest micro-batch that fits this device; each iteration accumulates the config's batch",
-    )
-    p.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        default=None,
-        help="CPU: the RAM --auto-batch may plan for (default 60%% of the available memory)",
-    )
+    add_memory_arguments(p, amp_help="mixed precision (mmengine's AmpOptimWrapper; CUDA only)")
     return p
 
 
