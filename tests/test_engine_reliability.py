@@ -258,3 +258,19 @@ def test_replayed_batches_continue_the_uninterrupted_stream():
     torch.manual_seed(0)
     np.random.seed(0)
     assert [next(iter(ReplayableBatches(_RandomLoader(), seed=-1, rank=0)))] == plain
+
+
+def test_preserved_random_state_restores_every_generator():
+    from rat_plugins.engine.reproducible import preserved_random_state
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    with preserved_random_state():  # work that draws from all three
+        torch.rand(100), np.random.rand(100), [random.random() for _ in range(100)]
+    after = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(after[0], expected[0]) and (after[1] == expected[1]).all() and after[2] == expected[2]

@@ -18,6 +18,7 @@ from ..engine.batch_fit import (
     plan_key,
     save_plan,
 )
+from ..engine.reproducible import preserved_random_state
 from ..utils.config_keys import ConfigError
 
 __all__ = ["fit_batch"]
@@ -46,7 +47,8 @@ def fit_batch(cfg, model, optimizer, flat_config: dict) -> int:
     if plan is not None:
         logger.info("Auto batch: %s (the plan in %s)", plan.describe(), cfg.train.output_dir)
     else:
-        plan = _probe(cfg, model, optimizer, per_process, device, key)
+        with preserved_random_state():  # a resumed run reads the plan and skips the probe: same streams
+            plan = _probe(cfg, model, optimizer, per_process, device, key)
         if comm.is_main_process():
             save_plan(cfg.train.output_dir, plan)
         logger.info("Auto batch: %s", plan.describe())

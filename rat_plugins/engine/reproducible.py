@@ -20,12 +20,13 @@ Exact equality also needs the same world size and deterministic kernels (the CPU
 import logging
 import random
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["reseed_for_batch", "ReplayableBatches"]
+__all__ = ["reseed_for_batch", "ReplayableBatches", "preserved_random_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,19 @@ def reseed_for_batch(seed: int, rank: int, batch: int) -> None:
     random.seed(int(words[0]))
     np.random.seed(int(words[0]))
     torch.manual_seed((int(words[0]) << 32) | int(words[1]))  # all CUDA devices too
+
+
+@contextmanager
+def preserved_random_state():
+    """Python's, numpy's and torch's (CPU and CUDA) generators as they were, on exit: for work before training
+    that must not shift the run's random streams (the auto-batch probe, which a resumed run skips)."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 class ReplayableBatches:

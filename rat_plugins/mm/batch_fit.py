@@ -17,6 +17,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 from ..engine.batch_fit import cpu_budget_mb, fit_micro_batch, load_plan, measure_cpu_step, plan_key, save_plan
+from ..engine.reproducible import preserved_random_state
 
 __all__ = ["fit_runner_batch", "micro_batched_train_step", "split_batch"]
 
@@ -75,7 +76,8 @@ def fit_runner_batch(runner, cfg, budget_gb=None) -> int:
     key = plan_key({k: v for k, v in flat.items() if not k.startswith(tuple(ignore))}, device, get_world_size())
     plan = load_plan(cfg.work_dir, key)
     if plan is None:
-        plan = _probe(runner, cfg, per_process, device, budget_gb)
+        with preserved_random_state():  # a resumed run reads the plan and skips the probe: same streams
+            plan = _probe(runner, cfg, per_process, device, budget_gb)
         plan.key = key
         if get_rank() == 0:
             save_plan(cfg.work_dir, plan)
