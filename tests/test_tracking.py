@@ -147,3 +147,23 @@ def test_detectron2_run_logs_to_a_real_tracking_server(mlflow_server, heads_data
     assert len(client.get_metric_history(run.info.run_id, "total_loss")) == 4
     assert "final_metrics.json" in _artifacts(client, run.info.run_id)  # uploaded through the server
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_etram_run_logs_its_experiment_record(events_data, tmp_path):
+    from test_rvt_train import PATCH2, _tiny_options
+
+    work = tmp_path / "work_dirs" / "patch2"
+    env = {"RAT_DATASETS": str(events_data), "RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""}
+    run_cmd(
+        [sys.executable, "tools/train.py", str(PATCH2), "--work-dir", str(work), "--cfg-options"]
+        + _tiny_options((0, 1, 2, 3)),
+        env=env,
+    )
+    client, run = _only_run(f"sqlite:///{tmp_path / 'work_dirs' / 'mlflow.db'}", "eTraM")
+    assert run.info.status == "FINISHED" and "final/val/coco/bbox_mAP_s" in run.data.metrics
+    record = {a.path for a in client.list_artifacts(run.info.run_id, "record")}
+    names = ("hypothesis.md", "modifications.md", "command.md", "code_changes.md")
+    assert record == {f"record/{name}" for name in names}
+    hypothesis = (work / "record" / "hypothesis.md").read_text()
+    assert "Small objects" in hypothesis and "maxvit_yolox_patch4_3scale_baseline.py" in hypothesis

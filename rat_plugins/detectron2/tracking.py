@@ -11,7 +11,7 @@ from typing import Dict, Optional
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from ..tracking import MlflowRun, experiment_for_config, flatten_metrics, tracking_enabled
+from ..tracking import MlflowRun, experiment_for_config, tracking_enabled
 
 __all__ = ["MLflowWriter", "start_tracking", "end_tracking"]
 
@@ -51,9 +51,6 @@ def end_tracking(run: Optional[MlflowRun], cfg, status: str, final: Optional[dic
     """The final metrics and the run's files as artifacts, then the run's end status."""
     if run is None:
         return
-    if final is not None:
-        run.log_metrics(flatten_metrics(final, "final"), step=cfg.train.max_iter)
-    out = cfg.train.output_dir
     names = ("config.yaml", "run_config.json", "metrics.json", "final_metrics.json", "eval_metrics.json")
-    run.log_artifacts(os.path.join(out, name) for name in names)
-    run.finish(status)
+    files = [os.path.join(cfg.train.output_dir, name) for name in names]
+    run.close(status, final, step=cfg.train.max_iter, files=files)

@@ -31,6 +31,7 @@ __all__ = [
     "base_files",
     "render",
     "write_record",
+    "record_for_run",
     "main",
 ]
 
@@ -422,6 +423,19 @@ def write_record(files: dict, out: str, force: bool = False) -> list:
         if status[name] != "unchanged":
             atomic_write_text(osp.join(out, name), text)
     return list(status.items())
+
+
+def record_for_run(config_path: str, out: str) -> list:
+    """The record of a config that holds ``experiment``, against the config it inherits from first
+    (its baseline), written into ``out`` (a run's work dir); returns the files' paths."""
+    bases = [b for b in base_files(config_path) if "::" not in b and "{{" not in b]
+    if not bases:
+        raise RecordError(f"{config_path} inherits from no config file: no baseline to write its record against")
+    base_path = osp.normpath(osp.join(osp.dirname(config_path), bases[0]))
+    cfg, base = load(config_path), load(base_path)
+    files = render(config_path, base_path, cfg, base, experiment_fields(cfg, config_path))
+    write_record(files, out, force=True)  # the run's own copy: the config that ran is the truth
+    return [osp.join(out, name) for name in files]
 
 
 def main(argv=None) -> int:

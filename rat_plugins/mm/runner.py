@@ -263,25 +263,39 @@ def add_tracking(cfg: Config) -> Config:
 
 
 def end_tracking(cfg: Config, stopped: bool) -> None:
-    """After training (rank 0): the final metrics and the run's files into its MLflow run, and its end status."""
+    """After training (rank 0): the final metrics, the run's files and, for a config that holds an
+    ``experiment`` (eTraM), its experiment record into its MLflow run, then its end status."""
     import glob
+    import json
 
-    from ..tracking import continue_run, flatten_metrics
+    from ..tracking import continue_run
 
     run = continue_run(cfg.work_dir)
     if run is None:
         return
-    final = osp.join(cfg.work_dir, "final_metrics.json")
-    if not stopped and osp.isfile(final):
-        import json
-
-        with open(final) as f:
+    final_file, final, step = osp.join(cfg.work_dir, "final_metrics.json"), None, 0
+    if not stopped and osp.isfile(final_file):
+        with open(final_file) as f:
             metrics = json.load(f)
-        run.log_metrics(flatten_metrics(metrics.get("val", {}), "final/val"), step=metrics.get("iter", 0))
+        final, step = {"val": metrics.get("val", {})}, metrics.get("iter", 0)
     config_dump = osp.join(cfg.work_dir, osp.basename(cfg.filename)) if cfg.filename else ""
     scalars = sorted(glob.glob(osp.join(cfg.work_dir, "*", "vis_data", "scalars.json")))
-    run.log_artifacts([config_dump, osp.join(cfg.work_dir, "run_config.json"), final, *scalars[-1:]])
-    run.finish("KILLED" if stopped else "FINISHED")
+    files = [config_dump, osp.join(cfg.work_dir, "run_config.json"), final_file, *scalars[-1:]]
+    status = "KILLED" if stopped else "FINISHED"
+    run.close(status, final, step=step, files=files, folders={"record": experiment_record(cfg)})
+
+
+def experiment_record(cfg: Config) -> List[str]:
+    """The experiment record of a config that holds ``experiment``, in ``<work_dir>/record`` ([] without)."""
+    from ..experiments.records import RecordError, record_for_run
+
+    if not cfg.get("experiment") or not cfg.filename or not osp.isfile(cfg.filename):
+        return []
+    try:
+        return record_for_run(cfg.filename, osp.join(cfg.work_dir, "record"))
+    except RecordError as e:  # a record that cannot be written must not fail a finished run
+        print_log(f"experiment record not written: {e}", logger="current", level=logging.WARNING)
+        return []
 
 
 def checkpoint_dir(cfg: Config) -> str:

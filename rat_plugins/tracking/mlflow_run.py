@@ -70,14 +70,26 @@ def tracking_uri(work_dir, configured: Optional[str] = None) -> str:
     return uri
 
 
+# the studies' names, where a project's folder alone does not say which study a config belongs to
+_STUDIES = {
+    ("RAT", ""): "RAT ISIC",
+    ("RAT", "ablations"): "RAT ISIC",
+    ("RAT", "coco"): "RAT COCO",
+    ("RVT", ""): "eTraM",
+}
+
+
 def experiment_for_config(config_file) -> str:
     """The experiment's name from where the config sits: ``projects/ViTDet/configs/OFAT/x.py`` -> ``OFAT``,
-    ``projects/SETR/configs/x.py`` -> ``SETR``."""
+    ``projects/SETR/configs/x.py`` -> ``SETR``, ``projects/RAT/configs/ablations/x.py`` -> ``RAT ISIC``,
+    ``projects/RAT/configs/coco/x.py`` -> ``RAT COCO``, ``projects/RVT/configs/x.py`` -> ``eTraM``."""
     parts = Path(config_file).resolve().parts
     if "configs" in parts:
         i = len(parts) - 1 - parts[::-1].index("configs")
+        project = parts[i - 1]
         inside = parts[i + 1 : -1]
-        return inside[0] if inside and inside[0] != "_base_" else parts[i - 1]
+        folder = inside[0] if inside and inside[0] != "_base_" else ""
+        return _STUDIES.get((project, folder)) or folder or project
     return Path(config_file).stem
 
 
@@ -242,6 +254,23 @@ class MlflowRun:
         for path in paths:
             if self.active and Path(path).is_file():
                 self._guard(f"uploading {path}", self._client.log_artifact, self.run_id, str(path), folder)
+
+    def close(
+        self,
+        status: str,
+        final: Optional[Mapping[str, Any]] = None,
+        step: int = 0,
+        files: Iterable = (),
+        folders: Optional[Mapping[str, Iterable]] = None,
+    ) -> None:
+        """The end of a training run: its final metrics (as ``final/...`` at ``step``), its files as
+        artifacts (``folders``: more files under a named artifact folder), then its end status."""
+        if final:
+            self.log_metrics(flatten_metrics(final, "final"), step=step)
+        self.log_artifacts(files)
+        for folder, paths in (folders or {}).items():
+            self.log_artifacts(paths, folder)
+        self.finish(status)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, or KILLED (stopped by a signal: a resume continues it)."""
