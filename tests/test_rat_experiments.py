@@ -91,6 +91,7 @@ def quick_run(tmp_path_factory):
             str(work),
         ],
         timeout=900,
+        env={"RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""},
     )
     return work, proc
 
@@ -131,6 +132,25 @@ def test_quick_chain_trains_tests_and_collects(quick_run):
     # a second call skips what is done
     again = run_cmd(RUNNER + ["segmentation", "--quick", "--work-dir", str(work)])
     assert again.stdout.count("done before, skipped") == 3
+
+
+@pytest.mark.slow
+def test_results_table_from_the_mlflow_store(quick_run, tmp_path):
+    work, _ = quick_run
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    run_cmd(RUNNER + ["segmentation", "--quick", "--work-dir", str(tmp_path), "--mlflow", store])
+    from_store, from_files = _read_csv(tmp_path / "results.csv"), _read_csv(work / "results.csv")
+    assert [r["experiment"] for r in from_store] == [r["experiment"] for r in from_files]
+    for stored, filed in zip(from_store, from_files):
+        assert stored["status"] == "ok" and stored["iters"] == filed["iters"] == "3"
+        assert stored["checkpoint"] == filed["checkpoint"]
+        for metric in ("Dice", "IoU", "Sensitivity", "Specificity", "train_seconds"):
+            assert float(stored[metric]) == pytest.approx(float(filed[metric]), abs=0.01), metric
+    missing = run_cmd(
+        RUNNER + ["segmentation", "--work-dir", str(tmp_path), "--mlflow", f"sqlite:///{tmp_path / 'none.db'}"],
+        check=False,
+    )
+    assert missing.returncode == 2 and "no 'RAT ISIC' experiment in the MLflow store" in missing.stderr
 
 
 @pytest.mark.slow

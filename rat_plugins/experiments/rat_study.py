@@ -22,6 +22,8 @@ from . import REPO
 from .robustness import METRICS, evaluate_at_resolutions, plot_robustness, resize_transforms, robustness_rows
 from .tables import write_table
 
+STUDY = "RAT ISIC"  # the MLflow experiment the study's runs log to (the name their configs' folder gives)
+
 __all__ = [
     "CONFIGS",
     "SEGMENTATION",
@@ -155,7 +157,8 @@ def load_run_config(config: Path, work_dir: Path, args):
 
 def train_and_test(config: Path, group: str, args) -> dict:
     """Train one config, test its best checkpoint on the test split, write and return ``result.json``."""
-    from rat_plugins.mm.runner import build_runner
+    from rat_plugins.mm.runner import add_tracking, build_runner
+    from rat_plugins.tracking import continue_run
 
     work_dir = Path(args.work_dir) / group / config.stem
     result_path = work_dir / "result.json"
@@ -165,10 +168,11 @@ def train_and_test(config: Path, group: str, args) -> dict:
     print(f"[rat] {group}/{config.stem}: training in {work_dir}")
     start = time.perf_counter()
     cfg = load_run_config(config, work_dir, args)
+    test_cfg = copy.deepcopy(cfg)  # the test logs into the training's MLflow run below, not a run of its own
+    add_tracking(cfg, run_name=f"{group}/{config.stem}", tracking_uri=study_store(args.work_dir))
     build_runner(cfg).train()
     train_seconds = time.perf_counter() - start
     checkpoint = best_checkpoint(work_dir)
-    test_cfg = copy.deepcopy(cfg)  # the Runner worked on its own copy: cfg is as loaded
     test_cfg.load_from = str(checkpoint)
     test_cfg.experiment_name = f"{config.stem}_test_{time.time_ns()}"
     metrics = build_runner(test_cfg).test()
@@ -187,7 +191,52 @@ def train_and_test(config: Path, group: str, args) -> dict:
         **{k: float(v) for k, v in metrics.items()},
     }
     atomic_write_text(result_path, json.dumps(result, indent=2))
+    run = continue_run(work_dir)
+    if run is not None:
+        run.log_metrics({"train_seconds": result["train_seconds"]}, step=result["iters"])
+        run.set_tags({"checkpoint": str(checkpoint), "group": group})
+        run.close("FINISHED", {"test": metrics}, step=result["iters"], files=[result_path, run_config])
     return result
+
+
+def study_store(work_dir) -> str:
+    """One MLflow store for the whole study: ``$MLFLOW_TRACKING_URI``, else ``<work dir>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path(work_dir).resolve() / "mlflow.db")
+
+
+def mlflow_results(uri: str) -> list:
+    """The study's rows from an MLflow store, as :func:`collect` reads them from the work dirs: the
+    newest run of each experiment, its test metrics (``final/test/...``) and what ``result.json`` holds."""
+    from mlflow.tracking import MlflowClient
+
+    from rat_plugins.utils.config_keys import ConfigError
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(STUDY)
+    if experiment is None:
+        raise ConfigError(
+            f"no {STUDY!r} experiment in the MLflow store {uri}: give the store the study's runs logged to"
+        )
+    newest = {}
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+        newest[run.info.run_name] = run
+    rows = []
+    for name, run in newest.items():
+        group, _, experiment_name = name.partition("/")
+        metrics, tested = run.data.metrics, "final/test/Dice" in run.data.metrics
+        rows.append(
+            {
+                "group": group,
+                "experiment": experiment_name,
+                "status": "ok" if tested else f"not tested ({run.info.status})",
+                **{m: metrics.get(f"final/test/{m}") for m in METRICS},
+                "train_seconds": metrics.get("train_seconds"),
+                "iters": run.data.params.get("train_cfg.max_iters"),
+                "checkpoint": run.data.tags.get("checkpoint"),
+            }
+        )
+    order = {g: i for i, g in enumerate(GROUPS)}
+    return sorted(rows, key=lambda r: (order.get(r["group"], len(order)), r["experiment"]))
 
 
 def run_robustness(args, seg_results) -> list:
@@ -239,6 +288,12 @@ def collect(work_dir: Path) -> list:
         for path in sorted((work_dir / group).glob("*/result.json")):
             rows.append(json.loads(path.read_text()))
     return rows
+
+
+def write_results(rows, work_dir: Path, quick: bool) -> str:
+    """``results.{md,csv}`` in the work dir; returns the Markdown."""
+    title = "RAT on ISIC 2018" + (" (quick mode: synthetic data)" if quick else "")
+    return write_table(rows, RESULT_COLUMNS, work_dir / "results.md", work_dir / "results.csv", title=title)
 
 
 # ----------------------------------------------------------------------------- sweeps on a scheduler
@@ -298,6 +353,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--max-attention-gb", type=float, default=8.0)
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="only write the results table, from an MLflow store instead of the work dirs (default URI: "
+        "sqlite:///<work-dir>/mlflow.db, the store the study's runs log to)",
+    )
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments (config names) of the groups")
     p.add_argument(
@@ -322,6 +385,16 @@ def main(argv=None) -> int:
     if args.sweep_manifest:
         print(sweep_manifest(args, argv if argv is not None else sys.argv[1:]))
         return 0
+    if args.mlflow is not None:
+        from rat_plugins.utils.config_keys import ConfigError
+
+        try:
+            rows = [r for r in mlflow_results(args.mlflow or study_store(work_dir)) if r["group"] in args.groups]
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(write_results(rows, work_dir, args.quick))
+        return 0
     known = {c.stem for g in args.groups if g != "robustness" for c in group_configs(g)}
     unknown = sorted(set(args.only or ()) - known)
     if unknown:
@@ -344,14 +417,7 @@ def main(argv=None) -> int:
                 failed.append((group, config.stem, f"{type(e).__name__}: {e} (logs in {logs})"))
     results = collect(work_dir)
     rows = results + [{"group": group, "experiment": name, "status": "failed"} for group, name, _ in failed]
-    markdown = write_table(
-        rows,
-        RESULT_COLUMNS,
-        work_dir / "results.md",
-        work_dir / "results.csv",
-        title="RAT on ISIC 2018" + (" (quick mode: synthetic data)" if args.quick else ""),
-    )
-    print(markdown)
+    print(write_results(rows, work_dir, args.quick))
     failures = [f"{group}/{name}: {why}" for group, name, why in failed]
     if "robustness" in args.groups:
         seg = {r["experiment"]: r for r in results if r["group"] == "segmentation"}

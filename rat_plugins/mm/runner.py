@@ -247,9 +247,9 @@ def prepare_training(cfg: Config) -> Config:
     return cfg
 
 
-def add_tracking(cfg: Config) -> Config:
-    """Add :class:`~rat_plugins.mm.tracking.ProjectMLflowVisBackend` to the visualizer (unless ``$RAT_TRACKING=0``
-    or the config lists an MLflow backend of its own)."""
+def add_tracking(cfg: Config, **backend) -> Config:
+    """Add :class:`~rat_plugins.mm.tracking.ProjectMLflowVisBackend` (with ``backend``'s arguments: run name,
+    tracking URI) to the visualizer (unless ``$RAT_TRACKING=0`` or the config lists an MLflow backend of its own)."""
     from ..tracking import tracking_enabled
 
     visualizer = cfg.get("visualizer")
@@ -257,7 +257,7 @@ def add_tracking(cfg: Config) -> Config:
         return cfg
     backends = list(visualizer.get("vis_backends") or [])
     if not any("MLflow" in str(b.get("type", "")) for b in backends if isinstance(b, dict)):
-        backends.append(dict(type="ProjectMLflowVisBackend"))
+        backends.append(dict(type="ProjectMLflowVisBackend", **backend))
     visualizer["vis_backends"] = backends
     return cfg
 

@@ -255,6 +255,11 @@ class MlflowRun:
             if self.active and Path(path).is_file():
                 self._guard(f"uploading {path}", self._client.log_artifact, self.run_id, str(path), folder)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            if self.active:
+                self._guard(f"tagging {key}", self._client.set_tag, self.run_id, key, str(value))
+
     def close(
         self,
         status: str,
