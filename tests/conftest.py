@@ -119,6 +119,48 @@ def slurm_cluster(tmp_path_factory):
         subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, text=True, timeout=120)
 
 
+# -- DeepSpeed, in a folder of its own put on PYTHONPATH only by the tests that train with it -----------
+# (installed into the venv, mmengine imports it with every Runner: seconds per process for every test)
+def _deepspeed_site():
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    constraints = repo / "requirements" / "constraints.txt"
+    version = re.search(r"^deepspeed==(\S+)", constraints.read_text(), re.M).group(1)
+    site = Path(os.environ.get("RAT_DEEPSPEED_SITE", Path.home() / ".cache" / "rat-plugins" / f"deepspeed-{version}"))
+    if not (site / ".complete").is_file():
+        import tomllib
+
+        extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
+        missing = []
+        for name in extra:  # what the venv already has stays the venv's
+            try:
+                importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(name)
+        print(f"installing {' '.join(missing)} into {site} (DeepSpeed's ops left to JIT)", file=sys.stderr)
+        step = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+        step += ["--no-build-isolation", "--target", str(site), "-c", str(constraints), *missing]
+        env = dict(os.environ, DS_BUILD_OPS="0")
+        proc = subprocess.run(step, capture_output=True, text=True, timeout=1200, env=env)
+        if proc.returncode != 0:
+            pytest.fail(f"cannot install DeepSpeed into {site}: {proc.stderr[-2000:]}")
+        (site / ".complete").write_text(version)
+    return site
+
+
+@pytest.fixture(scope="session")
+def deepspeed_env():
+    """The environment of a process that has DeepSpeed installed (its folder first on PYTHONPATH)."""
+    site = str(_deepspeed_site())
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": site + (os.pathsep + path if path else ""), "DS_ACCELERATOR": "cpu"}
+
+
 # -- a real MLflow tracking server on 127.0.0.1, from the full mlflow package in a venv of its own --
 def _mlflow_server_python():
     """The server venv's python (created once per version in ~/.cache/rat-plugins; the training venv has

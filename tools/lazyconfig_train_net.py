@@ -36,7 +36,17 @@ def parse_args(argv=None):
         "up to the config's batch (dataloader.train.total_batch_size)",
     )
     add_memory_arguments(parser, amp_help="mixed precision (train.amp.enabled; float16 needs CUDA)")
-    return parser.parse_args(argv)
+    parser.add_argument("--deepspeed", metavar="STAGE", help="not in this tool family: see the error it gives")
+    args = parser.parse_args(argv)
+    if args.deepspeed is not None:
+        parser.exit(
+            2,
+            f"error: --deepspeed {args.deepspeed}: detectron2's trainer has no DeepSpeed path. DeepSpeed ZeRO "
+            "runs through the OpenMMLab tool family: python tools/train.py CONFIG --deepspeed zero2|zero3 "
+            "(mmengine's FlexibleRunner); here, --activation-checkpointing, --amp-dtype bfloat16 and "
+            "--micro-batch fit a run into memory\n",
+        )
+    return args
 
 
 def invoke_main(argv=None):

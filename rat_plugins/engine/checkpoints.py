@@ -84,9 +84,24 @@ class _WriteErrorRecorder:
         self._file.flush()
 
 
+def _deepspeed_checkpoint_problem(folder: Path) -> Optional[str]:
+    """A DeepSpeed checkpoint is a folder: the model states of rank 0 and each rank's ZeRO shard."""
+    files = sorted(folder.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        return "the folder holds no DeepSpeed model states (*model_states.pt)"
+    for f in files:
+        problem = checkpoint_problem(f)
+        if problem is not None:
+            return f"{f.name}: {problem}"
+    return None
+
+
 def checkpoint_problem(path: PathLike) -> Optional[str]:
-    """Why ``path`` cannot be resumed from (missing, empty, truncated, not a checkpoint), or None."""
+    """Why ``path`` cannot be resumed from (missing, empty, truncated, not a checkpoint), or None.
+    A folder is a DeepSpeed checkpoint (every ``.pt`` in it checked)."""
     path = Path(path)
+    if path.is_dir():
+        return _deepspeed_checkpoint_problem(path)
     if not path.is_file():
         return "the file does not exist"
     size = path.stat().st_size
@@ -126,7 +141,8 @@ def checkpoint_candidates(folder: PathLike, patterns: Iterable[str]) -> List[Pat
     a final checkpoint (``model_final.pth``) counts as newer than any numbered one.
     """
     folder = Path(folder)
-    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")}
+    # files, and DeepSpeed's checkpoint folders (named as the files would be: iter_4.pth/)
+    found = {p for pattern in patterns for p in folder.glob(pattern) if p.exists() and not p.name.startswith(".")}
 
     def order(p: Path):
         final = "final" in p.stem

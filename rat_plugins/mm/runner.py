@@ -72,6 +72,10 @@ def train_parser():
         help="continue from the work dir's last checkpoint, or the newest intact one when that is damaged",
     )
     add_memory_arguments(p, amp_help="mixed precision (mmengine's AmpOptimWrapper; CUDA only)")
+    engines = p.add_argument_group("DeepSpeed (mmengine's FlexibleRunner + DeepSpeedStrategy)")
+    engines.add_argument("--deepspeed", choices=["zero2", "zero3"], help="train with DeepSpeed ZeRO stage 2 or 3")
+    engines.add_argument("--offload-optimizer", choices=["cpu"], help="ZeRO: optimizer state in CPU memory")
+    engines.add_argument("--offload-param", choices=["cpu"], help="ZeRO-3: parameters in CPU memory")
     return p
 
 
@@ -139,7 +143,13 @@ def load_config(args) -> Config:
         if cfg.get("model_wrapper_cfg") is None:
             cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
     _memory_switches(cfg, args)
-    if getattr(args, "amp", False) or getattr(args, "amp_dtype", None):
+    if getattr(args, "deepspeed", None) or cfg.get("deepspeed"):
+        from .deepspeed import use_deepspeed  # precision goes into DeepSpeed's config, not AmpOptimWrapper
+
+        use_deepspeed(cfg, args)
+    elif getattr(args, "offload_optimizer", None) or getattr(args, "offload_param", None):
+        raise ConfigError("--offload-optimizer / --offload-param need --deepspeed zero2|zero3")
+    elif getattr(args, "amp", False) or getattr(args, "amp_dtype", None):
         if not torch.cuda.is_available():
             raise ConfigError(
                 "--amp: mmengine's AmpOptimWrapper needs a CUDA device; on CPU train in full precision "
@@ -215,6 +225,10 @@ def build_runner(cfg: Config) -> Runner:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    if isinstance(runner.model, dict):
+        # a FlexibleRunner (DeepSpeed) builds its model only in train(), after the data loaders: built
+        # here, as a Runner builds it, its initial weights are those of the same config under a Runner
+        runner.model = runner.strategy.build_model(runner.model)
     from mmengine.dist import get_dist_info
 
     from ..cluster.environment import coordinates_line
@@ -378,6 +392,12 @@ def record_run_config(cfg: Config, runner: Runner) -> Path:
     randomness = cfg.get("randomness") or {}
     reproducibility = run_record.reproducibility_settings(runner.seed, randomness.get("deterministic", False))
     reproducibility["diff_rank_seed"] = bool(randomness.get("diff_rank_seed", False))
+    strategy = cfg.get("strategy") or {}
+    if strategy.get("type") == "SafeDeepSpeedStrategy":  # what DeepSpeed was given, readable
+        from ..utils.atomic import atomic_write_json
+        from .deepspeed import CONFIG_FILE
+
+        atomic_write_json(Path(cfg.work_dir) / CONFIG_FILE, strategy["config"], indent=2)
     return run_record.record_run_config(cfg.work_dir, comparable_config(cfg)[0], reproducibility)
 
 
