@@ -62,26 +62,6 @@ def test_zero_stage_names():
         zero_stage("zero1")
 
 
-def test_frozen_parameters_get_no_optimizer_state():
-    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
-
-    import rat_plugins.mm  # noqa: F401
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    model[0].requires_grad_(False)
-    constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(
-        dict(
-            type="TrainableParamsOptimWrapperConstructor",
-            optim_wrapper_cfg=dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05)),
-            paramwise_cfg=dict(custom_keys={"1.bias": dict(decay_mult=0.0)}),
-        )
-    )
-    optimizer = constructor(model).optimizer
-    kept = [p for group in optimizer.param_groups for p in group["params"]]
-    assert {id(p) for p in kept} == {id(model[1].weight), id(model[1].bias)}
-    assert [g["weight_decay"] for g in optimizer.param_groups if g["params"][0] is model[1].bias] == [0.0]
-
-
 def test_a_deepspeed_checkpoint_folder_is_checked_file_by_file(tmp_path):
     from rat_plugins.engine.checkpoints import checkpoint_candidates, checkpoint_problem
 
@@ -182,6 +162,36 @@ def test_one_process_trains_as_the_plain_runner(deepspeed_env, fundus_data, plai
     )
     final = json.loads((work / "final_metrics.json").read_text())
     assert final["iter"] == 4 and "mIoU" in final["val"]
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_gets_no_zero_optimizer_state_and_stays_in_the_checkpoint(
+    deepspeed_env, fundus_data, tmp_path
+):
+    from test_setr import cfg_options
+
+    env = _env(deepspeed_env, fundus_data)
+    work = tmp_path / "frozen"
+    flags = ["--deepspeed", "zero2", *cfg_options(model__backbone__frozen=True)]
+    run_cmd([sys.executable, TRAIN, str(SETR), "--work-dir", str(work), *flags], env=env)
+    # DeepSpeed's files pickle DeepSpeed's objects: read them where DeepSpeed is installed
+    inspect = f"""
+import json, torch
+load = lambda name: torch.load({str(work / "iter_4.pth")!r} + "/" + name, map_location="cpu", weights_only=False)
+states = load("mp_rank_00_model_states.pt")
+shard = load("zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+print(json.dumps(dict(
+    trainable=sum(torch.Size(s).numel() for group in states["param_shapes"] for s in group.values()),
+    frozen={{k: torch.Size(s).numel() for k, s in states["frozen_param_shapes"].items()}},
+    optimized=sum(t.numel() for t in shard["single_partition_of_fp32_groups"]) - sum(shard["group_paddings"]),
+)))
+"""
+    found = json.loads(run_cmd([sys.executable, "-c", inspect], env=env).stdout.strip().splitlines()[-1])
+    assert found["optimized"] == found["trainable"]  # the ViT encoder: no optimizer state at all
+    assert sum(found["frozen"].values()) > 10 * found["trainable"]
+    assert all(name.startswith("backbone.") for name in found["frozen"])
+    converted = _convert(work / "iter_4.pth", tmp_path / "plain.pth", env)
+    assert set(found["frozen"]) <= set(converted)  # a converted checkpoint loads strictly
 
 
 @pytest.mark.slow

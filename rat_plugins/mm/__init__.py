@@ -16,7 +16,7 @@ except Exception as e:  # also a version assertion (mmseg refusing the mmcv) or 
 # registration happens at class definition: one import per module, by model family
 from . import checkpoint  # noqa: E402,F401  (mmengine checkpoints under torch>=2.6 weights-only loading)
 from . import datasets  # noqa: E402,F401  (Roboflow export, ISIC 2018, RVT event clips + PackEventClip)
-from . import deepspeed  # noqa: E402,F401  (SafeDeepSpeedStrategy, TrainableParamsOptimWrapperConstructor)
+from . import deepspeed  # noqa: E402,F401  (SafeDeepSpeedStrategy: whole DeepSpeed checkpoints)
 from . import loops  # noqa: E402,F401  (training loops that resume exactly)
 from . import maxvit_rnn  # noqa: E402,F401  (RVT's MaxViT-RNN backbone)
 from . import metrics  # noqa: E402,F401  (VesselMetric, LesionMetric)

@@ -5,8 +5,9 @@ a top-level ``deepspeed = dict(stage='zero2', offload_optimizer=None, offload_pa
 config) turns the config's ``Runner`` run into a ``FlexibleRunner`` one:
 
 - the optimizer wrapper becomes ``DeepSpeedOptimWrapper`` over the config's optimizer, with its
-  parameter-wise settings and constructor, and frozen parameters (a frozen SETR encoder or ViM)
-  dropped from the optimizer, so they get no optimizer state;
+  parameter-wise settings and constructor. ZeRO partitions only the parameters that require
+  gradients: a frozen SETR encoder or ViM gets no optimizer state (tested), and stays in the
+  checkpoints, so a converted one loads strictly;
 - micro-batch (the loader's batch), accumulation (``accumulative_counts``), gradient clipping
   (``clip_grad.max_norm``) and precision (``--amp`` / ``--amp-dtype`` or an ``AmpOptimWrapper``)
   go into the DeepSpeed config (:mod:`rat_plugins.engine.deepspeed_config`), which is written to
@@ -26,13 +27,12 @@ import socket
 import torch
 from mmengine._strategy import DeepSpeedStrategy
 from mmengine.dist import barrier, is_main_process
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, STRATEGIES
+from mmengine.registry import STRATEGIES
 
 from ..engine.deepspeed_config import deepspeed_config, zero_stage
 from ..utils.config_keys import ConfigError
 
 __all__ = [
-    "TrainableParamsOptimWrapperConstructor",
     "SafeDeepSpeedStrategy",
     "use_deepspeed",
     "to_plain_checkpoint",
@@ -41,36 +41,6 @@ __all__ = [
 
 CONFIG_FILE = "deepspeed_config.json"
 _OPTIM_WRAPPERS = ("OptimWrapper", "AmpOptimWrapper")
-
-
-@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
-class TrainableParamsOptimWrapperConstructor:
-    """Another constructor's optimizer wrapper (``inner_constructor``, default mmengine's), with the
-    parameters that do not require gradients left out of the optimizer.
-
-    ZeRO partitions optimizer state over every parameter it is given; a frozen encoder must not
-    cost that memory (nor be updated by weight decay).
-    """
-
-    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg=None):
-        cfg = dict(optim_wrapper_cfg)
-        inner = cfg.pop("inner_constructor", "DefaultOptimWrapperConstructor")
-        self.inner = OPTIM_WRAPPER_CONSTRUCTORS.build(
-            dict(type=inner, optim_wrapper_cfg=cfg, paramwise_cfg=paramwise_cfg)
-        )
-
-    def __call__(self, model):
-        wrapper = self.inner(model)
-        optimizer = wrapper.optimizer
-        groups = []
-        for group in optimizer.param_groups:
-            trainable = [p for p in group["params"] if p.requires_grad]
-            if trainable:
-                groups.append({**group, "params": trainable})
-        if not groups:
-            raise ConfigError("deepspeed: the model has no trainable parameters (every parameter is frozen)")
-        optimizer.param_groups = groups  # before the first step: the optimizer holds no state yet
-        return wrapper
 
 
 @STRATEGIES.register_module()
@@ -163,9 +133,9 @@ def use_deepspeed(cfg, args) -> None:
     cfg.optim_wrapper = dict(
         type="DeepSpeedOptimWrapper",
         optimizer=optim_wrapper.optimizer,
-        constructor="TrainableParamsOptimWrapperConstructor",
-        inner_constructor=optim_wrapper.get("constructor", "DefaultOptimWrapperConstructor"),
     )
+    if optim_wrapper.get("constructor"):
+        cfg.optim_wrapper["constructor"] = optim_wrapper.constructor
     if optim_wrapper.get("paramwise_cfg"):
         cfg.optim_wrapper["paramwise_cfg"] = optim_wrapper.paramwise_cfg
     cfg.runner_type = "FlexibleRunner"
