@@ -1,5 +1,6 @@
 """tools/migrate_experiments.py: legacy RAT experiment YAML (the framework's own layouts) into project configs."""
 
+import json
 import sys
 
 import pytest
@@ -128,7 +129,8 @@ def test_every_legacy_key_is_reported_and_the_configs_load(legacy, tmp_path):
 
         for key in leaves(yaml.safe_load(text)):
             assert f"    {key} = " in report, key
-    assert "deepspeed.zero_stage = 2: DeepSpeed is not available" in report
+    assert "deepspeed.zero_stage = 2: deepspeed.stage = 'zero2'" in report
+    assert "deepspeed.cpu_offload = true: deepspeed.offload_optimizer = 'cpu'" in report
     assert "model.num_queries = 100: a setting of the legacy DETR-style detector" in report
     assert "cluster.find_unused_parameters = true: the project's RAT models use every parameter" in report
     assert 'model.attention_type = "dense": model.backbone.attention (dense grouping at 256x256' in report
@@ -141,6 +143,7 @@ def test_every_legacy_key_is_reported_and_the_configs_load(legacy, tmp_path):
     multi = Config.fromfile(out / "rat_multiscale_isic2018.py")
     assert multi.model.backbone.scales == (1.0, 0.5, 0.25) and multi.model.backbone.attention == "local"
     assert multi.model.decode_head.in_index == (0, 1, 2)
+    assert multi.deepspeed == dict(stage="zero2", offload_optimizer="cpu")
     detection = LazyConfig.load(str(out / "rat_detection_single_scale.py"))
     assert detection.dataloader.train.total_batch_size == 16 and detection.optimizer.lr == 1e-4
     assert detection.train.clip_grad_norm == 0.1 and detection.train.amp.enabled and detection.train.seed == 7
@@ -159,7 +162,9 @@ def test_a_file_that_is_not_an_experiment_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_migrated_segmentation_configs_train_two_iterations(legacy, isic_data, tmp_path):
+def test_migrated_segmentation_configs_train_two_iterations(legacy, isic_data, deepspeed_env, tmp_path):
+    """The single-scale config trains with the Runner; the multi-scale one, whose legacy YAML asked for
+    ZeRO-2 with CPU offload, through DeepSpeed."""
     out = tmp_path / "migrated"
     _migrate(legacy, out)
     for name in ("rat_single_isic2018", "rat_multiscale_isic2018"):
@@ -179,8 +184,14 @@ def test_migrated_segmentation_configs_train_two_iterations(legacy, isic_data, t
         args += ["model.decode_head.channels=16", "model.decode_head.pool_scales=(1,2)", "model.backbone.iters=1"]
         if name == "rat_single_isic2018":  # its legacy dense grouping needs ~34 GB at 256x256 (the report says so)
             args += ["model.backbone.attention=mixed"]
-        run_cmd(args, env={"RAT_DATASETS": str(isic_data)})
+        env = {"RAT_DATASETS": str(isic_data), **(deepspeed_env if name == "rat_multiscale_isic2018" else {})}
+        run_cmd(args, env=env)
         assert (work / "final_metrics.json").is_file(), name
+    assert json.loads((tmp_path / "work" / "rat_multiscale_isic2018" / "deepspeed_config.json").read_text())[
+        "zero_optimization"
+    ] == dict(
+        stage=2, contiguous_gradients=True, overlap_comm=False, offload_optimizer=dict(device="cpu", pin_memory=False)
+    )
 
 
 @pytest.mark.slow

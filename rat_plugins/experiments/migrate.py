@@ -113,7 +113,13 @@ class _Converter:
             if how is not None:
                 self.m.handled.append((key, value, how))
             elif key.startswith("deepspeed."):
-                self.m.unmapped.append((key, value, "DeepSpeed is not available in the project's tools yet"))
+                why = (
+                    "detectron2's trainer has no DeepSpeed path (DeepSpeed runs through tools/train.py)"
+                    if self.m.kind == "detection"
+                    else "no DeepSpeed setting of the project's tools (deepspeed.stage / offload_optimizer / "
+                    "offload_param)"
+                )
+                self.m.unmapped.append((key, value, why))
             else:
                 self.m.unmapped.append((key, value, "no project equivalent known"))
 
@@ -147,6 +153,20 @@ def _attention(c: _Converter, target: str) -> Optional[str]:
                 return "local"
             c.unmapped(key, f"attention {value!r} is not one of {sorted(ATTENTION)}")
     return None
+
+
+def _deepspeed(c: _Converter, options: Dict[str, Any]) -> None:
+    """``deepspeed.zero_stage`` / ``cpu_offload`` -> the config's ``deepspeed`` key (tools/train.py's ZeRO run)."""
+    stage = c.flat.get("deepspeed.zero_stage")
+    if stage is None:
+        return
+    if int(stage) not in (2, 3):
+        c.unmapped("deepspeed.zero_stage", "the project's tools offer ZeRO-2 and ZeRO-3 (--deepspeed zero2|zero3)")
+        return
+    offload = bool(c.take("deepspeed.cpu_offload", default=False))
+    options["deepspeed"] = dict(stage=f"zero{int(stage)}", offload_optimizer="cpu" if offload else None)
+    c.mapped("deepspeed.zero_stage", f"deepspeed.stage = 'zero{int(stage)}' (tools/train.py trains with DeepSpeed)")
+    c.mapped("deepspeed.cpu_offload", f"deepspeed.offload_optimizer = {'cpu' if offload else None!r}")
 
 
 def _segmentation(c: _Converter, name: str) -> None:
@@ -291,6 +311,7 @@ def _segmentation(c: _Converter, name: str) -> None:
     c.mapped("training.mixed_precision", "the run script's --amp" if amp else "(full precision)")
     c.unmapped("training.save_freq", "checkpoints are saved by iteration: default_hooks.checkpoint.interval")
     c.unmapped("training.loss", "the base trains with cross-entropy: model.decode_head.loss_decode by hand")
+    _deepspeed(c, options)
     c.finish()
     base = SEG_BASES[len(scales)]
     description = c.flat.get("description", "")
