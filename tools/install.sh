@@ -73,7 +73,7 @@ except ModuleNotFoundError:  # Python 3.10: pip's own copy of tomli
     from pip._vendor import tomli as tomllib
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-extras = ("mm", "detectron2", "rat", "events", "tracking", "test")
+extras = ("mm", "detectron2", "rat", "events", "tracking", "ray", "test")
 own_steps = {"torch", "torchvision", "mmcv", "mmdet", "mmsegmentation"}
 seen = set()
 for req in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:

@@ -1,0 +1,190 @@
+"""Ray Train as the multi-node engine: ``python tools/ray_train.py CONFIG --num-workers N [...] [tool args]``.
+
+Ray places the workers (``ray.train.torch.TorchTrainer``, one per training process, on any node of
+the Ray cluster) and restarts the whole group when one dies (``FailureConfig(max_failures=K)``).
+Each worker runs the project's own ``tools/train.py`` as one rank of the run (torch's ``env://``
+coordinates, as torchrun would give them), so the work dir, its lock, its checkpoints, resume,
+signals and MLflow tracking are the project's, unchanged; Ray's process group only agrees on the
+training group's address and port. Every start passes ``--resume``: a restarted group continues
+from the last checkpoint in the work dir, not from zero. When the tool ends, each worker reports
+the run's final metrics to Ray (``ray.train.report``).
+
+A worker's training process dies with the worker (``PR_SET_PDEATHSIG``): when Ray tears a group
+down after a failure, no orphan keeps the work dir's lock or waits on a collective.
+
+OpenMMLab configs only, for now: a detectron2 LazyConfig is refused with the alternatives (its
+``launch`` starts its own processes, which would outlive a failed worker).
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+from ..utils.config_keys import ConfigError
+from .environment import ProcessEnvironment
+
+__all__ = ["parse_args", "tool_command", "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+# the coordinates Ray gives its workers: the training processes get their own from their launcher
+_COORDINATES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="tools/ray_train.py",
+        description="Train a config with Ray Train workers (the project's training tool in each)",
+        epilog="Arguments after the options go to the config's training tool (e.g. --work-dir DIR, "
+        "--cfg-options k=v for OpenMMLab; train.output_dir=DIR overrides for detectron2).",
+    )
+    p.add_argument("config")
+    p.add_argument("--num-workers", type=int, required=True, help="training processes (Ray workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument(
+        "--address", default=None, help="a running Ray cluster (auto, or HOST:PORT); default: start one here"
+    )
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    args, tool_args = p.parse_known_args(argv)
+    if args.num_workers < 1:
+        p.error(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.max_failures < 0:
+        p.error(f"--max-failures must be >= 0, got {args.max_failures}")
+    args.tool_args = tool_args
+    return args
+
+
+def tool_command(config: str, tool_args: List[str]) -> List[str]:
+    """The tool and its arguments for one start of the run (always resuming from the work dir)."""
+    return [
+        sys.executable,
+        "tools/train.py",
+        str(Path(config).resolve()),
+        *tool_args,
+        "--launcher",
+        "pytorch",
+        "--resume",
+    ]
+
+
+def _work_dir(config: str, tool_args: List[str]) -> Path:
+    """Where the run writes: ``--work-dir``, else tools/train.py's default."""
+    for i, arg in enumerate(tool_args):
+        if arg == "--work-dir" and i + 1 < len(tool_args):
+            return Path(tool_args[i + 1]).resolve()
+        if arg.startswith("--work-dir="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return (REPO / "work_dirs" / Path(config).stem).resolve()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _worker(config: dict) -> None:
+    """One Ray worker: this node's command of the project's tool, then the run's final metrics to Ray."""
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # rank 0's address and a free port there, for the training processes' own group
+    coordinates = [os.environ.get("MASTER_ADDR", "127.0.0.1"), _free_port()] if rank == 0 else [None, None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(coordinates, src=0)
+    address = "127.0.0.1" if config["local"] else coordinates[0]
+    env = ProcessEnvironment(
+        launcher="ray",
+        rank=rank,
+        world_size=world,
+        local_rank=context.get_local_rank(),
+        local_world_size=context.get_local_world_size(),
+        master_addr=address,
+        master_port=int(coordinates[1]),
+    )
+    child_env = {k: v for k, v in os.environ.items() if k not in _COORDINATES}
+    child_env.update(env.torch_env())
+    command = config["command"]
+    print(f"ray worker {rank}/{world}: {' '.join(command)}", flush=True)
+    status = subprocess.run(command, cwd=REPO, env=child_env, preexec_fn=_die_with_parent).returncode
+    if status != 0:
+        raise RuntimeError(f"ray worker {rank}: tools/train.py exited with status {status}")
+    final = Path(config["work_dir"]) / "final_metrics.json"
+    metrics = {}
+    if final.is_file():
+        from ..tracking import flatten_metrics
+
+        metrics = flatten_metrics(json.loads(final.read_text()))
+    ray.train.report(metrics)
+
+
+def main(argv=None) -> int:
+    """``tools/ray_train.py``: 0 when the run finished, 1 when it failed after its restarts, 2 on bad input."""
+    from .submit import config_tool_family
+
+    args = parse_args(argv)
+    try:
+        family = config_tool_family(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if family != "openmmlab":
+        print(
+            f"error: {args.config} is a detectron2 LazyConfig: tools/ray_train.py runs OpenMMLab configs for now. "
+            "Run it with detectron2's launcher across machines (python -m rat_plugins.cluster.launch "
+            "tools/lazyconfig_train_net.py ... inside a SLURM / LSF job, or tools/submit.py)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError as e:
+        print(f"error: Ray Train is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
+        return 2
+    work_dir = _work_dir(args.config, args.tool_args)
+    command = tool_command(args.config, args.tool_args)
+    if args.address:
+        ray.init(address=args.address)
+    else:  # a Ray of this machine only, on loopback
+        cpus = max(int(round(args.num_workers * args.cpus_per_worker)), 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    resources = {"CPU": args.cpus_per_worker}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=dict(command=command, work_dir=str(work_dir), local=not args.address),
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{Path(args.config).stem}",
+            storage_path=str(work_dir / "ray"),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray's TrainingFailedError after the last restart: the workers' logs say why
+        print(f"error: the run failed after {args.max_failures} restart(s): {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"ray_train: finished; final metrics in {work_dir / 'final_metrics.json'}")
+    return 0
