@@ -79,3 +79,14 @@ def test_detectron2_auto_batch_plans_against_a_cpu_budget_and_reuses_the_plan(he
         check=False,
     )
     assert refused.returncode == 2 and "error: not even a micro-batch of 1 fits in 0 MB on cpu" in refused.stderr
+
+
+def test_optimizer_state_copies_by_optimizer_and_by_config_name():
+    from rat_plugins.engine.batch_fit import optimizer_state_copies
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_state_copies(torch.optim.AdamW(params)) == 2
+    assert optimizer_state_copies(torch.optim.SGD(params, lr=0.1)) == 0
+    assert optimizer_state_copies(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == 1
+    assert optimizer_state_copies(torch.optim.RMSprop(params, momentum=0.9)) == 2
+    assert optimizer_state_copies(type_name="AdamW") == 2 and optimizer_state_copies(type_name="SGD") == 1

@@ -9,29 +9,13 @@ from detectron2.config import instantiate
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from ..engine.batch_fit import (
-    cpu_budget_mb,
-    fit_micro_batch,
-    load_plan,
-    measure_cpu_step,
-    measure_cuda_step,
-    plan_key,
-    save_plan,
-)
+from ..engine.batch_fit import load_plan, optimizer_state_copies, plan_key, probe_micro_batch, save_plan
 from ..engine.reproducible import preserved_random_state
 from ..utils.config_keys import ConfigError
 
 __all__ = ["fit_batch"]
 
 logger = logging.getLogger("detectron2")
-
-
-def _optimizer_copies(optimizer) -> int:
-    """State tensors per parameter: Adam(W) 2, SGD / RMSprop with momentum 1-2."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return 2
-    momentum = any(group.get("momentum", 0) for group in optimizer.param_groups)
-    return (1 if isinstance(optimizer, torch.optim.RMSprop) else 0) + int(bool(momentum))
 
 
 def fit_batch(cfg, model, optimizer, flat_config: dict) -> int:
@@ -60,33 +44,19 @@ def fit_batch(cfg, model, optimizer, flat_config: dict) -> int:
 
 def _probe(cfg, model, optimizer, per_process: int, device: str, key: str):
     batch = next(iter(instantiate(cfg.dataloader.train)))  # one real batch of the config's per-process size
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    model.train()
 
     def loss_of(m):
-        return lambda: sum(model(list(islice(batch, m))).values())
+        return sum(model(list(islice(batch, m))).values())
 
-    if device.startswith("cuda"):
-        budget = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**20 * 0.9
-
-        def try_step(m):
-            optimizer.zero_grad(set_to_none=True)
-            return measure_cuda_step(loss_of(m), optimizer.step)
-    else:
-        budget = cpu_budget_mb(cfg.train.get("memory_budget_gb"))
-        copies = _optimizer_copies(optimizer)
-
-        def try_step(m):
-            return measure_cpu_step(model, loss_of(m), copies)
-
-    try:
-        with EventStorage():  # the model's training forward logs to one (thrown away: a probe is no iteration)
-            plan = fit_micro_batch(try_step, per_process, budget, device)
-    finally:  # the probe's steps leave nothing behind: weights, batch statistics, optimizer state
-        model.load_state_dict(saved)
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.state.clear()
-        model.train(was_training)
+    with EventStorage():  # the model's training forward logs to one (thrown away: a probe is no iteration)
+        plan = probe_micro_batch(
+            model,
+            loss_of,
+            per_process,
+            device,
+            cfg.train.get("memory_budget_gb"),
+            optimizer=optimizer,
+            state_copies=optimizer_state_copies(optimizer),
+        )
     plan.key = key
     return plan

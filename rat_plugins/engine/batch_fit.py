@@ -33,6 +33,8 @@ __all__ = [
     "cpu_budget_mb",
     "measure_cpu_step",
     "measure_cuda_step",
+    "optimizer_state_copies",
+    "probe_micro_batch",
     "load_plan",
     "save_plan",
     "PLAN_FILE",
@@ -171,6 +173,64 @@ def measure_cuda_step(loss_of_batch: Callable[[], torch.Tensor], step: Callable[
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / MB
+
+
+def optimizer_state_copies(optimizer=None, type_name: Optional[str] = None) -> int:
+    """State tensors an optimizer keeps per parameter (an optimizer, or its config's type name):
+    Adam(W) 2, RMSprop 1 plus 1 with momentum, SGD 1 with momentum, else 0."""
+    name = type(optimizer).__name__ if optimizer is not None else str(type_name or "AdamW")
+    if name.startswith("Adam"):
+        return 2
+    momentum = optimizer is None or any(group.get("momentum", 0) for group in optimizer.param_groups)
+    return (1 if name == "RMSprop" else 0) + int(bool(momentum))
+
+
+def probe_micro_batch(
+    model,
+    loss_of: Callable[[int], torch.Tensor],
+    per_process: int,
+    device: str,
+    budget_gb: Optional[float] = None,
+    optimizer=None,
+    state_copies: int = 2,
+) -> BatchPlan:
+    """The largest micro-batch whose training step fits, found with real steps of ``model``; the model
+    (weights, batch statistics, gradients, train mode) and ``optimizer`` (state) are left as they were.
+
+    ``loss_of(m)``: the training loss of the first ``m`` samples of one real batch. On CUDA each step
+    runs (with ``optimizer.step`` when given, else its ``state_copies`` of the trainable parameters
+    are added) against 90 % of the device; on CPU the step's bytes (:func:`measure_cpu_step`) against
+    :func:`cpu_budget_mb`.
+    """
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.train()
+    if device.startswith("cuda"):
+        budget = torch.cuda.get_device_properties(torch.device(device)).total_memory / MB * 0.9
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        state_mb = 0.0 if optimizer is not None else trainable * state_copies / MB  # the state to come
+
+        def try_step(m):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            peak = measure_cuda_step(lambda: loss_of(m), optimizer.step if optimizer is not None else lambda: None)
+            model.zero_grad(set_to_none=True)
+            return peak + state_mb
+    else:
+        budget = cpu_budget_mb(budget_gb)
+
+        def try_step(m):
+            return measure_cpu_step(model, lambda: loss_of(m), state_copies)
+
+    try:
+        return fit_micro_batch(try_step, per_process, budget, device)
+    finally:  # the probe's steps leave nothing behind
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
+        model.train(was_training)
 
 
 def plan_key(config: dict, device: str, world_size: int) -> str:

@@ -16,7 +16,7 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from ..engine.batch_fit import cpu_budget_mb, fit_micro_batch, load_plan, measure_cpu_step, plan_key, save_plan
+from ..engine.batch_fit import load_plan, optimizer_state_copies, plan_key, probe_micro_batch, save_plan
 from ..engine.reproducible import preserved_random_state
 
 __all__ = ["fit_runner_batch", "micro_batched_train_step", "split_batch"]
@@ -59,11 +59,6 @@ def micro_batched_train_step(accumulation: int):
     return train_step
 
 
-def _optimizer_copies(cfg) -> int:
-    kind = str((cfg.get("optim_wrapper") or {}).get("optimizer", {}).get("type", "AdamW"))
-    return 2 if kind.startswith("Adam") else 1
-
-
 def fit_runner_batch(runner, cfg, budget_gb=None) -> int:
     """Probe, plan (cached in the work dir) and install micro-batching on ``runner``; return the accumulation."""
     from mmengine.dist import broadcast_object_list, get_rank, get_world_size
@@ -97,33 +92,12 @@ def _probe(runner, cfg, per_process: int, device: str, budget_gb):
     from mmengine.runner import Runner
 
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    loader = Runner.build_dataloader(dict(cfg.train_dataloader), seed=0)
-    batch = next(iter(loader))
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.train()
-    copies = _optimizer_copies(cfg)
+    batch = next(iter(Runner.build_dataloader(dict(cfg.train_dataloader), seed=0)))
 
     def loss_of(m):
         chunk = {k: v[:m] for k, v in batch.items()}
-        return lambda: model.parse_losses(model(**model.data_preprocessor(chunk, True), mode="loss"))[0]
+        return model.parse_losses(model(**model.data_preprocessor(chunk, True), mode="loss"))[0]
 
-    if device == "cuda":
-        budget = torch.cuda.get_device_properties(0).total_memory / 2**20 * 0.9
-        state_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * copies / 2**20
-
-        def try_step(m):
-            torch.cuda.reset_peak_memory_stats()
-            loss_of(m)().backward()
-            model.zero_grad(set_to_none=True)
-            return torch.cuda.max_memory_allocated() / 2**20 + state_mb  # + the optimizer state to come
-    else:
-        budget = cpu_budget_mb(budget_gb)
-
-        def try_step(m):
-            return measure_cpu_step(model, loss_of(m), copies)
-
-    try:
-        return fit_micro_batch(try_step, per_process, budget, device)
-    finally:  # the probe leaves nothing behind: weights and batch statistics as built
-        model.load_state_dict(saved)
-        model.zero_grad(set_to_none=True)
+    optimizer_type = (cfg.get("optim_wrapper") or {}).get("optimizer", {}).get("type", "AdamW")
+    copies = optimizer_state_copies(type_name=optimizer_type)
+    return probe_micro_batch(model, loss_of, per_process, device, budget_gb, state_copies=copies)
