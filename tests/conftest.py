@@ -32,6 +32,7 @@ def tracking_off_unless_asked():
     stays off."""
     os.environ["RAT_TRACKING"] = "0"
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["DO_NOT_TRACK"] = "true"
 
 

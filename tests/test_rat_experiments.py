@@ -215,3 +215,18 @@ def test_robustness_cli_bad_input(tmp_path):
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cmd(RUNNER + ["robustness", "--quick", "--work-dir", str(tmp_path / "empty")], check=False)
     assert proc.returncode == 1 and "run the segmentation group first" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ray_evaluate_spreads_the_resolutions_and_writes_the_single_process_table(quick_run, tmp_path):
+    work, _ = quick_run
+    result = json.loads((work / "segmentation" / "rat_isic_single_256" / "result.json").read_text())
+    model = [result["run_config"], result["checkpoint"]]
+    common = ["--resolutions", "32", "96"]
+    run_cmd(ROBUSTNESS + ["--config", model[0], "--checkpoint", model[1], *common, "--out", str(tmp_path / "one")])
+    ray = [sys.executable, "tools/ray_evaluate.py", *model, "--robustness", *common, "--num-workers", "2"]
+    proc = run_cmd(ray + ["--out", str(tmp_path / "ray")])
+    assert _read_csv(tmp_path / "ray" / "robustness.csv") == _read_csv(tmp_path / "one" / "robustness.csv")
+    assert "criterion" in proc.stdout and (tmp_path / "ray" / "robustness.png").is_file()
+    refused = run_cmd(ray[:4] + ["--out", str(tmp_path / "x")], check=False)
+    assert refused.returncode == 2 and "give --robustness" in refused.stderr

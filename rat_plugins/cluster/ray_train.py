@@ -29,7 +29,7 @@ from typing import List
 from ..utils.config_keys import ConfigError
 from .environment import ProcessEnvironment
 
-__all__ = ["parse_args", "tool_command", "main"]
+__all__ = ["parse_args", "tool_command", "main", "evaluate_main"]
 
 REPO = Path(__file__).resolve().parents[2]
 # the coordinates Ray gives its workers: the training processes get their own from their launcher
@@ -160,11 +160,7 @@ def main(argv=None) -> int:
         return 2
     work_dir = _work_dir(args.config, args.tool_args)
     command = tool_command(args.config, args.tool_args)
-    if args.address:
-        ray.init(address=args.address)
-    else:  # a Ray of this machine only, on loopback
-        cpus = max(int(round(args.num_workers * args.cpus_per_worker)), 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    _start_ray(args.address, args.num_workers * args.cpus_per_worker)
     resources = {"CPU": args.cpus_per_worker}
     trainer = TorchTrainer(
         _worker,
@@ -188,3 +184,83 @@ def main(argv=None) -> int:
         ray.shutdown()
     print(f"ray_train: finished; final metrics in {work_dir / 'final_metrics.json'}")
     return 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _evaluate_resolution(config: str, checkpoint: str, resolution: int, out: str, train_resolution: int, options):
+    """One Ray task: the checkpoint at one resolution (the single-process tool's own evaluation)."""
+    os.chdir(REPO)  # configs name files relative to the repository, as tools/ run them
+    import rat_plugins.mm  # noqa: F401  (registers the plugin's components in this worker)
+    from rat_plugins.experiments.robustness import evaluate_at_resolutions
+
+    return evaluate_at_resolutions(
+        config,
+        checkpoint,
+        [resolution],
+        out,
+        train_resolution,
+        options.get("cfg_options"),
+        options.get("max_attention_gb", 8.0),
+        with_training_resolution=False,
+    )
+
+
+def evaluate_main(argv=None) -> int:
+    """``tools/ray_evaluate.py CONFIG CHECKPOINT --robustness --resolutions ...``: each resolution a Ray
+    task; the same table, plot and exit status as tools/evaluate_robustness.py."""
+    from mmengine.config import Config, DictAction
+
+    from rat_plugins.experiments.robustness import METRICS, print_report, training_resolution
+
+    p = argparse.ArgumentParser(prog="tools/ray_evaluate.py", description="Spread an evaluation over Ray workers")
+    p.add_argument("config")
+    p.add_argument("checkpoint")
+    p.add_argument("--robustness", action="store_true", help="evaluate at each of --resolutions (required for now)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--train-resolution", type=int, help="default: the training pipeline's Resize scale")
+    p.add_argument("--metric", default="Dice", choices=METRICS)
+    p.add_argument("--out", help="output folder (default work_dirs/robustness/<config name>)")
+    p.add_argument("--max-attention-gb", type=float, default=8.0)
+    p.add_argument("--num-workers", type=int, default=2, help="evaluations at once")
+    p.add_argument("--address", default=None, help="a running Ray cluster (auto, or HOST:PORT)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction)
+    args = p.parse_args(argv)
+    if not args.robustness:
+        p.error("give --robustness: the resolution study is the evaluation spread over workers so far")
+    config, checkpoint = Path(args.config).resolve(), Path(args.checkpoint).resolve()
+    for label, path in (("config", config), ("checkpoint", checkpoint)):
+        if not path.is_file():
+            print(f"error: {label} not found: {path}", file=sys.stderr)
+            return 2
+    try:
+        import ray
+    except ImportError as e:
+        print(f"error: Ray is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
+        return 2
+    base = Config.fromfile(str(config))
+    if args.cfg_options:
+        base.merge_from_dict(args.cfg_options)
+    train_res = int(args.train_resolution or training_resolution(base))
+    out = (Path(args.out) if args.out else REPO / "work_dirs" / "robustness" / config.stem).resolve()
+    options = dict(cfg_options=args.cfg_options, max_attention_gb=args.max_attention_gb)
+    _start_ray(args.address, args.num_workers)
+    try:
+        task = ray.remote(num_cpus=1)(_evaluate_resolution)
+        futures = [
+            task.remote(str(config), str(checkpoint), res, str(out), train_res, options)
+            for res in sorted(set(args.resolutions) | {train_res})
+        ]
+        rows = [row for rows in ray.get(futures) for row in rows]
+    finally:
+        ray.shutdown()
+    return print_report(rows, out, config.stem, args.metric)
+
+
+def _start_ray(address, cpus: float) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address)
+    else:  # a Ray of this machine only, on loopback, no dashboard
+        ray.init(num_cpus=max(int(round(cpus)), 1), include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -120,11 +120,13 @@ def evaluate_at_resolutions(
     train_resolution: Optional[int] = None,
     cfg_options: Optional[dict] = None,
     max_attention_gb: float = 8.0,
+    with_training_resolution: bool = True,
 ) -> List[dict]:
     """Evaluate one checkpoint at each resolution; one dict per resolution (``status`` 'ok' or the
     reason it was not run, the spacing, every metric the evaluator reports, seconds taken).
 
-    The training resolution is always evaluated (degradation is measured against it).
+    The training resolution is evaluated too (degradation is measured against it), unless
+    ``with_training_resolution`` is False (a caller that spreads the resolutions over workers).
     """
     from mmengine.config import Config
 
@@ -135,7 +137,7 @@ def evaluate_at_resolutions(
         base.merge_from_dict(cfg_options)
     train_res = int(train_resolution or training_resolution(base))
     rows = []
-    for res in sorted({int(r) for r in resolutions} | {train_res}):
+    for res in sorted({int(r) for r in resolutions} | ({train_res} if with_training_resolution else set())):
         cfg = copy.deepcopy(base)
         spacing = set_eval_resolution(cfg, res, train_res)
         cfg.load_from = str(checkpoint)
@@ -266,14 +268,19 @@ def main(argv=None) -> int:
     except ValueError as e:  # a config this tool cannot change the resolution of
         print(f"error: {e}", file=sys.stderr)
         return 2
-    markdown, rows = report(rows, out, config.stem, args.metric)
+    return print_report(rows, out, config.stem, args.metric)
+
+
+def print_report(rows, out: Path, name: str, metric: str) -> int:
+    """Write and print the table, the verdict on the criterion; 1 when some resolution was not evaluated."""
+    markdown, rows = report(rows, out, name, metric)
     print(markdown)
     judged = [r for r in rows if r.get("within_limit") is not None]
     if judged:
-        worst = max(judged, key=lambda r: r[f"{args.metric}_degradation_pct"])
+        worst = max(judged, key=lambda r: r[f"{metric}_degradation_pct"])
         verdict = "meets" if all(r["within_limit"] for r in judged) else "misses"
         print(
-            f"largest {args.metric} degradation: {worst[f'{args.metric}_degradation_pct']:.2f} % at "
+            f"largest {metric} degradation: {worst[f'{metric}_degradation_pct']:.2f} % at "
             f"{worst['resolution']}x{worst['resolution']}: {verdict} the <= {DEGRADATION_LIMIT_PCT:g} % criterion"
         )
     print(f"tables and plot: {out}/robustness.{{md,csv,png}}")
