@@ -151,6 +151,15 @@ def test_results_table_from_the_mlflow_store(quick_run, tmp_path):
         check=False,
     )
     assert missing.returncode == 2 and "no 'RAT ISIC' experiment in the MLflow store" in missing.stderr
+    # the study's tables and plot: the artifacts of its run 'summary'
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("RAT ISIC").experiment_id
+    summary = client.search_runs([experiment], "attributes.run_name = 'summary'")
+    assert len(summary) == 1 and summary[0].data.tags["rat.summary"] == "true"
+    names = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
+    assert {"results.md", "results.csv", "robustness.md", "robustness.csv", "robustness.png"} <= names
 
 
 @pytest.mark.slow

@@ -109,10 +109,15 @@ def test_detectron2_run_and_its_resume_log_one_mlflow_run(heads_data, tmp_path):
     for source in ([], ["--mlflow"]):
         summary = tmp_path / ("from_mlflow" if source else "from_work_dirs")
         args = [sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(out.parent), "--out", str(summary)]
-        run_cmd(args + source)
+        run_cmd(args + source, env={"RAT_TRACKING": "1", "MLFLOW_TRACKING_URI": ""})
         row = next(r for r in (summary / "ofat_summary.csv").read_text().splitlines() if r.startswith("baseline_"))
         tables.append(row.split(",")[:7])  # name, status, the five AP columns
     assert tables[0] == tables[1] and tables[0][1] == "finished", tables
+    # the table and plots: the artifacts of the OFAT run 'summary' (one, continued by the second summary)
+    summary = client.search_runs([run.info.experiment_id], "attributes.run_name = 'summary'")
+    assert len(summary) == 1
+    names = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
+    assert names == {"ofat_summary.md", "ofat_summary.csv", "ofat_loss.png", "ofat_val_map.png"}
 
 
 @pytest.mark.slow

@@ -308,10 +308,13 @@ def summary_main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table)
-    print(
-        f"written: {out_dir / 'ofat_summary.md'}, {out_dir / 'ofat_summary.csv'}, "
-        f"{out_dir / 'ofat_loss.png'}, {out_dir / 'ofat_val_map.png'}"
-    )
+    files = [out_dir / name for name in ("ofat_summary.md", "ofat_summary.csv", "ofat_loss.png", "ofat_val_map.png")]
+    print("written: " + ", ".join(map(str, files)))
+    from rat_plugins.tracking import log_study_summary
+
+    store = uri or "sqlite:///" + str((args.work_dirs / "mlflow.db").resolve())
+    if log_study_summary(out_dir, "OFAT", store, files):
+        print(f"MLflow: the table and plots are the artifacts of the run 'summary' of OFAT in {store}")
     return 0
 
 

@@ -222,6 +222,8 @@ def mlflow_results(uri: str) -> list:
         newest[run.info.run_name] = run
     rows = []
     for name, run in newest.items():
+        if run.data.tags.get("rat.summary") == "true":
+            continue  # the study's tables, not one of its runs
         group, _, experiment_name = name.partition("/")
         metrics, tested = run.data.metrics, "final/test/Dice" in run.data.metrics
         rows.append(
@@ -426,6 +428,12 @@ def main(argv=None) -> int:
             for r in run_robustness(args, seg)
             if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: dense")
         ]
+    from rat_plugins.tracking import log_study_summary
+
+    tables = [work_dir / f"results.{ext}" for ext in ("md", "csv")]
+    if "robustness" in args.groups:
+        tables += [work_dir / f"robustness.{ext}" for ext in ("md", "csv", "png")]
+    log_study_summary(work_dir, STUDY, study_store(work_dir), tables)
     if failures:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

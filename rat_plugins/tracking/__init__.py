@@ -6,6 +6,7 @@ from .mlflow_run import (
     continue_run,
     experiment_for_config,
     flatten_metrics,
+    log_study_summary,
     tracking_enabled,
     tracking_uri,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "continue_run",
     "experiment_for_config",
     "flatten_metrics",
+    "log_study_summary",
     "tracking_enabled",
     "tracking_uri",
 ]

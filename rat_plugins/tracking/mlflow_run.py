@@ -32,6 +32,7 @@ __all__ = [
     "flatten_metrics",
     "continue_run",
     "tracking_enabled",
+    "log_study_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,9 +140,17 @@ class MlflowRun:
         uri: a tracking URI (default: see :func:`tracking_uri`).
     """
 
-    def __init__(self, work_dir, experiment: str, run_name: Optional[str] = None, uri: Optional[str] = None):
+    def __init__(
+        self,
+        work_dir,
+        experiment: str,
+        run_name: Optional[str] = None,
+        uri: Optional[str] = None,
+        run_file: str = RUN_FILE,
+    ):
         _quiet_defaults()
         self.work_dir = Path(work_dir)
+        self.run_file = run_file
         self.experiment = experiment
         self.run_name = run_name or self.work_dir.name
         self.uri = tracking_uri(work_dir, uri)
@@ -194,7 +203,7 @@ class MlflowRun:
         experiment_id = self._experiment_id()
         run = self._client.create_run(experiment_id, run_name=self.run_name, tags=_run_tags(world_size, device))
         self.run_id = run.info.run_id
-        atomic_write_json(self.work_dir / RUN_FILE, dict(tracking_uri=self.uri, run_id=self.run_id), indent=1)
+        atomic_write_json(self.work_dir / self.run_file, dict(tracking_uri=self.uri, run_id=self.run_id), indent=1)
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in flat_params(params).items()]
@@ -204,7 +213,7 @@ class MlflowRun:
 
     def _previous_run_id(self) -> Optional[str]:
         try:
-            record = json.loads((self.work_dir / RUN_FILE).read_text())
+            record = json.loads((self.work_dir / self.run_file).read_text())
         except (OSError, ValueError):
             return None
         if record.get("tracking_uri") != self.uri:
@@ -317,3 +326,33 @@ def continue_run(work_dir) -> Optional[MlflowRun]:
     run = MlflowRun(work_dir, experiment="", uri=record.get("tracking_uri"))
     run._guard("opening the run", run._open, record)
     return run if run.active else None
+
+
+def log_study_summary(out_dir, experiment: str, uri: str, files: Iterable) -> Optional[str]:
+    """A study's tables and plots as the artifacts of its run named ``summary`` (one per store and study,
+    its id kept in ``<out_dir>/mlflow_summary_run.json``). Only where the study's runs were tracked: the
+    store holds the experiment. Returns the run id (None: nothing logged)."""
+    if not tracking_enabled():
+        return None
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return None
+    _quiet_defaults()
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        earlier = client.search_runs([found.experiment_id], "tags.`rat.summary` = 'true'", max_results=1)
+    except Exception as e:  # a store that cannot be read: the study's files are written all the same
+        logger.warning("MLflow store %s not read (%s); the study's summary is not logged there", uri, e)
+        return None
+    run_file = "mlflow_summary_run.json"
+    if earlier:  # one summary run per study and store, whichever folder the tables go to
+        atomic_write_json(Path(out_dir) / run_file, dict(tracking_uri=uri, run_id=earlier[0].info.run_id), indent=1)
+    run = MlflowRun(out_dir, experiment, run_name="summary", uri=uri, run_file=run_file).start()
+    run.set_tags({"rat.summary": "true"})
+    run.log_artifacts(files)
+    run.finish()
+    return run.run_id
