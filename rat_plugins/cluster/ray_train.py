@@ -2,30 +2,29 @@
 
 Ray places the workers (``ray.train.torch.TorchTrainer``, one per training process, on any node of
 the Ray cluster) and restarts the whole group when one dies (``FailureConfig(max_failures=K)``).
-Each worker runs the project's own ``tools/train.py`` as one rank of the run (torch's ``env://``
-coordinates, as torchrun would give them), so the work dir, its lock, its checkpoints, resume,
-signals and MLflow tracking are the project's, unchanged; Ray's process group only agrees on the
+Each worker runs the project's own training tool as one rank of the run: ``tools/train.py`` with
+torch's ``env://`` coordinates (OpenMMLab configs), or ``tools/lazyconfig_train_net.py`` as one
+machine of ``--num-machines`` (detectron2 LazyConfigs). So the work dir, its lock, its checkpoints,
+resume, signals and MLflow tracking are the project's, unchanged; Ray's process group only agrees on the
 training group's address and port. Every start passes ``--resume``: a restarted group continues
 from the last checkpoint in the work dir, not from zero. When the tool ends, each worker reports
 the run's final metrics to Ray (``ray.train.report``).
 
-A worker's training process dies with the worker (``PR_SET_PDEATHSIG``): when Ray tears a group
-down after a failure, no orphan keeps the work dir's lock or waits on a collective.
-
-OpenMMLab configs only, for now: a detectron2 LazyConfig is refused with the alternatives (its
-``launch`` starts its own processes, which would outlive a failed worker).
+A worker's training process dies with the worker (``PR_SET_PDEATHSIG``; detectron2's own child
+process too, through ``$RAT_DIE_WITH_PARENT``): when Ray tears a group down after a failure, no
+orphan keeps the work dir's lock or waits on a collective.
 """
 
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
+from ..engine.signals import DIE_WITH_PARENT
 from ..utils.config_keys import ConfigError
 from .environment import ProcessEnvironment
 
@@ -60,34 +59,42 @@ def parse_args(argv=None):
     return args
 
 
-def tool_command(config: str, tool_args: List[str]) -> List[str]:
-    """The tool and its arguments for one start of the run (always resuming from the work dir)."""
-    return [
-        sys.executable,
-        "tools/train.py",
-        str(Path(config).resolve()),
-        *tool_args,
-        "--launcher",
-        "pytorch",
-        "--resume",
-    ]
+def tool_command(family: str, config: str, tool_args: List[str]) -> List[str]:
+    """The tool and its arguments for one start of the run (always resuming from the work dir); a
+    detectron2 worker's machine rank, machine count and address are filled in by the worker."""
+    config = str(Path(config).resolve())
+    if family == "openmmlab":
+        return [sys.executable, "tools/train.py", config, *tool_args, "--launcher", "pytorch", "--resume"]
+    # the flags before the overrides: detectron2's parser takes everything after the first key=value
+    return [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, "--resume", *tool_args]
 
 
-def _work_dir(config: str, tool_args: List[str]) -> Path:
-    """Where the run writes: ``--work-dir``, else tools/train.py's default."""
+def _detectron2_machine(command: List[str], rank: int, world: int, address: str, port: int) -> List[str]:
+    flags = ["--num-gpus", "1", "--num-machines", str(world), "--machine-rank", str(rank)]
+    flags += ["--dist-url", f"tcp://{address}:{port}"]
+    return command[:2] + flags + command[2:]
+
+
+def _work_dir(family: str, config: str, tool_args: List[str]) -> Path:
+    """Where the run writes: ``--work-dir`` / ``train.output_dir=``, else the tool's default."""
     for i, arg in enumerate(tool_args):
-        if arg == "--work-dir" and i + 1 < len(tool_args):
+        if family == "openmmlab" and arg == "--work-dir" and i + 1 < len(tool_args):
             return Path(tool_args[i + 1]).resolve()
-        if arg.startswith("--work-dir="):
+        if family == "openmmlab" and arg.startswith("--work-dir="):
             return Path(arg.split("=", 1)[1]).resolve()
-    return (REPO / "work_dirs" / Path(config).stem).resolve()
+        if family == "detectron2" and arg.startswith("train.output_dir="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    if family == "openmmlab":
+        return (REPO / "work_dirs" / Path(config).stem).resolve()
+    from detectron2.config import LazyConfig
+
+    return (REPO / LazyConfig.load(str(config)).train.output_dir).resolve()
 
 
 def _die_with_parent() -> None:
-    import ctypes
+    from ..engine.signals import die_with_parent
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
 
 
 def _free_port() -> int:
@@ -118,12 +125,16 @@ def _worker(config: dict) -> None:
         master_port=int(coordinates[1]),
     )
     child_env = {k: v for k, v in os.environ.items() if k not in _COORDINATES}
-    child_env.update(env.torch_env())
+    child_env[DIE_WITH_PARENT] = "1"
     command = config["command"]
+    if config["family"] == "openmmlab":
+        child_env.update(env.torch_env())
+    else:
+        command = _detectron2_machine(command, rank, world, env.master_addr, env.master_port)
     print(f"ray worker {rank}/{world}: {' '.join(command)}", flush=True)
     status = subprocess.run(command, cwd=REPO, env=child_env, preexec_fn=_die_with_parent).returncode
     if status != 0:
-        raise RuntimeError(f"ray worker {rank}: tools/train.py exited with status {status}")
+        raise RuntimeError(f"ray worker {rank}: {command[1]} exited with status {status}")
     final = Path(config["work_dir"]) / "final_metrics.json"
     metrics = {}
     if final.is_file():
@@ -143,14 +154,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if family != "openmmlab":
-        print(
-            f"error: {args.config} is a detectron2 LazyConfig: tools/ray_train.py runs OpenMMLab configs for now. "
-            "Run it with detectron2's launcher across machines (python -m rat_plugins.cluster.launch "
-            "tools/lazyconfig_train_net.py ... inside a SLURM / LSF job, or tools/submit.py)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -158,13 +161,13 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"error: Ray Train is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
         return 2
-    work_dir = _work_dir(args.config, args.tool_args)
-    command = tool_command(args.config, args.tool_args)
+    work_dir = _work_dir(family, args.config, args.tool_args)
+    command = tool_command(family, args.config, args.tool_args)
     _start_ray(args.address, args.num_workers * args.cpus_per_worker)
     resources = {"CPU": args.cpus_per_worker}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config=dict(command=command, work_dir=str(work_dir), local=not args.address),
+        train_loop_config=dict(command=command, family=family, work_dir=str(work_dir), local=not args.address),
         scaling_config=ScalingConfig(
             num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources
         ),

@@ -38,7 +38,7 @@ from ..cluster.requeue import requeue_command, requeue_current_job
 from ..engine.distributed import closing_process_group
 from ..engine.reproducible import ReplayableBatches
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
-from ..engine.signals import GracefulStop
+from ..engine.signals import GracefulStop, die_with_parent
 from ..engine.workdir_lock import WorkDirLock
 from ..models.checkpointing import enable_activation_checkpointing
 from ..utils.atomic import DiskFullError, atomic_write_json
@@ -489,6 +489,7 @@ def _log_project_messages(output_dir, rank: int) -> None:
 
 def main(args):
     """One process of a run (detectron2's ``launch`` calls it in each)."""
+    die_with_parent(only_when_asked=True)  # launch's child processes too, under an engine that tears workers down
     # a DDP process leaves its gloo / NCCL group before the interpreter finalizes (see engine.distributed)
     with closing_process_group():
         return _run_process(args)

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Callable, Iterable, Optional
 
-__all__ = ["GracefulStop", "DEFAULT_STOP_SIGNALS", "signal_name"]
+__all__ = ["GracefulStop", "DEFAULT_STOP_SIGNALS", "signal_name", "die_with_parent", "DIE_WITH_PARENT"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -97,3 +97,18 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+DIE_WITH_PARENT = "RAT_DIE_WITH_PARENT"  # set by an engine whose workers may be torn down (tools/ray_train.py)
+
+
+def die_with_parent(only_when_asked: bool = False) -> None:
+    """This process gets SIGKILL when its parent ends (Linux ``PR_SET_PDEATHSIG``): a training process
+    whose launcher was killed does not live on holding a work dir or waiting on a collective.
+    ``only_when_asked``: only under ``$RAT_DIE_WITH_PARENT=1``."""
+    if only_when_asked and os.environ.get(DIE_WITH_PARENT) != "1":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
