@@ -22,6 +22,7 @@ import subprocess
 from typing import Dict, List, Mapping, Optional
 
 __all__ = [
+    "free_port",
     "ProcessEnvironment",
     "adopt_environment",
     "coordinates_line",
@@ -134,6 +135,13 @@ def _first_host(hostlist: Optional[str]) -> Optional[str]:
     except ValueError:  # a syntax this parser does not know: ask SLURM
         hosts = _scontrol_hostnames(hostlist)
     return hosts[0] if hosts else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (``""``: on every interface, for processes of other nodes)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def master_port_for_job(job_id: Optional[str]) -> int:

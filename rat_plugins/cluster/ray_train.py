@@ -18,15 +18,14 @@ orphan keeps the work dir's lock or waits on a collective.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
-from ..engine.signals import DIE_WITH_PARENT
+from ..engine.signals import DIE_WITH_PARENT, die_with_parent
 from ..utils.config_keys import ConfigError
-from .environment import ProcessEnvironment
+from .environment import ProcessEnvironment, free_port
 
 __all__ = ["parse_args", "tool_command", "main", "evaluate_main"]
 
@@ -91,18 +90,6 @@ def _work_dir(family: str, config: str, tool_args: List[str]) -> Path:
     return (REPO / LazyConfig.load(str(config)).train.output_dir).resolve()
 
 
-def _die_with_parent() -> None:
-    from ..engine.signals import die_with_parent
-
-    die_with_parent()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _worker(config: dict) -> None:
     """One Ray worker: this node's command of the project's tool, then the run's final metrics to Ray."""
     import ray.train
@@ -111,7 +98,7 @@ def _worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # rank 0's address and a free port there, for the training processes' own group
-    coordinates = [os.environ.get("MASTER_ADDR", "127.0.0.1"), _free_port()] if rank == 0 else [None, None]
+    coordinates = [os.environ.get("MASTER_ADDR", "127.0.0.1"), free_port("")] if rank == 0 else [None, None]
     if dist.is_initialized():
         dist.broadcast_object_list(coordinates, src=0)
     address = "127.0.0.1" if config["local"] else coordinates[0]
@@ -132,7 +119,7 @@ def _worker(config: dict) -> None:
     else:
         command = _detectron2_machine(command, rank, world, env.master_addr, env.master_port)
     print(f"ray worker {rank}/{world}: {' '.join(command)}", flush=True)
-    status = subprocess.run(command, cwd=REPO, env=child_env, preexec_fn=_die_with_parent).returncode
+    status = subprocess.run(command, cwd=REPO, env=child_env, preexec_fn=die_with_parent).returncode
     if status != 0:
         raise RuntimeError(f"ray worker {rank}: {command[1]} exited with status {status}")
     final = Path(config["work_dir"]) / "final_metrics.json"
@@ -154,13 +141,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-    except ImportError as e:
-        print(f"error: Ray Train is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
+    if not _ray_installed():
         return 2
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     work_dir = _work_dir(family, args.config, args.tool_args)
     command = tool_command(family, args.config, args.tool_args)
     _start_ray(args.address, args.num_workers * args.cpus_per_worker)
@@ -235,11 +221,10 @@ def evaluate_main(argv=None) -> int:
         if not path.is_file():
             print(f"error: {label} not found: {path}", file=sys.stderr)
             return 2
-    try:
-        import ray
-    except ImportError as e:
-        print(f"error: Ray is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
+    if not _ray_installed():
         return 2
+    import ray
+
     base = Config.fromfile(str(config))
     if args.cfg_options:
         base.merge_from_dict(args.cfg_options)
@@ -267,3 +252,12 @@ def _start_ray(address, cpus: float) -> None:
         ray.init(address=address)
     else:  # a Ray of this machine only, on loopback, no dashboard
         ray.init(num_cpus=max(int(round(cpus)), 1), include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def _ray_installed() -> bool:
+    try:
+        import ray.train.torch  # noqa: F401
+    except ImportError as e:
+        print(f"error: Ray Train is not installed ({e}): pip install -e .[ray]", file=sys.stderr)
+        return False
+    return True

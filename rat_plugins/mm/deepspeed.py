@@ -22,13 +22,13 @@ config) turns the config's ``Runner`` run into a ``FlexibleRunner`` one:
 import os
 import os.path as osp
 import shutil
-import socket
 
 import torch
 from mmengine._strategy import DeepSpeedStrategy
 from mmengine.dist import barrier, is_main_process
 from mmengine.registry import STRATEGIES
 
+from ..cluster.environment import free_port
 from ..engine.deepspeed_config import deepspeed_config, zero_stage
 from ..utils.config_keys import ConfigError
 
@@ -75,12 +75,6 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.remove(path)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _precision(optim_wrapper, args) -> str:
@@ -152,7 +146,7 @@ def use_deepspeed(cfg, args) -> None:
         # one process: a world of one, on loopback (DeepSpeed needs a process group)
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         cfg.launcher = "pytorch"
         if not cuda:
             cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
