@@ -123,34 +123,39 @@ def slurm_cluster(tmp_path_factory):
 # -- DeepSpeed, in a folder of its own put on PYTHONPATH only by the tests that train with it -----------
 # (installed into the venv, mmengine imports it with every Runner: seconds per process for every test)
 def _deepspeed_site():
-    import importlib.metadata
     import re
     import subprocess
     import sys
     from pathlib import Path
 
+    import tomllib
+
     repo = Path(__file__).resolve().parents[1]
     constraints = repo / "requirements" / "constraints.txt"
     version = re.search(r"^deepspeed==(\S+)", constraints.read_text(), re.M).group(1)
     site = Path(os.environ.get("RAT_DEEPSPEED_SITE", Path.home() / ".cache" / "rat-plugins" / f"deepspeed-{version}"))
-    if not (site / ".complete").is_file():
-        import tomllib
-
-        extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
-        missing = []
-        for name in extra:  # what the venv already has stays the venv's
-            try:
-                importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                missing.append(name)
-        print(f"installing {' '.join(missing)} into {site} (DeepSpeed's ops left to JIT)", file=sys.stderr)
+    # the whole extra, whatever this venv happens to hold: the folder is shared by every checkout's venv
+    extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
+    wanted = " ".join(sorted(extra)) + f" {version}"
+    stamp = site / ".complete"
+    if not stamp.is_file() or stamp.read_text() != wanted:
+        print(f"installing {' '.join(extra)} into {site} (DeepSpeed's ops left to JIT)", file=sys.stderr)
         step = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
-        step += ["--no-build-isolation", "--target", str(site), "-c", str(constraints), *missing]
+        step += ["--upgrade", "--no-build-isolation", "--target", str(site), "-c", str(constraints), *extra]
         env = dict(os.environ, DS_BUILD_OPS="0")
         proc = subprocess.run(step, capture_output=True, text=True, timeout=1200, env=env)
         if proc.returncode != 0:
             pytest.fail(f"cannot install DeepSpeed into {site}: {proc.stderr[-2000:]}")
-        (site / ".complete").write_text(version)
+        check = subprocess.run(
+            [sys.executable, "-c", "import deepspeed"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, PYTHONPATH=str(site), DS_ACCELERATOR="cpu"),
+        )
+        if check.returncode != 0:
+            pytest.fail(f"DeepSpeed in {site} does not import with this venv: {check.stderr[-2000:]}")
+        stamp.write_text(wanted)
     return site
 
 

@@ -86,6 +86,14 @@ def test_deepspeed_refusals(monkeypatch, capsys, tmp_path):
     train = tool_main(TRAIN)
     assert train([str(SETR), "--work-dir", str(tmp_path / "a"), "--deepspeed", "zero2"]) == 2
     assert "DeepSpeed is not installed: `pip install -e .[deepspeed]`" in capsys.readouterr().err
+    # installed without one of its own requirements: mmengine would swallow the ImportError
+    broken = tmp_path / "broken_site" / "deepspeed"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("import a_requirement_left_out_of_the_install\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    assert train([str(SETR), "--work-dir", str(tmp_path / "c"), "--deepspeed", "zero2"]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed is installed but does not import" in err and "a_requirement_left_out_of_the_install" in err
     assert train([str(SETR), "--work-dir", str(tmp_path / "b"), "--offload-optimizer", "cpu"]) == 2
     assert "--offload-optimizer / --offload-param need --deepspeed" in capsys.readouterr().err
     detectron2 = run_cmd(

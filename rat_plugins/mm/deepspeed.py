@@ -155,11 +155,16 @@ def use_deepspeed(cfg, args) -> None:
 def _require_deepspeed():
     import importlib.util
 
+    install = (
+        "`pip install -e .[deepspeed]` (with DS_BUILD_OPS=0 and --no-build-isolation; deepspeed 0.19.6 is "
+        "the last release mmengine 0.10.7 works with)"
+    )
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            "DeepSpeed is not installed: `pip install -e .[deepspeed]` (with DS_BUILD_OPS=0 and "
-            "--no-build-isolation; deepspeed 0.19.6 is the last release mmengine 0.10.7 works with)"
-        )
+        raise ConfigError(f"DeepSpeed is not installed: {install}")
+    try:  # mmengine swallows this ImportError and later asserts 'DeepSpeed is not installed'
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"DeepSpeed is installed but does not import ({error}): {install}") from None
 
 
 def to_plain_checkpoint(folder, out) -> dict:
