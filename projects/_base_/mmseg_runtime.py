@@ -22,3 +22,8 @@ resume = False
 # a fixed seed unless the config sets one (tools/train.py records it and the deterministic settings in
 # <work_dir>/run_config.json); deterministic=True trades speed for bit-identical repeats on GPU
 randomness = dict(seed=0, deterministic=False)
+# early stopping, off by default: early_stopping.patience=N ends a run after N validations without
+# improvement of monitor (default: the evaluator's main score) by more than min_delta (EarlyStoppingHook)
+early_stopping = dict(patience=None, monitor=None, min_delta=0.0)
+# a fixed, seeded fraction of the training samples for fast iteration (e.g. 0.1), the same in every run
+dataset_fraction = None

@@ -61,11 +61,13 @@ class RunCheckpointer(DetectionCheckpointer):
     Args:
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         file_prefix: the periodic checkpoints' prefix (``model`` -> ``model_0000499.pth``).
+        tag_last: whether a save moves ``last_checkpoint`` to it (the file ``--resume`` continues from).
     """
 
-    def __init__(self, model, save_dir="", *, file_prefix: str = "model", **kwargs):
+    def __init__(self, model, save_dir="", *, file_prefix: str = "model", tag_last: bool = True, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.file_prefix = file_prefix
+        self.tag_last = tag_last  # False: saves leave last_checkpoint alone (the best model's)
         self.last_saved_iteration: Optional[int] = None
         self._strict_path: Optional[str] = None  # set while load_strict runs
         self._skipped = False  # the last resume choice skipped damaged files
@@ -85,7 +87,8 @@ class RunCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
         atomic_torch_save(data, path)
-        self.tag_last_checkpoint(basename)
+        if self.tag_last:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(os.path.join(self.save_dir, LAST_CHECKPOINT), last_filename_basename)

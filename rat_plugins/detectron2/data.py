@@ -17,6 +17,7 @@ from detectron2.data.datasets import register_coco_instances
 
 from ..data.paths import dataset_root
 from ..data.roboflow import FILTERED_NAME, ORIGINAL_NAME, check_roboflow_split, count_images
+from ..data.subset import FRACTION_SEED, fraction_indices
 from ..data.validate import (
     DataError,
     ImageEntry,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckedMapper",
     "checked_mapper",
     "coco2017_dicts",
+    "dataset_fraction",
     "head_detection_dicts",
     "head_detection_mapper",
     "head_detection_num_images",
@@ -171,6 +173,14 @@ def head_detection_dicts(names, root=None, classes: Optional[Sequence[str]] = No
     """
     register_head_detection(root, classes=classes)
     return _dataset_dicts(names, **kwargs)
+
+
+def dataset_fraction(dataset, fraction: float, seed: int = FRACTION_SEED) -> list:
+    """A fixed, seeded ``fraction`` of a split's records (``train.dataset_fraction``), in their order."""
+    dataset = list(dataset)
+    kept = [dataset[i] for i in fraction_indices(len(dataset), fraction, seed)]
+    logger.info("dataset_fraction=%s: training on %d of %d images (seed %d)", fraction, len(kept), len(dataset), seed)
+    return kept
 
 
 def head_detection_num_images(split: str = "train", root=None) -> int:

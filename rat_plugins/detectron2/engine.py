@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 from typing import List, Optional
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyCall as L, LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -35,6 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..cluster.environment import coordinates_line
 from ..cluster.requeue import requeue_command, requeue_current_job
+from ..data.subset import fraction_count
+from ..engine.checkpoints import checkpoint_problem
 from ..engine.distributed import closing_process_group
 from ..engine.reproducible import ReplayableBatches
 from ..engine.run_record import check_same_config, flatten_config, record_run_config, reproducibility_settings
@@ -45,8 +47,18 @@ from ..utils.atomic import DiskFullError, atomic_write_json
 from ..utils.config_keys import ConfigError, config_keys, did_you_mean
 from .batch_fit import fit_batch
 from .checkpoint import RunCheckpointer, require_checkpoint_file
-from .data import validate_lazy_config_data
-from .hooks import ClipGradNorm, SafePeriodicCheckpointer, StopOnSignal, TrainingAborted, TrainingStopped
+from .data import dataset_fraction, validate_lazy_config_data
+from .hooks import (
+    BestModelCheckpointer,
+    ClipGradNorm,
+    EarlyStopping,
+    SafePeriodicCheckpointer,
+    StopOnSignal,
+    TrainingAborted,
+    TrainingEndedEarly,
+    TrainingStopped,
+    read_best_record,
+)
 from .schedule import set_epoch_schedule
 from .tracking import MLflowWriter, end_tracking, start_tracking
 
@@ -177,6 +189,18 @@ def _build_loader(node):
         return instantiate(node)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
+
+
+def _train_loader_node(cfg):
+    """``dataloader.train``, its dataset narrowed to ``train.dataset_fraction`` of the images when set."""
+    fraction = cfg.train.get("dataset_fraction")
+    if not fraction:
+        return cfg.dataloader.train
+    # its interpolations (``${...classes}``) resolved where they stand: one level deeper they would not be
+    dataset = OmegaConf.to_container(cfg.dataloader.train.dataset, resolve=True)
+    node = copy.deepcopy(cfg.dataloader.train)
+    node.dataset = L(dataset_fraction)(dataset=dataset, fraction=fraction)
+    return node
 
 
 def do_test(cfg, model, loader_key="test"):
@@ -310,7 +334,7 @@ def _train(args, cfg, stop, tracked):
         micro_batch = fit_batch(cfg, model, optim, check_run_config_flat(cfg))
     accumulation = _micro_batching(cfg, micro_batch)
     # each batch reseeded by its number, and replayed on resume: a resumed run continues exactly
-    train_loader = ReplayableBatches(_build_loader(cfg.dataloader.train), cfg.train.seed, comm.get_rank())
+    train_loader = ReplayableBatches(_build_loader(_train_loader_node(cfg)), cfg.train.seed, comm.get_rank())
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
     precision = _autocast_dtype(cfg)
     if precision == torch.float16:  # loss scaling: detectron2's AMPTrainer
@@ -328,6 +352,8 @@ def _train(args, cfg, stop, tracked):
             ClipGradNorm(cfg.train.clip_grad_norm) if cfg.train.get("clip_grad_norm") else None,
             SafePeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            _best_checkpointer(cfg, model) if comm.is_main_process() else None,
+            _early_stopping(cfg),
             # after the checkpointer and the evaluation: see StopOnSignal
             StopOnSignal(stop or GracefulStop(), checkpointer),
             hooks.PeriodicWriter(
@@ -355,7 +381,7 @@ def _train(args, cfg, stop, tracked):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if checkpointer.resumed_from else 0
     train_loader.skip = start_iter * accumulation
-    started = time.time()
+    started, ended_early = time.time(), None
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except TrainingStopped as stopped:
@@ -364,19 +390,70 @@ def _train(args, cfg, stop, tracked):
     except TrainingAborted as aborted:
         logger.error("%s", aborted.error)
         raise aborted.error from None
+    except TrainingEndedEarly as early:
+        logger.info("Early stopping after iteration %d: %s", early.iteration, early)
+        if comm.is_main_process():
+            checkpointer.save("model_final", iteration=early.iteration)
+        ended_early = dict(iteration=early.iteration, metric=early.metric, best=early.best)
     result = None
     if "final_test" in cfg.dataloader:
         logger.info("Final evaluation on the test split")
         result = do_test(cfg, model, "final_test")
+    best = _test_best_model(cfg, model)
     if comm.is_main_process():
         # Marks the run finished (run_all_ofat.sh skips it; summarize_ofat.py reads it).
-        atomic_write_json(
-            os.path.join(cfg.train.output_dir, "final_metrics.json"),
-            dict(test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started),
-            indent=1,
-            default=float,
-        )
+        final = dict(test=result, max_iter=cfg.train.max_iter, train_seconds_this_session=time.time() - started)
+        if best is not None:
+            final["best"] = best
+        if ended_early is not None:
+            final["ended_early"] = ended_early
+        atomic_write_json(os.path.join(cfg.train.output_dir, "final_metrics.json"), final, indent=1, default=float)
     return result
+
+
+def _best_checkpointer(cfg, model):
+    """``model_best.pth`` at the best ``train.best_checkpoint_metric`` of validation (None: off)."""
+    metric = cfg.train.get("best_checkpoint_metric")
+    if not metric or "test" not in cfg.dataloader or cfg.train.eval_period <= 0:
+        return None
+    saver = RunCheckpointer(model, cfg.train.output_dir, tag_last=False)  # a resume never starts from it
+    per_epoch = cfg.train.eval_period if "epochs" in cfg.train else None  # the epoch schedule: one eval an epoch
+    return BestModelCheckpointer(cfg.train.eval_period, saver, metric, iters_per_epoch=per_epoch)
+
+
+def _early_stopping(cfg):
+    """``train.early_stopping.patience`` evaluations without improvement end the run (None: off)."""
+    section = cfg.train.get("early_stopping") or {}
+    if not section.get("patience"):
+        return None
+    if cfg.train.eval_period <= 0 or "test" not in cfg.dataloader:
+        raise ConfigError("train.early_stopping needs validation: a dataloader.test and train.eval_period > 0")
+    metric = section.get("metric") or cfg.train.get("best_checkpoint_metric") or "bbox/AP50"
+    patience = section["patience"]
+    return EarlyStopping(cfg.train.eval_period, metric, patience, cfg.train.output_dir, section.get("min_delta", 0.0))
+
+
+def _test_best_model(cfg, model) -> Optional[dict]:
+    """The test split's metrics of ``model_best.pth`` with its record, or None (no best model, no test split).
+    Loads the best weights into ``model``: call it last."""
+    record = read_best_record(cfg.train.output_dir)
+    path = os.path.join(cfg.train.output_dir, "model_best.pth")
+    if comm.get_world_size() > 1:
+        record = comm.all_gather(record)[0]
+    if record is None or not os.path.isfile(path) or "final_test" not in cfg.dataloader:
+        return None
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        logger.warning("The best validation model %s is not evaluated on the test split: %s", path, problem)
+        return None
+    logger.info(
+        "Test split with the best validation model (%s %.4g at iteration %d)",
+        record["metric"],
+        record["value"],
+        record["iteration"],
+    )
+    RunCheckpointer(model).load_strict(path)
+    return dict(record, test=do_test(cfg, model, "final_test"))
 
 
 def _report_stop(stopped: TrainingStopped, cfg) -> None:
@@ -415,6 +492,8 @@ def load_config(args, notes: Optional[List[str]] = None):
     if getattr(args, "micro_batch", None):
         cfg.train.micro_batch_size = args.micro_batch
     _memory_switches(cfg, args)
+    if cfg.train.get("dataset_fraction") and "num_train_images" in cfg.train:  # epochs of the subset
+        cfg.train.num_train_images = fraction_count(cfg.train.num_train_images, cfg.train.dataset_fraction)
     if "epochs" in cfg.train and "num_train_images" in cfg.train:  # recomputed after the overrides
         explicit = [item.split("=", 1)[0].lstrip("+") for item in args.opts]
         kept = set_epoch_schedule(cfg.train, cfg.get("lr_multiplier"), cfg.dataloader, explicit=explicit)

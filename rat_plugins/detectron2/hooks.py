@@ -5,9 +5,12 @@ re-raising it. The two endings here are ``BaseException`` subclasses, so they le
 quietly (its ``after_train`` hooks still run) and the training function decides what to print.
 """
 
+import json
+import math
 import re
 import signal
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,10 +19,22 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..engine.signals import GracefulStop
-from ..utils.atomic import DiskFullError
+from ..utils.atomic import DiskFullError, atomic_write_json
 from ..utils.config_keys import ConfigError
 
-__all__ = ["TrainingStopped", "TrainingAborted", "SafePeriodicCheckpointer", "StopOnSignal", "ClipGradNorm"]
+__all__ = [
+    "TrainingStopped",
+    "TrainingAborted",
+    "TrainingEndedEarly",
+    "SafePeriodicCheckpointer",
+    "StopOnSignal",
+    "ClipGradNorm",
+    "BestModelCheckpointer",
+    "EarlyStopping",
+    "read_best_record",
+]
+
+BEST_RECORD = "model_best.json"  # beside model_best.pth: the score, iteration and epoch it was saved at
 
 
 class TrainingStopped(BaseException):
@@ -38,6 +53,16 @@ class TrainingAborted(BaseException):
     def __init__(self, error: BaseException):
         super().__init__(str(error))
         self.error = error
+
+
+class TrainingEndedEarly(BaseException):
+    """Early stopping: the validation metric has not improved for ``patience`` evaluations."""
+
+    def __init__(self, iteration: int, metric: str, best: float, best_iteration: int, patience: int):
+        super().__init__(
+            f"{metric} has not improved on {best:.4g} (iteration {best_iteration}) for {patience} evaluations"
+        )
+        self.iteration, self.metric, self.best, self.best_iteration = iteration, metric, best, best_iteration
 
 
 class SafePeriodicCheckpointer(hooks.PeriodicCheckpointer):
@@ -149,3 +174,115 @@ class ClipGradNorm(hooks.HookBase):
         params = [p for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
         get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=False)
+
+
+def read_best_record(output_dir) -> Optional[dict]:
+    """``model_best.json`` of a run (``metric``, ``value``, ``iteration``, ``epoch``), or None."""
+    path = Path(output_dir) / BEST_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class BestModelCheckpointer(hooks.BestCheckpointer):
+    """detectron2's ``BestCheckpointer`` (``model_best.pth`` whenever ``val_metric`` improves) that
+    survives a restart: the best score, its iteration and epoch go to ``model_best.json`` after each
+    save, and a resumed run starts from that record instead of letting its first evaluation replace a
+    better model. ``checkpointer`` should not move ``last_checkpoint`` (``RunCheckpointer(tag_last=False)``):
+    a resume continues from the newest periodic checkpoint, never from the best one."""
+
+    def __init__(self, eval_period: int, checkpointer, val_metric: str, iters_per_epoch: Optional[int] = None):
+        super().__init__(eval_period, checkpointer, val_metric, mode="max", file_prefix="model_best")
+        self._iters_per_epoch = iters_per_epoch
+        self._improved = False
+
+    def before_train(self):
+        from ..engine.checkpoints import checkpoint_problem
+
+        record = read_best_record(self._checkpointer.save_dir)
+        path = Path(self._checkpointer.save_dir) / "model_best.pth"
+        # only a record of the trajectory this run continues, whose model is intact
+        adopt = record is not None and record.get("metric") == self._val_metric
+        adopt = adopt and int(record["iteration"]) < self.trainer.start_iter and checkpoint_problem(path) is None
+        if adopt:
+            self.best_metric, self.best_iter = float(record["value"]), int(record["iteration"])
+            self._logger.info(
+                "Best %s so far: %.5f at iteration %d (model_best.pth)",
+                self._val_metric,
+                self.best_metric,
+                self.best_iter,
+            )
+
+    def _update_best(self, val, iteration):
+        self._improved = super()._update_best(val, iteration)
+        return self._improved
+
+    def _write_record(self) -> None:
+        if not self._improved:
+            return
+        self._improved = False
+        epoch = (self.best_iter + 1) / self._iters_per_epoch if self._iters_per_epoch else None
+        record = dict(metric=self._val_metric, value=self.best_metric, iteration=self.best_iter)
+        record["epoch"] = round(epoch, 2) if epoch is not None else None
+        atomic_write_json(Path(self._checkpointer.save_dir) / BEST_RECORD, record, indent=1)
+
+    def after_step(self):
+        super().after_step()
+        self._write_record()
+
+    def after_train(self):
+        super().after_train()
+        self._write_record()
+
+
+class EarlyStopping(hooks.HookBase):
+    """End training when ``metric`` (validation, higher is better) has not improved by more than
+    ``min_delta`` for ``patience`` evaluations in a row. Register it after the evaluation and the best
+    checkpointer. The main process decides and every process follows (under DDP only the main one
+    has the scores); the evaluations so far are kept in ``early_stopping.json``, so a resumed run
+    counts the ones before its start and not those it repeats."""
+
+    RECORD = "early_stopping.json"
+
+    def __init__(self, eval_period: int, metric: str, patience: int, output_dir: str, min_delta: float = 0.0):
+        if not (isinstance(patience, int) and patience >= 1):
+            raise ConfigError(f"train.early_stopping.patience must be a whole number >= 1, got {patience!r}")
+        self.period, self.metric, self.patience, self.min_delta = eval_period, metric, patience, float(min_delta)
+        self.path = Path(output_dir) / self.RECORD
+        self.scores = []  # (iteration, value) of each evaluation
+
+    def before_train(self):
+        try:
+            earlier = json.loads(self.path.read_text())["scores"]
+        except (FileNotFoundError, ValueError, KeyError):
+            earlier = []
+        self.scores = [(int(i), float(v)) for i, v in earlier if int(i) < self.trainer.start_iter]
+
+    def _verdict(self) -> Optional[tuple]:
+        """(best, its iteration) when training should stop now, else None (main process)."""
+        found = self.trainer.storage.latest().get(self.metric)
+        if found is None:
+            return None
+        value, iteration = float(found[0]), int(found[1])
+        if iteration != self.trainer.iter or math.isnan(value):
+            return None
+        self.scores.append((iteration, value))
+        atomic_write_json(self.path, dict(metric=self.metric, scores=self.scores), indent=1)
+        best_i, best = -1, -math.inf
+        for i, (_, v) in enumerate(self.scores):
+            if v > best + self.min_delta:
+                best_i, best = i, v
+        if len(self.scores) - 1 - best_i >= self.patience:
+            return best, self.scores[best_i][0]
+        return None
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if not (self.period > 0 and next_iter % self.period == 0 and next_iter < self.trainer.max_iter):
+            return
+        verdict = self._verdict() if comm.is_main_process() else None
+        if comm.get_world_size() > 1:
+            verdict = comm.all_gather(verdict)[0]
+        if verdict is not None:
+            raise TrainingEndedEarly(self.trainer.iter, self.metric, verdict[0], verdict[1], self.patience)

@@ -142,7 +142,13 @@ def checkpoint_candidates(folder: PathLike, patterns: Iterable[str]) -> List[Pat
     """
     folder = Path(folder)
     # files, and DeepSpeed's checkpoint folders (named as the files would be: iter_4.pth/)
-    found = {p for pattern in patterns for p in folder.glob(pattern) if p.exists() and not p.name.startswith(".")}
+    # never the best-validation model (model_best.pth): weights only, for evaluation
+    found = {
+        p
+        for pattern in patterns
+        for p in folder.glob(pattern)
+        if p.exists() and not p.name.startswith(".") and not p.stem.endswith("_best")
+    }
 
     def order(p: Path):
         final = "final" in p.stem

@@ -4,7 +4,9 @@
 - ``ISIC2018Dataset`` (mmseg): ISIC 2018 Task 1 in its original layout; the pipeline yields one
   image per sample and the RAT backbone builds its pyramid from it (``model.backbone.scales``);
 - ``RVTEventDataset`` + ``PackEventClip`` (mmdet): clips of RVT's preprocessed event layout,
-  evaluated by mmdet's ``CocoMetric(ann_file=None)`` from the fields ``PackEventClip`` packs.
+  evaluated by mmdet's ``CocoMetric(ann_file=None)`` from the fields ``PackEventClip`` packs;
+- ``DatasetFraction`` (mmengine, so both scopes): a fixed, seeded fraction of a dataset (the config
+  key ``dataset_fraction``).
 
 Each dataset checks its split when it loads (``rat_plugins.data.validate``: files exist and decode,
 masks have their image's size, boxes, classes) and names the file and split of a sample that
@@ -27,6 +29,7 @@ from mmdet.datasets import BaseDetDataset, CocoDataset
 from mmdet.registry import DATASETS as MMDET_DATASETS, TRANSFORMS as MMDET_TRANSFORMS
 from mmdet.structures import DetDataSample
 from mmengine import fileio
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.structures import InstanceData
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS as MMSEG_DATASETS
@@ -34,6 +37,7 @@ from mmseg.registry import DATASETS as MMSEG_DATASETS
 from ..data.isic_layout import ISIC_FOLDERS
 from ..data.roboflow import check_roboflow_split
 from ..data.rvt_events import DEFAULT_REPR_NAME, RVTEventClips
+from ..data.subset import FRACTION_SEED, fraction_indices
 from ..data.validate import (
     DataError,
     ImageEntry,
@@ -46,6 +50,7 @@ from ..data.validate import (
 )
 
 __all__ = [
+    "DatasetFraction",
     "RoboflowCocoDataset",
     "ISIC2018Dataset",
     "RVTEventDataset",
@@ -92,6 +97,34 @@ class _CheckedSamples:
                     except DataError as bad:
                         raise bad from e
             raise
+
+
+@MMENGINE_DATASETS.register_module()
+class DatasetFraction(torch.utils.data.Dataset):
+    """A fixed, seeded ``fraction`` of ``dataset`` (a config dict or a dataset), in its order: the same
+    samples in every run of a sweep, whatever the run's own seed."""
+
+    def __init__(self, dataset, fraction: float, seed: int = FRACTION_SEED):
+        self.dataset = MMENGINE_DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        self.fraction, self.seed = fraction, seed
+        self.indices = fraction_indices(len(self.dataset), fraction, seed)
+        self.metainfo = copy.deepcopy(self.dataset.metainfo)
+        _mm_logger().info(
+            "dataset_fraction=%s: training on %d of %d samples (seed %d)",
+            fraction,
+            len(self.indices),
+            len(self.dataset),
+            seed,
+        )
+
+    def full_init(self) -> None:  # built whole in __init__ (mmengine's loaders call it)
+        pass
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
 
 
 @MMDET_DATASETS.register_module()

@@ -15,7 +15,7 @@ import os.path as osp
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config, DictAction
@@ -257,8 +257,46 @@ def prepare_training(cfg: Config) -> Config:
     custom = list(cfg.get("custom_hooks") or [])
     if not any(isinstance(h, dict) and h.get("type") == "GracefulStopHook" for h in custom):
         custom.append(dict(type="GracefulStopHook"))
+    early = early_stopping_hook(cfg)
+    if early is not None:
+        custom.append(early)
     cfg.custom_hooks = custom
+    fraction = cfg.get("dataset_fraction")
+    if fraction and cfg.get("train_dataloader"):
+        cfg.train_dataloader.dataset = dict(
+            type="DatasetFraction", dataset=cfg.train_dataloader.dataset, fraction=fraction
+        )
     return cfg
+
+
+# the validation metric to watch, by evaluator (mmengine logs it under this name)
+_MONITORS = {"IoUMetric": "mDice", "VesselMetric": "Dice", "LesionMetric": "Dice", "CocoMetric": "coco/bbox_mAP_50"}
+
+
+def early_stopping_hook(cfg: Config) -> Optional[dict]:
+    """mmengine's ``EarlyStoppingHook`` from ``early_stopping = dict(patience=N, monitor=None, min_delta=0.0)``
+    (off without a patience). The monitor defaults to the validation metric: mDice (mmseg), Dice (the
+    vessel and lesion metrics), coco/bbox_mAP_50 (mmdet). Its patience count starts again when a run resumes
+    (mmengine keeps no state for it in checkpoints)."""
+    section = cfg.get("early_stopping") or {}
+    patience = section.get("patience")
+    if not patience:
+        return None
+    if not (isinstance(patience, int) and patience >= 1):
+        raise ConfigError(f"early_stopping.patience must be a whole number >= 1, got {patience!r}")
+    monitor = section.get("monitor")
+    if not monitor:
+        evaluator = cfg.get("val_evaluator") or {}
+        evaluator = evaluator[0] if isinstance(evaluator, (list, tuple)) and evaluator else evaluator
+        monitor = _MONITORS.get(str(evaluator.get("type", "")).split(".")[-1]) if isinstance(evaluator, dict) else None
+        if monitor is None:
+            raise ConfigError(
+                "early_stopping: name the validation metric to watch with early_stopping.monitor=... "
+                f"(its name in the validation log; the evaluator is {evaluator.get('type') if evaluator else None})"
+            )
+    hook = dict(type="EarlyStoppingHook", monitor=monitor, patience=patience, rule="greater")
+    hook["min_delta"] = float(section.get("min_delta", 0.0))
+    return hook
 
 
 def add_tracking(cfg: Config, **backend) -> Config:

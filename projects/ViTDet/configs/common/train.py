@@ -29,3 +29,12 @@ train.memory_budget_gb = None
 train.micro_batch_size = None  # e.g. 2: accumulate gradients so a bs-8 run fits an 8 GB GPU
 
 lr_multiplier = multistep_with_warmup()
+# model_best.pth whenever this validation metric improves (detectron2's BestCheckpointer); at the end
+# the test split is evaluated with it as well as with the final model (final_metrics.json "best"); None: off
+train.best_checkpoint_metric = "bbox/AP50"
+# early stopping, off by default: train.early_stopping.patience=N ends a run after N evaluations without
+# improvement of metric (default: best_checkpoint_metric) by more than min_delta
+train.early_stopping = dict(patience=None, metric=None, min_delta=0.0)
+# a fixed, seeded fraction of the training images for fast iteration (e.g. 0.1); the same images in every
+# run of a sweep; the epochs are epochs of the subset; validation and test stay whole
+train.dataset_fraction = None
