@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Run the nine OFAT experiments in sequence (baseline first).
 #
-#   ./run_all_ofat.sh [--quick] [run_single_ofat.sh options ...] [key=value ...]
+#   ./run_all_ofat.sh [--quick] [--with-best] [run_single_ofat.sh options ...] [key=value ...]
 #   ./run_all_ofat.sh --clean [--yes]
 #   ./run_all_ofat.sh [--quick] [key=value ...] --submit [tools/submit.py options ...]
 #
 # Finished runs (final_metrics.json present) are skipped; a failed run does not stop the others;
-# the end prints which finished and which failed, with their logs. The options are checked once,
+# the end prints which finished and which failed, with their logs, and writes the summary table
+# and plots (tools/summarize_ofat.py). --with-best then writes the combined-best config (each
+# factor at its best level by validation mAP@0.5; a LazyConfig that inherits the baseline, in
+# work_dirs/ofat_best_combination/) and runs it as the tenth experiment. The options are checked once,
 # before the first run starts (a typo fails at once, not nine times). --clean stops the runs this
 # script started (by their PID files, nothing else) and removes work_dirs/ofat_* and the
 # filtered annotation files, after confirmation (--yes skips the question). RAT_WORK_DIRS moves
@@ -47,13 +50,14 @@ stop_started_runs() {
 }
 
 # -- the command line: --clean [--yes] alone, or options for run_single_ofat.sh ------------------
-CLEAN=0; YES=0; QUICK_SUFFIX=""; PASS=(); SUBMIT=0; SUBMIT_ARGS=()
+CLEAN=0; YES=0; QUICK_SUFFIX=""; PASS=(); SUBMIT=0; SUBMIT_ARGS=(); WITH_BEST=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --submit) SUBMIT=1; shift; SUBMIT_ARGS=("$@"); break ;;
     --clean) CLEAN=1 ;;
     --yes) YES=1 ;;
+    --with-best) WITH_BEST=1 ;;
     --quick) QUICK_SUFFIX="_quick"; PASS+=("$1") ;;
     --background | --dry-run) usage_error "$1 is an option of run_single_ofat.sh only (this script runs the nine in turn)" ;;
     --num-gpus | --micro-batch | --num-machines | --machine-rank | --dist-url)
@@ -66,9 +70,13 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ "$SUBMIT" = 1 ] && [ "$WITH_BEST" = 1 ]; then
+  usage_error "--with-best does not go with --submit: once the array has finished, run $PROG --with-best here (the nine are skipped as finished)"
+fi
+[ "$CLEAN" = 0 ] || [ "$WITH_BEST" = 0 ] || usage_error "--with-best does not go with --clean"
+PY="${PYTHON:-$REPO/.venv/bin/python}"; [ -x "$PY" ] || PY=python
 if [ "$SUBMIT" = 1 ]; then
   # the sweep's manifest (runs, overrides, summary), then one array job through the scheduler
-  PY="${PYTHON:-$REPO/.venv/bin/python}"; [ -x "$PY" ] || PY=python
   MANIFEST_ARGS=()
   for a in ${PASS[@]+"${PASS[@]}"}; do
     case "$a" in
@@ -129,7 +137,25 @@ for name in "${NAMES[@]}"; do
   if wait $!; then finished+=("$name"); else failed+=("$name"); echo "== $name: FAILED (see $out/run.log)"; fi
   rm -f "$out/run.pid"
 done
+if [ "$WITH_BEST" = 1 ]; then
+  name=best_combination
+  out="$WORK/ofat_${name}${SUFFIX}"
+  if [ -f "$out/final_metrics.json" ]; then
+    echo "== $name: already finished, skipping"; skipped+=("$name")
+  elif config="$(cd "$REPO" && RAT_WORK_DIRS="$WORK" "$PY" -m rat_plugins.experiments.ofat best-combination \
+      --work-dirs "$WORK" ${QUICK_SUFFIX:+--quick})"; then
+    echo "== $name: starting $config (log: $out/run.log)"
+    "$REPO/run_single_ofat.sh" "$config" ${PASS[@]+"${PASS[@]}"} >"$out/run.log" 2>&1 &
+    echo $! >"$out/run.pid"
+    if wait $!; then finished+=("$name"); else failed+=("$name"); echo "== $name: FAILED (see $out/run.log)"; fi
+    rm -f "$out/run.pid"
+  else
+    failed+=("$name"); echo "== $name: no combined-best config (above)"
+  fi
+fi
 rm -f "$WORK/.run_all_ofat.pid"
+echo
+(cd "$REPO" && "$PY" tools/summarize_ofat.py --work-dirs "$WORK") || echo "== the summary table failed (above)"
 echo
 echo "OFAT summary: ${#finished[@]} finished now, ${#skipped[@]} finished before, ${#failed[@]} failed"
 # ${a[@]+"${a[@]}"}: an empty array expands to nothing (bash < 4.4 calls it unbound under set -u)

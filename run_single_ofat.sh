@@ -5,7 +5,9 @@
 #                        [--num-machines M --machine-rank R --dist-url URL] [--eval-only] [--resume]
 #                        [key=value ...]
 #
-# NAME is a file of projects/ViTDet/configs/OFAT/ (with or without .py). Output goes to
+# NAME is a file of projects/ViTDet/configs/OFAT/ (with or without .py), or the path of another
+# config file (the combined-best one that run_all_ofat.sh --with-best writes: its name is the file's
+# name without .py). Output goes to
 # work_dirs/ofat_NAME/ (work_dirs/ofat_NAME_quick/ with --quick): log.txt, metrics.json,
 # TensorBoard events, model_XXXXXXX.pth, model_final.pth, final_metrics.json. A directory that
 # already holds a checkpoint is resumed. --background detaches the run, writes run.pid and
@@ -35,7 +37,7 @@ need_count() {
   [ "$((10#$2))" -ge "$3" ] || usage_error "$1 needs a whole number >= $3, got '$2'"
 }
 
-NAME=""; QUICK=0; BACKGROUND=0; DRY_RUN=0; FLAGS=(); KV=()
+NAME=""; CONFIG_FILE=""; QUICK=0; BACKGROUND=0; DRY_RUN=0; FLAGS=(); KV=()
 while [ $# -gt 0 ]; do
   opt="$1"; value=""; inline=0
   case "$opt" in --*=*) value="${opt#*=}"; opt="${opt%%=*}"; inline=1 ;; esac
@@ -70,6 +72,7 @@ while [ $# -gt 0 ]; do
     *)
       [ -z "$NAME" ] || usage_error "unexpected argument '$1' after the experiment name '$NAME' (overrides are key=value)"
       NAME="${1%.py}"
+      case "$1" in */*.py) [ -f "$1" ] && CONFIG_FILE="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" && NAME="$(basename "$1" .py)" ;; esac
       ;;
   esac
   shift
@@ -79,7 +82,7 @@ available_names() { for f in "$CONFIG_DIR"/*.py; do basename "$f" .py; done; }
 if [ -z "$NAME" ]; then
   usage_error "no experiment name given; one of: $(available_names | paste -sd ' ' -)"
 fi
-CONFIG="$CONFIG_DIR/$NAME.py"
+CONFIG="${CONFIG_FILE:-$CONFIG_DIR/$NAME.py}"
 if [ ! -f "$CONFIG" ]; then
   echo "error: no OFAT config named '$NAME'. Available:" >&2
   available_names | sed 's/^/  /' >&2

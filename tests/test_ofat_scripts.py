@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -29,19 +30,28 @@ NAMES = [
 
 # Stands in for the Python interpreter in run_all_ofat.sh tests: "trains" by writing the files a
 # finished run leaves, and fails for the SGD config, so the orchestration is tested in seconds.
+# Everything else (the summary table, the combined-best config) runs in the real interpreter. A run's
+# best validation mAP@0.5 is its entry in SCORES (30 when not listed).
 FAKE_PYTHON = """#!/usr/bin/env bash
+case "$*" in *lazyconfig_train_net.py*) ;; *) exec {python} "$@" ;; esac
 out=""; cfg=""
 for a in "$@"; do
-  case "$a" in train.output_dir=*) out="${a#train.output_dir=}" ;; */OFAT/*.py) cfg="$a" ;; esac
+  case "$a" in train.output_dir=*) out="${{a#train.output_dir=}}" ;; --config-file) ;; *.py) cfg="$a" ;; esac
 done
 case "$cfg" in *sgd*) echo "simulated failure in $cfg" >&2; exit 3 ;; esac
-mkdir -p "$out" && echo "$@" >"$out/args.txt" && echo '{"test": {}}' >"$out/final_metrics.json"
+score=30
+{scores}
+mkdir -p "$out" && echo "$@" >"$out/args.txt"
+best='"best": {{"metric": "bbox/AP50", "value": '$score', "iteration": 9, "epoch": 5}}'
+echo '{{"test": {{}}, '"$best"'}}' >"$out/final_metrics.json"
 """
+SCORES = {"baseline": 40, "lr0.005": 50, "bs16": 45, "rmsprop": 44, "ep150": 41, "ep200": 39}
 
 
 def _fake_python(tmp_path):
     path = tmp_path / "fake_python"
-    path.write_text(FAKE_PYTHON)
+    scores = "\n".join(f'case "$cfg" in *{key}*) score={value} ;; esac' for key, value in SCORES.items())
+    path.write_text(FAKE_PYTHON.format(python=sys.executable, scores=scores))
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
 
@@ -101,6 +111,40 @@ def test_run_all_skips_finished_continues_past_failures_and_reports(tmp_path):
     args = (work / f"ofat_{BASELINE}" / "args.txt").read_text().split()
     assert args[args.index("--micro-batch") + 1] == "2" and args[-1] == "optimizer.lr=0.002"  # user's last
     assert not list(work.glob("**/run.pid")) and not (work / ".run_all_ofat.pid").exists()
+    assert (work / "ofat_summary.md").is_file() and "written: " in proc.stdout  # the table, at the end
+
+
+def test_with_best_writes_the_combined_config_and_runs_it_tenth(tmp_path):
+    """Each factor at its best validation level (SGD failed: left out), a LazyConfig inheriting the baseline."""
+    from detectron2.config import LazyConfig
+
+    work = tmp_path / "work"
+    env = {"RAT_WORK_DIRS": str(work), "PYTHON": str(_fake_python(tmp_path))}
+    proc = run_cmd(["./run_all_ofat.sh", "--with-best"], check=False, env=env)
+    assert proc.returncode == 1 and "9 finished now, 0 finished before, 1 failed" in proc.stdout  # SGD
+    assert "finished: best_combination" in proc.stdout
+    best = work / "ofat_best_combination"
+    config = best / "best_combination.py"
+    args = (best / "args.txt").read_text().split()
+    assert args[args.index("--config-file") + 1] == str(config) and f"train.output_dir={best}" in args
+    text = config.read_text()
+    assert "learning rate: 0.005 (validation mAP@0.5 0.001: 40.0, 0.005: 50.0, 0.01: 30.0)" in text
+    assert "not finished, left out: ofat_lr0.001_bs8_sgd_ep100" in text
+    cfg = LazyConfig.load(str(config))
+    assert cfg.optimizer.lr == 0.005 and "RMSprop" in str(cfg.optimizer._target_)
+    assert cfg.dataloader.train.total_batch_size == 16 and cfg.train.epochs == 150
+    table = (work / "ofat_summary.md").read_text()
+    assert "| best_combination | finished |" in table and table.count("| finished |") == 9
+    # the baseline unfinished: no combination, one clear line
+    (work / f"ofat_{BASELINE}" / "final_metrics.json").unlink()
+    shutil.rmtree(best)
+    proc = run_cmd(
+        [sys.executable, "-m", "rat_plugins.experiments.ofat", "best-combination", "--work-dirs", str(work)],
+        check=False,
+    )
+    assert proc.returncode == 2 and f"the baseline run {work / f'ofat_{BASELINE}'} has not finished" in proc.stderr
+    proc = run_cmd(["./run_all_ofat.sh", "--with-best", "--submit"], check=False, env=env)
+    assert proc.returncode == 2 and "--with-best does not go with --submit" in proc.stderr
 
 
 def test_clean_stops_only_its_own_runs_and_keeps_originals(tmp_path):
@@ -210,9 +254,11 @@ def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
     run_cmd([sys.executable, "tools/summarize_ofat.py", "--work-dirs", str(tmp_path)])
     table = (tmp_path / "ofat_summary.md").read_text().splitlines()
     row = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")] for line in table[2:]}
-    assert row[BASELINE] == [BASELINE, "finished", "41.2", "20.0", "—", "18.0", "30.0", "0:01:05", "2", "105"]
+    # best epoch and validation score from the evaluations; no best model saved: its test columns blank
+    expected = [BASELINE, "finished", "41.2", "20.0", "—", "18.0", "30.0", "0:01:05", "2", "40.0", "—", "—", "105"]
+    assert row[BASELINE] == expected
     assert row["ofat_lr0.01_bs8_adamw_ep100"][1:3] == ["unfinished", "—"]  # no test figure, not 0
-    assert row["ofat_lr0.001_bs8_sgd_ep100"][1:] == ["missing"] + ["—"] * 8
+    assert row["ofat_lr0.001_bs8_sgd_ep100"][1:] == ["missing"] + ["—"] * 11
     assert len(row) == 9
     csv = (tmp_path / "ofat_summary.csv").read_text().splitlines()
     assert csv[0].startswith("experiment,status,mAP@0.5") and len(csv) == 10

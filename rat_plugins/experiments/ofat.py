@@ -1,9 +1,11 @@
 """The OFAT study (ViTDet head detection): quick-mode overrides and the results table.
 
     python -m rat_plugins.experiments.ofat quick-overrides   # one key=value per line (run_single_ofat.sh)
+    python -m rat_plugins.experiments.ofat best-combination [--quick]   # the combined-best config's path
 
-The summary reads ``work_dirs/ofat_*``: test mAP, AP by size, training time, best epoch (by
-validation mAP@0.5) and peak memory; missing numbers stay blank, never zero.
+The summary reads ``work_dirs/ofat_*``: test mAP and AP by size of the final model, training time,
+the best epoch by validation mAP@0.5 with that score, the test mAP of the best-validation model
+(``model_best.pth``), and peak memory; missing numbers stay blank, never zero.
 """
 
 import argparse
@@ -44,8 +46,13 @@ COLUMNS = [
     "AP_large",
     "train_time",
     "best_epoch",
+    "best_val_mAP@0.5",
+    "best_model_mAP@0.5",
+    "best_model_mAP@0.5:0.95",
     "peak_memory_mb",
 ]
+# the tenth run of the sweep: each factor at its best level (run_all_ofat.sh --with-best)
+BEST_COMBINATION = "best_combination"
 RANDOM_BACKBONE_WARNING = (
     "WARNING: quick mode without ckpts/vim_tiny_pretrained.pth: the ViM backbone is randomly "
     "initialised (frozen); figures show the machinery works, not the model's real accuracy."
@@ -143,11 +150,31 @@ def summarize_run(name: str, run_dir: Path) -> dict:
     losses, evals, peak = read_metrics(run_dir)
     final = run_dir / "final_metrics.json"
     status = "finished" if final.is_file() else ("unfinished" if losses else "not started")
-    test = (json.loads(final.read_text()).get("test") or {}).get("bbox", {}) if final.is_file() else {}
-    return _row(name, status, test, losses, evals, peak, iters_per_epoch(run_dir), training_seconds(run_dir))
+    record = json.loads(final.read_text()) if final.is_file() else {}
+    test = (record.get("test") or {}).get("bbox", {})
+    per_epoch, seconds = iters_per_epoch(run_dir), training_seconds(run_dir)
+    return _row(name, status, test, losses, evals, peak, per_epoch, seconds, record.get("best"))
 
 
-def _row(name, status, test=None, losses=(), evals=(), peak=None, per_epoch=None, seconds=None) -> dict:
+def best_record(run_dir: Path) -> Optional[dict]:
+    """A finished run's best-validation record (``final_metrics.json`` "best": metric, value, iteration,
+    epoch, test), or None."""
+    final = Path(run_dir) / "final_metrics.json"
+    return json.loads(final.read_text()).get("best") if final.is_file() else None
+
+
+def row_with_figures(row: dict, test: dict, best: Optional[dict], per_epoch: Optional[int] = None) -> dict:
+    """``row`` with the final model's test figures ``test`` and the best-validation record ``best`` (figures
+    measured again, e.g. by tools/ray_evaluate.py --ofat)."""
+    fresh = _row(row["experiment"], row["status"], test, row["_losses"], row["_evals"], None, per_epoch, None, best)
+    return dict(fresh, train_time=row["train_time"], peak_memory_mb=row["peak_memory_mb"])
+
+
+def _fmt(value) -> str:
+    return "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
+
+
+def _row(name, status, test=None, losses=(), evals=(), peak=None, per_epoch=None, seconds=None, best=None) -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row["experiment"], row["status"] = name, status
     for col, key in (
@@ -157,12 +184,20 @@ def _row(name, status, test=None, losses=(), evals=(), peak=None, per_epoch=None
         ("AP_medium", "APm"),
         ("AP_large", "APl"),
     ):
-        value = (test or {}).get(key)
-        row[col] = "" if value is None or value != value else f"{value:.1f}"  # NaN: no such objects
+        row[col] = _fmt((test or {}).get(key))
     scored = [e for e in evals if e[1] == e[1]]  # NaN (nothing detected yet) never counts as best
-    if scored:
-        best_iter = max(scored, key=lambda e: e[1])[0]
+    if best:  # the best-validation model's record (model_best.json) and its test metrics
+        best_iter, best_value = best["iteration"], best["value"]
+        best_test = (best.get("test") or {}).get("bbox", {})
+        row["best_model_mAP@0.5"], row["best_model_mAP@0.5:0.95"] = (
+            _fmt(best_test.get("AP50")),
+            _fmt(best_test.get("AP")),
+        )
+    elif scored:
+        best_iter, best_value = max(scored, key=lambda e: e[1])[:2]
+    if best or scored:
         row["best_epoch"] = str(round((best_iter + 1) / per_epoch)) if per_epoch else f"iter {best_iter}"
+        row["best_val_mAP@0.5"] = _fmt(best_value)
     if seconds:
         row["train_time"] = str(datetime.timedelta(seconds=int(seconds)))
     if peak:
@@ -180,13 +215,19 @@ def summarize_mlflow_run(name: str, client, run) -> dict:
     status = _MLFLOW_STATUS.get(run.info.status, run.info.status.lower())
     prefix = "final/test/bbox/"
     test = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    best = None
+    if "final/best/iteration" in metrics:
+        best_prefix = "final/best/test/bbox/"
+        best_test = {k[len(best_prefix) :]: v for k, v in metrics.items() if k.startswith(best_prefix)}
+        best = dict(iteration=int(metrics["final/best/iteration"]), value=metrics["final/best/value"])
+        best["test"] = dict(bbox=best_test)
     history = {key: client.get_metric_history(run.info.run_id, key) for key in ("total_loss", "bbox/AP50")}
     losses = [(m.step, m.value) for m in sorted(history["total_loss"], key=lambda m: m.step)]
     evals = [(m.step, m.value, None) for m in sorted(history["bbox/AP50"], key=lambda m: m.step)]
     peak = max((m.value for m in client.get_metric_history(run.info.run_id, "peak_memory_mb")), default=None)
     per_epoch = run.data.params.get("train.eval_period")
     seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
-    return _row(name, status, test, losses, evals, peak, int(per_epoch) if per_epoch else None, seconds)
+    return _row(name, status, test, losses, evals, peak, int(per_epoch) if per_epoch else None, seconds, best)
 
 
 def markdown(rows) -> str:
@@ -262,6 +303,8 @@ def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None) 
     rows come from the work dirs, or from the MLflow store at ``mlflow_uri``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = config_names()
+    if (work_dirs / f"ofat_{BEST_COMBINATION}").is_dir() or (work_dirs / f"ofat_{BEST_COMBINATION}_quick").is_dir():
+        names.append(BEST_COMBINATION)
     if mlflow_uri:
         rows = _mlflow_rows(mlflow_uri, names)
     else:
@@ -272,6 +315,12 @@ def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None) 
             for n in names
             if (work_dirs / f"ofat_{n}_quick").is_dir()
         ]
+    return write_summary(rows, out_dir)
+
+
+def write_summary(rows, out_dir: Path) -> str:
+    """``ofat_summary.{md,csv}`` and the two plots of ``rows`` in ``out_dir``; returns the Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     atomic_write_text(out_dir / "ofat_summary.md", table)
     atomic_write_text(out_dir / "ofat_summary.csv", to_csv(rows))
@@ -318,6 +367,93 @@ def summary_main(argv=None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the best combination
+BASELINE = "baseline_lr0.001_bs8_adamw_ep100"
+_LEVELS = re.compile(r"_lr(?P<lr>[\d.]+)_bs(?P<batch>\d+)_(?P<optimizer>[a-z]+)_ep(?P<epochs>\d+)$")
+FACTORS = {"lr": "learning rate", "batch": "batch size", "optimizer": "optimizer", "epochs": "epochs"}
+
+
+def factor_levels(name: str) -> dict:
+    """``{'lr': '0.001', 'batch': '8', 'optimizer': 'adamw', 'epochs': '100'}`` from an OFAT config name."""
+    found = _LEVELS.search(name)
+    if found is None:
+        raise ValueError(f"{name} is not an OFAT config name (..._lr<LR>_bs<B>_<optimizer>_ep<E>)")
+    return found.groupdict()
+
+
+def best_validation_score(run_dir: Path) -> Optional[float]:
+    """A finished run's best validation mAP@0.5 (its model_best.json, else its evaluations), or None."""
+    final = run_dir / "final_metrics.json"
+    if not final.is_file():
+        return None
+    best = json.loads(final.read_text()).get("best")
+    if best:
+        return float(best["value"])
+    scores = [e[1] for e in read_metrics(run_dir)[1] if e[1] == e[1]]
+    return max(scores) if scores else None
+
+
+def best_combination(work_dirs: Path, quick: bool = False):
+    """Each factor at its level with the best validation mAP@0.5 among the baseline and that factor's
+    finished runs. Returns ({factor: (level, run name)}, lines saying why); runs not finished are left
+    out and named. Raises ConfigError when the baseline has not finished (every comparison needs it)."""
+    from rat_plugins.utils.config_keys import ConfigError
+
+    suffix = "_quick" if quick else ""
+    scores = {n: best_validation_score(Path(work_dirs) / f"ofat_{n}{suffix}") for n in config_names()}
+    if scores.get(BASELINE) is None:
+        raise ConfigError(
+            f"the baseline run {Path(work_dirs) / f'ofat_{BASELINE}{suffix}'} has not finished (or has no "
+            "validation mAP@0.5): the best combination compares every factor with it; run the sweep first"
+        )
+    base = factor_levels(BASELINE)
+    chosen, why = {}, []
+    for factor, label in FACTORS.items():
+        runs = [n for n in config_names() if n == BASELINE or _only_change(n, base) == factor]
+        finished = [n for n in runs if scores[n] is not None]
+        winner = max(finished, key=lambda n: (scores[n], n == BASELINE))  # a tie keeps the baseline level
+        chosen[factor] = (factor_levels(winner)[factor], winner)
+        compared = ", ".join(f"{factor_levels(n)[factor]}: {scores[n]:.1f}" for n in finished)
+        missing = [n for n in runs if scores[n] is None]
+        line = f"{label}: {chosen[factor][0]} (validation mAP@0.5 {compared})"
+        why.append(line + (f"; not finished, left out: {', '.join(missing)}" if missing else ""))
+    return chosen, why
+
+
+def _only_change(name: str, base: dict) -> Optional[str]:
+    changed = [k for k, v in factor_levels(name).items() if v != base[k]]
+    return changed[0] if len(changed) == 1 else None
+
+
+def write_best_combination(work_dirs: Path, quick: bool = False) -> Path:
+    """The combined-best LazyConfig, ``<work_dirs>/ofat_best_combination[_quick]/best_combination.py``: it
+    inherits the baseline and sets each factor to its best level. Returns its path."""
+    chosen, why = best_combination(work_dirs, quick)
+    levels = {factor: level for factor, (level, _) in chosen.items()}
+    base = factor_levels(BASELINE)
+    lines = [
+        "# OFAT best combination: each factor at its best level by validation mAP@0.5, written by",
+        f"# run_all_ofat.sh --with-best from the runs in {Path(work_dirs).resolve()} (regenerated each time).",
+        *[f"#   {line}" for line in why],
+        "from detectron2.config import LazyConfig",
+        "",
+        "from rat_plugins.detectron2.schedule import set_epoch_schedule",
+        "",
+        "model, dataloader, optimizer, train, lr_multiplier = LazyConfig.load(",
+        f'    "{OFAT_DIR / (BASELINE + ".py")}", ("model", "dataloader", "optimizer", "train", "lr_multiplier")',
+        ")",
+    ]
+    if levels["optimizer"] != base["optimizer"]:
+        lines.append(f'optimizer = LazyConfig.load("{OFAT_DIR / (chosen["optimizer"][1] + ".py")}", "optimizer")')
+    lines.append(f"optimizer.lr = {float(levels['lr'])}")
+    lines.append(f"dataloader.train.total_batch_size = {int(levels['batch'])}")
+    lines.append(f"set_epoch_schedule(train, lr_multiplier, dataloader, epochs={int(levels['epochs'])})")
+    path = Path(work_dirs) / f"ofat_{BEST_COMBINATION}{'_quick' if quick else ''}" / f"{BEST_COMBINATION}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- sweeps on a scheduler
 def sweep_manifest(out: Path, work_dirs: Path, quick: bool = False, names=None, overrides=()) -> Path:
     """Write the manifest of the OFAT sweep (one run per config, as run_all_ofat.sh runs them) for
@@ -340,7 +476,7 @@ def sweep_manifest(out: Path, work_dirs: Path, quick: bool = False, names=None, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rat_plugins.experiments.ofat", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["quick-overrides", "sweep-manifest"])
+    parser.add_argument("command", choices=["quick-overrides", "sweep-manifest", "best-combination"])
     parser.add_argument("out", nargs="?", type=Path, help="sweep-manifest: the manifest file to write")
     parser.add_argument("overrides", nargs="*", help="sweep-manifest: key=value overrides of every run")
     parser.add_argument("--quick", action="store_true", help="sweep-manifest: quick-mode runs")
@@ -351,6 +487,17 @@ def main(argv=None) -> int:
         print(RANDOM_BACKBONE_WARNING, file=sys.stderr)
     if args.command == "quick-overrides":
         print("\n".join(quick_overrides()))
+        return 0
+    if args.command == "best-combination":
+        from rat_plugins.utils.config_keys import ConfigError
+
+        try:
+            path = write_best_combination(args.work_dirs, args.quick)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(path.read_text().split("from detectron2")[0], file=sys.stderr, end="")
+        print(path)
         return 0
     if args.out is None:
         parser.error("sweep-manifest needs the manifest path")
