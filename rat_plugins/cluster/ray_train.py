@@ -27,7 +27,7 @@ from ..engine.signals import DIE_WITH_PARENT, die_with_parent
 from ..utils.config_keys import ConfigError
 from .environment import ProcessEnvironment, free_port
 
-__all__ = ["parse_args", "tool_command", "main", "evaluate_main"]
+__all__ = ["parse_args", "tool_command", "main", "evaluate_main", "evaluate_ofat"]
 
 REPO = Path(__file__).resolve().parents[2]
 # the coordinates Ray gives its workers: the training processes get their own from their launcher
@@ -194,9 +194,68 @@ def _evaluate_resolution(config: str, checkpoint: str, resolution: int, out: str
     )
 
 
+def _evaluate_ofat_checkpoint(run_dir: str, which: str) -> tuple:
+    """One Ray task: an OFAT run's final or best model on the test split, through the training tool's
+    ``--eval-only`` with the run's own config (its ``config.yaml``). Returns (run dir, which, test metrics)."""
+    run = Path(run_dir)
+    out = run / f"eval_{which}"
+    command = [
+        sys.executable,
+        "tools/lazyconfig_train_net.py",
+        "--eval-only",
+        "--config-file",
+        str(run / "config.yaml"),
+    ]
+    command += [f"train.init_checkpoint={run / f'model_{which}.pth'}", f"train.output_dir={out}"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return run_dir, which, json.loads((out / "eval_metrics.json").read_text()).get("test")
+
+
+def evaluate_ofat(work_dirs: Path, out_dir: Path, quick: bool = False) -> str:
+    """The OFAT sweep's test evaluations as Ray tasks (each finished run's final model, and its best-validation
+    model when it has one); writes the summary table and plots of tools/summarize_ofat.py with those
+    figures. Returns the table. Ray must be running."""
+    import ray
+
+    from ..experiments import ofat
+
+    suffix = "_quick" if quick else ""
+    names = ofat.config_names() + [ofat.BEST_COMBINATION]
+    runs = {n: Path(work_dirs) / f"ofat_{n}{suffix}" for n in names}
+    finished = {n: d for n, d in runs.items() if (d / "final_metrics.json").is_file() and (d / "config.yaml").is_file()}
+    task = ray.remote(num_cpus=1)(_evaluate_ofat_checkpoint)
+    futures = [
+        task.remote(str(d), which)
+        for d in finished.values()
+        for which in ("final", "best")
+        if (d / f"model_{which}.pth").is_file()
+    ]
+    results = {(Path(r), which): test for r, which, test in ray.get(futures)}
+    rows = []
+    for name, run_dir in runs.items():
+        if name == ofat.BEST_COMBINATION and not run_dir.is_dir():
+            continue
+        row = ofat.summarize_run(name + (" (quick)" if quick else ""), run_dir)
+        if name in finished:  # the evaluations' figures in place of those the training wrote
+            test = ((results.get((run_dir, "final")) or {}).get("bbox")) or {}
+            best = ofat.best_record(run_dir)
+            if best is not None and (run_dir, "best") in results:
+                best = dict(best, test=results[(run_dir, "best")])
+            row = ofat.row_with_figures(row, test, best, ofat.iters_per_epoch(run_dir))
+        rows.append(row)
+    return ofat.write_summary(rows, Path(out_dir))
+
+
 def evaluate_main(argv=None) -> int:
     """``tools/ray_evaluate.py CONFIG CHECKPOINT --robustness --resolutions ...``: each resolution a Ray
-    task; the same table, plot and exit status as tools/evaluate_robustness.py."""
+    task; the same table, plot and exit status as tools/evaluate_robustness.py. ``tools/ray_evaluate.py
+    --ofat [--work-dirs DIR]``: the OFAT sweep's test evaluations, the table of tools/summarize_ofat.py."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--ofat" in argv:
+        return _evaluate_ofat_main(argv)
     from mmengine.config import Config, DictAction
 
     from rat_plugins.experiments.robustness import METRICS, print_report, training_resolution
@@ -204,7 +263,7 @@ def evaluate_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tools/ray_evaluate.py", description="Spread an evaluation over Ray workers")
     p.add_argument("config")
     p.add_argument("checkpoint")
-    p.add_argument("--robustness", action="store_true", help="evaluate at each of --resolutions (required for now)")
+    p.add_argument("--robustness", action="store_true", help="evaluate at each of --resolutions")
     p.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--train-resolution", type=int, help="default: the training pipeline's Resize scale")
     p.add_argument("--metric", default="Dice", choices=METRICS)
@@ -215,7 +274,9 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--cfg-options", nargs="+", action=DictAction)
     args = p.parse_args(argv)
     if not args.robustness:
-        p.error("give --robustness: the resolution study is the evaluation spread over workers so far")
+        p.error(
+            "give --robustness (CONFIG CHECKPOINT at each resolution) or --ofat (the OFAT sweep's test evaluations)"
+        )
     config, checkpoint = Path(args.config).resolve(), Path(args.checkpoint).resolve()
     for label, path in (("config", config), ("checkpoint", checkpoint)):
         if not path.is_file():
@@ -242,6 +303,31 @@ def evaluate_main(argv=None) -> int:
     finally:
         ray.shutdown()
     return print_report(rows, out, config.stem, args.metric)
+
+
+def _evaluate_ofat_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="tools/ray_evaluate.py --ofat", description="The OFAT sweep's test evaluations")
+    p.add_argument("--ofat", action="store_true", required=True)
+    p.add_argument("--work-dirs", type=Path, default=Path(os.environ.get("RAT_WORK_DIRS", REPO / "work_dirs")))
+    p.add_argument("--quick", action="store_true", help="the quick-mode runs (work_dirs/ofat_*_quick)")
+    p.add_argument("--out", type=Path, help="where to write the table and plots (default: --work-dirs)")
+    p.add_argument("--num-workers", type=int, default=2, help="evaluations at once")
+    p.add_argument("--address", default=None, help="a running Ray cluster (auto, or HOST:PORT)")
+    args = p.parse_args(argv)
+    if not args.work_dirs.is_dir():
+        print(f"error: no OFAT work dirs: {args.work_dirs} is not a folder", file=sys.stderr)
+        return 2
+    if not _ray_installed():
+        return 2
+    import ray
+
+    _start_ray(args.address, args.num_workers)
+    try:
+        table = evaluate_ofat(args.work_dirs, args.out or args.work_dirs, args.quick)
+    finally:
+        ray.shutdown()
+    print(table)
+    return 0
 
 
 def _start_ray(address, cpus: float) -> None:
