@@ -83,3 +83,20 @@ def test_registered_and_checked():
         VesselMetric(aggregate="mean")
     with pytest.raises(ValueError, match="foreground_index 3"):
         _evaluate([(PRED, GT)], foreground_index=3)
+
+
+def test_lesion_metric_reports_dice_and_iou_per_image_beside_the_pooled_ones():
+    """The ISIC convention: the mean of each image's Dice / IoU, next to the figures of the pooled pixels."""
+    from rat_plugins.mm.metrics import LesionMetric
+
+    pairs = [(PRED, GT), ([[0, 0], [0, 0]], [[0, 0], [0, 0]])]
+    metric = LesionMetric()
+    metric.dataset_meta = {"classes": ("background", "lesion")}
+    metric.process({}, [_sample(p, g) for p, g in pairs])
+    m = metric.evaluate(len(pairs))
+    assert m["Dice"] == pytest.approx(100 * 4 / 6, abs=0.01)  # pooled
+    assert m["Dice_per_image"] == pytest.approx((100 * 4 / 6 + 100) / 2, abs=0.01)
+    assert m["IoU_per_image"] == pytest.approx(75.0)
+    assert "Dice_per_image" not in _evaluate(pairs)  # the vessel metric reports only what it is asked for
+    with pytest.raises(ValueError, match=r"per_image \['AUC'\] are not scores"):
+        VesselMetric(per_image=["AUC"])

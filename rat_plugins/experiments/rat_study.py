@@ -41,7 +41,9 @@ SEGMENTATION = ["rat_isic_single_256", "rat_isic_dual_256-128", "rat_isic_triple
 GROUPS = ("segmentation", "ablations", "robustness")
 QUICK_DATA = dict(n=48, seed=0, size=(64, 128))
 QUICK_RESOLUTIONS = [32, 64, 128, 256]
-RESULT_COLUMNS = ["group", "experiment", "status", *METRICS, "train_seconds", "iters", "checkpoint"]
+# Dice and IoU pooled over the test pixels, and averaged over its images (the ISIC convention)
+PER_IMAGE = ("Dice_per_image", "IoU_per_image")
+RESULT_COLUMNS = ["group", "experiment", "status", *METRICS, *PER_IMAGE, "train_seconds", "iters", "checkpoint"]
 ROBUSTNESS_COLUMNS = ["experiment", "resolution", "spacing", "status", *METRICS, "Dice_degradation_pct", "within_limit"]
 
 
@@ -231,7 +233,7 @@ def mlflow_results(uri: str) -> list:
                 "group": group,
                 "experiment": experiment_name,
                 "status": "ok" if tested else f"not tested ({run.info.status})",
-                **{m: metrics.get(f"final/test/{m}") for m in METRICS},
+                **{m: metrics.get(f"final/test/{m}") for m in (*METRICS, *PER_IMAGE)},
                 "train_seconds": metrics.get("train_seconds"),
                 "iters": run.data.params.get("train_cfg.max_iters"),
                 "checkpoint": run.data.tags.get("checkpoint"),
@@ -364,6 +366,12 @@ def parse_args(argv=None):
         "sqlite:///<work-dir>/mlflow.db, the store the study's runs log to)",
     )
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="overrides for every run, key=value")
+    p.add_argument(
+        "--coco-results",
+        type=Path,
+        metavar="FINAL_METRICS_JSON",
+        help="the final_metrics.json of a RAT COCO run (projects/RAT/configs/coco), for the detection criterion",
+    )
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments (config names) of the groups")
     p.add_argument(
         "--sweep-manifest",
@@ -433,6 +441,10 @@ def main(argv=None) -> int:
     tables = [work_dir / f"results.{ext}" for ext in ("md", "csv")]
     if "robustness" in args.groups:
         tables += [work_dir / f"robustness.{ext}" for ext in ("md", "csv", "png")]
+    from .criteria import write_criteria
+
+    print(write_criteria(work_dir, rows, args.quick, args.coco_results))
+    tables.append(work_dir / "criteria.md")
     log_study_summary(work_dir, STUDY, study_store(work_dir), tables)
     if failures:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)

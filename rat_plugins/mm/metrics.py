@@ -52,10 +52,12 @@ class VesselMetric(IoUMetric):
         aggregate: ``'dataset'`` pools pixel counts over all images; ``'image'`` averages
             per-image scores.
         iou_metrics: what ``IoUMetric`` adds (class means). Default ``['mIoU', 'mDice']``.
+        per_image: scores also reported averaged over the images, as ``<name>_per_image``, whatever
+            ``aggregate`` is (``LesionMetric``: Dice and IoU, the ISIC convention).
         **kwargs: ``IoUMetric`` arguments (``ignore_index``, ``prefix``, ``output_dir``, ...).
 
     Keys reported: ``Dice``, ``IoU``, ``Accuracy``, ``Sensitivity``, ``Specificity`` (foreground,
-    percent) and ``IoUMetric``'s ``aAcc``, ``mIoU``, ``mAcc``, ``mDice``.
+    percent), the ``per_image`` ones and ``IoUMetric``'s ``aAcc``, ``mIoU``, ``mAcc``, ``mDice``.
     """
 
     def __init__(
@@ -63,13 +65,18 @@ class VesselMetric(IoUMetric):
         foreground_index: int = 1,
         aggregate: str = "dataset",
         iou_metrics: Sequence[str] = ("mIoU", "mDice"),
+        per_image: Sequence[str] = (),
         **kwargs,
     ):
         if aggregate not in ("dataset", "image"):
             raise ValueError(f"VesselMetric: aggregate must be 'dataset' or 'image', got {aggregate!r}")
+        unknown = sorted(set(per_image) - set(SCORE_NAMES))
+        if unknown:
+            raise ValueError(f"VesselMetric: per_image {unknown} are not scores; choose from {SCORE_NAMES}")
         super().__init__(iou_metrics=list(iou_metrics), **kwargs)
         self.foreground_index = int(foreground_index)
         self.aggregate = aggregate
+        self.per_image = tuple(per_image)
 
     def _counts(self, area_intersect, area_pred, area_label):
         f = self.foreground_index
@@ -88,20 +95,22 @@ class VesselMetric(IoUMetric):
                 f"VesselMetric: foreground_index {self.foreground_index} is not a class of "
                 f"{self.dataset_meta['classes']}"
             )
+        per_image = [binary_scores(*self._counts(r[0], r[2], r[3])) for r in results]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            image_means = {
+                k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan") for k in SCORE_NAMES
+            }
         if self.aggregate == "dataset":
             inter, _, pred, label = (sum(r[i] for r in results) for i in range(4))
             scores = binary_scores(*self._counts(inter, pred, label))
         else:
-            per_image = [binary_scores(*self._counts(r[0], r[2], r[3])) for r in results]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                scores = {
-                    k: float(np.nanmean([s[k] for s in per_image])) if per_image else float("nan") for k in SCORE_NAMES
-                }
+            scores = image_means
         with warnings.catch_warnings():  # all-NaN classes (nothing evaluated): NaN, not a warning
             warnings.simplefilter("ignore", RuntimeWarning)
             metrics = super().compute_metrics(results)
         metrics.update({k: round(v * 100, 2) for k, v in scores.items()})
+        metrics.update({f"{k}_per_image": round(image_means[k] * 100, 2) for k in self.per_image})
         name = self.dataset_meta["classes"][self.foreground_index]
         print_log(
             f"{name} ({self.aggregate}): " + ", ".join(f"{k} {metrics[k]:.2f}" for k in SCORE_NAMES),
@@ -113,4 +122,8 @@ class VesselMetric(IoUMetric):
 @METRICS.register_module()
 class LesionMetric(VesselMetric):
     """:class:`~rat_plugins.mm.metrics.VesselMetric` for lesions: Dice, IoU, accuracy, sensitivity,
-    specificity of class 1 (``lesion`` in :class:`ISIC2018Dataset`), pooled over the dataset."""
+    specificity of class 1 (``lesion`` in :class:`ISIC2018Dataset`), pooled over the dataset, and Dice
+    and IoU averaged over the images (``Dice_per_image``, ``IoU_per_image``: the ISIC convention)."""
+
+    def __init__(self, per_image: Sequence[str] = ("Dice", "IoU"), **kwargs):
+        super().__init__(per_image=per_image, **kwargs)
