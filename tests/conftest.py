@@ -57,12 +57,53 @@ def heads_data(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # under pytest-xdist (make test: -n N --dist loadgroup) the tests of one machine-wide service run
+    # in one worker, one after the other: a localhost SLURM has fixed ports, and Ray clusters started
+    # at once on one machine contend for its ports and CPUs
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "ray" in item.nodeid.split("::")[-1] or item.nodeid.startswith("tests/test_ray_train.py"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skipif(True, reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_torchrun_port():
+    """Each pytest-xdist worker's tools/dist_train.sh runs get a port of their own (``$PORT``; the script's
+    default, 29500, would be shared by two workers' runs at the same moment)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["PORT"] = str(s.getsockname()[1])
+    yield
+
+
+class _InstallLock:
+    """One installer at a time for a folder shared by every test process (``<folder>.lock``, flock)."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        self.path = Path(str(folder) + ".lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
 
 
 # -- small synthetic datasets, written once per session in the official layouts ------------------
@@ -124,8 +165,6 @@ def slurm_cluster(tmp_path_factory):
 # (installed into the venv, mmengine imports it with every Runner: seconds per process for every test)
 def _deepspeed_site():
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     import tomllib
@@ -138,25 +177,35 @@ def _deepspeed_site():
     extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
     wanted = " ".join(sorted(extra)) + f" {version}"
     stamp = site / ".complete"
-    if not stamp.is_file() or stamp.read_text() != wanted:
-        print(f"installing {' '.join(extra)} into {site} (DeepSpeed's ops left to JIT)", file=sys.stderr)
-        step = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
-        step += ["--upgrade", "--no-build-isolation", "--target", str(site), "-c", str(constraints), *extra]
-        env = dict(os.environ, DS_BUILD_OPS="0")
-        proc = subprocess.run(step, capture_output=True, text=True, timeout=1200, env=env)
-        if proc.returncode != 0:
-            pytest.fail(f"cannot install DeepSpeed into {site}: {proc.stderr[-2000:]}")
-        check = subprocess.run(
-            [sys.executable, "-c", "import deepspeed"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=dict(os.environ, PYTHONPATH=str(site), DS_ACCELERATOR="cpu"),
-        )
-        if check.returncode != 0:
-            pytest.fail(f"DeepSpeed in {site} does not import with this venv: {check.stderr[-2000:]}")
-        stamp.write_text(wanted)
+    with _InstallLock(site):
+        if not stamp.is_file() or stamp.read_text() != wanted:
+            _install_deepspeed(site, extra, constraints, wanted)
     return site
+
+
+def _install_deepspeed(site, extra, constraints, wanted):
+    """pip --target the DeepSpeed extra into ``site``, check that it imports, then stamp it."""
+    import subprocess
+    import sys
+
+    stamp = site / ".complete"
+    print(f"installing {' '.join(extra)} into {site} (DeepSpeed's ops left to JIT)", file=sys.stderr)
+    step = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+    step += ["--upgrade", "--no-build-isolation", "--target", str(site), "-c", str(constraints), *extra]
+    env = dict(os.environ, DS_BUILD_OPS="0")
+    proc = subprocess.run(step, capture_output=True, text=True, timeout=1200, env=env)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot install DeepSpeed into {site}: {proc.stderr[-2000:]}")
+    check = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(site), DS_ACCELERATOR="cpu"),
+    )
+    if check.returncode != 0:
+        pytest.fail(f"DeepSpeed in {site} does not import with this venv: {check.stderr[-2000:]}")
+    stamp.write_text(wanted)
 
 
 @pytest.fixture(scope="session")
@@ -172,8 +221,6 @@ def _mlflow_server_python():
     """The server venv's python (created once per version in ~/.cache/rat-plugins; the training venv has
     only the client, mlflow-skinny, at the same version)."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     constraints = (Path(__file__).resolve().parents[1] / "requirements" / "constraints.txt").read_text()
@@ -182,6 +229,16 @@ def _mlflow_server_python():
         os.environ.get("RAT_MLFLOW_SERVER_VENV", Path.home() / ".cache" / "rat-plugins" / f"mlflow-server-{version}")
     )
     python = venv / "bin" / "python"
+    with _InstallLock(venv):
+        _install_mlflow_server(venv, python, version)
+    return python
+
+
+def _install_mlflow_server(venv, python, version):
+    """A venv with the full mlflow package at ``version`` (stamped when complete)."""
+    import subprocess
+    import sys
+
     if not (venv / ".complete").is_file():
         print(f"installing mlflow {version} for the test tracking server into {venv}", file=sys.stderr)
         steps = [
@@ -193,7 +250,6 @@ def _mlflow_server_python():
             if proc.returncode != 0:
                 pytest.fail(f"cannot install the MLflow server ({' '.join(step[:4])}...): {proc.stderr[-2000:]}")
         (venv / ".complete").write_text(version)
-    return python
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,13 @@ if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
   echo "run_tests: free space there (old pytest folders: rm -rf $tmp_root/pytest-of-*) or set TMPDIR to a roomier disk." >&2
   exit 1
 fi
-.venv/bin/python -m pytest tests -ra --durations=20 --basetemp="$basetemp" "$@"
+# Two pytest-xdist workers by default (RAT_TEST_WORKERS: 1 runs in one process; more on a larger
+# machine): most tests wait on one single-threaded training process, so two keep both cores of a small
+# machine busy. --dist loadgroup keeps the SLURM and Ray tests each in one worker (tests/conftest.py).
+workers="${RAT_TEST_WORKERS:-2}"
+parallel=()
+if [ "$workers" -gt 1 ] 2>/dev/null; then parallel=(-n "$workers" --dist loadgroup); fi
+.venv/bin/python -m pytest tests -ra --durations=20 --basetemp="$basetemp" ${parallel[@]+"${parallel[@]}"} "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
