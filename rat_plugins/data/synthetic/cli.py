@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         if kind == "fundus":
             p.add_argument("--layout", choices=("raw", "mmseg"), default="raw")
+        if kind == "heads":
+            p.add_argument("--head-sizes", type=float, nargs=2, default=(20, 160), metavar=("LOW", "HIGH"))
+            p.add_argument("--distractors", type=int, nargs=2, default=(1, 4), metavar=("LOW", "HIGH"))
         if kind == "events":
             p.add_argument("--frames", type=int, default=30, help="representations per sequence")
             p.add_argument("--label-every", type=int, default=2, help="label every k-th representation")
@@ -67,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kwargs["layout"] = args.layout
     if args.kind == "events":
         kwargs.update(frames=args.frames, label_every=args.label_every)
+    if args.kind == "heads":
+        kwargs.update(head_sizes=tuple(args.head_sizes), distractors=tuple(args.distractors))
     try:
         summary = GENERATORS[args.kind](args.out, **kwargs)
     except (DatasetExistsError, NotADirectoryError, ValueError) as e:

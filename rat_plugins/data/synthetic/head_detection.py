@@ -104,10 +104,12 @@ def _paint_distractor(img, rng, cx, cy, size) -> str:
     return kind
 
 
-def _heads_image(rng, w, h, n_heads, force_outside: bool, allow_outside: bool):
+def _heads_image(
+    rng, w, h, n_heads, force_outside: bool, allow_outside: bool, head_sizes=(20, 160), distractors=(1, 4)
+):
     scale = min(w, h) / 640.0
     img = textured_background(rng, h, w, jitter(rng, _BACKGROUNDS[rng.integers(len(_BACKGROUNDS))], 20))
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
         size = float(np.exp(rng.uniform(np.log(20), np.log(140)))) * scale
         _paint_distractor(img, rng, rng.uniform(0, w), rng.uniform(0, h), size)
     heads: List[Tuple[float, float, float, float]] = []
@@ -115,7 +117,7 @@ def _heads_image(rng, w, h, n_heads, force_outside: bool, allow_outside: bool):
     outside = 0
     for k in range(n_heads):
         for _attempt in range(30):
-            bh = float(np.exp(rng.uniform(np.log(20), np.log(160)))) * scale
+            bh = float(np.exp(rng.uniform(np.log(head_sizes[0]), np.log(head_sizes[1])))) * scale
             bw = bh * rng.uniform(0.72, 0.88)
             a, b = bw / 2, bh / 2
             if force_outside and k == 0:
@@ -156,6 +158,8 @@ def make_heads(
     seed: int = 0,
     size: SizeArg = 640,
     overwrite: bool = False,
+    head_sizes: Tuple[float, float] = (20, 160),
+    distractors: Tuple[int, int] = (1, 4),
 ) -> dict:
     """Roboflow COCO export of a one-class head detection set (docs/formats.md, Roboflow COCO export).
 
@@ -171,7 +175,13 @@ def make_heads(
         seed: random seed.
         size: image size, an int or (width, height); 640 as in the real set.
         overwrite: replace the ``train/ valid/ test/`` folders of a non-empty ``out``.
+        head_sizes: range of head heights in pixels at 640 (log-uniform; scaled with the image).
+        distractors: range of non-head shapes per image.
     """
+    if not 0 < head_sizes[0] <= head_sizes[1]:
+        raise ValueError(f"heads: head_sizes must be 0 < low <= high, got {head_sizes}")
+    if not 0 <= distractors[0] <= distractors[1]:
+        raise ValueError(f"heads: distractors must be 0 <= low <= high, got {distractors}")
     n = check_n(n, 4, "heads")
     w, h = image_size(size, "heads")
     root = prepare_out(out, ("train", "valid", "test"), overwrite)
@@ -186,7 +196,9 @@ def make_heads(
             empty = split != "test" and i % 12 == 3
             force_outside = split != "test" and i % 12 == 1
             n_heads = 0 if empty else int(rng.integers(1, 6))
-            rgb, boxes, outside = _heads_image(rng, w, h, n_heads, force_outside, split != "test")
+            rgb, boxes, outside = _heads_image(
+                rng, w, h, n_heads, force_outside, split != "test", head_sizes, distractors
+            )
             token = hashlib.md5(f"{seed}-{split}-{i}".encode()).hexdigest()
             file_name = f"img_{i:04d}_jpg.rf.{token}.jpg"
             wr.jpeg(f"{split}/{file_name}", rgb)
