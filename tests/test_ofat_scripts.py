@@ -260,6 +260,20 @@ def test_summary_table_marks_missing_and_unfinished_runs(tmp_path):
     assert row["ofat_lr0.01_bs8_adamw_ep100"][1:3] == ["unfinished", "—"]  # no test figure, not 0
     assert row["ofat_lr0.001_bs8_sgd_ep100"][1:] == ["missing"] + ["—"] * 11
     assert len(row) == 9
+    # only what ran (make demo): the two runs with a work dir, no "missing" rows
+    run_cmd(
+        [
+            sys.executable,
+            "tools/summarize_ofat.py",
+            "--work-dirs",
+            str(tmp_path),
+            "--ran-only",
+            "--out",
+            str(tmp_path / "ran"),
+        ]
+    )
+    ran = (tmp_path / "ran" / "ofat_summary.md").read_text()
+    assert len(ran.splitlines()) == 4 and "missing" not in ran
     csv = (tmp_path / "ofat_summary.csv").read_text().splitlines()
     assert csv[0].startswith("experiment,status,mAP@0.5") and len(csv) == 10
     for png in ("ofat_loss.png", "ofat_val_map.png"):
@@ -286,4 +300,15 @@ def test_demo_verdict_states_each_claim():
     )
     assert demo.verdict(rising, 2.0, 1.0) == (
         "total loss fell: NO (1.200 -> 2.700); test AP50 beat the untrained model: NO (2.0 -> 1.0)"
+    )
+
+
+def test_the_demo_sample_has_the_larger_heads_the_demo_promises(tmp_path):
+    data = demo.write_demo_sample(tmp_path)
+    doc = json.loads((data / "test" / "_annotations.coco.json").read_text())
+    heights = [a["bbox"][3] for a in doc["annotations"]]
+    assert heights and min(heights) >= 60 * 0.99 and max(heights) <= 240 * 1.01  # pixels at 640 (test: clean)
+    before = (data / "test" / "_annotations.coco.json").read_bytes()
+    assert (
+        demo.write_demo_sample(tmp_path) == data and (data / "test" / "_annotations.coco.json").read_bytes() == before
     )

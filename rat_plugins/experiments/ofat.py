@@ -298,7 +298,7 @@ def _mlflow_rows(uri: str, names) -> list:
     return rows
 
 
-def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None) -> str:
+def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None, ran_only: bool = False) -> str:
     """Write ``ofat_summary.{md,csv}`` and the two plots to ``out_dir``; returns the Markdown table. The
     rows come from the work dirs, or from the MLflow store at ``mlflow_uri``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,8 @@ def summarize(work_dirs: Path, out_dir: Path, mlflow_uri: Optional[str] = None) 
     if mlflow_uri:
         rows = _mlflow_rows(mlflow_uri, names)
     else:
-        rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in names]
+        ran = [n for n in names if (work_dirs / f"ofat_{n}").is_dir()] if ran_only else names
+        rows = [summarize_run(n, work_dirs / f"ofat_{n}") for n in ran]
         # quick (smoke) runs appear only when present, labelled as such
         rows += [
             summarize_run(f"{n} (quick)", work_dirs / f"ofat_{n}_quick")
@@ -344,6 +345,7 @@ def summary_main(argv=None) -> int:
         help="read the runs from an MLflow store instead of the work dirs (default URI: "
         "sqlite:///<work-dirs>/mlflow.db, the store the runs log to)",
     )
+    parser.add_argument("--ran-only", action="store_true", help="rows only for the runs that have a work dir")
     args = parser.parse_args(argv)
     out_dir = args.out or args.work_dirs
     uri = None
@@ -352,7 +354,7 @@ def summary_main(argv=None) -> int:
     from rat_plugins.utils.config_keys import ConfigError
 
     try:
-        table = summarize(args.work_dirs, out_dir, uri)
+        table = summarize(args.work_dirs, out_dir, uri, ran_only=args.ran_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
