@@ -47,9 +47,10 @@ def test_writes_the_four_files_from_the_configs(written):
         "- `param_scheduler.0.end`: `100000` -> `200000`",
         "- `model.bbox_head.size_aware_weight` = `2.0`",
         "- `model.bbox_head.weight_type` = `'exponential'`",
+        "- `model.backbone.partition_rule` = `'rvt'`",  # RVT's geometry, said explicitly
     ]:
         assert line in mods, line
-    assert "8 changed, 4 added, 0 removed." in mods
+    assert "8 changed, 5 added, 0 removed." in mods
     assert "experiment" not in mods.split("## Changed")[1].split("## Config sources")[0]  # documentation, not a setting
     assert "optim_wrapper" not in mods and "data_root" not in mods  # unchanged keys are not listed
 
@@ -80,7 +81,7 @@ def test_writes_the_four_files_from_the_configs(written):
     assert "`size_aware_weight`" in new and "MaxViTRNN" not in new
     assert (
         "`model.backbone`: `MaxViTRNN` -> `rat_plugins.mm.maxvit_rnn.MaxViTRNN`; changed: `out_indices`, "
-        "`patch_size`" in code
+        "`partition_rule`, `patch_size`" in code
     )
     assert "- `YOLOXHead`" in code.split("## Baseline components no longer used")[1]
 

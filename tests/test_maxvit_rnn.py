@@ -138,20 +138,42 @@ def test_class_name_alias_and_rvt_stage_names():
     [
         (4, 2, (720, 1280), (768, 1280), (12, 20)),  # eTraM / 1Mpx with RVT's rule (32 * split)
         (4, 1, (240, 304), (256, 320), (8, 10)),  # Gen1 with RVT's rule
-        (2, 2, (720, 1280), (736, 1280), (23, 40)),  # patch 2: deepest stride 16, multiple 32 (not 64)
-        (2, 4, (720, 1280), (768, 1280), (12, 20)),  # patch 2 with doubled split: patch-4 window size
-        (2, 1, (50, 70), (64, 80), (4, 5)),
+        (2, 2, (720, 1280), (768, 1280), (12, 20)),  # patch 2, RVT's rule: the partition of patch 4
+        (2, 4, (720, 1280), (768, 1280), (6, 10)),
+        (2, 1, (50, 70), (64, 96), (2, 3)),
         (4, 2, (50, 70), (64, 128), (1, 2)),
     ],
 )
 def test_padding_and_partition_rule(patch, split, hw, padded, partition):
     m = MaxViTRNN(**TINY, patch_size=patch, partition_split=split)
-    assert m.padded_size(*hw) == padded
+    assert m.partition_rule == "rvt" and m.padded_size(*hw) == padded
     assert m.partition_size(*hw) == partition
 
 
+@pytest.mark.parametrize(
+    "patch, split, hw, padded, partition",
+    [
+        (2, 2, (720, 1280), (736, 1280), (23, 40)),  # deepest stride 16: multiple 32, windows of 4x the area
+        (2, 4, (720, 1280), (768, 1280), (12, 20)),
+        (2, 1, (50, 70), (64, 80), (4, 5)),
+        (4, 2, (720, 1280), (768, 1280), (12, 20)),  # the same as RVT's at patch 4
+    ],
+)
+def test_the_deepest_stride_partition_rule(patch, split, hw, padded, partition):
+    m = MaxViTRNN(**TINY, patch_size=patch, partition_split=split, partition_rule="deepest_stride")
+    assert m.padded_size(*hw) == padded and m.partition_size(*hw) == partition
+
+
+def test_the_partition_rule_changes_no_weight():
+    rvt = MaxViTRNN(**TINY, patch_size=2, partition_split=1)
+    other = MaxViTRNN(**TINY, patch_size=2, partition_split=1, partition_rule="deepest_stride")
+    other.load_state_dict(rvt.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="partition_rule must be one of"):
+        MaxViTRNN(**TINY, partition_rule="stride16")
+
+
 def test_odd_input_is_zero_padded_bottom_right():
-    m = _model(patch_size=2, partition_split=2)
+    m = _model(patch_size=2, partition_split=2, partition_rule="deepest_stride")
     x = torch.randn(1, 20, 50, 70)
     feats, _ = m(x)
     ref, _ = m(F.pad(x, (0, 96 - 70, 0, 64 - 50)))  # multiple 16 * 2 = 32
@@ -518,9 +540,9 @@ def test_mmdet_registry_builds_the_backbone(tmp_path):
         out_indices=(0, 1, 2, 3),
     )
     net = MODELS.build(cfg)
-    outs = net(torch.randn(2, 20, 48, 64))
+    outs = net(torch.randn(2, 20, 64, 96))  # multiples of 32 (RVT's rule, 32 x partition_split): no padding
     assert isinstance(outs, tuple) and net.strides == (2, 4, 8, 16) and net.out_channels == (8, 16, 32, 64)
-    assert [o.shape for o in outs] == [(2, 8 * 2**i, 48 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i in range(4)]
+    assert [o.shape for o in outs] == [(2, 8 * 2**i, 64 // 2 ** (i + 1), 96 // 2 ** (i + 1)) for i in range(4)]
     three = MODELS.build({**cfg, "patch_size": 4, "out_indices": (1, 2, 3)})
     assert [o.shape[1:] for o in three(torch.randn(1, 20, 64, 64))] == [(16, 8, 8), (32, 4, 4), (64, 2, 2)]
     with pytest.raises(ValueError, match="out_indices"):
@@ -545,7 +567,8 @@ def test_detectron2_backbone_output_shape(patch, names):
     shapes = bb.output_shape()
     assert list(shapes) == names
     assert [(s.channels, s.stride) for s in shapes.values()] == [(8 * 2**i, patch * 2**i) for i in range(4)]
-    assert bb.size_divisibility == patch * 8 and bb.padding_constraints["size_divisibility"] == patch * 8
+    # RVT's rule, 32 x partition_split at either patch size
+    assert bb.size_divisibility == 32 and bb.padding_constraints["size_divisibility"] == 32
     out = bb(torch.randn(1, 20, 64, 96))
     assert all(out[n].shape == (1, shapes[n].channels, 64 // shapes[n].stride, 96 // shapes[n].stride) for n in names)
     only = MaxViTRNN(embed_dim=8, dim_head=8, patch_size=patch, out_features=names[1:])
@@ -570,4 +593,4 @@ def test_detectron2_registry_build():
         "p3": (128, 8),
         "p4": (256, 16),
     }
-    assert bb.net.in_chans == 20 and bb.size_divisibility == 32
+    assert bb.net.in_chans == 20 and bb.size_divisibility == 64  # 32 x partition_split 2

@@ -134,7 +134,7 @@ def test_preprocessor_pads_to_backbone_multiple_and_keeps_counts(mmdet_scope):
         torch.randint(0, 256, (3, 20, 36, 70), dtype=torch.uint8),
     ]
     clips[0][0, 0, 0, 0] = 255  # a count no normalisation could leave unchanged
-    for patch, split, multiple in [(4, 2, 64), (2, 2, 32), (2, 1, 16)]:
+    for patch, split, multiple in [(4, 2, 64), (2, 2, 64), (2, 1, 32)]:  # RVT's rule: 32 x split
         det = _tiny_detector(
             mmdet_scope, patch_size=patch, partition_split=split, out_indices=(1, 2, 3) if patch == 4 else (0, 1, 2, 3)
         )
@@ -153,8 +153,8 @@ def test_preprocessor_pads_to_backbone_multiple_and_keeps_counts(mmdet_scope):
 
     explicit = _tiny_detector(mmdet_scope, preprocessor=dict(type="EventClipDataPreprocessor", pad_size_divisor=64))
     assert explicit.data_preprocessor.pad_size_divisor == 64
-    with pytest.raises(ValueError, match="not a multiple of the backbone's padding multiple 16"):
-        _tiny_detector(mmdet_scope, preprocessor=dict(type="EventClipDataPreprocessor", pad_size_divisor=24))
+    with pytest.raises(ValueError, match="not a multiple of the backbone's padding multiple 32"):
+        _tiny_detector(mmdet_scope, preprocessor=dict(type="EventClipDataPreprocessor", pad_size_divisor=48))
 
 
 def test_configs_load_with_the_experiment_values():

@@ -26,8 +26,8 @@ class EventClipDataPreprocessor(BaseDataPreprocessor):
 
     RVT pads every event tensor with zeros at the bottom and right (``utils/padding.py``,
     ``InputPadderFromShape``, type ``corner``) to ``ceil(side / m) * m`` with ``m`` the backbone's
-    padding multiple (RVT: ``32 * partition_split_32``; here the backbone's ``pad_multiple``, the
-    deepest stride times ``partition_split``: RVT's value for patch 4, half of it for patch 2),
+    padding multiple (the backbone's ``pad_multiple``: RVT's ``32 * partition_split_32`` for every patch
+    size by default, the deepest stride times ``partition_split`` with ``partition_rule='deepest_stride'``),
     taking the batch's largest height / width. Boxes need no change: padding adds pixels after the
     image, never before it.
 

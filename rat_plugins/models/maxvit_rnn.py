@@ -264,6 +264,9 @@ def rvt_stage_names(in_stages: Sequence[int]) -> Tuple[str, ...]:
     return tuple(f"stage{int(s)}" for s in in_stages)
 
 
+PARTITION_RULES = ("rvt", "deepest_stride")
+
+
 class MaxViTRNN(nn.Module):
     """RVT's recurrent MaxViT backbone.
 
@@ -271,11 +274,14 @@ class MaxViTRNN(nn.Module):
     names the four stage maps ``stage1`` .. ``stage4`` (RVT's 1-based stage numbers, see
     :func:`rvt_stage_names`), strides ``patch * 2^(s-1)``, channels ``embed_dim * dim_multiplier``.
 
-    Inputs are zero-padded bottom / right to a multiple of ``pad_multiple = deepest stride *
-    partition_split``; the partition (window size and grid cell count, tokens per axis, the same
-    in every stage) is ``padded side / pad_multiple``. For patch 4 this is RVT's rule (``32 *
-    partition_split``); for patch 2 the multiple follows the deepest stride (16) instead of RVT's
-    hard-coded 32. Output maps cover the padded input.
+    Inputs are zero-padded bottom / right to a multiple of ``pad_multiple``; the partition (window
+    size and grid cell count, tokens per axis, the same in every stage) is ``padded side /
+    pad_multiple``. ``partition_rule='rvt'`` (default) is RVT's rule for every patch size:
+    ``pad_multiple = 32 * partition_split``, so an input gets the same partition at patch 2 as at
+    patch 4 (a patch-2 model has twice the windows per axis in each stage). ``'deepest_stride'``
+    follows the deepest stride instead (``16 * partition_split`` at patch 2: windows of 4x the area;
+    the same as RVT's at patch 4). The rule changes no weight: checkpoints load under either. Output
+    maps cover the padded input.
 
     Args:
         in_chans: input channels (20 for RVT's stacked histograms: 2 polarities x 10 time bins).
@@ -284,7 +290,9 @@ class MaxViTRNN(nn.Module):
         depths: window/grid block pairs per stage (RVT: 1 each).
         dim_head: channels per attention head (heads = stage channels / dim_head).
         patch_size: stem downsampling factor, 2 or 4.
-        partition_split: windows per axis in the deepest stage (RVT: 1 for Gen1, 2 for 1Mpx / eTraM).
+        partition_split: windows per axis in the deepest stage at patch 4 (RVT's ``partition_split_32``:
+            1 for Gen1, 2 for 1Mpx / eTraM).
+        partition_rule: ``'rvt'`` or ``'deepest_stride'`` (see above).
         mlp_ratio: MLP hidden width / channels.
         ls_init_value: LayerScale initial value (0 or None: no LayerScale, and no ``gamma`` keys).
         norm_eps: LayerNorm eps inside the blocks.
@@ -302,6 +310,7 @@ class MaxViTRNN(nn.Module):
         dim_head: int = 32,
         patch_size: int = 4,
         partition_split: int = 2,
+        partition_rule: str = "rvt",
         mlp_ratio: float = 4.0,
         ls_init_value: Optional[float] = 1e-5,
         norm_eps: float = 1e-5,
@@ -317,6 +326,8 @@ class MaxViTRNN(nn.Module):
             )
         if int(partition_split) < 1:
             raise ValueError(f"partition_split must be a positive integer, got {partition_split}")
+        if partition_rule not in PARTITION_RULES:
+            raise ValueError(f"partition_rule must be one of {PARTITION_RULES}, got {partition_rule!r}")
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.dim_head = dim_head
@@ -325,7 +336,9 @@ class MaxViTRNN(nn.Module):
         self.depths = tuple(int(d) for d in depths)
         self.stage_dims = tuple(embed_dim * m for m in dim_multiplier)
         self.strides = tuple(patch_size * 2**s for s in range(4))
-        self.pad_multiple = self.strides[-1] * self.partition_split
+        self.partition_rule = partition_rule
+        # RVT: 32 * partition_split_32 whatever the stem (its stride-32 rule); else the deepest stride
+        self.pad_multiple = (32 if partition_rule == "rvt" else self.strides[-1]) * self.partition_split
         block_kwargs = dict(
             dim_head=dim_head, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value, norm_eps=norm_eps, drop=drop
         )

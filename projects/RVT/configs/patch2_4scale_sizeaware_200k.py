@@ -44,8 +44,9 @@ experiment = dict(
 )
 
 model = dict(
-    # pad multiple 32 (stride 16 x partition_split 2), taken from the backbone
-    backbone=dict(patch_size=2, out_indices=(0, 1, 2, 3)),
+    # RVT's geometry for every patch size: pad multiple 64 (32 x partition_split 2), so an input gets the
+    # baseline's partition; partition_rule="deepest_stride" (multiple 32: windows of 4x the area) is the other
+    backbone=dict(patch_size=2, out_indices=(0, 1, 2, 3), partition_rule="rvt"),
     neck=dict(in_channels=[64, 128, 256, 512]),
     bbox_head=dict(
         type="SizeAwareYOLOXHead",
