@@ -38,9 +38,9 @@ class _Storage:
 
 def test_the_best_record_and_the_early_stopping_scores_survive_a_restart(tmp_path):
     """A resumed run starts from model_best.json's score and counts only the evaluations before its start."""
-    from rat_plugins.detectron2.hooks import BestModelCheckpointer, EarlyStopping, TrainingEndedEarly
-
     import torch
+
+    from rat_plugins.detectron2.hooks import BestModelCheckpointer, EarlyStopping, TrainingEndedEarly
 
     saved = []
 
