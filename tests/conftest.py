@@ -57,20 +57,25 @@ def heads_data(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # under pytest-xdist (make test: -n N --dist loadgroup) the tests of one machine-wide service run
-    # in one worker, one after the other: a localhost SLURM has fixed ports, and Ray clusters started
-    # at once on one machine contend for its ports and CPUs
-    for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif "ray" in item.nodeid.split("::")[-1] or item.nodeid.startswith("tests/test_ray_train.py"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skipif(True, reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def one_ray_at_a_time(request):
+    """Under pytest-xdist (make test: -n N --dist loadfile, so the SLURM tests, all in one file, share one
+    worker and its localhost cluster), a test that starts a local Ray waits for any other worker's Ray test
+    to end: Ray does not support two local instances on one machine at once."""
+    name = request.node.nodeid
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not ("test_ray_train.py" in name or "ray_evaluate" in name):
+        yield
+        return
+    with _InstallLock(f"/tmp/rat-plugins-ray-{os.getuid()}"):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,7 +92,8 @@ def own_torchrun_port():
 
 
 class _InstallLock:
-    """One installer at a time for a folder shared by every test process (``<folder>.lock``, flock)."""
+    """One holder at a time across the test processes (``<path>.lock``, flock): an installer of a folder
+    they share, or a test of a machine-wide service."""
 
     def __init__(self, folder):
         from pathlib import Path

@@ -17,10 +17,11 @@ if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
 fi
 # Two pytest-xdist workers by default (RAT_TEST_WORKERS: 1 runs in one process; more on a larger
 # machine): most tests wait on one single-threaded training process, so two keep both cores of a small
-# machine busy. --dist loadgroup keeps the SLURM and Ray tests each in one worker (tests/conftest.py).
+# machine busy. --dist loadfile keeps each file in one worker, so the SLURM tests (one file) share one
+# localhost cluster; Ray tests of two workers take turns (tests/conftest.py).
 workers="${RAT_TEST_WORKERS:-2}"
 parallel=()
-if [ "$workers" -gt 1 ] 2>/dev/null; then parallel=(-n "$workers" --dist loadgroup); fi
+if [ "$workers" -gt 1 ] 2>/dev/null; then parallel=(-n "$workers" --dist loadfile); fi
 .venv/bin/python -m pytest tests -ra --durations=20 --basetemp="$basetemp" ${parallel[@]+"${parallel[@]}"} "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
