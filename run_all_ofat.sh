@@ -125,32 +125,30 @@ mkdir -p "$WORK"
 echo $$ >"$WORK/.run_all_ofat.pid"
 trap 'stop_started_runs; rm -f "$WORK/.run_all_ofat.pid"; exit 130' INT TERM
 finished=(); failed=(); skipped=()
-for name in "${NAMES[@]}"; do
-  out="$WORK/ofat_${name}${SUFFIX}"
-  if [ -f "$out/final_metrics.json" ]; then
-    echo "== $name: already finished, skipping"; skipped+=("$name"); continue
-  fi
+# run_one NAME [CONFIG]: one experiment (CONFIG: a config file's path, else NAME's OFAT config), its pid
+# file while it runs, its outcome in the lists above
+run_one() {
+  local name="$1" what="${2:-$1}" out="$WORK/ofat_$1${SUFFIX}"
   mkdir -p "$out"
-  echo "== $name: starting (log: $out/run.log)"
-  "$REPO/run_single_ofat.sh" "$name" ${PASS[@]+"${PASS[@]}"} >"$out/run.log" 2>&1 &
+  echo "== $name: starting ${2:+$2 }(log: $out/run.log)"
+  "$REPO/run_single_ofat.sh" "$what" ${PASS[@]+"${PASS[@]}"} >"$out/run.log" 2>&1 &
   echo $! >"$out/run.pid"
   if wait $!; then finished+=("$name"); else failed+=("$name"); echo "== $name: FAILED (see $out/run.log)"; fi
   rm -f "$out/run.pid"
+}
+finished_before() {
+  [ -f "$WORK/ofat_$1${SUFFIX}/final_metrics.json" ] || return 1
+  echo "== $1: already finished, skipping"; skipped+=("$1")
+}
+for name in "${NAMES[@]}"; do
+  finished_before "$name" || run_one "$name"
 done
-if [ "$WITH_BEST" = 1 ]; then
-  name=best_combination
-  out="$WORK/ofat_${name}${SUFFIX}"
-  if [ -f "$out/final_metrics.json" ]; then
-    echo "== $name: already finished, skipping"; skipped+=("$name")
-  elif config="$(cd "$REPO" && RAT_WORK_DIRS="$WORK" "$PY" -m rat_plugins.experiments.ofat best-combination \
+if [ "$WITH_BEST" = 1 ] && ! finished_before best_combination; then
+  if config="$(cd "$REPO" && RAT_WORK_DIRS="$WORK" "$PY" -m rat_plugins.experiments.ofat best-combination \
       --work-dirs "$WORK" ${QUICK_SUFFIX:+--quick})"; then
-    echo "== $name: starting $config (log: $out/run.log)"
-    "$REPO/run_single_ofat.sh" "$config" ${PASS[@]+"${PASS[@]}"} >"$out/run.log" 2>&1 &
-    echo $! >"$out/run.pid"
-    if wait $!; then finished+=("$name"); else failed+=("$name"); echo "== $name: FAILED (see $out/run.log)"; fi
-    rm -f "$out/run.pid"
+    run_one best_combination "$config"
   else
-    failed+=("$name"); echo "== $name: no combined-best config (above)"
+    failed+=(best_combination); echo "== best_combination: no combined-best config (above)"
   fi
 fi
 rm -f "$WORK/.run_all_ofat.pid"
