@@ -1,10 +1,12 @@
-"""LocalSpatialGroupingAttention against the package's own dense layer.
+"""LocalSpatialGroupingAttention and ChunkedDenseSpatialGroupingAttention against the package's own
+dense layer.
 
 The reference is the package's ``DenseSpatialGroupingAttention`` unchanged except for its ``attn``
 hook, whose logits outside each group's window are set to -inf; the windows come from a
 transliteration of NATTEN's ``get_window_start`` below, not from the code under test.
 """
 
+import copy
 import itertools
 import math
 import subprocess
@@ -13,8 +15,10 @@ import sys
 import pytest
 import torch
 from spatial_grouping_attention import DenseSpatialGroupingAttention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rat_plugins.models.rat_attention import (
+    ChunkedDenseSpatialGroupingAttention,
     LocalSpatialGroupingAttention,
     axis_window_positions,
     expand_window_attention,
@@ -307,6 +311,79 @@ def test_in_resolution_aware_transformer():
     with torch.no_grad():  # larger input: windows smaller than the grid, and the shapes RAT expects
         out = model(torch.randn(1, 3, 24, 20, dtype=torch.float64))[0]
     assert out["out_grid_shape"] == (6, 5) and out["x_out"].shape == (1, 30, 16)  # two stride-2 blocks
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, grid, chunk_elements, with_mask",
+    [(2, (13, 11), 500, False), (2, (13, 11), 1, True), (2, (9, 10), None, False), (3, (5, 6, 4), 300, True)],
+)
+def test_chunked_dense_is_the_package_dense_layer(spatial_dims, grid, chunk_elements, with_mask):
+    """Outputs and every gradient, in float64, for chunks of one group up to all groups at once."""
+    torch.manual_seed(0)
+    package = DenseSpatialGroupingAttention(
+        feature_dims=16, spatial_dims=spatial_dims, kernel_size=3, num_heads=4, stride=2, iters=3
+    ).double()
+    chunked = ChunkedDenseSpatialGroupingAttention.from_layer(copy.deepcopy(package), chunk_elements=chunk_elements)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, *grid) > 0.7) if with_mask else None
+    spacing = tuple(1.0 + 0.5 * axis for axis in range(spatial_dims))
+    ref = package(x, spacing, grid, mask)
+    got = chunked(x, spacing, grid, mask)
+    assert got["out_grid_shape"] == ref["out_grid_shape"] and got["out_spacing"] == ref["out_spacing"]
+    assert (got["x_out"] - ref["x_out"]).abs().max() < 1e-12
+    assert "attn_k" not in got and "attn_q" not in got
+    weights = torch.randn_like(ref["x_out"])
+    inputs = [x, *package.parameters()]
+    grads_ref = torch.autograd.grad((ref["x_out"] * weights).sum(), inputs, allow_unused=True)
+    grads = torch.autograd.grad((got["x_out"] * weights).sum(), [x, *chunked.parameters()], allow_unused=True)
+    for name, g_ref, g in zip(["x", *(n for n, _ in package.named_parameters())], grads_ref, grads):
+        assert (g_ref is None) == (g is None), name
+        if g is not None:
+            assert (g - g_ref).abs().max() < 1e-9 * max(1.0, g_ref.abs().max().item()), name
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.most = max(self.most, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_dense_never_holds_a_groups_by_pixels_matrix(grad):
+    """At a 64x64 grid the package's layer holds (heads x 1024 groups x 4096 pixels) matrices; the
+    chunked one nothing larger than its chunk, in the forward and (recomputing chunks) the backward."""
+    torch.manual_seed(0)
+    heads, grid = 4, (64, 64)
+    layer = ChunkedDenseSpatialGroupingAttention.from_layer(
+        DenseSpatialGroupingAttention(feature_dims=16, spatial_dims=2, kernel_size=5, num_heads=heads, stride=2),
+        chunk_elements=2**18,
+    )
+    x = torch.randn(1, math.prod(grid), 16, requires_grad=grad)
+    matrix = heads * (32 * 32) * math.prod(grid)
+    tracker = LargestTensor()
+    with tracker, torch.set_grad_enabled(grad):
+        out = layer(x, (1.0, 1.0), grid)["x_out"]
+        if grad:
+            out.square().sum().backward()
+    assert tracker.most <= 2**18 < matrix // 16
+    with torch.set_grad_enabled(grad), LargestTensor() as package_tracker:  # what the check would catch
+        DenseSpatialGroupingAttention.forward(layer, x, (1.0, 1.0), grid)
+    assert package_tracker.most == matrix
+
+
+def test_chunked_dense_converts_only_the_dense_layer():
+    local = LocalSpatialGroupingAttention(feature_dims=16, spatial_dims=2, kernel_size=3, num_heads=2)
+    with pytest.raises(TypeError, match="converts the package's DenseSpatialGroupingAttention, got Local"):
+        ChunkedDenseSpatialGroupingAttention.from_layer(local)
 
 
 def test_module_imports_no_framework():

@@ -1,4 +1,9 @@
-"""Spatial grouping attention restricted to local windows: RAT's grouping layer at 1024² on a CPU.
+"""RAT's grouping attention without its (groups x pixels) matrices: local windows, and dense in chunks.
+
+Dense, in chunks: :class:`ChunkedDenseSpatialGroupingAttention` computes the package's dense layer
+exactly with memory O(groups x chunk + pixels): no (batch, heads, groups, pixels) matrix.
+
+Local windows:
 
 The package's dense grouping layer holds (batch, heads, groups, pixels) attention matrices (tens
 of GB at 256x256); its sparse one needs NATTEN (CUDA only). :class:`LocalSpatialGroupingAttention`
@@ -15,14 +20,18 @@ import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rat_plugins._optional import require
 
 _sga = require("spatial_grouping_attention", "rat_plugins.models.rat_attention")
 SpatialGroupingAttention = _sga.SpatialGroupingAttention
+DenseSpatialGroupingAttention = _sga.DenseSpatialGroupingAttention
 to_tuple = _sga.utils.to_tuple
 
 __all__ = [
+    "ChunkedDenseSpatialGroupingAttention",
     "LocalSpatialGroupingAttention",
     "axis_window_positions",
     "local_window_index",
@@ -342,3 +351,93 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
             out["attn_q_window"] = None if attn_q is None else attn_q.permute(0, 3, 1, 2).contiguous()
             out["attn_window_index"] = window_index
         return out
+
+
+def _claimed_by_chunk(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``softmax(queries @ keys^T)`` (softmax over keys): ``(B, H, N)``."""
+    return torch.softmax(queries @ keys.transpose(-1, -2), dim=-1).sum(dim=-2)
+
+
+class ChunkedDenseSpatialGroupingAttention(DenseSpatialGroupingAttention):
+    """The package's dense grouping layer, exact, without its (batch, heads, groups, pixels) matrices.
+
+    The package computes ``attn_k = softmax_pixels(q k^T)``, ``attn_q = attn_k / (sum_groups attn_k +
+    eps)`` and the update ``attn_q @ v``. Dividing columns commutes with the product, so the update is
+    ``softmax(q k^T) @ (v / (claimed + eps))`` with ``claimed[p] = sum_g attn_k[g, p]``: one
+    memory-efficient ``scaled_dot_product_attention`` (flash kernels on CPU and CUDA) once
+    ``claimed`` is known. ``claimed`` is summed over chunks of groups; under autograd each chunk is
+    recomputed in backward (``torch.utils.checkpoint``), so training holds no matrix either.
+
+    Same parameters, buffers and state-dict keys as the package's layer (:meth:`from_layer` converts
+    one in place); ``forward`` returns ``x_out``, ``out_grid_shape`` and ``out_spacing``, not the
+    package's ``attn_q`` / ``attn_k`` matrices.
+
+    Attributes:
+        chunk_elements: most elements of one chunk's (batch, heads, groups, pixels) block;
+            default 2**24 (64 MB in fp32).
+    """
+
+    chunk_elements: Optional[int] = None
+
+    @classmethod
+    def from_layer(
+        cls, layer: DenseSpatialGroupingAttention, chunk_elements: Optional[int] = None
+    ) -> "ChunkedDenseSpatialGroupingAttention":
+        """``layer`` itself, converted: same modules, parameters and buffers; only the forward differs."""
+        if type(layer) is not DenseSpatialGroupingAttention and not isinstance(layer, cls):
+            raise TypeError(
+                f"from_layer converts the package's DenseSpatialGroupingAttention, got {type(layer).__name__}"
+            )
+        layer.__class__ = cls
+        layer.chunk_elements = chunk_elements
+        return layer
+
+    def _groups_per_chunk(self, keys: torch.Tensor) -> int:
+        batch, heads, pixels, _ = keys.shape
+        return max(1, (self.chunk_elements or 2**24) // (batch * heads * pixels))
+
+    def claimed(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``(B, H, N)``: each pixel's attention summed over the groups (the package's denominator
+        without ``eps``). keys ``(B, H, N, d)`` (temperature included), queries ``(B, H, G, d)``."""
+        step = self._groups_per_chunk(keys)
+        recording = torch.is_grad_enabled() and (keys.requires_grad or queries.requires_grad)
+        total = None
+        for start in range(0, queries.shape[2], step):
+            chunk = queries[:, :, start : start + step]
+            part = (
+                checkpoint(_claimed_by_chunk, keys, chunk, use_reentrant=False)
+                if recording
+                else _claimed_by_chunk(keys, chunk)
+            )
+            total = part if total is None else total + part
+        return total
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_spacing: Tuple[float, ...],
+        input_grid_shape: Tuple[int, ...],
+        mask: Optional[torch.Tensor] = None,
+    ) -> Dict[str, Any]:
+        """The package's forward (arguments and ``x_out`` the same); see the class docstring."""
+        group_spacing = self._calculate_strided_spacing(input_spacing)
+        group_grid_shape = self._calculate_strided_grid_shape(input_grid_shape)
+        batch, num_pixels, dims = x.shape
+        if mask is not None:
+            masked = (mask.to(x.device) > 0).reshape(batch, num_pixels, 1)
+            x = torch.where(masked, self.mask_embedding, x)
+        groups = self.strider(x.transpose(1, 2).reshape(batch, dims, *input_grid_shape))
+        groups = self.norm1(groups.flatten(2).transpose(1, 2))  # (B, G, D)
+        num_groups = groups.shape[1]
+        # keys and values depend on x alone: once, not once per iteration as in the package
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        keys = self.temp * self.rose(keys, input_spacing, input_grid_shape, flatten=False).transpose(1, 2)
+        values = values.reshape(*keys.shape)  # the package's (B, N, D) -> (B, H, N, d) reshape
+        eps = torch.finfo(keys.dtype).eps
+        for _ in range(self.iters):
+            queries = self.rose(self.q(groups), group_spacing, group_grid_shape, flatten=False).transpose(1, 2)
+            shared = values / (self.claimed(keys, queries).unsqueeze(-1) + eps)
+            update = F.scaled_dot_product_attention(queries, keys, shared, scale=1.0)  # (B, H, G, d)
+            groups = groups + self.norm2(update.reshape(batch, num_groups, dims))
+            groups = groups + self.norm3(self.mlp(groups))
+        return {"x_out": groups, "out_grid_shape": group_grid_shape, "out_spacing": group_spacing}

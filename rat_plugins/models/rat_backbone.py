@@ -23,7 +23,7 @@ from rat_plugins._optional import require
 from rat_plugins.models.checkpointing import GradCheckpointing, run_block
 from rat_plugins.models.features import FeatureInfo, feature_names, resolve_out_features
 from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping
-from rat_plugins.models.rat_attention import LocalSpatialGroupingAttention
+from rat_plugins.models.rat_attention import ChunkedDenseSpatialGroupingAttention, LocalSpatialGroupingAttention
 
 _rat = require("resolution_aware_transformer", "rat_plugins.models.rat_backbone")
 ResolutionAwareTransformer = _rat.ResolutionAwareTransformer
@@ -90,8 +90,11 @@ class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
         scales: resize factor of each pyramid level relative to the input image, in (0, 1]
             (a number or one per axis); ``(1.0,)`` is a single level. Strides are counted in
             pixels of the scale-1 image.
-        attention: grouping attention per block, see :func:`block_attention_kinds`; ``"mha"``
-            blocks are :class:`~rat_plugins.models.rat_ablations.StandardMHAGrouping`.
+        attention: grouping attention per block, see :func:`block_attention_kinds`; ``"dense"``
+            blocks are the package's layer computed in chunks
+            (:class:`~rat_plugins.models.rat_attention.ChunkedDenseSpatialGroupingAttention`, no
+            groups x pixels matrix), ``"mha"`` blocks
+            :class:`~rat_plugins.models.rat_ablations.StandardMHAGrouping`.
         local_window: keyword arguments of the local layers (``neighborhood_kernel``,
             ``neighborhood_dilation``, ``chunk_elements``); see
             :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention`.
@@ -160,12 +163,15 @@ class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
         self.attention_kinds = kinds
         self.pos_embed = pos_embed
         self.grad_checkpointing = grad_checkpointing  # recompute each block's activations in backward
-        # every variant keeps the weights the package built for its dense layers
+        # every variant keeps the weights the package built for its dense layers; dense blocks run
+        # the same computation in chunks (the package's layer holds a groups x pixels matrix per head)
         for block, kind in enumerate(kinds):
             if kind == "local":
                 self.sga_layers[block] = LocalSpatialGroupingAttention.from_layer(
                     self.sga_layers[block], **(local_window or {})
                 )
+            elif kind == "dense":
+                ChunkedDenseSpatialGroupingAttention.from_layer(self.sga_layers[block])
         if pos_embed == "absolute":
             self.init_proj = AbsolutePositionConv.from_conv(self.init_proj, abs_ref_size)
         for block, kind in enumerate(kinds):
