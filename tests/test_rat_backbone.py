@@ -2,6 +2,7 @@
 attention, absolute positions, map selection, detectron2 (output_shape, FPN on top) and mmseg (registry,
 decode head) wrappers."""
 
+import copy
 import math
 import subprocess
 import sys
@@ -415,3 +416,87 @@ def test_backbone_module_imports_no_framework():
         "('detectron2', 'mmcv', 'mmseg', 'mmdet', 'mmengine')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _masked_reference(block, xs, spacings, grids, window):
+    """The package block's attention written out densely: logits of keys farther than ``window`` of
+    their level's spacing (positions index x spacing, every axis) set to -inf before the softmax."""
+    x = torch.cat(xs, 1)
+    batch, n, dims = x.shape
+    heads, head_dim = block.num_heads, block.head_dim
+    q, k, v = block.qkv(block.norm1(x)).chunk(3, dim=-1)
+    qs, ks, pos, reach = [], [], [], []
+    start = 0
+    for spacing, grid in zip(spacings, grids):
+        count = math.prod(grid)
+        qs.append(block.rose(q[:, start : start + count], spacing, grid).reshape(batch, count, heads, head_dim))
+        ks.append(block.rose(k[:, start : start + count], spacing, grid).reshape(batch, count, heads, head_dim))
+        for index in range(count):
+            row, col = divmod(index, grid[1])
+            pos.append((row * spacing[0], col * spacing[1]))
+            reach.append((window * spacing[0], window * spacing[1]))
+        start += count
+    q, k = torch.cat(qs, 1).transpose(1, 2), torch.cat(ks, 1).transpose(1, 2)
+    v = v.reshape(batch, n, heads, head_dim).transpose(1, 2)
+    allowed = torch.tensor(
+        [[all(abs(a - b) <= r for a, b, r in zip(pi, pj, rj)) for pj, rj in zip(pos, reach)] for pi in pos]
+    )
+    logits = (q @ k.transpose(-1, -2) * block.scale).masked_fill(~allowed, float("-inf"))
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, dims)
+    x = x + block.proj(out)
+    return x + block.mlp(block.norm2(x))
+
+
+def test_windowed_multi_resolution_attention():
+    """Window covering everything: the package's block; a small one: the masked dense reference, in
+    chunks of queries; and a fine token's output then ignores fine tokens beyond the window."""
+    from RoSE import MultiRes_RoSE_Block
+
+    from rat_plugins.models.rat_ablations import WindowedMultiResAttention
+
+    torch.manual_seed(0)
+    package = MultiRes_RoSE_Block(feature_dims=16, num_heads=2, spatial_dims=2, rotary_ratio=0.5).double().eval()
+    grids, spacings = [(6, 5), (3, 3)], [(1.0, 1.0), (2.0, 1.7)]
+    xs = [torch.randn(2, math.prod(g), 16, dtype=torch.float64, requires_grad=True) for g in grids]
+    windowed = WindowedMultiResAttention.from_layer(copy.deepcopy(package), window=100)
+    windowed.chunk_elements = 7  # one query per chunk: chunking exercised
+    with torch.no_grad():
+        ref, got = package(xs, spacings, grids), windowed(xs, spacings, grids)
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(ref, got))
+    windowed.window = 1.0
+    got = windowed(xs, spacings, grids)
+    ref = _masked_reference(windowed, xs, spacings, grids, 1.0).split([30, 9], dim=1)
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(ref, got))
+    # fine token (0, 0) sees fine tokens within one step only (coarse ones within 2 and 1.7)
+    grad = torch.autograd.grad(got[0][:, 0].sum(), xs)
+    reached = grad[0].abs().sum((0, 2)).reshape(6, 5) > 0
+    assert reached[:2, :2].all() and reached.sum() == 4
+    with pytest.raises(ValueError, match="mr_window must be > 0"):
+        WindowedMultiResAttention.from_layer(copy.deepcopy(package), window=0)
+
+
+def test_mr_window_limits_what_a_single_level_model_sees():
+    """The context control's backbone (local grouping, kernels 3, mr_window=1, per-token heads): a
+    level-0 output at the centre of a 96x96 image sees 16 pixels each side; with coarse levels the
+    same output reaches the image's border."""
+    kwargs = dict(
+        num_blocks=2, attention="local", sga_kernel_size=3, proj_kernel_size=3, mr_window=1, head_layout="per_token"
+    )
+    for scales in ((1.0,), (1.0, 0.5, 0.25)):
+        model = tiny(scales=scales, **kwargs).double()
+        assert all(type(layer).__name__ == "WindowedMultiResAttention" for layer in model.mr_attn_layers)
+        image = torch.randn(1, 3, 96, 96, dtype=torch.float64, requires_grad=True)
+        centre = model.forward_features(image)["level0_block1"][0, :, 12, 12].sum()  # stride 4: pixel (48, 48)
+        reached = (torch.autograd.grad(centre, image)[0].abs().sum((0, 1)) > 0).nonzero()
+        low, high = reached.min(0).values.tolist(), reached.max(0).values.tolist()
+        if len(scales) == 1:
+            assert low == [32, 32] and high == [64, 64]
+        else:
+            assert low == [0, 0] and high == [95, 95]
+    # the package's head layout moves features across the image: the single-level model sees far pixels
+    model = tiny(scales=(1.0,), **{**kwargs, "head_layout": "package"}).double()
+    image = torch.randn(1, 3, 96, 96, dtype=torch.float64, requires_grad=True)
+    centre = model.forward_features(image)["level0_block1"][0, :, 12, 12].sum()
+    assert torch.autograd.grad(centre, image)[0].abs().sum((0, 1))[:, :20].sum() > 0
+    with pytest.raises(ValueError, match="head_layout must be one of"):
+        tiny(head_layout="heads")

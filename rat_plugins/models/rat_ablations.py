@@ -3,20 +3,27 @@
 - :class:`AbsolutePositionConv`: the input projection plus a fixed sine-cosine absolute position
   embedding (the package only has rotary encodings);
 - :class:`StandardMHAGrouping`: the dense grouping layer with plain multi-head attention (softmax
-  over keys only, no renormalisation over queries).
+  over keys only, no renormalisation over queries);
+- :class:`WindowedMultiResAttention`: the multi-resolution block with each token restricted to
+  nearby tokens of every level (a window counted in each level's tokens), so that context beyond
+  a fine level's window is reachable only through the coarser levels (the study's positive control).
 
-Both keep the package's parameters and state-dict keys; :class:`~rat_plugins.models.rat_backbone.RATBackbone`
-selects them with ``pos_embed='absolute'`` and ``attention='mha'``.
+All keep the package's parameters and state-dict keys; :class:`~rat_plugins.models.rat_backbone.RATBackbone`
+selects them with ``pos_embed='absolute'``, ``attention='mha'`` and ``mr_window=``.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from .._optional import require
+from .rat_attention import merge_group_heads, split_value_heads
 
 _sga = require("spatial_grouping_attention", "rat_plugins.models.rat_ablations")
+MultiRes_RoSE_Block = require("RoSE", "rat_plugins.models.rat_ablations").MultiRes_RoSE_Block
 
-__all__ = ["sincos_position_map", "AbsolutePositionConv", "StandardMHAGrouping"]
+__all__ = ["sincos_position_map", "AbsolutePositionConv", "StandardMHAGrouping", "WindowedMultiResAttention"]
 
 
 def sincos_position_map(grid_shape, channels: int, ref_size: float, device=None, dtype=None) -> torch.Tensor:
@@ -76,6 +83,8 @@ class StandardMHAGrouping(_sga.DenseSpatialGroupingAttention):
     values, with no renormalisation over queries (no competition of groups for pixels). Same
     parameters and state-dict keys; returns no attention matrices."""
 
+    head_layout: str = "package"  # see rat_plugins.models.rat_attention.HEAD_LAYOUTS
+
     @classmethod
     def from_layer(cls, layer) -> "StandardMHAGrouping":
         layer.__class__ = cls  # same modules, parameters and buffers; only the forward differs
@@ -91,14 +100,77 @@ class StandardMHAGrouping(_sga.DenseSpatialGroupingAttention):
             )
         x_out = self.strider(x.transpose(1, 2).reshape(batch, dims, *input_grid_shape))
         x_out = self.norm1(x_out.flatten(2).transpose(1, 2))
-        n_out = x_out.shape[1]
         for _ in range(self.iters):
             k, v = self.kv(x).chunk(2, dim=-1)
             k = self.temp * self.rose(k, input_spacing, input_grid_shape, flatten=False).transpose(1, 2)
             q = self.rose(self.q(x_out), q_spacing, q_grid_shape, flatten=False).transpose(1, 2)
-            v = v.reshape(*k.shape)
+            v = split_value_heads(v, self.num_heads, self.head_layout)
             # the package's logits q.k (temperature in k), softmax over keys: standard attention
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N_out, d]
-            x_out = x_out + self.norm2(out.reshape(batch, n_out, dims))  # the package's head merge
+            x_out = x_out + self.norm2(merge_group_heads(out, self.head_layout))
             x_out = x_out + self.norm3(self.mlp(x_out))
         return {"x_out": x_out, "out_grid_shape": q_grid_shape, "out_spacing": q_spacing}
+
+
+def _token_positions(grid_shape, spacing, device, dtype) -> torch.Tensor:
+    """``(N, ndim)`` positions ``index * spacing``, row-major: the package's RoSE coordinates."""
+    axes = [torch.arange(n, device=device, dtype=dtype) * float(s) for n, s in zip(grid_shape, spacing)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid_shape))
+
+
+class WindowedMultiResAttention(MultiRes_RoSE_Block):
+    """The package's multi-resolution block (pre-norm RoSE attention over the tokens of every level,
+    then the MLP) with each query restricted to the keys near it: a key of a level with spacing
+    ``s`` is seen when it lies within ``window * s`` of the query on every axis (positions as the
+    package's RoSE gives them, ``index * spacing``). A fine token thus sees ``window`` fine tokens
+    each side and proportionally more ground through each coarser level. Queries run in chunks:
+    no tokens x tokens matrix. ``window=inf`` is the package's block."""
+
+    window: float = math.inf
+    chunk_elements: int = 2**22
+
+    @classmethod
+    def from_layer(cls, layer, window: float) -> "WindowedMultiResAttention":
+        if not window > 0:
+            raise ValueError(f"mr_window must be > 0 (tokens of each level), got {window!r}")
+        layer.__class__ = cls  # same modules and parameters; only the forward differs
+        layer.window = float(window)
+        return layer
+
+    def forward(self, x, input_spacing, input_grid_shape, leading_tokens: bool = False):
+        if leading_tokens:
+            raise ValueError("WindowedMultiResAttention: leading (non-spatial) tokens have no position")
+        was_list = isinstance(x, (list, tuple))
+        x, spacings, grids, _ = self._prepare_inputs(x, input_spacing, input_grid_shape, 0)
+        batch, num_tokens, dims = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        queries, keys, positions, reach = [], [], [], []
+        start = 0
+        for spacing, grid in zip(spacings, grids):
+            n = math.prod(grid)
+            queries.append(self.rose(q[:, start : start + n], spacing, grid).reshape(batch, n, heads, head_dim))
+            keys.append(self.rose(k[:, start : start + n], spacing, grid).reshape(batch, n, heads, head_dim))
+            positions.append(_token_positions(grid, spacing, x.device, torch.float64))
+            reach.append(torch.tensor(spacing, device=x.device, dtype=torch.float64).expand(n, -1) * self.window)
+            start += n
+        q, k = torch.cat(queries, 1).transpose(1, 2), torch.cat(keys, 1).transpose(1, 2)
+        v = v.reshape(batch, num_tokens, heads, head_dim).transpose(1, 2)
+        positions, reach = torch.cat(positions), torch.cat(reach) * (1 + 1e-9)
+        step = max(1, self.chunk_elements // num_tokens)
+        dropout = self.attn_dropout if self.training else 0.0
+        chunks = []
+        for first in range(0, num_tokens, step):
+            near = ((positions[first : first + step, None] - positions[None]).abs() <= reach[None]).all(-1)
+            chunks.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, first : first + step], k, v, attn_mask=near, dropout_p=dropout, scale=self.scale
+                )
+            )
+        attended = torch.cat(chunks, dim=2).transpose(1, 2).reshape(batch, num_tokens, dims)
+        x = x + self.drop_path(self.proj_dropout(self.proj(attended)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if len(grids) == 1 and not was_list:
+            return x
+        sizes = [math.prod(grid) for grid in grids]
+        return list(x.split(sizes, dim=1))

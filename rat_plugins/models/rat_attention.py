@@ -31,12 +31,43 @@ DenseSpatialGroupingAttention = _sga.DenseSpatialGroupingAttention
 to_tuple = _sga.utils.to_tuple
 
 __all__ = [
+    "HEAD_LAYOUTS",
+    "split_value_heads",
+    "merge_group_heads",
     "ChunkedDenseSpatialGroupingAttention",
     "LocalSpatialGroupingAttention",
     "axis_window_positions",
     "local_window_index",
     "expand_window_attention",
 ]
+
+
+# How a grouping layer splits values into heads and merges the heads' updates. "package": as the
+# package does, by reshaping (B, N, D) to (B, H, N, d) and (B, H, G, d) back to (B, G, D): head h of
+# pixel n then holds features of pixel (h * N + n) // H, so values and updates move across the image
+# (a layer with local windows still sees far pixels). "per_token": each token's own features split
+# into heads (standard multi-head attention); a local layer is then local.
+HEAD_LAYOUTS = ("package", "per_token")
+
+
+def split_value_heads(values: torch.Tensor, num_heads: int, layout: str) -> torch.Tensor:
+    """``(B, N, D)`` values as ``(B, H, N, D / H)`` in ``layout`` (see ``HEAD_LAYOUTS``)."""
+    batch, tokens, dims = values.shape
+    if layout == "per_token":
+        return values.reshape(batch, tokens, num_heads, dims // num_heads).transpose(1, 2)
+    if layout == "package":
+        return values.reshape(batch, num_heads, tokens, dims // num_heads)
+    raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+
+
+def merge_group_heads(update: torch.Tensor, layout: str) -> torch.Tensor:
+    """``(B, H, G, d)`` per-head updates as ``(B, G, H * d)`` in ``layout``."""
+    batch, heads, groups, head_dims = update.shape
+    if layout == "per_token":
+        return update.transpose(1, 2).reshape(batch, groups, heads * head_dims)
+    if layout == "package":
+        return update.reshape(batch, groups, heads * head_dims)
+    raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
 
 
 def axis_window_positions(
@@ -166,6 +197,8 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
     ``attn_q`` are never returned: ``ResolutionAwareTransformer`` multiplies those across blocks
     as dense matrices.
     """
+
+    head_layout: str = "package"  # see HEAD_LAYOUTS
 
     def __init__(
         self,
@@ -332,17 +365,14 @@ class LocalSpatialGroupingAttention(SpatialGroupingAttention):
         keys = torch.nn.functional.linear(x, key_weight, key_bias)
         keys = self.temp * self.rose(keys, input_spacing, input_grid_shape, flatten=False)  # (B, N, H, d)
         values = torch.nn.functional.linear(x, value_weight, value_bias)
-        # (B, H, N, d) by reshape, not by splitting features into heads: the package's layout,
-        # kept so that outputs (not only weights) match it
-        values = values.reshape(batch, self.num_heads, num_pixels, -1).transpose(1, 2).contiguous()
+        values = split_value_heads(values, self.num_heads, self.head_layout).transpose(1, 2).contiguous()
 
         attn_k = attn_q = None
         for _ in range(self.iters):
             queries = self.rose(self.q(groups), group_spacing, group_grid_shape, flatten=False)  # (B, G, H, d)
             attn_k = self._window_softmax(keys, queries, window_index)
             update, attn_q = self._share_and_aggregate(attn_k, values, window_index, return_attention)
-            # (B, H, G, d) reshaped to (B, G, D) as the package does
-            groups = groups + self.norm2(update.transpose(1, 2).reshape(batch, -1, dims))
+            groups = groups + self.norm2(merge_group_heads(update.transpose(1, 2), self.head_layout))
             groups = groups + self.norm3(self.mlp(groups))
 
         out = {"x_out": groups, "out_grid_shape": group_grid_shape, "out_spacing": group_spacing}
@@ -378,6 +408,7 @@ class ChunkedDenseSpatialGroupingAttention(DenseSpatialGroupingAttention):
     """
 
     chunk_elements: Optional[int] = None
+    head_layout: str = "package"
 
     @classmethod
     def from_layer(
@@ -432,12 +463,12 @@ class ChunkedDenseSpatialGroupingAttention(DenseSpatialGroupingAttention):
         # keys and values depend on x alone: once, not once per iteration as in the package
         keys, values = self.kv(x).chunk(2, dim=-1)
         keys = self.temp * self.rose(keys, input_spacing, input_grid_shape, flatten=False).transpose(1, 2)
-        values = values.reshape(*keys.shape)  # the package's (B, N, D) -> (B, H, N, d) reshape
+        values = split_value_heads(values, self.num_heads, self.head_layout)
         eps = torch.finfo(keys.dtype).eps
         for _ in range(self.iters):
             queries = self.rose(self.q(groups), group_spacing, group_grid_shape, flatten=False).transpose(1, 2)
             shared = values / (self.claimed(keys, queries).unsqueeze(-1) + eps)
             update = F.scaled_dot_product_attention(queries, keys, shared, scale=1.0)  # (B, H, G, d)
-            groups = groups + self.norm2(update.reshape(batch, num_groups, dims))
+            groups = groups + self.norm2(merge_group_heads(update, self.head_layout))
             groups = groups + self.norm3(self.mlp(groups))
         return {"x_out": groups, "out_grid_shape": group_grid_shape, "out_spacing": group_spacing}

@@ -22,8 +22,12 @@ import torch.nn.functional as F
 from rat_plugins._optional import require
 from rat_plugins.models.checkpointing import GradCheckpointing, run_block
 from rat_plugins.models.features import FeatureInfo, feature_names, resolve_out_features
-from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping
-from rat_plugins.models.rat_attention import ChunkedDenseSpatialGroupingAttention, LocalSpatialGroupingAttention
+from rat_plugins.models.rat_ablations import AbsolutePositionConv, StandardMHAGrouping, WindowedMultiResAttention
+from rat_plugins.models.rat_attention import (
+    HEAD_LAYOUTS,
+    ChunkedDenseSpatialGroupingAttention,
+    LocalSpatialGroupingAttention,
+)
 
 _rat = require("resolution_aware_transformer", "rat_plugins.models.rat_backbone")
 ResolutionAwareTransformer = _rat.ResolutionAwareTransformer
@@ -98,6 +102,14 @@ class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
         local_window: keyword arguments of the local layers (``neighborhood_kernel``,
             ``neighborhood_dilation``, ``chunk_elements``); see
             :class:`~rat_plugins.models.rat_attention.LocalSpatialGroupingAttention`.
+        mr_window: None (the package: every token attends to every token of every level) or a
+            window in tokens: each token attends to the tokens of each level within ``mr_window``
+            of that level's spacing
+            (:class:`~rat_plugins.models.rat_ablations.WindowedMultiResAttention`).
+        head_layout: how the grouping layers split values into heads and merge them back:
+            ``"package"`` (the package's reshape, which moves features across the image: a local
+            layer then still sees far pixels) or ``"per_token"`` (standard multi-head; local
+            layers are local); see :data:`~rat_plugins.models.rat_attention.HEAD_LAYOUTS`.
         pos_embed: ``"rotary"`` (the package's RoSE / RoPE, set by its keyword arguments) or
             ``"absolute"``: a fixed sine-cosine embedding of each token's centre added after the
             input projection (:class:`~rat_plugins.models.rat_ablations.AbsolutePositionConv`;
@@ -126,6 +138,8 @@ class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
         scales: Sequence[Union[float, Sequence[float]]] = (1.0,),
         attention: Union[str, Sequence[str]] = "dense",
         local_window: Optional[dict] = None,
+        mr_window: Optional[float] = None,
+        head_layout: str = "package",
         pos_embed: str = "rotary",
         abs_ref_size: float = 256.0,
         spacing: Optional[Union[float, Sequence[float]]] = None,
@@ -177,6 +191,13 @@ class RATBackbone(GradCheckpointing, ResolutionAwareTransformer):
         for block, kind in enumerate(kinds):
             if kind == "mha":
                 StandardMHAGrouping.from_layer(self.sga_layers[block])
+        if mr_window is not None:
+            for layer in self.mr_attn_layers:
+                WindowedMultiResAttention.from_layer(layer, mr_window)
+        if head_layout not in HEAD_LAYOUTS:
+            raise ValueError(f"RATBackbone: head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+        for layer in self.sga_layers:
+            layer.head_layout = head_layout
         self.scales = tuple(tuple(float(s) for s in to_tuple(scale, spatial_dims)) for scale in scales)
         if not self.scales or any(not 0 < s <= 1 for scale in self.scales for s in scale):
             raise ValueError(f"scales must be in (0, 1], one per pyramid level, got {scales!r}")
