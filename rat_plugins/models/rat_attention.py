@@ -459,7 +459,6 @@ class ChunkedDenseSpatialGroupingAttention(DenseSpatialGroupingAttention):
             x = torch.where(masked, self.mask_embedding, x)
         groups = self.strider(x.transpose(1, 2).reshape(batch, dims, *input_grid_shape))
         groups = self.norm1(groups.flatten(2).transpose(1, 2))  # (B, G, D)
-        num_groups = groups.shape[1]
         # keys and values depend on x alone: once, not once per iteration as in the package
         keys, values = self.kv(x).chunk(2, dim=-1)
         keys = self.temp * self.rose(keys, input_spacing, input_grid_shape, flatten=False).transpose(1, 2)
