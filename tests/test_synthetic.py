@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "heads": dict(n=4, size=160),
     "isic": dict(n=2, size=(48, 80)),
+    "isic-context": dict(n=8, size=64),
     "fundus": dict(n=2, size=48),
     "events": dict(n=1, size=32, frames=8),
     "coco": dict(n=3, size=192),
@@ -249,6 +250,28 @@ def test_isic_layout_masks_and_signal(made):
     assert all(w != h for w, h in sizes) and len(set(sizes)) > 1
     assert min(contrasts) > 20  # the lesion is darker than the rest of the image
     assert sum(s["distractors"] for s in summary["splits"].values()) > 0  # context is needed
+
+
+def test_isic_context_rule(made):
+    """A lesion near the centre of every image; in the mask exactly when a dark frame is there."""
+    root, summary = made("isic-context")
+    framed = {"Training": 0, "Validation": 0, "Test": 0}
+    for split in framed:
+        inp, gt = root / f"ISIC2018_Task1-2_{split}_Input", root / f"ISIC2018_Task1_{split}_GroundTruth"
+        for jpg in sorted(inp.glob("*.jpg")):
+            rgb = np.asarray(Image.open(jpg), np.float32).mean(-1)
+            mask = np.asarray(Image.open(gt / f"{jpg.stem}_segmentation.png"))
+            assert rgb.shape == mask.shape == (64, 64)
+            frame = rgb[:3].mean() < 0.7 * rgb[16:48, 16:48].mean()
+            assert mask.any() == frame
+            framed[split] += frame
+            centre = rgb[16:48, 16:48]
+            dark = np.argwhere(centre < 0.75 * np.median(centre))  # the lesion blob, framed or not
+            assert len(dark) > 8 and np.abs(dark.mean(0) + 16 - 32).max() < 8
+    assert framed == {k: v["framed"] for k, v in summary["splits"].items()}
+    assert 0 < sum(framed.values()) < 16  # both kinds of image
+    with pytest.raises(ValueError, match="size must be >= 64"):
+        syn.make_isic_context(root.parent / "small", n=2, size=48)
 
 
 # ----------------------------------------------------------------------------- fundus

@@ -12,13 +12,14 @@ from .coco2017 import make_coco
 from .events import make_events
 from .fundus import make_fundus
 from .head_detection import make_heads
-from .isic import make_isic
+from .isic import make_isic, make_isic_context
 
 __all__ = ["GENERATORS", "main"]
 
 GENERATORS: Dict[str, Callable[..., dict]] = {
     "heads": make_heads,
     "isic": make_isic,
+    "isic-context": make_isic_context,
     "fundus": make_fundus,
     "events": make_events,
     "coco": make_coco,

@@ -8,6 +8,9 @@ outline is a radial function with harmonics up to order 48 plus thin spicules, s
 needs fine boundary detail. Lesion and distractor radii come from the same distribution (6-20 % of
 the shorter side). Hairs (thin dark curves, not in the mask) and dark dermatoscope corners are
 the imperfections. See docs/formats.md, ISIC 2018 Task 1.
+
+``make_isic_context`` writes the positive control of the RAT study in the same layout: a known
+answer that only distant context gives (see its docstring).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ._common import (
     to_u8,
 )
 
-__all__ = ["make_isic"]
+__all__ = ["make_isic", "make_isic_context"]
 
 
 def _blob_radius(rng, r0: float, n_theta: int = 2048) -> np.ndarray:
@@ -203,5 +206,61 @@ def make_isic(
             "Synthetic data; the real ISIC 2018 images are CC-BY-NC 4.0, see the ISIC archive.\n",
         )
         summary["splits"][split] = stats
+    summary["files"] = wr.files
+    return summary
+
+
+def _context_image(rng, size: int, border: int, cue: bool):
+    skin = jitter(rng, (222, 168, 145), 14)
+    img = textured_background(rng, size, size, skin, texture=5.0, noise=5.0, cells=4)
+    if cue:  # the distant context: a dark frame along the whole border
+        img[:border] *= 0.45
+        img[-border:] *= 0.45
+        img[border:-border, :border] *= 0.45
+        img[border:-border, -border:] *= 0.45
+    mask = np.zeros((size, size), np.uint8)
+    centre = size / 2 + rng.uniform(-size / 12, size / 12, 2)
+    radius = _blob_radius(rng, size * rng.uniform(0.04, 0.055))
+    _paint_blob(img, mask if cue else None, rng, centre[0], centre[1], radius, jitter(rng, (130, 80, 60), 12))
+    return to_u8(img), mask
+
+
+def make_isic_context(
+    out: Union[str, os.PathLike], n: int = 48, seed: int = 0, size: int = 96, overwrite: bool = False
+) -> dict:
+    """The RAT study's context control, in the ISIC 2018 Task 1 layout (square ``size`` images).
+
+    Rule: **the lesion is in the mask only when the image has a dark frame.** Every image holds one
+    lesion blob near its centre (radius 4-5.5 % of the side, within 1/12 of the side of the centre);
+    half of the images (drawn per image) have a dark frame ``size / 16`` wide along the border. The
+    blob and its surroundings look the same either way: the frame lies 30+ pixels away at 96x96,
+    beyond a model whose attention is local, so only a model that sees that far (here: through
+    coarse pyramid levels) can tell the two apart. Splits: ``n`` training, ``max(4, n // 4)``
+    validation and test images.
+    """
+    n = check_n(n, 1, "isic_context")
+    size = int(size)
+    if size < 64:
+        raise ValueError(f"isic_context: size must be >= 64 (the frame must lie far from the lesion), got {size}")
+    owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
+    root = prepare_out(out, owned, overwrite)
+    wr = Writer(root)
+    counts = {"Training": n, "Validation": max(4, n // 4), "Test": max(4, n // 4)}
+    summary = {"kind": "isic_context", "out": str(root), "seed": int(seed), "size": size, "splits": {}}
+    next_id = 0
+    for si, (split, count) in enumerate(counts.items()):
+        in_dir, gt_dir = ISIC_FOLDERS[split]
+        framed = 0
+        for i in range(count):
+            rng = item_rng("isic_context", seed, si, i)
+            cue = bool(rng.random() < 0.5)
+            rgb, mask = _context_image(rng, size, max(2, size // 16), cue)
+            name = f"ISIC_{next_id:07d}"
+            next_id += 1
+            wr.jpeg(f"{in_dir}/{name}.jpg", rgb)
+            wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
+            framed += cue
+        wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
+        summary["splits"][split] = dict(images=count, framed=framed)
     summary["files"] = wr.files
     return summary
