@@ -115,7 +115,9 @@ def list_components(out=sys.stdout) -> int:
         try:
             from rat_plugins.models.ops import selective_scan as scan
 
-            print(f"selective scan backend on CPU: {scan.backend_for()}", file=out)
+            for device in ("cuda", "cpu"):  # what ViM's mixers will use, and why
+                name, why = scan.backend_report(device)
+                print(f"selective scan backend on {device.upper()}: {name} ({why})", file=out)
         except Exception as e:
             unavailable.append(("selective scan", import_failure(e)))
     print("unavailable:" if unavailable else "unavailable: none", file=out)

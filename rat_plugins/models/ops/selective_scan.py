@@ -12,13 +12,15 @@ Layouts: ``u``, ``delta``, ``z``: [batch, dim, L]; ``A``: [dim, state] (real); `
 [batch, state, L] or [batch, groups, state, L] (channel d uses group d // (dim // groups));
 ``D``, ``delta_bias``: [dim]. Returns ``y`` (dtype of ``u``) or ``(y, last_state)`` [batch, dim, state].
 
-Backends (:func:`backend_for` says which one a tensor gets): ``mamba_ssm`` (its CUDA kernel, for
-CUDA tensors when it imports); ``cpp`` (CPU: ``csrc/selective_scan.cpp``, compiled on first use into
-torch's extension cache; exp(delta A) computed in registers, the backward pass an adjoint
-recurrence over chunks of time); ``torch`` (pure PyTorch, differentiable, any device: a chunked
-log-depth scan). ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` | ``torch`` (or
-``backend=``) chooses; ``auto`` falls back to ``torch`` with one warning when the C++ kernel cannot
-be built, an explicit ``cpp`` raises. The CPU backends compute in float32 (float64 if any input is).
+Backends (:func:`backend_for` says which one a tensor gets, :func:`backend_report` why): on CUDA
+``mamba_ssm`` (its CUDA kernel, when it imports), else ``triton`` (:mod:`.triton_scan`, JIT-compiled
+by Triton on first use), else ``torch``; on CPU ``cpp`` (``csrc/selective_scan.cpp``, compiled on
+first use into torch's extension cache; exp(delta A) computed in registers, the backward pass an
+adjoint recurrence over chunks of time), else ``torch`` (pure PyTorch, differentiable, any device:
+a chunked log-depth scan). ``RAT_PLUGINS_SCAN_BACKEND`` = ``auto`` (default) | ``cpp`` | ``triton``
+| ``torch`` | ``mamba_ssm`` (or ``backend=``) chooses; ``auto`` falls back to ``torch`` with one
+warning when the C++ kernel cannot be built, an explicit request that cannot be met raises. The
+CPU and Triton backends compute in float32 (float64 if any input is).
 """
 
 import logging
@@ -26,7 +28,7 @@ import os
 import shutil
 import threading
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ __all__ = [
     "selective_scan",
     "backend_for",
     "available_backends",
+    "backend_report",
     "load_cpp_extension",
     "BACKEND_ENV",
 ]
@@ -42,7 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "RAT_PLUGINS_SCAN_BACKEND"
-_REQUESTS = ("auto", "cpp", "torch", "mamba_ssm")
+_REQUESTS = ("auto", "cpp", "triton", "torch", "mamba_ssm")
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "selective_scan.cpp")
 _EXT_NAME = "rat_plugins_selective_scan_cpu"
 
@@ -57,6 +60,7 @@ _ext = None
 _ext_error: Optional[BaseException] = None
 _warned = False
 _mamba_fn = None
+_mamba_error: Optional[BaseException] = None
 _mamba_checked = False
 
 
@@ -66,13 +70,14 @@ _mamba_checked = False
 
 def _mamba_selective_scan_fn():
     """mamba-ssm's ``selective_scan_fn`` or None (imported once, lazily)."""
-    global _mamba_fn, _mamba_checked
+    global _mamba_fn, _mamba_error, _mamba_checked
     if not _mamba_checked:
         _mamba_checked = True
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        except Exception:  # ImportError, or a broken CUDA build raising at import
+        except Exception as e:  # ImportError, or a broken CUDA build raising at import
             selective_scan_fn = None
+            _mamba_error = e
         _mamba_fn = selective_scan_fn
     return _mamba_fn
 
@@ -150,15 +155,81 @@ def _requested(backend: Optional[str]) -> str:
     return req
 
 
+def _short(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else '(no message)'}"
+
+
+def _triton_problem(device: torch.device) -> Optional[str]:
+    from .triton_scan import triton_problem
+
+    return triton_problem(device)
+
+
+def backend_report(device="cpu", backend: Optional[str] = None) -> Tuple[str, str]:
+    """``(backend, why)`` for tensors on ``device`` ('cpu' or 'cuda'), as ``python -m rat_plugins
+    list`` prints it. Never raises for an unmet request: the reason says what is wrong instead.
+    On a machine without CUDA, 'cuda' reports the choice a CUDA device would get here.
+    """
+    device = torch.device(device)
+    try:
+        req = _requested(backend)
+    except ValueError as e:
+        return "none", str(e)
+    if device.type != "cuda":
+        try:
+            name = backend_for(torch.empty(0, device="cpu") if device.type == "cpu" else None, backend)
+        except (RuntimeError, ValueError) as e:
+            return "none", str(e)
+        if name == "cpp":
+            return name, "the C++ CPU kernel, built once and cached"
+        if name == "triton":
+            return name, "requested, running in Triton's interpreter (TRITON_INTERPRET=1)"
+        if req == "torch":
+            return name, f"requested ({BACKEND_ENV}=torch or backend='torch')"
+        return name, f"C++ kernel unavailable: {_ext_error}"
+    no_gpu = "" if torch.cuda.is_available() else "; no CUDA device here: what one would get"
+    mamba = _mamba_selective_scan_fn()
+    mamba_why = "mamba_ssm importable" if mamba is not None else f"mamba_ssm not importable: {_short(_mamba_error)}"
+    if torch.cuda.is_available():
+        triton_problem = _triton_problem(device)
+    else:  # only whether Triton imports: the missing device is said once, above
+        from .triton_scan import triton_import_problem
+
+        triton_problem = triton_import_problem()
+    if req == "torch":
+        return "torch", f"requested ({BACKEND_ENV}=torch or backend='torch')" + no_gpu
+    if req == "mamba_ssm":
+        return ("mamba_ssm", "requested" + no_gpu.replace("; ", ", ", 1)) if mamba is not None else ("none", f"requested, but {mamba_why}")
+    if req == "triton":
+        if triton_problem is None:
+            return "triton", "requested" + no_gpu.replace("; ", ", ", 1)
+        return "none", f"requested, but {triton_problem}"
+    if mamba is not None:
+        return "mamba_ssm", mamba_why + no_gpu
+    if triton_problem is None:
+        return "triton", mamba_why + no_gpu
+    return "torch", f"{mamba_why}; triton unusable: {triton_problem}" + no_gpu
+
+
 def backend_for(tensor: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> str:
     """Name of the backend ``selective_scan`` uses for tensors like ``tensor`` (default: CPU).
 
-    One of ``'mamba_ssm'``, ``'cpp'``, ``'torch'``. May build the C++ kernel (first call only).
+    One of ``'mamba_ssm'``, ``'triton'``, ``'cpp'``, ``'torch'``. May build the C++ kernel (first
+    call only). An explicit request that cannot be met raises (RuntimeError / ValueError).
     """
     device = tensor.device if tensor is not None else torch.device("cpu")
     req = _requested(backend)
     if req == "torch":
         return "torch"
+    if req == "triton":
+        problem = _triton_problem(device)
+        if problem is not None:
+            raise RuntimeError(
+                f"selective scan backend 'triton' requested ({BACKEND_ENV} or backend=), but {problem}; "
+                f"unset {BACKEND_ENV} to let the project choose"
+            )
+        return "triton"
     if device.type == "cuda":
         if _mamba_selective_scan_fn() is not None:
             return "mamba_ssm"
@@ -167,7 +238,7 @@ def backend_for(tensor: Optional[torch.Tensor] = None, backend: Optional[str] = 
                 "backend 'mamba_ssm' requested but mamba_ssm cannot be imported "
                 "(on a CUDA machine: `pip install -e .[cuda]`)"
             )
-        return "torch"  # the C++ kernel is CPU-only
+        return "triton" if _triton_problem(device) is None else "torch"
     if req == "mamba_ssm":
         raise ValueError(f"backend 'mamba_ssm' needs CUDA tensors, got a {device.type} tensor")
     if device.type != "cpu":
@@ -180,8 +251,10 @@ def backend_for(tensor: Optional[torch.Tensor] = None, backend: Optional[str] = 
 
 def available_backends() -> dict:
     """``{backend: available?}`` for a quick report (builds the C++ kernel if needed)."""
+    cuda = torch.cuda.is_available()
     return {
-        "mamba_ssm": _mamba_selective_scan_fn() is not None and torch.cuda.is_available(),
+        "mamba_ssm": _mamba_selective_scan_fn() is not None and cuda,
+        "triton": cuda and _triton_problem(torch.device("cuda")) is None,
         "cpp": load_cpp_extension(strict=False) is not None,
         "torch": True,
     }
@@ -490,9 +563,11 @@ def selective_scan(
         D: optional [dim] skip weight. z: optional [batch, dim, L] gate (y * silu(z)).
         delta_bias: optional [dim] added to delta. delta_softplus: apply softplus to delta.
         return_last_state: also return the final state [batch, dim, state].
-        backend: override ``RAT_PLUGINS_SCAN_BACKEND`` ('auto' | 'cpp' | 'torch' | 'mamba_ssm').
-        chunk_size: time steps per chunk of the CPU backends (default: memory-bounded for
-            ``cpp``, 8 for ``torch``); results do not depend on it beyond rounding.
+        backend: override ``RAT_PLUGINS_SCAN_BACKEND`` ('auto' | 'cpp' | 'triton' | 'torch' |
+            'mamba_ssm').
+        chunk_size: time steps per chunk of the project's backends (default: memory-bounded for
+            ``cpp``, 8 for ``torch``, a 1024-element tile for ``triton``, which rounds it up to a
+            power of two); results do not depend on it beyond rounding.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = backend_for(u, backend)
@@ -508,6 +583,14 @@ def selective_scan(
             delta_bias=delta_bias,
             delta_softplus=delta_softplus,
             return_last_state=return_last_state,
+        )
+    if name == "triton" and A.shape[1] > 256:  # a [channel, state, step] tile per chunk: too large
+        name = "torch"
+    if name == "triton":
+        from .triton_scan import selective_scan_triton
+
+        return selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size=chunk_size
         )
     batch, dim, L = u.shape
     if name == "cpp" and A.shape[1] > 256:  # the C++ kernel keeps the state on the stack
