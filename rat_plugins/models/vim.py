@@ -26,7 +26,7 @@ from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tup
 from ..utils.checkpoint_io import find_state_dict, read_checkpoint
 from .checkpointing import GradCheckpointing, run_block
 from .features import FeatureInfo
-from .ops.bimamba_fused import FusedBiMambaCPU
+from .ops.bimamba_fused import FusedBiMambaCPU, FusedBiMambaTriton
 from .ops.selective_scan import selective_scan
 
 __all__ = [
@@ -154,14 +154,16 @@ class BiMambaV2(nn.Module):
     call with two groups of B / C.
 
     Without autograd on a CPU (a frozen backbone, inference), float32 and ``d_state`` 16, the
-    mixer runs fused (:class:`rat_plugins.models.ops.bimamba_fused.FusedBiMambaCPU`).
+    mixer runs fused (:class:`rat_plugins.models.ops.bimamba_fused.FusedBiMambaCPU`); on CUDA with
+    the ``triton`` scan backend always (:class:`~rat_plugins.models.ops.bimamba_fused.FusedBiMambaTriton`:
+    both directions in one kernel launch, training included).
 
     Args:
         d_model: token width. d_state, d_conv, expand, dt_rank: SSM sizes (16, 4, 2, "auto" =
             ceil(d_model / 16)). dt_min, dt_max, dt_init, dt_scale, dt_init_floor: dt
             initialisation. conv_bias, bias: biases of conv1d / in_proj and out_proj.
         if_divide_out: average instead of sum the two directions. init_layer_scale: layer scale.
-        use_fast_path: allow the fused CPU inference path (False: always the unfused computation).
+        use_fast_path: allow the fused paths (False: always the unfused computation).
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class BiMambaV2(nn.Module):
         self.D_b._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
         self._fused_cpu = FusedBiMambaCPU()
+        self._fused_triton = FusedBiMambaTriton()
 
     def _conv(self, conv_bias, fk):
         return nn.Conv1d(
@@ -252,6 +255,8 @@ class BiMambaV2(nn.Module):
         """hidden_states [batch, L, d_model] -> [batch, L, d_model]."""
         if self._fused_cpu.applies(self, hidden_states):
             return self._fused_cpu(self, hidden_states)
+        if self._fused_triton.applies(self, hidden_states):
+            return self._fused_triton(self, hidden_states)
         _, L, _ = hidden_states.shape
         xz = self.in_proj(hidden_states).transpose(1, 2)  # [b, 2 * d_inner, L]
         x, z = xz.chunk(2, dim=1)

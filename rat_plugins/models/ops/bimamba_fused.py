@@ -1,4 +1,7 @@
-"""Fused CPU inference path of ViM's bidirectional Mamba mixer (:class:`rat_plugins.models.vim.BiMambaV2`).
+"""Fused paths of ViM's bidirectional Mamba mixer (:class:`rat_plugins.models.vim.BiMambaV2`).
+
+:class:`FusedBiMambaCPU` (inference on a CPU) and :class:`FusedBiMambaTriton` (CUDA with the
+``triton`` scan backend, inference and training).
 
 Without autograd, in float32 with ``d_state`` 16 and the C++ scan kernel available, the mixer runs
 in the token-major layout of its linear layers: one kernel for both directions' conv + silu, one
@@ -11,10 +14,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .selective_scan import backend_for, load_cpp_extension
 
-__all__ = ["FusedBiMambaCPU"]
+__all__ = ["FusedBiMambaCPU", "FusedBiMambaTriton"]
 
 
 class FusedBiMambaCPU:
@@ -89,4 +93,58 @@ class FusedBiMambaCPU:
         out = mixer.out_proj(y)
         if mixer.init_layer_scale is not None:
             out = out * mixer.gamma
+        return out
+
+
+class FusedBiMambaTriton:
+    """The mixer on CUDA with the Triton scan: both directions' scans in one kernel launch each way.
+
+    The backward direction is computed in the original token order: its causal conv over the
+    reversed sequence is an anti-causal conv with the taps reversed, and its scan runs from the
+    last token (:func:`rat_plugins.models.ops.triton_scan.bimamba_scan_triton`), which also sums
+    the two gated outputs and scales them. No token flip, no concatenated copy of activations; x
+    and z stay strided views of ``in_proj``'s output. Differentiable (a trained backbone), the same
+    numbers as the unfused mixer up to rounding. Stateless, like the CPU path's interface.
+    """
+
+    @staticmethod
+    def applies(mixer: nn.Module, hidden_states: torch.Tensor) -> bool:
+        """Whether this call of ``mixer`` runs fused: CUDA, ``use_fast_path``, scan backend ``triton``."""
+        if not mixer.use_fast_path or hidden_states.device.type != "cuda":
+            return False
+        return backend_for(hidden_states) == "triton"
+
+    def __call__(self, mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``mixer(hidden_states)`` fused (any device the Triton kernels run on)."""
+        from .triton_scan import bimamba_scan_triton
+
+        m = mixer
+        L = hidden_states.shape[1]
+        K = m.d_conv
+        xz = m.in_proj(hidden_states)  # [b, L, 2 d_inner]
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # [b, d_inner, L] views
+        conv = F.conv1d(x, m.conv1d.weight, m.conv1d.bias, padding=K - 1, groups=m.d_inner)[..., :L]
+        conv_b = F.conv1d(x, m.conv1d_b.weight.flip(-1), m.conv1d_b.bias, padding=K - 1, groups=m.d_inner)
+        u_f, u_b = F.silu(conv), F.silu(conv_b[..., K - 1 :])
+        sizes = [m.dt_rank, m.d_state, m.d_state]
+        dt_f, B_f, C_f = m.x_proj(u_f.transpose(1, 2)).split(sizes, dim=-1)
+        dt_b, B_b, C_b = m.x_proj_b(u_b.transpose(1, 2)).split(sizes, dim=-1)
+        # W @ dt^T: [b, d_inner, L] with time contiguous, the layout the kernels read fastest
+        delta_f = torch.matmul(m.dt_proj.weight, dt_f.transpose(1, 2))
+        delta_b = torch.matmul(m.dt_proj_b.weight, dt_b.transpose(1, 2))
+        A = -torch.exp(torch.stack([m.A_log, m.A_b_log]).float())
+        y = bimamba_scan_triton(
+            (u_f, u_b),
+            (delta_f, delta_b),
+            A,
+            (B_f.transpose(1, 2), B_b.transpose(1, 2)),
+            (C_f.transpose(1, 2), C_b.transpose(1, 2)),
+            torch.stack([m.D, m.D_b]).float(),
+            torch.stack([m.dt_proj.bias, m.dt_proj_b.bias]).float(),
+            z,
+            scale=0.5 if m.if_divide_out else 1.0,
+        )
+        out = m.out_proj(y.transpose(1, 2))
+        if m.init_layer_scale is not None:
+            out = out * m.gamma
         return out

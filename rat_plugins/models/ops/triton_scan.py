@@ -99,7 +99,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _block_sizes(batch: int, dim: int, dim_per_group: int, n_state: int, ndir: int, chunk: Optional[int]):
+def _block_sizes(batch: int, dim: int, dim_per_group: int, n_state: int, L: int, ndir: int, chunk: Optional[int]):
     """(BLOCK_D, BLOCK_N, BLOCK_L): channels per program (a power of two dividing the channels of a
     group, so a program reads one group's B / C), states (padded to a power of two), chunk steps."""
     block_n = _next_pow2(n_state)
@@ -112,6 +112,7 @@ def _block_sizes(batch: int, dim: int, dim_per_group: int, n_state: int, ndir: i
         block_l = _next_pow2(max(1, int(chunk)))
     else:
         block_l = max(16, min(128, _TILE_ELEMS // (block_d * block_n)))  # 32 for ViM (d_state 16)
+        block_l = min(block_l, max(16, _next_pow2(L)))  # no chunk much longer than the sequence
     return block_d, block_n, block_l
 
 
@@ -152,7 +153,7 @@ def _forward(us, dls, Bs, Cs, z, A2, D2, bias2, softplus, chunk, need_ck, scale,
     n_state = A2.shape[-1]
     groups = 1 if Bs[0].dim() == 3 else Bs[0].shape[1]
     cdt = _compute_dtype(*us, *dls, *Bs, *Cs, A2)
-    block_d, block_n, block_l = _block_sizes(batch, dim, dim // groups, n_state, ndir, chunk)
+    block_d, block_n, block_l = _block_sizes(batch, dim, dim // groups, n_state, L, ndir, chunk)
     n_chunks = -(-L // block_l)
     bidir = ndir == 2
     out = (
