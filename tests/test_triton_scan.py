@@ -18,8 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rat_plugins.models.ops import selective_scan as ss
-from rat_plugins.models.ops import triton_scan
+from rat_plugins.models.ops import selective_scan as ss, triton_scan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +209,9 @@ def interpreted(tmp_path_factory):
     if triton_scan.triton_import_problem() is not None:
         pytest.fail(f"Triton is expected on every test machine: {triton_scan.triton_import_problem()}")
     path = tmp_path_factory.mktemp("triton_interpreter") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     env.pop(ss.BACKEND_ENV, None)
     proc = subprocess.run(
         [sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=900, cwd=REPO
@@ -426,7 +427,10 @@ def test_gpu_vim_tiny_backbone_triton_matches_torch(monkeypatch):
         model.zero_grad()
         out = model(img)
         out.square().mean().backward()
-        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        results[backend] = (
+            out.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
     (out_t, grads_t), (out_p, grads_p) = results["triton"], results["torch"]
     assert_close(out_t, out_p, "backbone output", 1e-3)
     assert set(grads_t) == set(grads_p)

@@ -132,7 +132,9 @@ def scan_fwd_kernel(
         km = k < L
         t = tl.where(rev == 1, L - 1 - k, k)
         m2 = km[None, :]
-        dt, _ = _step_delta(dl_ptr, bias, pid_b * s_db + d[:, None] * s_dd + t[None, :] * s_dt, m2, HAS_BIAS, SOFTPLUS, COMPUTE)
+        dt, _ = _step_delta(
+            dl_ptr, bias, pid_b * s_db + d[:, None] * s_dd + t[None, :] * s_dt, m2, HAS_BIAS, SOFTPLUS, COMPUTE
+        )
         u = tl.load(u_ptr + pid_b * s_ub + d[:, None] * s_ud + t[None, :] * s_ut, mask=m2, other=0.0).to(COMPUTE)
         mn = n_mask[:, None] & m2
         Bt = tl.load(B_ptr + pid_b * s_Bb + g * s_Bg + n[:, None] * s_Bn + t[None, :] * s_Bt, mask=mn, other=0.0)
@@ -157,7 +159,9 @@ def scan_fwd_kernel(
         else:
             tl.store(o_ptrs, y, mask=m2)
     if STORE_LAST:
-        tl.store(last_ptr + ((rev * batch + pid_b) * dim + d[:, None]) * n_state + n[None, :], state, mask=n_mask[None, :])
+        tl.store(
+            last_ptr + ((rev * batch + pid_b) * dim + d[:, None]) * n_state + n[None, :], state, mask=n_mask[None, :]
+        )
 
 
 @triton.jit
@@ -268,7 +272,9 @@ def scan_bwd_kernel(
         km = k < L
         t = tl.where(rev == 1, L - 1 - k, k)
         m2 = km[None, :]
-        dt, pre = _step_delta(dl_ptr, bias, pid_b * s_db + d[:, None] * s_dd + t[None, :] * s_dt, m2, HAS_BIAS, SOFTPLUS, COMPUTE)
+        dt, pre = _step_delta(
+            dl_ptr, bias, pid_b * s_db + d[:, None] * s_dd + t[None, :] * s_dt, m2, HAS_BIAS, SOFTPLUS, COMPUTE
+        )
         u = tl.load(u_ptr + pid_b * s_ub + d[:, None] * s_ud + t[None, :] * s_ut, mask=m2, other=0.0).to(COMPUTE)
         mn = n_mask[:, None] & m2
         Bt = tl.load(B_ptr + pid_b * s_Bb + g * s_Bg + n[:, None] * s_Bn + t[None, :] * s_Bt, mask=mn, other=0.0)
@@ -304,7 +310,13 @@ def scan_bwd_kernel(
         k1 = k + 1
         t1 = tl.where(rev == 1, L - 1 - k1, k1)
         dt1, _ = _step_delta(
-            dl_ptr, bias, pid_b * s_db + d[:, None] * s_dd + t1[None, :] * s_dt, (k1 < L)[None, :], HAS_BIAS, SOFTPLUS, COMPUTE
+            dl_ptr,
+            bias,
+            pid_b * s_db + d[:, None] * s_dd + t1[None, :] * s_dt,
+            (k1 < L)[None, :],
+            HAS_BIAS,
+            SOFTPLUS,
+            COMPUTE,
         )
         a1 = tl.exp(dt1[:, None, :] * A[:, :, None])
         ra, rx = tl.associative_scan((a1, gy[:, None, :] * Ct[None, :, :]), axis=2, combine_fn=_combine, reverse=True)

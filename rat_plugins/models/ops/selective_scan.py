@@ -200,7 +200,11 @@ def backend_report(device="cpu", backend: Optional[str] = None) -> Tuple[str, st
     if req == "torch":
         return "torch", f"requested ({BACKEND_ENV}=torch or backend='torch')" + no_gpu
     if req == "mamba_ssm":
-        return ("mamba_ssm", "requested" + no_gpu.replace("; ", ", ", 1)) if mamba is not None else ("none", f"requested, but {mamba_why}")
+        return (
+            ("mamba_ssm", "requested" + no_gpu.replace("; ", ", ", 1))
+            if mamba is not None
+            else ("none", f"requested, but {mamba_why}")
+        )
     if req == "triton":
         if triton_problem is None:
             return "triton", "requested" + no_gpu.replace("; ", ", ", 1)

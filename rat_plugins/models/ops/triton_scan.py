@@ -141,7 +141,9 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.
 
 
 def _flags(D, z, delta_bias, delta_softplus):
-    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+    return dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus)
+    )
 
 
 def _forward(us, dls, Bs, Cs, z, A2, D2, bias2, softplus, chunk, need_ck, scale, out_dtype):
@@ -229,7 +231,11 @@ def _backward(us, dls, Bs, Cs, z, A2, D2, bias2, softplus, ck, blocks, gout, gla
     gC = torch.zeros(ndir, batch, groups, n_state, L, device=dev, dtype=cdt)
     gz = None
     if z is not None:
-        gz = torch.zeros(batch, dim, L, device=dev, dtype=cdt) if bidir else torch.empty_like(z, memory_format=torch.contiguous_format)
+        gz = (
+            torch.zeros(batch, dim, L, device=dev, dtype=cdt)
+            if bidir
+            else torch.empty_like(z, memory_format=torch.contiguous_format)
+        )
     gA = torch.empty(ndir, batch, dim, n_state, device=dev, dtype=cdt)
     gD = torch.empty(ndir, batch, dim, device=dev, dtype=cdt) if D2 is not None else None
     gbias = torch.empty(ndir, batch, dim, device=dev, dtype=cdt) if bias2 is not None else None
