@@ -114,9 +114,11 @@ def test_run_all_skips_finished_continues_past_failures_and_reports(tmp_path):
     assert (work / "ofat_summary.md").is_file() and "written: " in proc.stdout  # the table, at the end
 
 
-def test_with_best_writes_the_combined_config_and_runs_it_tenth(tmp_path):
+def test_with_best_writes_the_combined_config_and_runs_it_tenth(heads_data, tmp_path, monkeypatch):
     """Each factor at its best validation level (SGD failed: left out), a LazyConfig inheriting the baseline."""
     from detectron2.config import LazyConfig
+
+    monkeypatch.setenv("RAT_DATASETS", str(heads_data))  # the baseline config counts the training images
 
     work = tmp_path / "work"
     env = {"RAT_WORK_DIRS": str(work), "PYTHON": str(_fake_python(tmp_path))}
