@@ -123,8 +123,9 @@ class WindowedMultiResAttention(MultiRes_RoSE_Block):
     then the MLP) with each query restricted to the keys near it: a key of a level with spacing
     ``s`` is seen when it lies within ``window * s`` of the query on every axis (positions as the
     package's RoSE gives them, ``index * spacing``). A fine token thus sees ``window`` fine tokens
-    each side and proportionally more ground through each coarser level. Queries run in chunks:
-    no tokens x tokens matrix. ``window=inf`` is the package's block."""
+    each side and proportionally more ground through each coarser level. Each query gathers the
+    few keys its window can hold (``(2 * window + 1) ** ndim`` per level), in chunks of queries:
+    no tokens x tokens matrix. ``window=inf`` is the package's block (slowly)."""
 
     window: float = math.inf
     chunk_elements: int = 2**22
@@ -137,6 +138,51 @@ class WindowedMultiResAttention(MultiRes_RoSE_Block):
         layer.window = float(window)
         return layer
 
+    def _neighbours(self, spacings, grids, device):
+        """``(N, K)`` index of the keys each query may see, and ``(N, K)`` which of them it does: per
+        key level, the ``taps`` nearest tokens per axis around the query (every token the window
+        can hold), each checked against the window. Kept for the next call with the same grids."""
+        key = (tuple(map(tuple, spacings)), tuple(map(tuple, grids)), self.window, str(device))
+        cache = self.__dict__.setdefault("_neighbour_cache", {})
+        if key not in cache:
+            reach = self.window * (1 + 1e-9)
+            positions = torch.cat([_token_positions(g, s, device, torch.float64) for s, g in zip(spacings, grids)])
+            indices, seen, offset = [], [], 0
+            for spacing, grid in zip(spacings, grids):
+                flat, visible = 0, True
+                for axis, (step, length) in enumerate(zip(spacing, grid)):
+                    taps = length if 2 * reach + 1 >= length else math.floor(2 * reach) + 1
+                    centre = positions[:, axis] / step  # the query in this level's token units
+                    first = torch.ceil(centre - reach).clamp(min=0).clamp(max=length - taps)
+                    cells = first[:, None] + torch.arange(taps, device=device, dtype=torch.float64)
+                    inside = (cells - centre[:, None]).abs() <= reach
+                    shape = [positions.shape[0]] + [1] * len(grid)
+                    shape[axis + 1] = taps
+                    flat = flat * length + cells.long().reshape(shape)
+                    visible = visible & inside.reshape(shape)
+                indices.append(flat.reshape(positions.shape[0], -1) + offset)
+                seen.append(visible.expand_as(flat).reshape(positions.shape[0], -1))
+                offset += math.prod(grid)
+            cache.clear()  # one shape at a time: a run trains at one size
+            cache[key] = (torch.cat(indices, 1), torch.cat(seen, 1))
+        return cache[key]
+
+    def _attend(self, q, k, v, index, seen):
+        """q / k / v ``(B, H, N, d)``; each query attends to its ``index`` keys where ``seen``."""
+        batch, heads, tokens, head_dim = q.shape
+        step = max(1, self.chunk_elements // (batch * heads * index.shape[1] * head_dim))
+        dropout = self.attn_dropout if self.training else 0.0
+        chunks = []
+        for first in range(0, tokens, step):
+            rows = index[first : first + step]
+            near_k = k.index_select(2, rows.reshape(-1)).view(batch, heads, *rows.shape, head_dim)
+            near_v = v.index_select(2, rows.reshape(-1)).view(batch, heads, *rows.shape, head_dim)
+            logits = (q[:, :, first : first + step, None] * near_k).sum(-1) * self.scale
+            weights = logits.masked_fill(~seen[first : first + step], float("-inf")).softmax(-1)
+            weights = F.dropout(weights, dropout, self.training)
+            chunks.append((weights.unsqueeze(-1) * near_v).sum(3))
+        return torch.cat(chunks, dim=2)
+
     def forward(self, x, input_spacing, input_grid_shape, leading_tokens: bool = False):
         if leading_tokens:
             raise ValueError("WindowedMultiResAttention: leading (non-spatial) tokens have no position")
@@ -145,29 +191,17 @@ class WindowedMultiResAttention(MultiRes_RoSE_Block):
         batch, num_tokens, dims = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        queries, keys, positions, reach = [], [], [], []
+        queries, keys = [], []
         start = 0
         for spacing, grid in zip(spacings, grids):
             n = math.prod(grid)
             queries.append(self.rose(q[:, start : start + n], spacing, grid).reshape(batch, n, heads, head_dim))
             keys.append(self.rose(k[:, start : start + n], spacing, grid).reshape(batch, n, heads, head_dim))
-            positions.append(_token_positions(grid, spacing, x.device, torch.float64))
-            reach.append(torch.tensor(spacing, device=x.device, dtype=torch.float64).expand(n, -1) * self.window)
             start += n
         q, k = torch.cat(queries, 1).transpose(1, 2), torch.cat(keys, 1).transpose(1, 2)
         v = v.reshape(batch, num_tokens, heads, head_dim).transpose(1, 2)
-        positions, reach = torch.cat(positions), torch.cat(reach) * (1 + 1e-9)
-        step = max(1, self.chunk_elements // num_tokens)
-        dropout = self.attn_dropout if self.training else 0.0
-        chunks = []
-        for first in range(0, num_tokens, step):
-            near = ((positions[first : first + step, None] - positions[None]).abs() <= reach[None]).all(-1)
-            chunks.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, first : first + step], k, v, attn_mask=near, dropout_p=dropout, scale=self.scale
-                )
-            )
-        attended = torch.cat(chunks, dim=2).transpose(1, 2).reshape(batch, num_tokens, dims)
+        attended = self._attend(q, k, v, *self._neighbours(spacings, grids, x.device))
+        attended = attended.transpose(1, 2).reshape(batch, num_tokens, dims)
         x = x + self.drop_path(self.proj_dropout(self.proj(attended)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if len(grids) == 1 and not was_list:
