@@ -2,7 +2,7 @@
 """Evaluate one trained RAT segmentation model at several input resolutions.
 
     python tools/evaluate_robustness.py --config C --checkpoint K --resolutions 128 256 512 1024 \
-        [--train-resolution 256] [--metric Dice] [--out DIR] [--max-attention-gb 8] [--cfg-options k=v ...]
+        [--train-resolution 256] [--metric Dice] [--out DIR] [--max-memory-gb 8] [--cfg-options k=v ...]
 
 ``C`` may be the ``run_config.py`` a run of tools/run_rat_experiments.py left in its work dir.
 """

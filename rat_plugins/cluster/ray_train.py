@@ -189,7 +189,7 @@ def _evaluate_resolution(config: str, checkpoint: str, resolution: int, out: str
         out,
         train_resolution,
         options.get("cfg_options"),
-        options.get("max_attention_gb", 8.0),
+        options.get("max_memory_gb", 8.0),
         with_training_resolution=False,
     )
 
@@ -268,7 +268,7 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--train-resolution", type=int, help="default: the training pipeline's Resize scale")
     p.add_argument("--metric", default="Dice", choices=METRICS)
     p.add_argument("--out", help="output folder (default work_dirs/robustness/<config name>)")
-    p.add_argument("--max-attention-gb", type=float, default=8.0)
+    p.add_argument("--max-memory-gb", type=float, default=8.0)
     p.add_argument("--num-workers", type=int, default=2, help="evaluations at once")
     p.add_argument("--address", default=None, help="a running Ray cluster (auto, or HOST:PORT)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction)
@@ -291,7 +291,7 @@ def evaluate_main(argv=None) -> int:
         base.merge_from_dict(args.cfg_options)
     train_res = int(args.train_resolution or training_resolution(base))
     out = (Path(args.out) if args.out else REPO / "work_dirs" / "robustness" / config.stem).resolve()
-    options = dict(cfg_options=args.cfg_options, max_attention_gb=args.max_attention_gb)
+    options = dict(cfg_options=args.cfg_options, max_memory_gb=args.max_memory_gb)
     _start_ray(args.address, args.num_workers)
     try:
         task = ray.remote(num_cpus=1)(_evaluate_resolution)

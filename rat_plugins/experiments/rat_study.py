@@ -44,7 +44,17 @@ QUICK_RESOLUTIONS = [32, 64, 128, 256]
 # Dice and IoU pooled over the test pixels, and averaged over its images (the ISIC convention)
 PER_IMAGE = ("Dice_per_image", "IoU_per_image")
 RESULT_COLUMNS = ["group", "experiment", "status", *METRICS, *PER_IMAGE, "train_seconds", "iters", "checkpoint"]
-ROBUSTNESS_COLUMNS = ["experiment", "resolution", "spacing", "status", *METRICS, "Dice_degradation_pct", "within_limit"]
+ROBUSTNESS_COLUMNS = [
+    "experiment",
+    "resolution",
+    "spacing",
+    "status",
+    *METRICS,
+    "Dice_degradation_pct",
+    "within_limit",
+    "seconds",
+    "memory_gb",
+]
 
 
 # ----------------------------------------------------------------------------- quick mode
@@ -74,11 +84,9 @@ def quick_overrides(
     bb, head = cfg.model.backbone, cfg.model.decode_head
     bb.feature_dims = _scaled_width(bb.feature_dims, width_factor)
     bb.update(num_heads=num_heads, iters=grouping_iters)
-    head.update(
-        in_channels=[bb.feature_dims] * len(head.in_index),
-        channels=_scaled_width(head.channels, width_factor),
-        pool_scales=(1, 2),
-    )
+    head.update(in_channels=[bb.feature_dims] * len(head.in_index), channels=_scaled_width(head.channels, width_factor))
+    if "pool_scales" in head:  # UPerHead's pyramid pooling
+        head.pool_scales = (1, 2)
     if "auxiliary_head" in cfg.model and cfg.model.auxiliary_head:
         raise ValueError("quick_overrides: configs with an auxiliary head are not handled")
     cfg.model.data_preprocessor.size = (size, size)
@@ -147,7 +155,7 @@ def load_run_config(config: Path, work_dir: Path, args):
 
     cfg = Config.fromfile(str(config))
     if args.quick:
-        quick_overrides(cfg, work_dir, iters=args.iters, seed=args.seed)
+        quick_overrides(cfg, work_dir, iters=args.iters, seed=args.seed, **getattr(args, "quick_kwargs", {}))
     else:
         cfg.work_dir = str(work_dir)
     if args.cfg_options:
@@ -263,7 +271,7 @@ def run_robustness(args, seg_results) -> list:
                 result["checkpoint"],
                 args.resolutions,
                 out,
-                max_attention_gb=args.max_attention_gb,
+                max_memory_gb=args.max_memory_gb,
             )
         except Exception as e:  # one model's failure must not hide the others
             traceback.print_exc()
@@ -355,7 +363,7 @@ def parse_args(argv=None):
         nargs="+",
         help=f"robustness resolutions (default 128 256 512 1024; --quick: {' '.join(map(str, QUICK_RESOLUTIONS))})",
     )
-    p.add_argument("--max-attention-gb", type=float, default=8.0)
+    p.add_argument("--max-memory-gb", type=float, default=8.0, help="see tools/evaluate_robustness.py")
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
     p.add_argument(
         "--mlflow",
@@ -434,7 +442,7 @@ def main(argv=None) -> int:
         failures += [
             f"robustness/{r['experiment']}: {r['status']}"
             for r in run_robustness(args, seg)
-            if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: dense")
+            if r.get("status", "ok") != "ok" and not r["status"].startswith("not run: a test forward")
         ]
     from rat_plugins.tracking import log_study_summary
 

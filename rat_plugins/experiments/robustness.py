@@ -3,13 +3,12 @@
 A model trained at ``R x R`` is tested with the images resized to ``r x r`` and the backbone's
 pixel spacing scaled by ``R / r``, so the image spans the same physical extent (RAT's positional
 encoding works in physical units); masks are scored at their own size. Degradation of a metric is
-``100 * (m(R) - m(r)) / m(R)``. Resolutions whose dense grouping attention would exceed a memory
-budget are reported as not run, never attempted (train with ``attention='sparse'`` for those).
+``100 * (m(R) - m(r)) / m(R)``. Resolutions whose test forward would hold more tensors than a
+memory budget (:func:`estimate_eval_memory_gb`) are reported as not run, never attempted.
 """
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -26,7 +25,8 @@ __all__ = [
     "resize_transforms",
     "training_resolution",
     "set_eval_resolution",
-    "dense_attention_gb",
+    "build_segmentor",
+    "estimate_eval_memory_gb",
     "evaluate_at_resolutions",
     "robustness_rows",
     "plot_robustness",
@@ -36,7 +36,16 @@ __all__ = [
 
 METRICS = ("Dice", "IoU", "Sensitivity", "Specificity", "Accuracy")
 DEGRADATION_LIMIT_PCT = 10.0  # the RAT study's success criterion
-TABLE_COLUMNS = ["resolution", "spacing", "status", *METRICS, "{metric}_degradation_pct", "within_limit"]
+TABLE_COLUMNS = [
+    "resolution",
+    "spacing",
+    "status",
+    *METRICS,
+    "{metric}_degradation_pct",
+    "within_limit",
+    "seconds",
+    "memory_gb",
+]
 
 
 # ----------------------------------------------------------------------------- config surgery
@@ -61,8 +70,9 @@ def training_resolution(cfg) -> int:
     return int(w)
 
 
-def set_eval_resolution(cfg, resolution: int, train_resolution: int) -> float:
-    """Test at ``resolution x resolution`` with the spacing scaled to keep the physical extent.
+def set_eval_resolution(cfg, resolution: int, train_resolution: int, scale_spacing: bool = True) -> float:
+    """Test at ``resolution x resolution`` with the spacing scaled to keep the physical extent
+    (``scale_spacing=False``: the training spacing kept, the control that shows what scaling does).
 
     Returns the backbone spacing used (scale-1 image).
     """
@@ -74,34 +84,59 @@ def set_eval_resolution(cfg, resolution: int, train_resolution: int) -> float:
     cfg.model.data_preprocessor.size = (resolution, resolution)
     bb = cfg.model.backbone
     base = bb.get("spacing") or 1.0
-    factor = train_resolution / resolution
+    factor = train_resolution / resolution if scale_spacing else 1.0
     bb.spacing = [s * factor for s in base] if isinstance(base, (list, tuple)) else base * factor
     return bb.spacing if not isinstance(bb.spacing, list) else bb.spacing[0]
 
 
-def dense_attention_gb(backbone_cfg, resolution: int, batch: int = 1) -> Dict[str, float]:
-    """Size (GB, fp32) of the (heads x groups x pixels) matrix of every dense or multi-head
-    attention block at a ``resolution``-pixel square input, keyed ``level<l>_block<b>``.
+def build_segmentor(model_cfg):
+    """The mmseg model of a config's ``model`` (random weights), whatever the default scope."""
+    import mmseg.models  # noqa: F401  (registers mmseg's models)
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
 
-    Grids follow ``RATBackbone``: level ``l`` is ``ceil(R * scale_l)``, block ``b`` maps a grid
-    ``n`` to ``ceil(n / stride)`` (odd kernel), the first block's input is the level itself.
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        return MODELS.build(copy.deepcopy(model_cfg))
+
+
+def estimate_eval_memory_gb(model_cfg, resolution: int, batch: int = 1, probes: Sequence[int] = (128, 256)) -> float:
+    """GB of tensors one test forward of the model (backbone and head, ``batch`` images of
+    ``resolution x resolution``) holds at its peak: measured, not modelled, and an upper bound.
+
+    The config's model (random weights) runs under
+    :class:`~rat_plugins.utils.live_memory.LiveTensorBytes`. At or below the larger probe the size
+    itself is measured. Above it: every tensor the model holds grows with the pixel count, except
+    the fixed-size blocks of its chunked attention (no tokens x tokens matrix anywhere). So the
+    two probes run with tiny chunks and give ``a + b * pixels``, and the chunks' own share (the
+    larger probe with its real chunks minus with tiny ones, already at full size there) is added.
     """
-    from rat_plugins.models.rat_backbone import block_attention_kinds
+    import torch
 
-    num_blocks = backbone_cfg.get("num_blocks", 4)
-    stride = backbone_cfg.get("stride", 2)
-    heads = backbone_cfg.get("num_heads", 8)
-    kinds = block_attention_kinds(backbone_cfg.get("attention", "dense"), num_blocks)
-    sizes = {}
-    for level, scale in enumerate(backbone_cfg.get("scales", (1.0,))):
-        scale = scale if isinstance(scale, (int, float)) else scale[0]
-        n_in = math.ceil(resolution * scale - 1e-6)
-        for block, kind in enumerate(kinds):
-            n_out = math.ceil(n_in / stride)
-            if kind != "local":
-                sizes[f"level{level}_block{block}"] = batch * heads * (n_out**2) * (n_in**2) * 4 / 1e9
-            n_in = n_out
-    return sizes
+    from rat_plugins.utils.live_memory import LiveTensorBytes
+
+    model = build_segmentor(model_cfg).eval()
+    chunked = [m for m in model.modules() if hasattr(m, "chunk_elements")]
+    real_chunks = [m.chunk_elements for m in chunked]
+
+    def peak_bytes(size: int, tiny_chunks: bool = False) -> float:
+        for module, chunk in zip(chunked, real_chunks):
+            module.chunk_elements = 2**16 if tiny_chunks else chunk
+        images = torch.zeros(1, model_cfg.backbone.get("input_features", 3), size, size)
+        try:
+            with torch.no_grad(), LiveTensorBytes() as memory:
+                model(images, mode="tensor")
+        finally:
+            for module, chunk in zip(chunked, real_chunks):
+                module.chunk_elements = chunk
+        return float(memory.peak)
+
+    small, large = sorted(int(p) for p in probes)
+    if resolution <= large:
+        return batch * peak_bytes(resolution) / 1e9
+    low, high = peak_bytes(small, tiny_chunks=True), peak_bytes(large, tiny_chunks=True)
+    chunks = max(0.0, peak_bytes(large) - high)
+    per_pixel = (high - low) / (large**2 - small**2)
+    return batch * (high + per_pixel * (resolution**2 - large**2) + chunks) / 1e9
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -119,14 +154,16 @@ def evaluate_at_resolutions(
     work_dir,
     train_resolution: Optional[int] = None,
     cfg_options: Optional[dict] = None,
-    max_attention_gb: float = 8.0,
+    max_memory_gb: float = 8.0,
     with_training_resolution: bool = True,
+    scale_spacing: bool = True,
 ) -> List[dict]:
     """Evaluate one checkpoint at each resolution; one dict per resolution (``status`` 'ok' or the
     reason it was not run, the spacing, every metric the evaluator reports, seconds taken).
 
     The training resolution is evaluated too (degradation is measured against it), unless
     ``with_training_resolution`` is False (a caller that spreads the resolutions over workers).
+    ``scale_spacing=False`` keeps the training spacing at every resolution (a control).
     """
     from mmengine.config import Config
 
@@ -139,25 +176,23 @@ def evaluate_at_resolutions(
     rows = []
     for res in sorted({int(r) for r in resolutions} | ({train_res} if with_training_resolution else set())):
         cfg = copy.deepcopy(base)
-        spacing = set_eval_resolution(cfg, res, train_res)
+        spacing = set_eval_resolution(cfg, res, train_res, scale_spacing)
         cfg.load_from = str(checkpoint)
-        cfg.work_dir = str(Path(work_dir) / f"res_{res}")
+        cfg.work_dir = str(Path(work_dir) / (f"res_{res}" if scale_spacing else f"res_{res}_unscaled"))
         # unique per evaluation: mmengine keys its logger and visualizer instances by this name
         cfg.experiment_name = f"robustness_{res}_{time.time_ns()}"
         cfg.test_dataloader.update(num_workers=0, persistent_workers=False)
         row = {"resolution": res, "train_resolution": train_res, "spacing": spacing}
-        dense = dense_attention_gb(cfg.model.backbone, res, cfg.test_dataloader.get("batch_size", 1))
-        too_big = {k: v for k, v in dense.items() if v > max_attention_gb}
-        if too_big:
-            block, gb = max(too_big.items(), key=lambda kv: kv[1])
+        row["memory_gb"] = round(estimate_eval_memory_gb(cfg.model, res, cfg.test_dataloader.get("batch_size", 1)), 3)
+        if row["memory_gb"] > max_memory_gb:
             row["status"] = (
-                f"not run: dense attention of {block} needs {gb:.1f} GB at {res}x{res} "
-                f"(budget {max_attention_gb:g} GB); train with attention='sparse'"
+                f"not run: a test forward at {res}x{res} holds about {row['memory_gb']:.1f} GB of tensors "
+                f"(budget {max_memory_gb:g} GB, --max-memory-gb)"
             )
             print(f"[robustness] {res}x{res}: {row['status']}")
             rows.append(row)
             continue
-        print(f"[robustness] {res}x{res} (spacing {spacing:g})")
+        print(f"[robustness] {res}x{res} (spacing {spacing:g}, about {row['memory_gb']:.2f} GB of tensors)")
         start = time.perf_counter()
         row.update(_test_metrics(cfg))
         row["seconds"] = round(time.perf_counter() - start, 2)
@@ -238,10 +273,10 @@ def parse_args(argv=None):
     p.add_argument("--metric", default="Dice", choices=METRICS, help="metric judged against the 10 %% limit")
     p.add_argument("--out", help="output folder (default work_dirs/robustness/<config name>)")
     p.add_argument(
-        "--max-attention-gb",
+        "--max-memory-gb",
         type=float,
         default=8.0,
-        help="skip resolutions whose largest dense attention matrix exceeds this (GB)",
+        help="skip resolutions whose test forward would hold more tensors than this (GB)",
     )
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides, key=value")
     return p.parse_args(argv)
@@ -263,7 +298,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path("work_dirs") / "robustness" / config.stem
     try:
         rows = evaluate_at_resolutions(
-            config, checkpoint, args.resolutions, out, args.train_resolution, args.cfg_options, args.max_attention_gb
+            config, checkpoint, args.resolutions, out, args.train_resolution, args.cfg_options, args.max_memory_gb
         )
     except ValueError as e:  # a config this tool cannot change the resolution of
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
-# Ablation, grouping attention: dense in every block (the package's DenseSpatialGroupingAttention).
-# Memory: block 0 at 256x256 holds a 16384 x 65536 matrix per head (x 8 heads, x 2 for attn_q/attn_k,
-# plus gradients): beyond one 80 GB GPU at this size; run it at a smaller crop_size.
+# Ablation, grouping attention: dense in every block (the package's DenseSpatialGroupingAttention,
+# computed in chunks: ChunkedDenseSpatialGroupingAttention).
+# Memory: no groups x pixels matrix is held (the package's layer would hold 16384 x 65536 per head
+# in block 0 at 256x256); peak memory per config: benchmarks/bench_rat_memory.py.
 _base_ = ["../rat_isic_triple_256-128-64.py"]
 model = dict(backbone=dict(attention="dense"))
