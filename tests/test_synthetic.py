@@ -253,23 +253,25 @@ def test_isic_layout_masks_and_signal(made):
 
 
 def test_isic_context_rule(made):
-    """A lesion near the centre of every image; in the mask exactly when a dark frame is there."""
+    """A lesion near the centre of every image; in the mask exactly when a dark ring surrounds it."""
     root, summary = made("isic-context")
-    framed = {"Training": 0, "Validation": 0, "Test": 0}
-    for split in framed:
+    ringed = {"Training": 0, "Validation": 0, "Test": 0}
+    for split in ringed:
         inp, gt = root / f"ISIC2018_Task1-2_{split}_Input", root / f"ISIC2018_Task1_{split}_GroundTruth"
         for jpg in sorted(inp.glob("*.jpg")):
             rgb = np.asarray(Image.open(jpg), np.float32).mean(-1)
             mask = np.asarray(Image.open(gt / f"{jpg.stem}_segmentation.png"))
             assert rgb.shape == mask.shape == (64, 64)
-            frame = rgb[:3].mean() < 0.7 * rgb[16:48, 16:48].mean()
-            assert mask.any() == frame
-            framed[split] += frame
-            centre = rgb[16:48, 16:48]
-            dark = np.argwhere(centre < 0.75 * np.median(centre))  # the lesion blob, framed or not
-            assert len(dark) > 8 and np.abs(dark.mean(0) + 16 - 32).max() < 8
-    assert framed == {k: v["framed"] for k, v in summary["splits"].items()}
-    assert 0 < sum(framed.values()) < 16  # both kinds of image
+            dark = rgb < 0.7 * np.median(rgb)
+            outside = dark.copy()
+            outside[20:44, 20:44] = False  # the ring lies 15+ pixels from the centre, the lesion within 8
+            ring = outside.sum() > 50
+            assert mask.any() == ring
+            ringed[split] += ring
+            lesion = np.argwhere(dark[20:44, 20:44])  # the lesion blob, ringed or not
+            assert len(lesion) > 8 and np.abs(lesion.mean(0) + 20 - 32).max() < 5
+    assert ringed == {k: v["ringed"] for k, v in summary["splits"].items()}
+    assert 0 < sum(ringed.values()) < 16  # both kinds of image
     with pytest.raises(ValueError, match="size must be >= 64"):
         syn.make_isic_context(root.parent / "small", n=2, size=48)
 

@@ -11,6 +11,7 @@ removes only the entries the generator owns (e.g. ``train/ valid/ test/`` for ``
     python -m rat_plugins.data.synthetic heads  --out datasets/coco
     python -m rat_plugins.data.synthetic isic   --out datasets/isic2018
     python -m rat_plugins.data.synthetic isic-context --out datasets/isic2018  (the RAT context control)
+    python -m rat_plugins.data.synthetic isic-radius --out datasets/isic2018   (the physical-units control)
     python -m rat_plugins.data.synthetic fundus --out datasets/fundus [--layout mmseg]
     python -m rat_plugins.data.synthetic events --out datasets/events/synthetic
     python -m rat_plugins.data.synthetic coco   --out datasets/coco2017
@@ -25,12 +26,13 @@ from .coco2017 import COCO_CATEGORIES, make_coco
 from .events import EVENT_CLASSES, EVENT_H5_NAME, EVENT_REPR_NAME, RVT_LABEL_DTYPE, make_events
 from .fundus import make_fundus
 from .head_detection import HEADS_CATEGORIES, make_heads
-from .isic import make_isic, make_isic_context
+from .isic import make_isic, make_isic_context, make_isic_radius
 
 __all__ = [
     "make_heads",
     "make_isic",
     "make_isic_context",
+    "make_isic_radius",
     "make_fundus",
     "make_events",
     "make_coco",

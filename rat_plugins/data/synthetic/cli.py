@@ -12,7 +12,7 @@ from .coco2017 import make_coco
 from .events import make_events
 from .fundus import make_fundus
 from .head_detection import make_heads
-from .isic import make_isic, make_isic_context
+from .isic import make_isic, make_isic_context, make_isic_radius
 
 __all__ = ["GENERATORS", "main"]
 
@@ -20,6 +20,7 @@ GENERATORS: Dict[str, Callable[..., dict]] = {
     "heads": make_heads,
     "isic": make_isic,
     "isic-context": make_isic_context,
+    "isic-radius": make_isic_radius,
     "fundus": make_fundus,
     "events": make_events,
     "coco": make_coco,

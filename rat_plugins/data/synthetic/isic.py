@@ -9,8 +9,9 @@ needs fine boundary detail. Lesion and distractor radii come from the same distr
 the shorter side). Hairs (thin dark curves, not in the mask) and dark dermatoscope corners are
 the imperfections. See docs/formats.md, ISIC 2018 Task 1.
 
-``make_isic_context`` writes the positive control of the RAT study in the same layout: a known
-answer that only distant context gives (see its docstring).
+``make_isic_context`` and ``make_isic_radius`` write the positive controls of the RAT study in the
+same layout: answers known by construction that need distant context, and distances in physical
+units (see their docstrings).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ._common import (
     to_u8,
 )
 
-__all__ = ["make_isic", "make_isic_context"]
+__all__ = ["make_isic", "make_isic_context", "make_isic_radius"]
 
 
 def _blob_radius(rng, r0: float, n_theta: int = 2048) -> np.ndarray:
@@ -210,17 +211,17 @@ def make_isic(
     return summary
 
 
-def _context_image(rng, size: int, border: int, cue: bool):
+def _context_image(rng, size: int, cue: bool):
     skin = jitter(rng, (222, 168, 145), 14)
     img = textured_background(rng, size, size, skin, texture=5.0, noise=5.0, cells=4)
-    if cue:  # the distant context: a dark frame along the whole border
-        img[:border] *= 0.45
-        img[-border:] *= 0.45
-        img[border:-border, :border] *= 0.45
-        img[border:-border, -border:] *= 0.45
+    centre = size / 2 + rng.uniform(-size / 24, size / 24, 2)
+    if cue:  # the distant context: a dark ring around the lesion, 0.24-0.29 of the side from its centre
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        distance = np.hypot(xx - centre[0], yy - centre[1])
+        img[(distance >= 0.24 * size) & (distance <= 0.29 * size)] *= 0.45
     mask = np.zeros((size, size), np.uint8)
-    centre = size / 2 + rng.uniform(-size / 12, size / 12, 2)
-    radius = _blob_radius(rng, size * rng.uniform(0.04, 0.055))
+    # an irregular outline, at most 1.2 x its base radius (no long spicules: the ring stays far)
+    radius = np.minimum(_blob_radius(rng, size * rng.uniform(0.06, 0.07)), size * 0.07 * 1.2)
     _paint_blob(img, mask if cue else None, rng, centre[0], centre[1], radius, jitter(rng, (130, 80, 60), 12))
     return to_u8(img), mask
 
@@ -230,18 +231,18 @@ def make_isic_context(
 ) -> dict:
     """The RAT study's context control, in the ISIC 2018 Task 1 layout (square ``size`` images).
 
-    Rule: **the lesion is in the mask only when the image has a dark frame.** Every image holds one
-    lesion blob near its centre (radius 4-5.5 % of the side, within 1/12 of the side of the centre);
-    half of the images (drawn per image) have a dark frame ``size / 16`` wide along the border. The
-    blob and its surroundings look the same either way: the frame lies 30+ pixels away at 96x96,
-    beyond a model whose attention is local, so only a model that sees that far (here: through
-    coarse pyramid levels) can tell the two apart. Splits: ``n`` training, ``max(4, n // 4)``
-    validation and test images.
+    Rule: **the lesion is in the mask only when a dark ring surrounds it.** Every image holds one
+    lesion blob near its centre (radius 6-7 % of the side, at most 8.4 %); half of the images (drawn
+    per image) have a dark ring 0.24-0.29 of the side from the lesion's centre. The blob and its
+    near surroundings look the same either way: at 96x96 the ring lies 15+ pixels beyond the
+    lesion's edge, out of reach of a model whose attention sees about 13 pixels, so only a model
+    that sees farther (here: through coarse pyramid levels) can tell the two apart. Splits: ``n``
+    training, ``max(4, n // 4)`` validation and test images.
     """
     n = check_n(n, 1, "isic_context")
     size = int(size)
     if size < 64:
-        raise ValueError(f"isic_context: size must be >= 64 (the frame must lie far from the lesion), got {size}")
+        raise ValueError(f"isic_context: size must be >= 64 (the ring must lie far from the lesion), got {size}")
     owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
     root = prepare_out(out, owned, overwrite)
     wr = Writer(root)
@@ -250,17 +251,61 @@ def make_isic_context(
     next_id = 0
     for si, (split, count) in enumerate(counts.items()):
         in_dir, gt_dir = ISIC_FOLDERS[split]
-        framed = 0
+        ringed = 0
         for i in range(count):
             rng = item_rng("isic_context", seed, si, i)
             cue = bool(rng.random() < 0.5)
-            rgb, mask = _context_image(rng, size, max(2, size // 16), cue)
+            rgb, mask = _context_image(rng, size, cue)
             name = f"ISIC_{next_id:07d}"
             next_id += 1
             wr.jpeg(f"{in_dir}/{name}.jpg", rgb)
             wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
-            framed += cue
+            ringed += cue
         wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
-        summary["splits"][split] = dict(images=count, framed=framed)
+        summary["splits"][split] = dict(images=count, ringed=ringed)
+    summary["files"] = wr.files
+    return summary
+
+
+def make_isic_radius(
+    out: Union[str, os.PathLike], n: int = 48, seed: int = 0, size: int = 64, overwrite: bool = False
+) -> dict:
+    """The RAT study's physical-units control, in the ISIC 2018 Task 1 layout (square ``size`` images).
+
+    Rule: **the mask is the disc of radius size / 4 around a small dark marker** (radius size / 24,
+    anywhere at least the disc's radius from the border); nothing in the image shows the disc's
+    edge, so a model must measure the distance from the marker. Tested at another resolution with
+    the spacing scaled, the disc keeps its physical radius; without the scaling a model that
+    measures in position units draws it at the wrong size. Splits as :func:`make_isic_context`.
+    """
+    n = check_n(n, 1, "isic_radius")
+    size = int(size)
+    if size < 48:
+        raise ValueError(f"isic_radius: size must be >= 48 (a marker of a few pixels), got {size}")
+    owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
+    root = prepare_out(out, owned, overwrite)
+    wr = Writer(root)
+    counts = {"Training": n, "Validation": max(4, n // 4), "Test": max(4, n // 4)}
+    summary = {"kind": "isic_radius", "out": str(root), "seed": int(seed), "size": size, "splits": {}}
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    radius, marker = size / 4, size / 24
+    next_id = 0
+    for si, (split, count) in enumerate(counts.items()):
+        in_dir, gt_dir = ISIC_FOLDERS[split]
+        for i in range(count):
+            rng = item_rng("isic_radius", seed, si, i)
+            img = textured_background(
+                rng, size, size, jitter(rng, (222, 168, 145), 14), texture=5.0, noise=5.0, cells=4
+            )
+            cx, cy = rng.uniform(radius, size - radius, 2)
+            distance = np.hypot(xx - cx, yy - cy)
+            img[distance <= marker] = np.asarray(jitter(rng, (90, 55, 45), 10), np.float32)
+            mask = np.where(distance <= radius, 255, 0).astype(np.uint8)
+            name = f"ISIC_{next_id:07d}"
+            next_id += 1
+            wr.jpeg(f"{in_dir}/{name}.jpg", to_u8(img))
+            wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
+        wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
+        summary["splits"][split] = dict(images=count)
     summary["files"] = wr.files
     return summary
