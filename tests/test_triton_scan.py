@@ -438,5 +438,56 @@ def test_gpu_vim_tiny_backbone_triton_matches_torch(monkeypatch):
         assert_close(grads_t[name], grads_p[name], name, 1e-3)
 
 
+def ofat_detector_step(device, backends, monkeypatch, datasets, size=320):
+    """One training step of the OFAT baseline detector (frozen ViM-tiny, neck, Cascade R-CNN) per scan
+    backend, same weights, inputs and sampling: ``{backend: (losses, gradients)}``."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    monkeypatch.setenv("RAT_DATASETS", str(datasets))  # the config counts the training images
+    cfg = LazyConfig.load(str(REPO / "projects/ViTDet/configs/OFAT/baseline_lr0.001_bs8_adamw_ep100.py"))
+    cfg.model.backbone.net.checkpoint = ""  # random weights: no checkpoint to download here
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    images = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(0)).float()
+    boxes = torch.tensor([[40.0, 60.0, 130.0, 150.0], [200.0, 190.0, 260.0, 280.0]])
+    batch = []
+    for image in images:
+        instances = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=torch.zeros(2, dtype=torch.long))
+        batch.append({"image": image, "instances": instances, "height": size, "width": size})
+    results = {}
+    for backend in backends:
+        monkeypatch.setenv(ss.BACKEND_ENV, backend)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same proposals and RoIs are sampled for every backend
+        with EventStorage():  # detectron2's training forward logs into one
+            losses = model(batch)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = ({k: v.item() for k, v in losses.items()}, grads)
+    return results
+
+
+def assert_same_step(results, tolerance):
+    (losses_a, grads_a), (losses_b, grads_b) = results.values()
+    assert losses_a.keys() == losses_b.keys() and grads_a.keys() == grads_b.keys()
+    for name in losses_a:
+        assert losses_a[name] == pytest.approx(losses_b[name], rel=tolerance, abs=tolerance), name
+    for name in grads_a:
+        assert_close(grads_a[name], grads_b[name], name, tolerance)
+
+
+@pytest.mark.slow
+def test_ofat_detector_step_is_the_same_on_the_cpu_backends(heads_data, monkeypatch):
+    """The comparison the GPU test below makes, on CPU: the C++ and PyTorch scans."""
+    assert_same_step(ofat_detector_step("cpu", ("cpp", "torch"), monkeypatch, heads_data, size=128), 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_ofat_detector_step_triton_matches_torch(heads_data, monkeypatch):
+    assert_same_step(ofat_detector_step("cuda", ("triton", "torch"), monkeypatch, heads_data), 1e-3)
+
+
 if __name__ == "__main__":
     compute_all(sys.argv[1])
