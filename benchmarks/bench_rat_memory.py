@@ -7,8 +7,9 @@
    each size: seconds, the tensors it held at its peak (``LiveTensorBytes``), what the robustness
    tool's estimate (``estimate_eval_memory_gb``: measured at 128 and 256, scaled by pixels) said
    beforehand, and the process's peak RSS growth (allocator slack, libraries' first use included).
-2. One training step (forward, backward) of each ablation config at ``--train-size``: seconds and
-   peak RSS growth. The study's budget: 16 GB per process at 256x256, batch 1.
+2. One training step (forward, backward; batch norm on its running statistics, as batch 1 needs)
+   of each ablation config at ``--train-size``: seconds and peak RSS growth. The study's budget:
+   16 GB per process at 256x256, batch 1.
 
 Each case runs in its own subprocess, so its memory is its own.
 """
@@ -71,6 +72,9 @@ def train_case(config_path, size):
 
     _, model = _model(config_path)
     model.train()
+    for module in model.modules():  # batch 1: batch norm uses its running statistics
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
     image = torch.randn(1, 3, size, size)
     before = rss_mb()
     start = time.perf_counter()
@@ -85,7 +89,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_threads_argument(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
-    parser.add_argument("--configs", nargs="+", default=SEGMENTATION, help="segmentation config names")
+    parser.add_argument("--configs", nargs="*", default=SEGMENTATION, help="segmentation config names")
     parser.add_argument("--ablations", nargs="*", default=["attn_dense", "attn_mha"], help="ablation config names")
     parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--case", choices=["eval", "train"], help=argparse.SUPPRESS)
@@ -123,8 +127,11 @@ def main():
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
-    print("\n== test forward, batch 1, no grad ==")
-    print_table(["config", "size", "seconds", "tensors GB", "estimate GB", "estimate / tensors", "RSS added GB"], rows)
+    if rows:
+        print("\n== test forward, batch 1, no grad ==")
+        print_table(
+            ["config", "size", "seconds", "tensors GB", "estimate GB", "estimate / tensors", "RSS added GB"], rows
+        )
 
     rows = []
     for name in args.ablations:
