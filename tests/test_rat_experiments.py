@@ -237,7 +237,12 @@ def test_ray_evaluate_spreads_the_resolutions_and_writes_the_single_process_tabl
     run_cmd(ROBUSTNESS + ["--config", model[0], "--checkpoint", model[1], *common, "--out", str(tmp_path / "one")])
     ray = [sys.executable, "tools/ray_evaluate.py", *model, "--robustness", *common, "--num-workers", "2"]
     proc = run_cmd(ray + ["--out", str(tmp_path / "ray")])
-    assert _read_csv(tmp_path / "ray" / "robustness.csv") == _read_csv(tmp_path / "one" / "robustness.csv")
+    spread, single = _read_csv(tmp_path / "ray" / "robustness.csv"), _read_csv(tmp_path / "one" / "robustness.csv")
+    for rows in (spread, single):  # the time taken differs from run to run, and the estimate by caches
+        for row in rows:
+            row["memory_gb"] = round(float(row.pop("memory_gb")), 2)
+            assert float(row.pop("seconds")) > 0
+    assert spread == single
     assert "criterion" in proc.stdout and (tmp_path / "ray" / "robustness.png").is_file()
     refused = run_cmd(ray[:4] + ["--out", str(tmp_path / "x")], check=False)
     assert refused.returncode == 2 and "give --robustness" in refused.stderr

@@ -481,7 +481,7 @@ def assert_same_step(results, tolerance):
 @pytest.mark.slow
 def test_ofat_detector_step_is_the_same_on_the_cpu_backends(heads_data, monkeypatch):
     """The comparison the GPU test below makes, on CPU: the C++ and PyTorch scans."""
-    assert_same_step(ofat_detector_step("cpu", ("cpp", "torch"), monkeypatch, heads_data, size=128), 1e-4)
+    assert_same_step(ofat_detector_step("cpu", ("cpp", "torch"), monkeypatch, heads_data, size=96), 1e-4)
 
 
 @pytest.mark.gpu
