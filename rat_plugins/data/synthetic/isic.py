@@ -226,6 +226,32 @@ def _context_image(rng, size: int, cue: bool):
     return to_u8(img), mask
 
 
+def _write_square_set(out, kind: str, n: int, seed: int, size: int, overwrite: bool, draw) -> dict:
+    """The ISIC layout for a control set: ``draw(rng) -> (rgb uint8, mask uint8, counts)`` per image;
+    ``counts`` (a dict of numbers) is summed per split into the summary."""
+    owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
+    root = prepare_out(out, owned, overwrite)
+    wr = Writer(root)
+    counts = {"Training": n, "Validation": max(4, n // 4), "Test": max(4, n // 4)}
+    summary = {"kind": kind, "out": str(root), "seed": int(seed), "size": size, "splits": {}}
+    next_id = 0
+    for si, (split, count) in enumerate(counts.items()):
+        in_dir, gt_dir = ISIC_FOLDERS[split]
+        stats = dict(images=count)
+        for i in range(count):
+            rgb, mask, extra = draw(item_rng(kind, seed, si, i))
+            name = f"ISIC_{next_id:07d}"
+            next_id += 1
+            wr.jpeg(f"{in_dir}/{name}.jpg", rgb)
+            wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
+            for key, value in extra.items():
+                stats[key] = stats.get(key, 0) + value
+        wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
+        summary["splits"][split] = stats
+    summary["files"] = wr.files
+    return summary
+
+
 def make_isic_context(
     out: Union[str, os.PathLike], n: int = 48, seed: int = 0, size: int = 96, overwrite: bool = False
 ) -> dict:
@@ -243,28 +269,13 @@ def make_isic_context(
     size = int(size)
     if size < 64:
         raise ValueError(f"isic_context: size must be >= 64 (the ring must lie far from the lesion), got {size}")
-    owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
-    root = prepare_out(out, owned, overwrite)
-    wr = Writer(root)
-    counts = {"Training": n, "Validation": max(4, n // 4), "Test": max(4, n // 4)}
-    summary = {"kind": "isic_context", "out": str(root), "seed": int(seed), "size": size, "splits": {}}
-    next_id = 0
-    for si, (split, count) in enumerate(counts.items()):
-        in_dir, gt_dir = ISIC_FOLDERS[split]
-        ringed = 0
-        for i in range(count):
-            rng = item_rng("isic_context", seed, si, i)
-            cue = bool(rng.random() < 0.5)
-            rgb, mask = _context_image(rng, size, cue)
-            name = f"ISIC_{next_id:07d}"
-            next_id += 1
-            wr.jpeg(f"{in_dir}/{name}.jpg", rgb)
-            wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
-            ringed += cue
-        wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
-        summary["splits"][split] = dict(images=count, ringed=ringed)
-    summary["files"] = wr.files
-    return summary
+
+    def draw(rng):
+        cue = bool(rng.random() < 0.5)
+        rgb, mask = _context_image(rng, size, cue)
+        return rgb, mask, dict(ringed=int(cue))
+
+    return _write_square_set(out, "isic_context", n, seed, size, overwrite, draw)
 
 
 def make_isic_radius(
@@ -282,30 +293,14 @@ def make_isic_radius(
     size = int(size)
     if size < 48:
         raise ValueError(f"isic_radius: size must be >= 48 (a marker of a few pixels), got {size}")
-    owned = [f for pair in ISIC_FOLDERS.values() for f in pair]
-    root = prepare_out(out, owned, overwrite)
-    wr = Writer(root)
-    counts = {"Training": n, "Validation": max(4, n // 4), "Test": max(4, n // 4)}
-    summary = {"kind": "isic_radius", "out": str(root), "seed": int(seed), "size": size, "splits": {}}
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     radius, marker = size / 4, size / 24
-    next_id = 0
-    for si, (split, count) in enumerate(counts.items()):
-        in_dir, gt_dir = ISIC_FOLDERS[split]
-        for i in range(count):
-            rng = item_rng("isic_radius", seed, si, i)
-            img = textured_background(
-                rng, size, size, jitter(rng, (222, 168, 145), 14), texture=5.0, noise=5.0, cells=4
-            )
-            cx, cy = rng.uniform(radius, size - radius, 2)
-            distance = np.hypot(xx - cx, yy - cy)
-            img[distance <= marker] = np.asarray(jitter(rng, (90, 55, 45), 10), np.float32)
-            mask = np.where(distance <= radius, 255, 0).astype(np.uint8)
-            name = f"ISIC_{next_id:07d}"
-            next_id += 1
-            wr.jpeg(f"{in_dir}/{name}.jpg", to_u8(img))
-            wr.png(f"{gt_dir}/{name}_segmentation.png", mask)
-        wr.text(f"{in_dir}/ATTRIBUTION.txt", "Synthetic images written by rat_plugins.data.synthetic.\n")
-        summary["splits"][split] = dict(images=count)
-    summary["files"] = wr.files
-    return summary
+
+    def draw(rng):
+        img = textured_background(rng, size, size, jitter(rng, (222, 168, 145), 14), texture=5.0, noise=5.0, cells=4)
+        cx, cy = rng.uniform(radius, size - radius, 2)
+        distance = np.hypot(xx - cx, yy - cy)
+        img[distance <= marker] = np.asarray(jitter(rng, (90, 55, 45), 10), np.float32)
+        return to_u8(img), np.where(distance <= radius, 255, 0).astype(np.uint8), {}
+
+    return _write_square_set(out, "isic_radius", n, seed, size, overwrite, draw)
