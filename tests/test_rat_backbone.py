@@ -464,8 +464,12 @@ def test_windowed_multi_resolution_attention():
         ref, got = package(xs, spacings, grids), windowed(xs, spacings, grids)
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(ref, got))
     windowed.window = 1.0
-    got = windowed(xs, spacings, grids)
     ref = _masked_reference(windowed, xs, spacings, grids, 1.0).split([30, 9], dim=1)
+    windowed.masked_rows_ratio = 0.0  # gathered keys (large grids)
+    gathered = windowed(xs, spacings, grids)
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(ref, gathered))
+    windowed.masked_rows_ratio = 8.0  # masked rows of every key (small grids, as here: 39 tokens, 15 seen)
+    got = windowed(xs, spacings, grids)
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(ref, got))
     # fine token (0, 0) sees fine tokens within one step only (coarse ones within 2 and 1.7)
     grad = torch.autograd.grad(got[0][:, 0].sum(), xs)
