@@ -80,3 +80,31 @@ def tiny_ofat_command(out, *flags, batch: int = 2):
         "train.log_period=1",
         f"train.output_dir={out}",
     ]
+
+
+def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The selective scan written out one time step at a time (mamba-ssm's semantics): (y, last state)."""
+    import torch
+    import torch.nn.functional as F
+
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    per_group = dim // B.shape[1]
+    s = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(L):
+        Bt = B[:, :, :, t].repeat_interleave(per_group, dim=1)  # [batch, dim, state]
+        Ct = C[:, :, :, t].repeat_interleave(per_group, dim=1)
+        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[:, :, None] * Bt
+        ys.append((Ct * s).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, s

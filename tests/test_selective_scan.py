@@ -1,4 +1,4 @@
-"""rat_plugins.models.ops.selective_scan against a plain sequential reference kept in this file."""
+"""rat_plugins.models.ops.selective_scan against the plain sequential reference (_helpers.reference_scan)."""
 
 import random
 import warnings
@@ -10,31 +10,7 @@ import torch.nn.functional as F
 from rat_plugins.models.ops import selective_scan as ss
 from rat_plugins.models.ops.selective_scan import backend_for, selective_scan
 
-
-def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The recurrence written out one time step at a time (mamba-ssm's semantics)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, dim, L = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    per_group = dim // B.shape[1]
-    s = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    for t in range(L):
-        Bt = B[:, :, :, t].repeat_interleave(per_group, dim=1)  # [batch, dim, state]
-        Ct = C[:, :, :, t].repeat_interleave(per_group, dim=1)
-        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[:, :, None] * Bt
-        ys.append((Ct * s).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y, s
-
+from _helpers import reference_scan
 
 # name: (groups (0 = [batch, state, L] B/C), z, delta_softplus, delta_bias, D, return_last_state)
 CONFIGS = {

@@ -1,5 +1,5 @@
 """The Triton selective scan (rat_plugins.models.ops.triton_scan) against a sequential float64
-reference kept in this file, and the fused bimamba v2 mixer on it against the unfused mixer.
+reference (_helpers.reference_scan), and the fused bimamba v2 mixer on it against the unfused mixer.
 
 Without a GPU the kernels run in Triton's interpreter. ``TRITON_INTERPRET`` is read when kernels
 are decorated, so it must never be set in the pytest process (it would change every later test's
@@ -20,32 +20,9 @@ import torch.nn.functional as F
 
 from rat_plugins.models.ops import selective_scan as ss, triton_scan
 
+from _helpers import reference_scan
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The recurrence written out one time step at a time (mamba-ssm's semantics); (y, last state)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, dim, L = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    per_group = dim // B.shape[1]
-    s = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    for t in range(L):
-        Bt = B[:, :, :, t].repeat_interleave(per_group, dim=1)
-        Ct = C[:, :, :, t].repeat_interleave(per_group, dim=1)
-        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[:, :, None] * Bt
-        ys.append((Ct * s).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y, s
 
 
 # options: (groups (0 = [batch, state, L] B / C), z, delta_softplus, delta_bias, D, return_last_state)
