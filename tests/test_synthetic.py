@@ -253,25 +253,25 @@ def test_isic_layout_masks_and_signal(made):
 
 
 def test_isic_context_rule(made):
-    """A lesion near the centre of every image; in the mask exactly when a dark ring surrounds it."""
+    """A lesion near the centre of every image; in the mask exactly when the far surround is dark."""
     root, summary = made("isic-context")
-    ringed = {"Training": 0, "Validation": 0, "Test": 0}
-    for split in ringed:
+    surrounded = {"Training": 0, "Validation": 0, "Test": 0}
+    for split in surrounded:
         inp, gt = root / f"ISIC2018_Task1-2_{split}_Input", root / f"ISIC2018_Task1_{split}_GroundTruth"
         for jpg in sorted(inp.glob("*.jpg")):
             rgb = np.asarray(Image.open(jpg), np.float32).mean(-1)
             mask = np.asarray(Image.open(gt / f"{jpg.stem}_segmentation.png"))
             assert rgb.shape == mask.shape == (64, 64)
-            dark = rgb < 0.7 * np.median(rgb)
+            dark = rgb < 0.7 * np.median(rgb[20:44, 20:44])
             outside = dark.copy()
-            outside[20:44, 20:44] = False  # the ring lies 15+ pixels from the centre, the lesion within 8
-            ring = outside.sum() > 50
-            assert mask.any() == ring
-            ringed[split] += ring
-            lesion = np.argwhere(dark[20:44, 20:44])  # the lesion blob, ringed or not
+            outside[14:50, 14:50] = False  # the surround starts 25 pixels from the centre, the lesion within 10
+            surround = outside.sum() > 50
+            assert mask.any() == surround
+            surrounded[split] += surround
+            lesion = np.argwhere(dark[20:44, 20:44])  # the lesion blob, either way
             assert len(lesion) > 8 and np.abs(lesion.mean(0) + 20 - 32).max() < 5
-    assert ringed == {k: v["ringed"] for k, v in summary["splits"].items()}
-    assert 0 < sum(ringed.values()) < 16  # both kinds of image
+    assert surrounded == {k: v["dark_surround"] for k, v in summary["splits"].items()}
+    assert 0 < sum(surrounded.values()) < 16  # both kinds of image
     with pytest.raises(ValueError, match="size must be >= 64"):
         syn.make_isic_context(root.parent / "small", n=2, size=48)
 

@@ -39,6 +39,13 @@ from ._common import (
 
 __all__ = ["make_isic", "make_isic_context", "make_isic_radius"]
 
+# context control: the lesion reaches at most CONTEXT_LESION_MAX (x the side) from its centre, and
+# the surround that decides its label (its brightness times CONTEXT_DARKENING) starts at
+# CONTEXT_SURROUND
+CONTEXT_LESION_MAX = 0.09 * 1.2
+CONTEXT_SURROUND = 0.39
+CONTEXT_DARKENING = 0.45
+
 
 def _blob_radius(rng, r0: float, n_theta: int = 2048) -> np.ndarray:
     """Radius of an irregular blob on a grid of ``n_theta`` angles: harmonics 2..48 + spicules."""
@@ -215,13 +222,12 @@ def _context_image(rng, size: int, cue: bool):
     skin = jitter(rng, (222, 168, 145), 14)
     img = textured_background(rng, size, size, skin, texture=5.0, noise=5.0, cells=4)
     centre = size / 2 + rng.uniform(-size / 24, size / 24, 2)
-    if cue:  # the distant context: a dark ring around the lesion, 0.24-0.29 of the side from its centre
+    if cue:  # the distant context: everything CONTEXT_SURROUND x the side or more from the lesion's centre
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-        distance = np.hypot(xx - centre[0], yy - centre[1])
-        img[(distance >= 0.24 * size) & (distance <= 0.29 * size)] *= 0.45
+        img[np.hypot(xx - centre[0], yy - centre[1]) >= CONTEXT_SURROUND * size] *= CONTEXT_DARKENING
     mask = np.zeros((size, size), np.uint8)
     # an irregular outline, at most 1.2 x its base radius (no long spicules: the ring stays far)
-    radius = np.minimum(_blob_radius(rng, size * rng.uniform(0.06, 0.07)), size * 0.07 * 1.2)
+    radius = np.minimum(_blob_radius(rng, size * rng.uniform(0.08, 0.09)), size * CONTEXT_LESION_MAX)
     _paint_blob(img, mask if cue else None, rng, centre[0], centre[1], radius, jitter(rng, (130, 80, 60), 12))
     return to_u8(img), mask
 
@@ -257,13 +263,14 @@ def make_isic_context(
 ) -> dict:
     """The RAT study's context control, in the ISIC 2018 Task 1 layout (square ``size`` images).
 
-    Rule: **the lesion is in the mask only when a dark ring surrounds it.** Every image holds one
-    lesion blob near its centre (radius 6-7 % of the side, at most 8.4 %); half of the images (drawn
-    per image) have a dark ring 0.24-0.29 of the side from the lesion's centre. The blob and its
-    near surroundings look the same either way: at 96x96 the ring lies 15+ pixels beyond the
-    lesion's edge, out of reach of a model whose attention sees about 13 pixels, so only a model
-    that sees farther (here: through coarse pyramid levels) can tell the two apart. Splits: ``n``
-    training, ``max(4, n // 4)`` validation and test images.
+    Rule: **the lesion is in the mask only when the image is dark around it, from a distance.**
+    Every image holds one lesion blob near its centre (radius 8-9 % of the side, at most
+    ``CONTEXT_LESION_MAX``); in half of the images (drawn per image) everything from
+    ``CONTEXT_SURROUND`` x the side away from the lesion's centre is darkened. The blob and its near
+    surroundings look the same either way: at 64x64 the dark surround starts 18+ pixels beyond the
+    lesion's edge, out of reach of a model whose outputs see 14 pixels, so only a model that sees
+    farther (here: through coarse pyramid levels) can tell the two apart. Splits: ``n`` training,
+    ``max(4, n // 4)`` validation and test images.
     """
     n = check_n(n, 1, "isic_context")
     size = int(size)
@@ -273,7 +280,7 @@ def make_isic_context(
     def draw(rng):
         cue = bool(rng.random() < 0.5)
         rgb, mask = _context_image(rng, size, cue)
-        return rgb, mask, dict(ringed=int(cue))
+        return rgb, mask, dict(dark_surround=int(cue))
 
     return _write_square_set(out, "isic_context", n, seed, size, overwrite, draw)
 
@@ -283,21 +290,23 @@ def make_isic_radius(
 ) -> dict:
     """The RAT study's physical-units control, in the ISIC 2018 Task 1 layout (square ``size`` images).
 
-    Rule: **the mask is the disc of radius size / 4 around a small dark marker** (radius size / 24,
-    anywhere at least the disc's radius from the border); nothing in the image shows the disc's
-    edge, so a model must measure the distance from the marker. Tested at another resolution with
-    the spacing scaled, the disc keeps its physical radius; without the scaling a model that
-    measures in position units draws it at the wrong size. Splits as :func:`make_isic_context`.
+    Rule: **the mask is the disc of radius size / 4 around a dark marker** (radius size / 12,
+    anywhere at least the disc's radius from the border) on plain skin; nothing in the image shows
+    the disc's edge, so a model must measure the distance from the marker. The skin has no texture
+    (only a little pixel noise), so what a model sees locally changes little when the image is
+    resized, and the distance is what a resolution changes. Tested at another resolution with the
+    spacing scaled, the disc keeps its physical radius; without the scaling a model that measures
+    in position units draws it at the wrong size. Splits as :func:`make_isic_context`.
     """
     n = check_n(n, 1, "isic_radius")
     size = int(size)
     if size < 48:
         raise ValueError(f"isic_radius: size must be >= 48 (a marker of a few pixels), got {size}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    radius, marker = size / 4, size / 24
+    radius, marker = size / 4, size / 12
 
     def draw(rng):
-        img = textured_background(rng, size, size, jitter(rng, (222, 168, 145), 14), texture=5.0, noise=5.0, cells=4)
+        img = textured_background(rng, size, size, jitter(rng, (222, 168, 145), 14), texture=0.0, noise=2.0)
         cx, cy = rng.uniform(radius, size - radius, 2)
         distance = np.hypot(xx - cx, yy - cy)
         img[distance <= marker] = np.asarray(jitter(rng, (90, 55, 45), 10), np.float32)
