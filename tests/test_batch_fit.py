@@ -73,6 +73,12 @@ def test_detectron2_auto_batch_plans_against_a_cpu_budget_and_reuses_the_plan(he
         tiny_ofat_command(half, "--auto-batch", "--memory-budget-gb", f"{budget_gb:.6f}", "--resume", batch=4), env=env
     )
     assert f"(the plan in {half})" in (half / "log.txt").read_text()
+    # two processes: each probes its own half of the batch, and the accumulation counts the world
+    two = tmp_path / "two"
+    run_cmd(tiny_ofat_command(two, "--num-gpus", "2", "--auto-batch", "--memory-budget-gb", "64", batch=4), env=env)
+    plan = json.loads((two / "batch_plan.json").read_text())
+    assert (plan["micro_batch"], plan["accumulation"], plan["per_process_batch"]) == (2, 1, 4 // 2), plan
+    assert "micro-batch 2 x 1 accumulation steps = 2 images per process" in (two / "log.txt").read_text()
     refused = run_cmd(
         tiny_ofat_command(tmp_path / "tiny", "--auto-batch", "--memory-budget-gb", "0.0001", batch=4),
         env=env,
