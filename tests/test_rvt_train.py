@@ -181,6 +181,9 @@ def test_configs_load_with_the_experiment_values():
         assert cfg.param_scheduler[0].eta_max == 3.46e-4
         assert cfg.val_evaluator.ann_file is None and cfg.val_evaluator.classwise
         assert len(cfg.classes) == cfg.model.bbox_head.num_classes == 8
+        # RVT's SimOTA candidates and batch norms (tests/test_rvt_checkpoint.py checks what they give)
+        assert cfg.model.train_cfg.assigner == dict(type="RVTSimOTAAssigner")
+        assert cfg.model.bbox_head.norm_cfg == dict(type="BN", momentum=0.1, eps=1e-5)
 
 
 def test_schedule_is_rvts_one_cycle():

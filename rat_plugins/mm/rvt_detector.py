@@ -94,13 +94,21 @@ class RecurrentYOLOX(YOLOX):
 
     Args:
         backbone: the recurrent backbone (``type='MaxViTRNN'``).
+        load_from_rvt: a whole RVT detector checkpoint (``rvt-t.ckpt`` ...: backbone, PAFPN and
+            YOLOX head) that :meth:`init_weights` loads strictly
+            (:func:`~rat_plugins.mm.rvt_checkpoint.load_rvt_detector`; the report is kept in
+            ``rvt_checkpoint_report``), e.g. to fine-tune from RVT's weights. mmengine calls
+            ``init_weights`` only when training; to evaluate an RVT checkpoint, convert it once with
+            ``tools/convert_rvt_checkpoint.py`` and give the result to ``tools/test.py``.
         **kwargs: ``YOLOX`` arguments (neck, bbox_head, train_cfg, test_cfg, data_preprocessor,
             init_cfg). A ``data_preprocessor`` with ``pad_size_divisor=None`` gets the backbone's
             padding multiple.
     """
 
-    def __init__(self, backbone: dict, **kwargs):
+    def __init__(self, backbone: dict, load_from_rvt: Optional[str] = None, **kwargs):
         super().__init__(backbone=backbone, **kwargs)
+        self.load_from_rvt = load_from_rvt or None
+        self.rvt_checkpoint_report = None
         if not isinstance(self.backbone, MaxViTRNN):
             raise TypeError(
                 f"RecurrentYOLOX needs a recurrent backbone (type='MaxViTRNN'), got {type(self.backbone).__name__}"
@@ -115,6 +123,13 @@ class RecurrentYOLOX(YOLOX):
                     f"data_preprocessor.pad_size_divisor={preprocessor.pad_size_divisor} is not a "
                     f"multiple of the backbone's padding multiple {multiple}; leave it None"
                 )
+
+    def init_weights(self):
+        super().init_weights()
+        if self.load_from_rvt:
+            from .rvt_checkpoint import load_rvt_detector
+
+            self.rvt_checkpoint_report = load_rvt_detector(self, self.load_from_rvt)
 
     @staticmethod
     def clip_masks(batch_inputs: Tensor, batch_data_samples: OptSampleList = None) -> Tuple[Tensor, Tensor]:

@@ -1,11 +1,13 @@
-"""RVT's neck and a size-aware YOLOX head for mmdet: ``type='RVTPAFPN'``, ``type='SizeAwareYOLOXHead'``."""
+"""RVT's neck, its SimOTA assigner and a size-aware YOLOX head for mmdet: ``type='RVTPAFPN'``,
+``type='RVTSimOTAAssigner'``, ``type='SizeAwareYOLOXHead'``."""
 
 from typing import Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.dense_heads import YOLOXHead
+from mmdet.models.task_modules.assigners import SimOTAAssigner
 from mmdet.models.utils import multi_apply
-from mmdet.registry import MODELS as MMDET_MODELS
+from mmdet.registry import MODELS as MMDET_MODELS, TASK_UTILS as MMDET_TASK_UTILS
 from mmdet.utils import OptInstanceList, reduce_mean
 from mmengine.model import BaseModule
 from torch import Tensor
@@ -13,7 +15,7 @@ from torch import Tensor
 from ..models.size_aware_loss import box_areas, check_size_weight_args, size_aware_weights
 from ..models.yolox_pafpn import YoloxPafpn, load_rvt_fpn
 
-__all__ = ["RVTPAFPN", "SizeAwareYOLOXHead"]
+__all__ = ["RVTPAFPN", "RVTSimOTAAssigner", "SizeAwareYOLOXHead"]
 
 
 @MMDET_MODELS.register_module()
@@ -60,6 +62,41 @@ class RVTPAFPN(BaseModule):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         return self.net(inputs)
+
+
+@MMDET_TASK_UTILS.register_module()
+class RVTSimOTAAssigner(SimOTAAssigner):
+    """mmdet's SimOTA with the candidate rule of RVT's YOLOX (``get_geometry_constraint``).
+
+    mmdet's assigner (the original YOLOX's) takes as candidates the priors whose centre lies inside
+    a ground-truth box *or* within ``center_radius`` (2.5) strides of its centre, and penalises
+    pairs that are not both. RVT's head (a later YOLOX version) takes only the priors within 1.5
+    strides of a box centre, and penalises pairs outside that centre region. Costs (class BCE on
+    ``sqrt(cls * obj)``, ``3 * -log IoU``), dynamic k (top 10 IoUs) and the tie rule are the same
+    in both, so with this assigner mmdet's ``YOLOXHead`` loss is RVT's.
+
+    Args:
+        center_radius: the centre region's half size in strides (RVT: 1.5).
+        **kwargs: ``SimOTAAssigner`` arguments.
+    """
+
+    def __init__(self, center_radius: float = 1.5, **kwargs):
+        super().__init__(center_radius=center_radius, **kwargs)
+
+    def get_in_gt_and_in_center_info(self, priors: Tensor, gt_bboxes: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(candidate mask [priors], in-centre mask [candidates, gts])``; priors are centre points."""
+        x, y = priors[:, 0:1], priors[:, 1:2]
+        reach_x, reach_y = self.center_radius * priors[:, 2:3], self.center_radius * priors[:, 3:4]
+        gt_cx = (gt_bboxes[:, 0] + gt_bboxes[:, 2]) / 2.0
+        gt_cy = (gt_bboxes[:, 1] + gt_bboxes[:, 3]) / 2.0
+        # the four margins to the centre region's sides, all positive inside (RVT's form, so that
+        # priors on a side fall out the same way)
+        margins = torch.stack(
+            [x - (gt_cx - reach_x), y - (gt_cy - reach_y), (gt_cx + reach_x) - x, (gt_cy + reach_y) - y], dim=-1
+        )
+        in_centre = margins.min(dim=-1).values > 0.0  # [priors, gts]
+        candidates = in_centre.any(dim=1)
+        return candidates, in_centre[candidates]
 
 
 @MMDET_MODELS.register_module()

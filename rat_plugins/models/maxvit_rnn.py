@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -663,7 +663,7 @@ def load_rvt_checkpoint(model: MaxViTRNN, path, stem_mismatch: str = "reinit") -
 
     Args:
         model: the backbone to fill.
-        path: the checkpoint file.
+        path: the checkpoint file, or a state dict already read by :func:`read_rvt_checkpoint`.
         stem_mismatch: when the checkpoint's stem patch differs from the model's (a patch-4 RVT
             checkpoint in a patch-2 model): ``'reinit'`` re-initialises the stem conv (only that
             tensor; the stem LayerNorm and everything else load) with one log line; ``'error'``
@@ -678,8 +678,11 @@ def load_rvt_checkpoint(model: MaxViTRNN, path, stem_mismatch: str = "reinit") -
     """
     if stem_mismatch not in ("reinit", "error"):
         raise ValueError(f"stem_mismatch must be 'reinit' or 'error', got {stem_mismatch!r}")
-    path = os.fspath(path)
-    state_dict, meta = read_rvt_checkpoint(path)
+    if isinstance(path, Mapping):
+        state_dict, meta, path = dict(path), {}, "state dict"
+    else:
+        path = os.fspath(path)
+        state_dict, meta = read_rvt_checkpoint(path)
     backbone, ignored = convert_rvt_to_maxvit_rnn(state_dict)
     if not backbone:
         raise ValueError(

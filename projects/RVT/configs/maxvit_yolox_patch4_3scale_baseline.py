@@ -10,6 +10,10 @@
 #     (the schedule counts iterations, i.e. batches of 1: double train_cfg.max_iters and param_scheduler.0.end
 #      to keep the number of samples seen)
 #   linear lr scaling from RVT's batch 12:           auto_scale_lr.enable=True
+#   fine-tune from a whole RVT checkpoint:           model.load_from_rvt=rvt-b.ckpt
+# An official RVT checkpoint evaluates here after one conversion (README, "eTraM"):
+#   python tools/convert_rvt_checkpoint.py rvt-b.ckpt rvt-b_mmdet.pth --config THIS_CONFIG
+#   python tools/test.py THIS_CONFIG rvt-b_mmdet.pth
 _base_ = ["../../_base_/mmdet_runtime.py"]
 # What this run is for; tools/experiment_record.py writes the experiment record from these fields
 # and from the config itself (python tools/experiment_record.py CONFIG --baseline BASE).
@@ -55,8 +59,11 @@ model = dict(
         feat_channels=128,
         stacked_convs=2,
         strides=(8, 16, 32),
+        norm_cfg=dict(type="BN", momentum=0.1, eps=1e-5),  # RVT's batch norms keep PyTorch's defaults
     ),
-    train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)),
+    # RVT's SimOTA candidates: priors within 1.5 strides of a box centre (mmdet's stock SimOTAAssigner
+    # also takes priors inside the box and within 2.5 strides)
+    train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
     # RVT's postprocess: confidence 0.1, NMS IoU 0.45
     test_cfg=dict(score_thr=0.1, nms=dict(type="nms", iou_threshold=0.45)),
 )
