@@ -25,6 +25,7 @@ REPR_FILE = "event_representations.h5"
 REPR_FILE_DS2 = "event_representations_ds2_nearest.h5"
 DEFAULT_REPR_NAME = "stacked_histogram_dt=50_nbins=10"
 _SHORT_CLIP_RULES = ("pad", "drop")
+SAMPLING_MODES = ("random", "streaming")
 _READ_BLOCK = 64  # representations read at a time by the full check
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,17 @@ class RVTEventClips:
             frames with fewer than L representations before them).
         all_labels: also return the boxes of every labelled frame inside the clip (per step).
         sequences: optional subset of sequence folder names (default: every folder of the split).
+        sampling: ``"random"`` (default): each sample is a clip of the L representations ending at a
+            labelled frame, from a zero state (RVT's random-access sampling). ``"streaming"``: RVT's
+            streaming evaluation; each sample is the *segment* of a recording after the previous
+            labelled frame up to and including this one (from representation 0 for the first
+            labelled frame), so the segments of a recording, in order, stream it from its first
+            representation to its last labelled one, and a model that carries its state from
+            segment to segment sees what RVT's streaming sees at every labelled frame (the
+            representations after the last labelled frame change no scored detection).
+            Segments have different lengths (``sequence_length`` and ``short_clips`` do not
+            apply); ``is_first`` is True only at representation 0, ``stream_end`` on the last
+            segment of a recording. :meth:`stream_order` lists each recording's segments.
         check: ``header`` (default ``$RAT_DATA_CHECK``, else header: every file opens, labels and
             indices agree) or ``full`` (also reads every representation once; cached by the files'
             sizes and modification times, see ``rat_plugins.data.validate``).
@@ -188,8 +200,12 @@ class RVTEventClips:
         sequences: Optional[Sequence[str]] = None,
         check: Optional[str] = None,
         log: Optional[logging.Logger] = None,
+        sampling: str = "random",
     ):
         self.where = f"RVT {split} split"
+        if sampling not in SAMPLING_MODES:
+            raise DataError(f"{self.where}: sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        self.sampling = sampling
         if not class_names:
             raise DataError(
                 f"{self.where}: class_names is empty: pass the dataset's class names from the config "
@@ -239,7 +255,7 @@ class RVTEventClips:
             (s, k)
             for s, seq in enumerate(self.sequences)
             for k, r in enumerate(seq.frame_repr_idx)
-            if short_clips == "pad" or r >= first_full
+            if short_clips == "pad" or r >= first_full or sampling == "streaming"
         ]
         if not self._index:
             rule = (
@@ -389,6 +405,20 @@ class RVTEventClips:
     def __len__(self) -> int:
         return len(self._index)
 
+    def stream_order(self) -> List[List[int]]:
+        """Per recording, its samples in time order (one list per sequence, in ``sequences`` order)."""
+        order: List[List[int]] = [[] for _ in self.sequences]
+        for i, (s, _) in enumerate(self._index):
+            order[s].append(i)
+        return [o for o in order if o]
+
+    def _clip_span(self, seq: EventSequence, k: int, end: int) -> Tuple[int, int]:
+        """``(first representation, front padding)`` of the sample ending at labelled frame k."""
+        if self.sampling == "streaming":
+            return (0 if k == 0 else int(seq.frame_repr_idx[k - 1]) + 1), 0
+        start = max(0, end - self.sequence_length + 1)
+        return start, self.sequence_length - (end + 1 - start)
+
     def _boxes(self, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         x, y = rows["x"].astype(np.float32), rows["y"].astype(np.float32)
         w, h = rows["w"].astype(np.float32), rows["h"].astype(np.float32)
@@ -438,9 +468,8 @@ class RVTEventClips:
         info = self.sample_info(i)
         s, end = info["sequence_index"], info["repr_idx"]
         seq = self.sequences[s]
-        L = self.sequence_length
-        start = max(0, end - L + 1)
-        pad = L - (end + 1 - start)
+        start, pad = self._clip_span(seq, info["objframe_idx"], end)
+        L = pad + end + 1 - start
         dset = self._dataset(s)
         try:
             real = dset[start : end + 1]
@@ -453,7 +482,8 @@ class RVTEventClips:
         clip[pad:] = real
         valid = np.arange(L) >= pad
         is_first = np.zeros(L, bool)
-        is_first[pad] = True
+        # a random clip has no history; a streamed segment continues the state of the one before it
+        is_first[pad] = self.sampling == "random" or start == 0
         repr_indices = np.full(L, -1, np.int64)
         repr_indices[pad:] = np.arange(start, end + 1)
 
@@ -472,6 +502,8 @@ class RVTEventClips:
             repr_indices=repr_indices,
             starts_sequence=bool(start == 0),
         )
+        if self.sampling == "streaming":
+            out["stream_end"] = bool(info["objframe_idx"] == len(seq.frame_repr_idx) - 1)
         if self.all_labels:
             empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
             per_step = [empty] * L
@@ -484,6 +516,55 @@ class RVTEventClips:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(root='{self.root}', split='{self.split}', sequences={len(self.sequences)}, "
-            f"clips={len(self)}, L={self.sequence_length}, file={self.h5_name}, "
+            f"clips={len(self)}, L={self.sequence_length if self.sampling == 'random' else 'segments'}, "
+            f"file={self.h5_name}, "
             f"CxHxW={self.channels}x{self.height}x{self.width}, classes={len(self.class_names)})"
         )
+
+
+def stream_schedule(order: Sequence[Sequence[int]], streams: int) -> List[int]:
+    """Sample order for streaming ``order`` (per recording, its samples in time order) in ``streams``
+    parallel streams, as consecutive batches of ``streams`` samples.
+
+    Recordings go to streams longest first, each to the stream with the fewest samples so far, and the
+    streams are interleaved: position ``t * streams + j`` holds stream j's t-th sample while every
+    stream has one. Each recording's samples keep their order, so a model that carries one state per
+    recording sees each recording from its start; once the shorter streams run out, a batch can hold
+    two samples of one recording, in order.
+    """
+    if int(streams) < 1:
+        raise ValueError(f"streams must be a positive integer, got {streams}")
+    lanes: List[List[int]] = [[] for _ in range(int(streams))]
+    for recording in sorted(order, key=len, reverse=True):
+        min(lanes, key=len).extend(recording)
+    schedule = []
+    for t in range(max(len(lane) for lane in lanes)):
+        schedule.extend(lane[t] for lane in lanes if t < len(lane))
+    return schedule
+
+
+# RVT's evaluation (Prophesee's protocol, RVT utils/evaluation/prophesee): before COCO AP, ground truth
+# and detections lose the first 0.5 s of each recording and every box with a diagonal under
+# min_box_diag or a side under min_box_side, in sensor pixels (both halved on data downsampled by 2).
+RVT_SKIP_FIRST_US = 500_000
+RVT_BOX_FILTERS = {"gen1": (30, 10), "gen4": (60, 20)}  # (min_box_diag, min_box_side)
+RVT_CAMERAS = {"gen1": "gen1", "gen4": "gen4", "1mpx": "gen4", "etram": "gen4"}  # eTraM: a 1280x720 sensor
+
+
+def rvt_box_thresholds(camera: str, downsampled_by_2: bool) -> Tuple[float, float]:
+    """``(min_box_diag, min_box_side)`` RVT evaluates ``camera`` with (gen1, gen4 / 1mpx, etram)."""
+    if camera not in RVT_CAMERAS:
+        raise ValueError(f"camera must be one of {sorted(RVT_CAMERAS)}, got {camera!r}")
+    diag, side = RVT_BOX_FILTERS[RVT_CAMERAS[camera]]
+    return (diag / 2, side / 2) if downsampled_by_2 else (float(diag), float(side))
+
+
+def rvt_box_filter(
+    boxes_xyxy, timestamp_us: int, min_box_diag: float, min_box_side: float, skip_first_us: int = RVT_SKIP_FIRST_US
+) -> np.ndarray:
+    """Bool mask of the boxes RVT's evaluation keeps (``filter_boxes``: after ``skip_first_us``, diagonal
+    and both sides at least the thresholds)."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (w**2 + h**2 >= min_box_diag**2) & (w >= min_box_side) & (h >= min_box_side)
+    return keep & (int(timestamp_us) > skip_first_us)

@@ -26,7 +26,11 @@ import numpy as np
 import torch
 from mmcv.transforms import BaseTransform
 from mmdet.datasets import BaseDetDataset, CocoDataset
-from mmdet.registry import DATASETS as MMDET_DATASETS, TRANSFORMS as MMDET_TRANSFORMS
+from mmdet.registry import (
+    DATA_SAMPLERS as MMDET_DATA_SAMPLERS,
+    DATASETS as MMDET_DATASETS,
+    TRANSFORMS as MMDET_TRANSFORMS,
+)
 from mmdet.structures import DetDataSample
 from mmengine import fileio
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
@@ -36,7 +40,7 @@ from mmseg.registry import DATASETS as MMSEG_DATASETS
 
 from ..data.isic_layout import ISIC_FOLDERS
 from ..data.roboflow import check_roboflow_split
-from ..data.rvt_events import DEFAULT_REPR_NAME, RVTEventClips
+from ..data.rvt_events import DEFAULT_REPR_NAME, RVTEventClips, stream_schedule
 from ..data.subset import FRACTION_SEED, fraction_indices
 from ..data.validate import (
     DataError,
@@ -54,6 +58,7 @@ __all__ = [
     "RoboflowCocoDataset",
     "ISIC2018Dataset",
     "RVTEventDataset",
+    "RVTStreamingSampler",
     "PackEventClip",
     "check_config_dataset",
     "validate_config_datasets",
@@ -302,8 +307,12 @@ class RVTEventDataset(BaseDetDataset):
 
     Args:
         split: folder under ``data_root`` (``train`` / ``val`` / ``test``).
-        repr_name, downsample, sequence_length, short_clips, all_labels: see
-            :class:`~rat_plugins.data.rvt_events.RVTEventClips`.
+        repr_name, downsample, sequence_length, short_clips, all_labels, sampling: see
+            :class:`~rat_plugins.data.rvt_events.RVTEventClips`. ``sampling="streaming"`` is RVT's
+            evaluation: segments that stream each recording, for a model that carries its state
+            (``RecurrentYOLOX`` does for samples with ``stream_end`` in their metainfo) and
+            ``sampler=dict(type='RVTStreamingSampler')``, which keeps each recording's segments in
+            order.
         data_check: ``header`` / ``full`` (``RVTEventClips``' ``check``).
         **kwargs: mmengine ``BaseDataset`` arguments; ``data_root`` is the dataset folder and
             ``metainfo=dict(classes=...)`` is required (class names are the config's).
@@ -321,10 +330,12 @@ class RVTEventDataset(BaseDetDataset):
         short_clips: str = "pad",
         all_labels: bool = False,
         data_check: Optional[str] = None,
+        sampling: str = "random",
         **kwargs,
     ):
         self.split = split
         self.clip_args = dict(
+            sampling=sampling,
             repr_name=repr_name,
             downsample=downsample,
             sequence_length=sequence_length,
@@ -369,6 +380,13 @@ class RVTEventDataset(BaseDetDataset):
             )
         return data_list
 
+    def stream_order(self):
+        """Per recording, its samples in time order (:meth:`RVTEventClips.stream_order`)."""
+        if not self._fully_initialized:
+            self.full_init()
+        position = {self.get_data_info(i)["clip_index"]: i for i in range(len(self))}
+        return [[position[c] for c in seq if c in position] for seq in self.clips.stream_order()]
+
     def prepare_data(self, idx):
         results = self.get_data_info(idx)
         sample = self.clips[results["clip_index"]]
@@ -384,7 +402,51 @@ class RVTEventDataset(BaseDetDataset):
         )
         if "step_bboxes" in sample:
             results.update(step_bboxes=sample["step_bboxes"], step_labels=sample["step_labels"])
+        if "stream_end" in sample:
+            results["stream_end"] = sample["stream_end"]
         return self.pipeline(results)
+
+
+@MMDET_DATA_SAMPLERS.register_module()
+class RVTStreamingSampler(torch.utils.data.Sampler):
+    """Streams every recording of an ``RVTEventDataset(sampling='streaming')`` in order, ``streams``
+    recordings side by side (:func:`rat_plugins.data.rvt_events.stream_schedule`; set it to the
+    loader's batch size, so that each batch holds one segment of each of ``streams`` recordings).
+
+    The order is fixed (RVT's evaluation; no shuffling). One process only: mmengine gathers the
+    results of several ranks by interleaving equal shares, which cannot keep recordings whole, so
+    evaluate in streaming mode without a launcher.
+    """
+
+    def __init__(self, dataset, streams: int = 1, seed: Optional[int] = None):
+        from mmengine.dist import get_dist_info
+
+        if not hasattr(dataset, "stream_order"):
+            raise TypeError(
+                f"RVTStreamingSampler needs a dataset with stream_order() (RVTEventDataset with "
+                f"sampling='streaming'), got {type(dataset).__name__}"
+            )
+        if getattr(dataset, "clip_args", {}).get("sampling") != "streaming":
+            raise ValueError(
+                "RVTStreamingSampler streams segments: set sampling='streaming' on the RVTEventDataset (random "
+                "clips each start from a zero state and need no order)"
+            )
+        _, world = get_dist_info()
+        if world > 1:
+            raise RuntimeError(
+                f"streaming evaluation runs in one process (this run has {world}): run tools/test.py without "
+                "--launcher, or evaluate random-access clips (sampling='random', DefaultSampler) across processes"
+            )
+        self.order = stream_schedule(dataset.stream_order(), streams)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:  # mmengine calls it every epoch; the order never changes
+        pass
 
 
 def _instances(boxes: np.ndarray, labels: np.ndarray) -> InstanceData:
@@ -407,7 +469,7 @@ class PackEventClip(BaseTransform):
     - metainfo ``valid`` / ``is_first`` / ``labelled`` (bool [T]; ``is_first`` is where the
       recurrent state must be reset), ``img_id``, ``ori_shape`` = ``img_shape`` = (H, W),
       ``scale_factor`` (1, 1), ``instances`` (what ``CocoMetric(ann_file=None)`` reads), plus
-      the ``meta_keys`` present in the results.
+      the ``meta_keys`` present in the results (``stream_end`` only for streamed segments).
     """
 
     def __init__(
@@ -420,6 +482,7 @@ class PackEventClip(BaseTransform):
             "timestamp_us",
             "repr_indices",
             "starts_sequence",
+            "stream_end",
             "instances",
         ),
     ):

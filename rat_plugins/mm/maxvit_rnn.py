@@ -79,8 +79,15 @@ class MaxViTRNN(BaseModule):
         return tuple(select_features(features, self.out_features).values())
 
     def forward_clip(
-        self, clip: Tensor, valid: Optional[Tensor] = None, is_first: Optional[Tensor] = None
-    ) -> Tuple[Tensor, ...]:
-        """The selected maps of the last step of ``clip`` [B, T, C, H, W], from a zero state."""
-        features, _ = self.net.forward_clip(clip, return_all=False, valid=valid, is_first=is_first)
-        return tuple(select_features(features, self.out_features).values())
+        self,
+        clip: Tensor,
+        valid: Optional[Tensor] = None,
+        is_first: Optional[Tensor] = None,
+        prev_states=None,
+        return_states: bool = False,
+    ):
+        """The selected maps of the last step of ``clip`` [B, T, C, H, W], from ``prev_states`` (None:
+        a zero state); with ``return_states`` also the states after the last step, ``(maps, states)``."""
+        features, states = self.net.forward_clip(clip, prev_states, return_all=False, valid=valid, is_first=is_first)
+        maps = tuple(select_features(features, self.out_features).values())
+        return (maps, states) if return_states else maps

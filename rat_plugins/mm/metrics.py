@@ -1,4 +1,5 @@
-"""Binary segmentation metrics for mmseg: Dice, IoU, accuracy, sensitivity, specificity.
+"""Binary segmentation metrics for mmseg (Dice, IoU, accuracy, sensitivity, specificity) and RVT's
+detection evaluation for mmdet (``RVTCocoMetric``).
 
 mmseg's ``IoUMetric`` reports class means; vessel and lesion segmentation are judged on the
 foreground class, with sensitivity and specificity. ``VesselMetric`` reports all of
@@ -11,11 +12,16 @@ from collections import OrderedDict
 from typing import Dict, List, Sequence
 
 import numpy as np
+import torch
+from mmdet.evaluation.metrics import CocoMetric
+from mmdet.registry import METRICS as MMDET_METRICS
 from mmengine.logging import MMLogger, print_log
 from mmseg.evaluation.metrics import IoUMetric
 from mmseg.registry import METRICS
 
-__all__ = ["VesselMetric", "LesionMetric", "binary_scores"]
+from ..data.rvt_events import RVT_SKIP_FIRST_US, rvt_box_filter, rvt_box_thresholds
+
+__all__ = ["VesselMetric", "LesionMetric", "RVTCocoMetric", "binary_scores"]
 
 SCORE_NAMES = ("Dice", "IoU", "Accuracy", "Sensitivity", "Specificity")
 
@@ -127,3 +133,65 @@ class LesionMetric(VesselMetric):
 
     def __init__(self, per_image: Sequence[str] = ("Dice", "IoU"), **kwargs):
         super().__init__(per_image=per_image, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- mmdet
+
+
+@MMDET_METRICS.register_module()
+class RVTCocoMetric(CocoMetric):
+    """mmdet's ``CocoMetric`` after RVT's box filtering, as RVT evaluates Gen1 / 1Mpx / eTraM.
+
+    Before each labelled frame enters COCO evaluation, its ground truth and its detections lose every
+    box RVT's evaluation drops (:func:`rat_plugins.data.rvt_events.rvt_box_filter`): all boxes of the
+    first ``skip_first_us`` of a recording, and boxes with a diagonal under ``min_box_diag`` or a side
+    under ``min_box_side``. The frame stays (with no boxes it changes no AP). The frame's time is
+    the data sample's ``timestamp_us`` (``RVTEventDataset`` sets it; µs from the recording's start).
+
+    Args:
+        camera: ``gen1`` (30 / 10 px), ``gen4`` / ``1mpx`` / ``etram`` (60 / 20 px).
+        downsampled_by_2: the boxes are in pixels of the halved sensor (``downsample=True``, RVT's
+            ``*_ds2_nearest`` input): the thresholds are halved, as RVT does.
+        skip_first_us: the start of each recording that is not scored (RVT: 0.5 s).
+        min_box_diag, min_box_side: explicit thresholds in the boxes' pixels (None: the camera's).
+        **kwargs: ``CocoMetric`` arguments (``ann_file=None``: the ground truth comes from the samples).
+    """
+
+    def __init__(
+        self,
+        camera: str = "etram",
+        downsampled_by_2: bool = True,
+        skip_first_us: int = RVT_SKIP_FIRST_US,
+        min_box_diag=None,
+        min_box_side=None,
+        **kwargs,
+    ):
+        diag, side = rvt_box_thresholds(camera, downsampled_by_2)
+        self.min_box_diag = float(diag if min_box_diag is None else min_box_diag)
+        self.min_box_side = float(side if min_box_side is None else min_box_side)
+        self.skip_first_us = int(skip_first_us)
+        super().__init__(**kwargs)
+
+    def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
+        filtered = []
+        for sample in data_samples:
+            if "timestamp_us" not in sample:
+                raise KeyError(
+                    "RVTCocoMetric needs each sample's 'timestamp_us' (RVTEventDataset with PackEventClip puts it "
+                    "in the metainfo) to drop the first 0.5 s of a recording"
+                )
+            sample = dict(sample)
+            t = int(sample["timestamp_us"])
+            pred = dict(sample["pred_instances"])
+            keep = rvt_box_filter(
+                pred["bboxes"].cpu().numpy(), t, self.min_box_diag, self.min_box_side, self.skip_first_us
+            )
+            keep = torch.as_tensor(keep, device=pred["bboxes"].device)
+            sample["pred_instances"] = {k: v[keep] for k, v in pred.items()}
+            instances = sample.get("instances", [])
+            gt_keep = rvt_box_filter(
+                [i["bbox"] for i in instances], t, self.min_box_diag, self.min_box_side, self.skip_first_us
+            )
+            sample["instances"] = [i for i, k in zip(instances, gt_keep) if k]
+            filtered.append(sample)
+        super().process(data_batch, filtered)

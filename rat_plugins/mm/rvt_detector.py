@@ -5,7 +5,7 @@ recurrent backbone over a clip and keeping its last, labelled step, as RVT's ran
 training does (github.com/uzh-rpg/RVT, ``modules/detection.py``).
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,20 +61,44 @@ class EventClipDataPreprocessor(BaseDataPreprocessor):
                 "EventClipDataPreprocessor expects clips [T, C, H, W] (PackEventClip output), got "
                 f"shapes {[tuple(c.shape) for c in clips]}"
             )
-        if len({tuple(c.shape[:2]) for c in clips}) != 1:
-            raise ValueError(f"clips of one batch must share T and C, got {[tuple(c.shape) for c in clips]}")
+        if len({int(c.shape[1]) for c in clips}) != 1:
+            raise ValueError(f"clips of one batch must share C, got {[tuple(c.shape) for c in clips]}")
+        samples = data.get("data_samples")
+        steps = max(int(c.shape[0]) for c in clips)
+        if any(c.shape[0] != steps for c in clips):
+            clips = self._front_pad_steps(clips, samples, steps)
         height = max(int(c.shape[-2]) for c in clips)
         width = max(int(c.shape[-1]) for c in clips)
         pad_h, pad_w = self.padded_size(height, width)
         batch = torch.stack(
             [F.pad(c.float(), (0, pad_w - c.shape[-1], 0, pad_h - c.shape[-2]), value=self.pad_value) for c in clips]
         )
-        samples = data.get("data_samples")
         if samples is not None:
             # what mmdet's DetDataPreprocessor records; the head decodes in padded-input pixels
             for sample in samples:
                 sample.set_metainfo(dict(batch_input_shape=(pad_h, pad_w), pad_shape=(pad_h, pad_w)))
         return dict(inputs=batch, data_samples=samples)
+
+    @staticmethod
+    def _front_pad_steps(clips: List[Tensor], samples: OptSampleList, steps: int) -> List[Tensor]:
+        """Clips of different lengths (streamed segments) -> ``steps`` long, zero steps in front that
+        the samples' ``valid`` masks mark invalid, so the backbone skips them and keeps each state."""
+        if not samples or any("valid" not in s for s in samples):
+            raise ValueError(
+                f"clips of one batch differ in length ({[int(c.shape[0]) for c in clips]} steps) and have no "
+                "valid masks to pad them with: pack them with PackEventClip (its data samples carry 'valid')"
+            )
+        padded = []
+        for clip, sample in zip(clips, samples):
+            pad = steps - int(clip.shape[0])
+            padded.append(F.pad(clip, (0, 0, 0, 0, 0, 0, pad, 0)))
+            update = {}
+            for key in ("valid", "is_first", "labelled"):
+                if key in sample:
+                    mask = torch.as_tensor(sample.get(key), dtype=torch.bool)
+                    update[key] = torch.cat([mask.new_zeros(pad), mask])
+            sample.set_metainfo(update)
+        return padded
 
 
 @MMDET_MODELS.register_module()
@@ -87,10 +111,18 @@ class RecurrentYOLOX(YOLOX):
     see the backbone maps of the last step, the labelled frame; loss, prediction and ``_forward``
     are otherwise mmdet's.
 
-    Every clip starts from a zero state: clips are sampled at random, so consecutive batches are
-    not consecutive in time (RVT's streaming mode, which carries states across batches, is not
-    implemented). Inputs without masks (e.g. ``[B, C, H, W]`` images or clips without data samples)
-    run as clips whose every step is valid, starting a new sequence at step 0.
+    Random-access clips start from a zero state. Streamed segments (samples whose metainfo has
+    ``stream_end``: ``RVTEventDataset(sampling='streaming')``) carry it, as RVT's streaming
+    evaluation does: the model keeps the state each recording (metainfo ``sequence``) ended its last
+    segment with and starts the next segment of that recording from it, reset only where
+    ``is_first`` marks the recording's start; a recording's state is dropped after its
+    ``stream_end`` segment. States are kept detached, so in training gradients stop at a segment's
+    start (RVT's truncated backpropagation). Two segments of one recording in one batch run one
+    after the other. A segment whose predecessor was not the last one seen for its recording
+    (segments out of order, e.g. without ``sampler=dict(type='RVTStreamingSampler')``) raises an
+    error rather than run from a wrong state. Inputs without masks (e.g. ``[B, C, H, W]`` images or
+    clips without data samples) run as clips whose every step is valid, starting a new sequence at
+    step 0.
 
     Args:
         backbone: the recurrent backbone (``type='MaxViTRNN'``).
@@ -109,6 +141,8 @@ class RecurrentYOLOX(YOLOX):
         super().__init__(backbone=backbone, **kwargs)
         self.load_from_rvt = load_from_rvt or None
         self.rvt_checkpoint_report = None
+        # recording -> (objframe_idx of its last segment, detached backbone states after it)
+        self._streams: Dict[str, Tuple[int, list]] = {}
         if not isinstance(self.backbone, MaxViTRNN):
             raise TypeError(
                 f"RecurrentYOLOX needs a recurrent backbone (type='MaxViTRNN'), got {type(self.backbone).__name__}"
@@ -156,8 +190,77 @@ class RecurrentYOLOX(YOLOX):
         if batch_inputs.ndim == 4:
             batch_inputs = batch_inputs[:, None]
         valid, is_first = self.clip_masks(batch_inputs, batch_data_samples)
-        x = self.backbone.forward_clip(batch_inputs, valid=valid, is_first=is_first)
+        if batch_data_samples and "stream_end" in batch_data_samples[0]:
+            x = self._forward_streams(batch_inputs, valid, is_first, batch_data_samples)
+        else:
+            x = self.backbone.forward_clip(batch_inputs, valid=valid, is_first=is_first)
         return self.neck(x) if self.with_neck else x
+
+    def reset_streams(self) -> None:
+        """Forget every carried state (e.g. before streaming a split again from the middle)."""
+        self._streams.clear()
+
+    def _stream_start(self, sample, valid: Tensor, is_first: Tensor) -> Optional[list]:
+        """The state a streamed segment starts from (None: a zero state, at the recording's start)."""
+        name, frame = sample.sequence, int(sample.objframe_idx)
+        first_valid = int(valid.int().argmax())
+        if bool(is_first[first_valid]):
+            return None
+        carried = self._streams.get(name)
+        if carried is None or carried[0] != frame - 1:
+            seen = (
+                "no segment of it yet" if carried is None else f"its last segment ended at labelled frame {carried[0]}"
+            )
+            raise RuntimeError(
+                f"streamed segment of '{name}' ending at labelled frame {frame} arrived but {seen}: a recording's "
+                "segments must come in order, each after the one before. Fix: sampler=dict(type='RVTStreamingSampler') "
+                "in the data loader, and no dataset subset (dataset_fraction / indices) in streaming mode"
+            )
+        return carried[1]
+
+    def _forward_streams(self, inputs: Tensor, valid: Tensor, is_first: Tensor, samples: SampleList):
+        """Backbone maps of the last step of each streamed segment, each from its recording's state."""
+        waves: List[List[int]] = []  # the k-th segment of a recording in this batch runs in wave k
+        count: Dict[str, int] = {}
+        for b, sample in enumerate(samples):
+            k = count.get(sample.sequence, 0)
+            count[sample.sequence] = k + 1
+            if k == len(waves):
+                waves.append([])
+            waves[k].append(b)
+        outputs: List[Optional[Tuple[Tensor, ...]]] = [None] * len(samples)
+        for wave in waves:
+            starts = [self._stream_start(samples[b], valid[b], is_first[b]) for b in wave]
+            index = torch.tensor(wave, device=inputs.device)
+            prev = self._stack_states(starts)
+            feats, states = self.backbone.forward_clip(
+                inputs[index], valid=valid[index], is_first=is_first[index], prev_states=prev, return_states=True
+            )
+            for j, b in enumerate(wave):
+                sample = samples[b]
+                if sample.stream_end:
+                    self._streams.pop(sample.sequence, None)
+                else:
+                    state = [(h[j : j + 1].detach(), c[j : j + 1].detach()) for h, c in states]
+                    self._streams[sample.sequence] = (int(sample.objframe_idx), state)
+                outputs[b] = tuple(f[j] for f in feats)
+        return tuple(torch.stack([out[level] for out in outputs]) for level in range(len(outputs[0])))
+
+    @staticmethod
+    def _stack_states(starts: List[Optional[list]]) -> Optional[list]:
+        """Per-sample carried states -> batch states (zeros for samples that start a recording)."""
+        known = next((s for s in starts if s is not None), None)
+        if known is None:
+            return None
+        stacked = []
+        for stage, (h, c) in enumerate(known):
+            hs, cs = [], []
+            for start in starts:
+                sh, sc = (torch.zeros_like(h), torch.zeros_like(c)) if start is None else start[stage]
+                hs.append(sh)
+                cs.append(sc)
+            stacked.append((torch.cat(hs), torch.cat(cs)))
+        return stacked
 
     # mmdet's SingleStageDetector bodies, passing the samples (they hold the masks) to extract_feat
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> dict:
