@@ -98,6 +98,7 @@ def _detector(MODELS):
         ),
         neck=dict(type="RVTPAFPN", in_channels=[16, 32, 64], depth=0.33, out_channels=8),
         bbox_head=dict(type="YOLOXHead", num_classes=len(CLASSES), in_channels=8, feat_channels=8, strides=(8, 16, 32)),
+        train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
         test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)),
     )
     torch.manual_seed(0)
@@ -262,3 +263,85 @@ def test_rvt_coco_metric_scores_what_rvt_keeps(mmdet_models):
     assert unfiltered.compute_metrics(unfiltered.results)["bbox_mAP"] < 0.9
     with pytest.raises(KeyError, match="timestamp_us"):
         metric.process({}, [{k: v for k, v in frames[0].items() if k != "timestamp_us"}])
+
+
+def test_mixed_schedule_batches_lanes_and_shares():
+    from rat_plugins.data.rvt_events import MixedSchedule
+
+    recordings = [[0, 1, 2], [3, 4], [5, 6, 7, 8]]
+    schedule = MixedSchedule(num_random=5, stream_order=recordings, random_per_batch=2, streams=1, seed=3)
+    epochs = [schedule.next_epoch() for _ in range(3)]
+    assert all(len(e) == 3 * 3 for e in epochs)  # ceil(5 / 2) batches of 2 random + 1 streamed
+    randoms = [[i for j, i in enumerate(e) if j % 3 < 2] for e in epochs]
+    assert all(set(r) == set(range(5)) for r in randoms) and randoms[0] != randoms[1]  # every clip, reshuffled
+    streamed = [i - 5 for e in epochs for j, i in enumerate(e) if j % 3 == 2]
+    # the lane goes on across epochs: whole recordings, each in order, a shuffled cycle of all three
+    runs, start = [], 0
+    while start < len(streamed):
+        recording = next(r for r in recordings if r[0] == streamed[start])
+        assert streamed[start : start + len(recording)] == recording[: len(streamed) - start]
+        runs.append(recording[0])
+        start += len(recording)
+    assert set(runs[:3]) == {0, 3, 5}
+    again = MixedSchedule(num_random=5, stream_order=recordings, random_per_batch=2, streams=1, seed=3)
+    assert [again.next_epoch() for _ in range(3)] == epochs  # a replay after a resume sees the same batches
+
+    shares = [MixedSchedule(4, recordings, 1, 1, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    firsts = [s.next_epoch() for s in shares]
+    assert {i for i in firsts[0][::2]}.isdisjoint(firsts[1][::2])  # random clips split between the ranks
+    assert shares[0].recordings == [recordings[0], recordings[2]] and shares[1].recordings == [recordings[1]]
+    with pytest.raises(ValueError, match="not both 0"):
+        MixedSchedule(4, recordings, 0, 0)
+
+
+def test_mixed_batches_carry_streamed_states_and_reset_at_recording_starts(mmdet_models, gappy_events):
+    """Batches of RVTMixedSampler: the random clips run from a zero state, the streamed segments from
+    their recording's carried state (equal to one pass over the recording), through several recordings
+    and into the next epoch; a training step keeps the carried states detached."""
+    from mmengine.dataset import ConcatDataset
+
+    from rat_plugins.mm.datasets import RVTMixedSampler
+
+    det = _detector(mmdet_models)
+    random_part, stream_part = _dataset(gappy_events, "random"), _dataset(gappy_events, "streaming")
+    dataset = ConcatDataset([random_part, stream_part])
+    sampler = RVTMixedSampler(dataset, random_per_batch=1, streams=1, seed=0)
+    order = list(sampler) + list(sampler)  # two epochs
+    assert len(order) == 2 * 2 * len(random_part)
+    clips = stream_part.clips
+    whole = {}
+    with torch.no_grad():
+        for s, seq in enumerate(clips.sequences):
+            events = torch.from_numpy(clips._dataset(s)[:]).float()[None]
+            whole[seq.name] = det.backbone.net.forward_clip(events, return_all=True)[0]
+        checked = {"random": 0, "streamed": 0}
+        for batch in _batches(dataset, order, 2):
+            data = det.data_preprocessor(batch, False)
+            neck = det.extract_feat(data["inputs"], data["data_samples"])[0]
+            for b, sample in enumerate(data["data_samples"]):
+                if "stream_end" in sample:
+                    stages = [whole[sample.sequence][f"stage{s}"][:, sample.repr_idx] for s in (2, 3, 4)]
+                    checked["streamed"] += 1
+                else:
+                    alone = det.backbone.forward_clip(
+                        data["inputs"][b : b + 1], valid=sample.valid[None], is_first=sample.is_first[None]
+                    )
+                    stages = list(alone)
+                    checked["random"] += 1
+                assert torch.allclose(neck[b], det.neck(stages)[0][0], atol=1e-5), sample.sequence
+    assert checked == {"random": len(order) // 2, "streamed": len(order) // 2}
+    assert checked["streamed"] > len(stream_part)  # the lane went on into a second pass of the recordings
+
+    from mmengine.structures import InstanceData
+
+    det.train()
+    det.reset_streams()
+    # a batch whose streamed segment is not its recording's last, so its state is kept
+    batch = next(b for b in _batches(dataset, list(sampler), 2) if not b["data_samples"][1].stream_end)
+
+    for sample in batch["data_samples"]:
+        sample.gt_instances = InstanceData(bboxes=torch.tensor([[4.0, 4.0, 20.0, 20.0]]), labels=torch.tensor([1]))
+    data = det.data_preprocessor(batch, True)
+    losses = det.loss(data["inputs"], data["data_samples"])
+    sum(losses.values()).backward()
+    assert det._streams and all(h.grad_fn is None for _, states in det._streams.values() for h, _ in states)

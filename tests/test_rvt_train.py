@@ -272,3 +272,20 @@ def test_rvt_config_trains_and_validates(events_data, tmp_path, tool, config, ou
     val = [r for r in records if "coco/bbox_mAP" in r]
     assert len(val) == 1 and 0.0 <= val[0]["coco/bbox_mAP"] <= 1.0
     assert "coco/bbox_mAP_s" in val[0]
+
+
+@pytest.mark.slow
+def test_mixed_sampling_config_trains_and_validates_streaming(events_data, tmp_path):
+    """RVT's mixed training (a random clip and a streamed segment per batch) and streaming validation,
+    through the project's tools/train.py."""
+    options = [o for o in _tiny_options((1, 2, 3)) if not o.startswith("train_dataloader.dataset.")]
+    options += [f"train_dataloader.dataset.datasets.{i}.sequence_length=3" for i in (0, 1)]
+    run_cmd(
+        [sys.executable, str(REPO / "tools/train.py"), str(CONFIGS / "maxvit_yolox_patch4_3scale_mixed.py")]
+        + ["--work-dir", str(tmp_path), "--cfg-options", *options],
+        env={"RAT_DATASETS": str(events_data)},
+    )
+    records = [json.loads(s) for s in next(tmp_path.glob("*/vis_data/scalars.json")).read_text().splitlines()]
+    assert len([r for r in records if "loss" in r]) == 2
+    val = [r for r in records if "coco/bbox_mAP" in r]
+    assert len(val) == 1 and 0.0 <= val[0]["coco/bbox_mAP"] <= 1.0

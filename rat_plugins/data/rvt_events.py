@@ -568,3 +568,81 @@ def rvt_box_filter(
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (w**2 + h**2 >= min_box_diag**2) & (w >= min_box_side) & (h >= min_box_side)
     return keep & (int(timestamp_us) > skip_first_us)
+
+
+class MixedSchedule:
+    """RVT's mixed training sampling as an index order: each batch holds ``random_per_batch``
+    random-access clips and one streamed segment of each of ``streams`` lanes.
+
+    A lane streams one recording's segments in order, then the next recording (recordings in a
+    shuffled cycle shared by the lanes), and continues across epochs, so a model that carries one
+    state per recording sees each recording from its start (RVT's streaming training, whose state
+    bookkeeping per data loader worker becomes here one state per recording). An epoch is
+    ``ceil(num_random / random_per_batch)`` batches (every random clip once), or with no random
+    clips ``ceil(segments / streams)``. Indices: ``0 .. num_random - 1`` for the random clips,
+    ``num_random + j`` for streamed sample j. Deterministic given ``seed`` and the epochs asked for.
+
+    Args:
+        num_random: random-access samples.
+        stream_order: per recording, its streamed samples in time order.
+        random_per_batch, streams: the batch's composition (RVT: 1:1); the loader's batch size must
+            be their sum.
+        seed: the shuffling seed.
+        rank, world_size: this process's share: every ``world_size``-th random clip of an epoch's
+            permutation and recording of the cycle, from ``rank``.
+    """
+
+    def __init__(
+        self,
+        num_random: int,
+        stream_order: Sequence[Sequence[int]],
+        random_per_batch: int = 1,
+        streams: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if random_per_batch < 0 or streams < 0 or random_per_batch + streams == 0:
+            raise ValueError(
+                f"random_per_batch ({random_per_batch}) and streams ({streams}) must be >= 0 and not both 0"
+            )
+        if random_per_batch and not num_random:
+            raise ValueError("random_per_batch > 0 needs random-access samples; the random dataset is empty")
+        recordings = [list(r) for r in stream_order if len(r)][rank::world_size]
+        if streams and not recordings:
+            raise ValueError(f"streams > 0 needs recordings to stream; process {rank} of {world_size} has none")
+        self.num_random, self.recordings = int(num_random), recordings
+        self.random_per_batch, self.streams = int(random_per_batch), int(streams)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self._lanes: List[List[int]] = [[] for _ in range(self.streams)]
+        self._cycle: List[int] = []
+        self._cycle_rng = np.random.default_rng([self.seed, self.rank, 1])
+        self._epochs_done = 0
+
+    def batches_per_epoch(self) -> int:
+        if self.random_per_batch:
+            share = len(range(self.rank, self.num_random, self.world_size))
+            return max(1, -(-share // self.random_per_batch))
+        return max(1, -(-sum(len(r) for r in self.recordings) // self.streams))
+
+    def _next_segment(self, lane: List[int]) -> int:
+        if not lane:
+            if not self._cycle:
+                self._cycle = list(self._cycle_rng.permutation(len(self.recordings)))
+            lane.extend(self.recordings[self._cycle.pop(0)])
+        return self.num_random + lane.pop(0)
+
+    def next_epoch(self) -> List[int]:
+        """The indices of the next epoch (the lanes go on from where the last epoch left them)."""
+        epoch = self._epochs_done
+        self._epochs_done += 1
+        randoms: List[int] = []
+        if self.random_per_batch:
+            perm = np.random.default_rng([self.seed, epoch, 0]).permutation(self.num_random)
+            randoms = [int(i) for i in perm[self.rank :: self.world_size]]
+        order: List[int] = []
+        for b in range(self.batches_per_epoch()):
+            for j in range(self.random_per_batch):
+                order.append(randoms[(b * self.random_per_batch + j) % len(randoms)])
+            order.extend(self._next_segment(lane) for lane in self._lanes)
+        return order

@@ -40,7 +40,7 @@ from mmseg.registry import DATASETS as MMSEG_DATASETS
 
 from ..data.isic_layout import ISIC_FOLDERS
 from ..data.roboflow import check_roboflow_split
-from ..data.rvt_events import DEFAULT_REPR_NAME, RVTEventClips, stream_schedule
+from ..data.rvt_events import DEFAULT_REPR_NAME, MixedSchedule, RVTEventClips, stream_schedule
 from ..data.subset import FRACTION_SEED, fraction_indices
 from ..data.validate import (
     DataError,
@@ -59,6 +59,7 @@ __all__ = [
     "ISIC2018Dataset",
     "RVTEventDataset",
     "RVTStreamingSampler",
+    "RVTMixedSampler",
     "PackEventClip",
     "check_config_dataset",
     "validate_config_datasets",
@@ -447,6 +448,58 @@ class RVTStreamingSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch: int) -> None:  # mmengine calls it every epoch; the order never changes
         pass
+
+
+def _sampling_parts(dataset):
+    """``(random part, streaming part, offset of the streaming part)`` of a ConcatDataset of two RVTEventDatasets."""
+    parts = list(getattr(dataset, "datasets", []))
+    modes = [getattr(p, "clip_args", {}).get("sampling") for p in parts]
+    if sorted(modes) != ["random", "streaming"]:
+        raise ValueError(
+            "RVTMixedSampler needs dataset=dict(type='ConcatDataset', datasets=[<RVTEventDataset sampling='random'>, "
+            f"<RVTEventDataset sampling='streaming'>]) over the same split; got parts with sampling {modes}"
+        )
+    random_part, stream_part = parts[modes.index("random")], parts[modes.index("streaming")]
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + len(p))
+    return random_part, stream_part, offsets[modes.index("random")], offsets[modes.index("streaming")]
+
+
+@MMDET_DATA_SAMPLERS.register_module()
+class RVTMixedSampler(torch.utils.data.Sampler):
+    """RVT's mixed training sampling (:class:`rat_plugins.data.rvt_events.MixedSchedule`): each batch
+    holds ``random_per_batch`` random-access clips and one streamed segment of each of ``streams``
+    lanes, whose recordings go on from batch to batch (``RecurrentYOLOX`` carries their states,
+    detached). The loader's ``batch_size`` must be ``random_per_batch + streams`` (RVT: 1:1).
+
+    The dataset is a ``ConcatDataset`` of an ``RVTEventDataset(sampling='random')`` and an
+    ``RVTEventDataset(sampling='streaming')`` of the same split. Each process streams its own share
+    of the recordings. An epoch sees every random clip once.
+    """
+
+    def __init__(self, dataset, random_per_batch: int = 1, streams: int = 1, seed: Optional[int] = None):
+        from mmengine.dist import get_dist_info, sync_random_seed
+
+        random_part, stream_part, random_offset, stream_offset = _sampling_parts(dataset)
+        rank, world = get_dist_info()
+        self.seed = sync_random_seed() if seed is None else int(seed)
+        self.schedule = MixedSchedule(
+            len(random_part), stream_part.stream_order(), random_per_batch, streams, self.seed, rank, world
+        )
+        self.random_offset, self.stream_offset = random_offset, stream_offset
+        self.epoch = 0
+
+    def __iter__(self):
+        n = self.schedule.num_random
+        order = self.schedule.next_epoch()
+        return iter([self.random_offset + i if i < n else self.stream_offset + i - n for i in order])
+
+    def __len__(self) -> int:
+        return self.schedule.batches_per_epoch() * (self.schedule.random_per_batch + self.schedule.streams)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 def _instances(boxes: np.ndarray, labels: np.ndarray) -> InstanceData:

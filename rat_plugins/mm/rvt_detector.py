@@ -118,9 +118,12 @@ class RecurrentYOLOX(YOLOX):
     ``is_first`` marks the recording's start; a recording's state is dropped after its
     ``stream_end`` segment. States are kept detached, so in training gradients stop at a segment's
     start (RVT's truncated backpropagation). Two segments of one recording in one batch run one
-    after the other. A segment whose predecessor was not the last one seen for its recording
-    (segments out of order, e.g. without ``sampler=dict(type='RVTStreamingSampler')``) raises an
-    error rather than run from a wrong state. Inputs without masks (e.g. ``[B, C, H, W]`` images or
+    after the other; random-access clips in the same batch (RVT's mixed training,
+    ``RVTMixedSampler``) keep their zero state. In evaluation a segment whose predecessor was not
+    the last one seen for its recording (segments out of order, e.g. without
+    ``sampler=dict(type='RVTStreamingSampler')``) raises an error rather than run from a wrong
+    state; in training it starts from a zero state (as after a resume, where RVT loses its states
+    too). Inputs without masks (e.g. ``[B, C, H, W]`` images or
     clips without data samples) run as clips whose every step is valid, starting a new sequence at
     step 0.
 
@@ -190,7 +193,7 @@ class RecurrentYOLOX(YOLOX):
         if batch_inputs.ndim == 4:
             batch_inputs = batch_inputs[:, None]
         valid, is_first = self.clip_masks(batch_inputs, batch_data_samples)
-        if batch_data_samples and "stream_end" in batch_data_samples[0]:
+        if batch_data_samples and any("stream_end" in s for s in batch_data_samples):
             x = self._forward_streams(batch_inputs, valid, is_first, batch_data_samples)
         else:
             x = self.backbone.forward_clip(batch_inputs, valid=valid, is_first=is_first)
@@ -201,12 +204,19 @@ class RecurrentYOLOX(YOLOX):
         self._streams.clear()
 
     def _stream_start(self, sample, valid: Tensor, is_first: Tensor) -> Optional[list]:
-        """The state a streamed segment starts from (None: a zero state, at the recording's start)."""
+        """The state a streamed segment starts from (None: a zero state, at the recording's start).
+
+        In training a missing state starts from zero (RVT's states do not survive a resume either:
+        the first segments after one run from a zero state); in evaluation it is an error."""
+        if "stream_end" not in sample:  # a random-access clip in a mixed batch: its own zero state
+            return None
         name, frame = sample.sequence, int(sample.objframe_idx)
         first_valid = int(valid.int().argmax())
         if bool(is_first[first_valid]):
             return None
         carried = self._streams.get(name)
+        if self.training and (carried is None or carried[0] != frame - 1):
+            return None
         if carried is None or carried[0] != frame - 1:
             seen = (
                 "no segment of it yet" if carried is None else f"its last segment ended at labelled frame {carried[0]}"
@@ -223,8 +233,9 @@ class RecurrentYOLOX(YOLOX):
         waves: List[List[int]] = []  # the k-th segment of a recording in this batch runs in wave k
         count: Dict[str, int] = {}
         for b, sample in enumerate(samples):
-            k = count.get(sample.sequence, 0)
-            count[sample.sequence] = k + 1
+            key = sample.sequence if "stream_end" in sample else f"random clip {b}"
+            k = count.get(key, 0)
+            count[key] = k + 1
             if k == len(waves):
                 waves.append([])
             waves[k].append(b)
@@ -238,7 +249,9 @@ class RecurrentYOLOX(YOLOX):
             )
             for j, b in enumerate(wave):
                 sample = samples[b]
-                if sample.stream_end:
+                if "stream_end" not in sample:
+                    pass
+                elif sample.stream_end:
                     self._streams.pop(sample.sequence, None)
                 else:
                     state = [(h[j : j + 1].detach(), c[j : j + 1].detach()) for h, c in states]
