@@ -14,6 +14,7 @@ removes only the entries the generator owns (e.g. ``train/ valid/ test/`` for ``
     python -m rat_plugins.data.synthetic isic-radius --out datasets/isic2018   (the physical-units control)
     python -m rat_plugins.data.synthetic fundus --out datasets/fundus [--layout mmseg]
     python -m rat_plugins.data.synthetic events --out datasets/events/synthetic
+    python -m rat_plugins.data.synthetic events-memory --out datasets/events/memory  (RVT's memory control)
     python -m rat_plugins.data.synthetic coco   --out datasets/coco2017
 
 Common options: ``--n N`` (size of the first split), ``--seed S``, ``--size`` (``640``, ``WxH``;
@@ -23,7 +24,7 @@ for ``isic`` a range ``LO,HI``), ``--overwrite``.
 from ._common import DatasetExistsError
 from .cli import GENERATORS, main
 from .coco2017 import COCO_CATEGORIES, make_coco
-from .events import EVENT_CLASSES, EVENT_H5_NAME, EVENT_REPR_NAME, RVT_LABEL_DTYPE, make_events
+from .events import EVENT_CLASSES, EVENT_H5_NAME, EVENT_REPR_NAME, RVT_LABEL_DTYPE, make_events, make_events_memory
 from .fundus import make_fundus
 from .head_detection import HEADS_CATEGORIES, make_heads
 from .isic import make_isic, make_isic_context, make_isic_radius
@@ -35,6 +36,7 @@ __all__ = [
     "make_isic_radius",
     "make_fundus",
     "make_events",
+    "make_events_memory",
     "make_coco",
     "main",
     "DatasetExistsError",

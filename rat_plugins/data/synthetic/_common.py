@@ -21,7 +21,16 @@ SizeArg = Union[int, Sequence[int]]
 JPEG_QUALITY = 90
 
 # One salt per family, so that two families drawn with the same seed do not share numbers.
-_SALT = {"heads": 101, "isic": 202, "fundus": 303, "events": 404, "coco": 505, "isic_context": 606, "isic_radius": 707}
+_SALT = {
+    "heads": 101,
+    "isic": 202,
+    "fundus": 303,
+    "events": 404,
+    "coco": 505,
+    "isic_context": 606,
+    "isic_radius": 707,
+    "events_memory": 808,
+}
 
 
 class DatasetExistsError(FileExistsError):

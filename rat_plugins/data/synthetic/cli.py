@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 from ._common import DatasetExistsError
 from .coco2017 import make_coco
-from .events import make_events
+from .events import make_events, make_events_memory
 from .fundus import make_fundus
 from .head_detection import make_heads
 from .isic import make_isic, make_isic_context, make_isic_radius
@@ -23,6 +23,7 @@ GENERATORS: Dict[str, Callable[..., dict]] = {
     "isic-radius": make_isic_radius,
     "fundus": make_fundus,
     "events": make_events,
+    "events-memory": make_events_memory,
     "coco": make_coco,
 }
 
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         if kind == "heads":
             p.add_argument("--head-sizes", type=float, nargs=2, default=(20, 160), metavar=("LOW", "HIGH"))
             p.add_argument("--distractors", type=int, nargs=2, default=(1, 4), metavar=("LOW", "HIGH"))
+        if kind == "events-memory":
+            p.add_argument("--frames", type=int, default=8, help="representations per recording")
+            p.add_argument("--emit", type=int, default=2, help="representations in which the object emits events")
         if kind == "events":
             p.add_argument("--frames", type=int, default=30, help="representations per sequence")
             p.add_argument("--label-every", type=int, default=2, help="label every k-th representation")
@@ -72,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kwargs["layout"] = args.layout
     if args.kind == "events":
         kwargs.update(frames=args.frames, label_every=args.label_every)
+    if args.kind == "events-memory":
+        kwargs.update(frames=args.frames, emit=args.emit)
     if args.kind == "heads":
         kwargs.update(head_sizes=tuple(args.head_sizes), distractors=tuple(args.distractors))
     try:

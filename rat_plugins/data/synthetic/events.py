@@ -19,7 +19,7 @@ import numpy as np
 from ..rvt_events import DEFAULT_REPR_NAME, REPR_FILE_DS2
 from ._common import SizeArg, Writer, check_n, image_size, item_rng, prepare_out
 
-__all__ = ["make_events", "EVENT_CLASSES", "EVENT_REPR_NAME", "EVENT_H5_NAME", "RVT_LABEL_DTYPE"]
+__all__ = ["make_events", "make_events_memory", "EVENT_CLASSES", "EVENT_REPR_NAME", "EVENT_H5_NAME", "RVT_LABEL_DTYPE"]
 
 # RVT's label record, field for field.
 RVT_LABEL_DTYPE = np.dtype(
@@ -60,6 +60,22 @@ def _occupancy(shape: str, cx: float, cy: float, ow: float, oh: float, xs: np.nd
     ny = ((ys + 0.5 - cy) / b)[:, None]
     sd = (np.sqrt(nx**2 + ny**2) - 1.0) * min(a, b)
     return np.clip(0.5 - sd, 0, 1).astype(np.float32)
+
+
+def _write_sequence(wr, seq: str, data: np.ndarray, labelled) -> np.ndarray:
+    """One recording in RVT's layout: the ds2 histogram, the label index and the labels (returned)."""
+    frames = len(data)
+    ev_dir = f"{seq}/event_representations_v2/{EVENT_REPR_NAME}"
+    repr_idx = np.array([i for i, _ in labelled], dtype=np.int64)
+    labels = np.concatenate([rows for _, rows in labelled])
+    starts = np.cumsum([0] + [len(rows) for _, rows in labelled[:-1]]).astype(np.int64)
+    ts = ((np.arange(frames, dtype=np.int64) + 1) * 50000).astype(np.int64)
+    wr.h5(f"{ev_dir}/{EVENT_H5_NAME}", data)
+    wr.npy(f"{ev_dir}/objframe_idx_2_repr_idx.npy", repr_idx)
+    wr.npy(f"{ev_dir}/timestamps_us.npy", ts)
+    wr.npz(f"{seq}/labels_v2/labels.npz", labels=labels, objframe_idx_2_label_idx=starts)
+    wr.npy(f"{seq}/labels_v2/timestamps_us.npy", ts[repr_idx])
+    return labels
 
 
 def _event_sequence(rng, sw: int, sh: int, frames: int, label_every: int, nbins: int = 10):
@@ -211,17 +227,7 @@ def make_events(
                     break
             else:  # pragma: no cover - ten empty draws in a row
                 raise RuntimeError("events: could not draw a sequence with labels")
-            seq = f"{split}/seq_{si}{q:03d}"
-            ev_dir = f"{seq}/event_representations_v2/{EVENT_REPR_NAME}"
-            repr_idx = np.array([i for i, _ in labelled], dtype=np.int64)
-            labels = np.concatenate([rows for _, rows in labelled])
-            starts = np.cumsum([0] + [len(rows) for _, rows in labelled[:-1]]).astype(np.int64)
-            ts = ((np.arange(frames, dtype=np.int64) + 1) * 50000).astype(np.int64)
-            wr.h5(f"{ev_dir}/{EVENT_H5_NAME}", data)
-            wr.npy(f"{ev_dir}/objframe_idx_2_repr_idx.npy", repr_idx)
-            wr.npy(f"{ev_dir}/timestamps_us.npy", ts)
-            wr.npz(f"{seq}/labels_v2/labels.npz", labels=labels, objframe_idx_2_label_idx=starts)
-            wr.npy(f"{seq}/labels_v2/timestamps_us.npy", ts[repr_idx])
+            labels = _write_sequence(wr, f"{split}/seq_{si}{q:03d}", data, labelled)
             stats["representations"] += frames
             stats["labelled_frames"] += len(labelled)
             stats["labels"] += len(labels)
@@ -232,5 +238,68 @@ def make_events(
             classes.update(info["classes"])
         stats["classes"] = sorted(classes)
         summary["splits"][split] = stats
+    summary["files"] = wr.files
+    return summary
+
+
+def make_events_memory(
+    out: Union[str, os.PathLike],
+    n: int = 32,
+    seed: int = 0,
+    size: SizeArg = 32,
+    frames: int = 8,
+    emit: int = 2,
+    overwrite: bool = False,
+) -> dict:
+    """Recordings whose object stops emitting events: RVT's memory control, RVT's layout (``events-memory``).
+
+    One square object (class 0, side 3/8 of the histogram's shorter side) per recording, still, at a
+    random place. It emits events (Poisson counts of mean 2 in every channel over its box) in the
+    first ``emit`` representations and none after (no noise anywhere), and stays labelled. Labelled
+    frames are every second representation from ``emit + 2`` on, so a zero-state clip of the last
+    two representations before a labelled frame holds no event of the object: only a model that
+    carries its state from the recording's start can find it there.
+
+    Args:
+        out: dataset folder; ``train`` gets ``n`` recordings, ``val`` and ``test`` ``max(1, n // 2)``.
+        seed: random seed.
+        size: histogram size, int or (width, height) (the sensor, and the labels, are twice that).
+        frames: representations per recording (> ``emit + 2``).
+        emit: representations with events.
+    """
+    n = check_n(n, 1, "events-memory")
+    w, h = image_size(size, "events-memory")
+    frames, emit = int(frames), int(emit)
+    if emit < 1 or frames <= emit + 2:
+        raise ValueError(f"events-memory: need emit >= 1 and frames > emit + 2, got emit {emit}, frames {frames}")
+    root = prepare_out(out, ("train", "val", "test"), overwrite)
+    wr = Writer(root)
+    side = max(4, round(3 * min(w, h) / 8))
+    labelled_reprs = list(range(emit + 2, frames, 2))
+    summary = dict(
+        kind="events-memory",
+        out=str(root),
+        seed=int(seed),
+        histogram_hw=[h, w],
+        sensor_hw=[2 * h, 2 * w],
+        frames=frames,
+        emit=emit,
+        object_side=side,
+        labelled_representations=labelled_reprs,
+        splits={},
+    )
+    counts = {"train": n, "val": max(1, n // 2), "test": max(1, n // 2)}
+    for si, (split, count) in enumerate(counts.items()):
+        for q in range(count):
+            rng = item_rng("events_memory", seed, si, q)
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            data = np.zeros((frames, 20, h, w), np.uint8)
+            data[:emit, :, y : y + side, x : x + side] = np.minimum(rng.poisson(2.0, (emit, 20, side, side)), 10)
+            box = (2 * x, 2 * y, 2 * side, 2 * side)  # sensor pixels
+            labelled = [
+                (i, np.array([((i + 1) * 50000, *box, 0, 1.0, 0)], dtype=RVT_LABEL_DTYPE)) for i in labelled_reprs
+            ]
+            _write_sequence(wr, f"{split}/seq_{si}{q:03d}", data, labelled)
+        summary["splits"][split] = dict(sequences=count, labelled_frames=count * len(labelled_reprs))
     summary["files"] = wr.files
     return summary
