@@ -111,7 +111,9 @@ def context_verdict(dice: Dict[str, Sequence[float]]) -> dict:
     return summary
 
 
-def run_context_control(work_dir, seeds: Sequence[int] = (0, 1, 2), iters: int = 100, force: bool = False) -> dict:
+def run_context_control(
+    work_dir, seeds: Sequence[int] = (0, 1, 2), iters: int = DEFAULT_ITERS["context"], force: bool = False
+) -> dict:
     """Train and test both context configs at every seed; write ``context_control.{md,csv}`` and
     return the verdict."""
     work_dir = Path(work_dir)
@@ -148,7 +150,9 @@ def spacing_verdict(rows: Sequence[dict]) -> dict:
     return summary
 
 
-def run_spacing_control(work_dir, seeds: Sequence[int] = (0, 1, 2), iters: int = 200, force: bool = False) -> dict:
+def run_spacing_control(
+    work_dir, seeds: Sequence[int] = (0, 1, 2), iters: int = DEFAULT_ITERS["spacing"], force: bool = False
+) -> dict:
     """Train the radius config at every seed, test it at twice the resolution with the spacing scaled
     and kept; write ``spacing_control.{md,csv}`` and return the verdict."""
     work_dir = Path(work_dir)

@@ -173,12 +173,21 @@ class WindowedMultiResAttention(MultiRes_RoSE_Block):
             cache[key] = (torch.cat(indices, 1), torch.cat(seen, 1))
         return cache[key]
 
+    def _allowed(self, index, seen, tokens):
+        """The ``tokens x tokens`` mask of the masked-rows path, built once per ``_neighbours`` entry
+        (the same ``index`` tensor comes back while the grids stay the same)."""
+        cached = self.__dict__.get("_allowed_cache")
+        if cached is None or cached[0] is not index:
+            mask = torch.zeros(tokens, tokens, dtype=torch.bool, device=index.device).scatter_(1, index, seen)
+            cached = self.__dict__["_allowed_cache"] = (index, mask)
+        return cached[1]
+
     def _attend(self, q, k, v, index, seen):
         """q / k / v ``(B, H, N, d)``; each query attends to its ``index`` keys where ``seen``."""
         batch, heads, tokens, head_dim = q.shape
         dropout = self.attn_dropout if self.training else 0.0
         if tokens <= self.masked_rows_ratio * index.shape[1]:
-            allowed = torch.zeros(tokens, tokens, dtype=torch.bool, device=q.device).scatter_(1, index, seen)
+            allowed = self._allowed(index, seen, tokens)
             step = max(1, self.chunk_elements // (batch * heads * tokens))
             return torch.cat(
                 [
