@@ -108,3 +108,39 @@ def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         y = y * F.silu(z)
     return y, s
+
+
+def recurrent_yolox_cfg(embed_dim=8, num_classes=3, head_width=8, patch_size=4, out_indices=(1, 2, 3), **overrides):
+    """A small mmdet ``RecurrentYOLOX``: MaxViT-RNN (tiny layout at ``embed_dim``, head dim 8,
+    ``partition_split`` 1) -> RVT PAFPN with head stems of ``head_width`` -> mmdet's YOLOX head, RVT's
+    SimOTA assigner, every score kept. ``overrides``: top-level keys; a dict updates that part."""
+    from mmengine.config import ConfigDict
+
+    cfg = dict(
+        type="RecurrentYOLOX",
+        data_preprocessor=dict(type="EventClipDataPreprocessor"),
+        backbone=dict(
+            type="MaxViTRNN",
+            variant="tiny",
+            embed_dim=embed_dim,
+            dim_head=8,
+            patch_size=patch_size,
+            partition_split=1,
+            out_indices=tuple(out_indices),
+        ),
+        neck=dict(
+            type="RVTPAFPN", in_channels=[embed_dim * 2**i for i in out_indices], depth=0.33, out_channels=head_width
+        ),
+        bbox_head=dict(
+            type="YOLOXHead",
+            num_classes=num_classes,
+            in_channels=head_width,
+            feat_channels=head_width,
+            strides=tuple(patch_size * 2**i for i in out_indices),
+        ),
+        train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
+        test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)),
+    )
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key in cfg else value
+    return ConfigDict(cfg)  # a ConfigDict, as the Runner passes (heads read cfg.score_thr)

@@ -10,7 +10,7 @@ import pytest
 import rvt_reference as rvt
 import torch
 
-from _helpers import REPO, run_cmd
+from _helpers import REPO, recurrent_yolox_cfg, run_cmd
 
 torch.set_num_threads(1)
 
@@ -49,35 +49,16 @@ def _lightning_file(path, state_dict):
 
 
 def _detector_cfg(num_classes=NUM_CLASSES, **overrides):
-    from mmengine.config import ConfigDict
-
-    cfg = dict(
-        type="RecurrentYOLOX",
-        data_preprocessor=dict(type="EventClipDataPreprocessor"),
-        backbone=dict(
-            type="MaxViTRNN",
-            variant="tiny",
-            embed_dim=EMBED,
-            dim_head=DIM_HEAD,
-            patch_size=4,
-            partition_split=1,
-            out_indices=(1, 2, 3),
-        ),
-        neck=dict(type="RVTPAFPN", in_channels=[32, 64, 128], depth=0.33, out_channels=HEAD_WIDTH),
-        bbox_head=dict(
-            type="YOLOXHead",
-            num_classes=num_classes,
-            in_channels=HEAD_WIDTH,
-            feat_channels=HEAD_WIDTH,
-            strides=STRIDES,
-            norm_cfg=dict(type="BN", momentum=0.1, eps=1e-5),  # RVT's batch norms: PyTorch's defaults
-        ),
-        train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
-        test_cfg=dict(score_thr=0.1, nms=dict(type="nms", iou_threshold=0.45)),  # RVT's postprocess
+    cfg = recurrent_yolox_cfg(
+        embed_dim=EMBED,
+        num_classes=num_classes,
+        head_width=HEAD_WIDTH,
+        bbox_head=dict(norm_cfg=dict(type="BN", momentum=0.1, eps=1e-5)),  # RVT's batch norms: PyTorch's defaults
+        test_cfg=dict(score_thr=0.1),  # RVT's postprocess: confidence 0.1, NMS 0.45
     )
     for key, value in overrides.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    return ConfigDict(cfg)
+    return cfg
 
 
 def _events(steps, seed=0):

@@ -5,33 +5,17 @@ states. A small RecurrentYOLOX trained on such recordings finds it when the reco
 import pytest
 import torch
 
+from _helpers import recurrent_yolox_cfg
+
 torch.set_num_threads(2)
 
 ITERS, BATCH, LR = 300, 8, 2e-3
 
 
 def _build(MODELS):
-    from mmengine.config import ConfigDict
-
-    cfg = dict(
-        type="RecurrentYOLOX",
-        data_preprocessor=dict(type="EventClipDataPreprocessor"),
-        backbone=dict(
-            type="MaxViTRNN",
-            variant="tiny",
-            embed_dim=16,
-            dim_head=8,
-            patch_size=4,
-            partition_split=1,
-            out_indices=(1, 2, 3),
-        ),
-        neck=dict(type="RVTPAFPN", in_channels=[32, 64, 128], depth=0.33, out_channels=32),
-        bbox_head=dict(type="YOLOXHead", num_classes=1, in_channels=32, feat_channels=32, strides=(8, 16, 32)),
-        train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
-        test_cfg=dict(score_thr=0.01, nms=dict(type="nms", iou_threshold=0.45)),
-    )
+    cfg = recurrent_yolox_cfg(embed_dim=16, num_classes=1, head_width=32, test_cfg=dict(score_thr=0.01))
     torch.manual_seed(0)
-    det = MODELS.build(ConfigDict(cfg))
+    det = MODELS.build(cfg)
     det.init_weights()
     return det
 

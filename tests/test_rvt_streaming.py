@@ -8,6 +8,8 @@ import torch
 
 from rat_plugins.data.rvt_events import RVTEventClips, rvt_box_filter, rvt_box_thresholds, stream_schedule
 
+from _helpers import recurrent_yolox_cfg
+
 torch.set_num_threads(1)
 
 CLASSES = ("pedestrian", "car", "bicycle", "bus", "motorbike", "truck", "tram", "wheelchair")  # eTraM's
@@ -82,27 +84,9 @@ def test_stream_schedule_keeps_each_recording_in_order():
 
 
 def _detector(MODELS):
-    from mmengine.config import ConfigDict
-
-    cfg = dict(
-        type="RecurrentYOLOX",
-        data_preprocessor=dict(type="EventClipDataPreprocessor"),
-        backbone=dict(
-            type="MaxViTRNN",
-            variant="tiny",
-            embed_dim=8,
-            dim_head=8,
-            patch_size=4,
-            partition_split=1,
-            out_indices=(1, 2, 3),
-        ),
-        neck=dict(type="RVTPAFPN", in_channels=[16, 32, 64], depth=0.33, out_channels=8),
-        bbox_head=dict(type="YOLOXHead", num_classes=len(CLASSES), in_channels=8, feat_channels=8, strides=(8, 16, 32)),
-        train_cfg=dict(assigner=dict(type="RVTSimOTAAssigner")),
-        test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)),
-    )
+    cfg = recurrent_yolox_cfg(embed_dim=8, num_classes=len(CLASSES), head_width=8)
     torch.manual_seed(0)
-    det = MODELS.build(ConfigDict(cfg)).eval()
+    det = MODELS.build(cfg).eval()
     with torch.no_grad():  # LayerScale 1e-5 would let the state barely matter
         for name, p in det.backbone.named_parameters():
             if name.endswith("gamma"):

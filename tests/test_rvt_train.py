@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import REPO, run_cmd
+from _helpers import REPO, recurrent_yolox_cfg, run_cmd
 
 torch.set_num_threads(1)
 
@@ -31,29 +31,15 @@ def mmdet_scope():  # per test: conftest clears the default scope after every te
 
 
 def _tiny_detector(MODELS, patch_size=2, partition_split=1, out_indices=(0, 1, 2, 3), preprocessor=None):
-    from mmengine.config import ConfigDict
-
-    dims = [8 * 2**i for i in out_indices]
-    strides = [patch_size * 2**i for i in out_indices]
-    cfg = dict(
-        type="RecurrentYOLOX",
+    cfg = recurrent_yolox_cfg(
+        patch_size=patch_size,
+        out_indices=out_indices,
+        backbone=dict(partition_split=partition_split),
         data_preprocessor=preprocessor or dict(type="EventClipDataPreprocessor"),
-        backbone=dict(
-            type="MaxViTRNN",
-            variant="tiny",
-            embed_dim=8,
-            dim_head=8,
-            patch_size=patch_size,
-            partition_split=partition_split,
-            out_indices=out_indices,
-        ),
-        neck=dict(type="RVTPAFPN", in_channels=dims, depth=0.33, out_channels=8),
-        bbox_head=dict(type="YOLOXHead", num_classes=3, in_channels=8, feat_channels=8, strides=strides),
         train_cfg=dict(assigner=dict(type="SimOTAAssigner", center_radius=2.5)),
-        test_cfg=dict(score_thr=0.0, nms=dict(type="nms", iou_threshold=0.45)),
     )
     torch.manual_seed(0)
-    return MODELS.build(ConfigDict(cfg)).eval()  # a ConfigDict, as the Runner passes (heads read cfg.score_thr)
+    return MODELS.build(cfg).eval()
 
 
 def _sample(valid, is_first):

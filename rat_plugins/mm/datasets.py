@@ -451,7 +451,8 @@ class RVTStreamingSampler(torch.utils.data.Sampler):
 
 
 def _sampling_parts(dataset):
-    """``(random part, streaming part, offset of the streaming part)`` of a ConcatDataset of two RVTEventDatasets."""
+    """``(random part, streaming part, their offsets in the ConcatDataset)`` of a ConcatDataset of two
+    RVTEventDatasets."""
     parts = list(getattr(dataset, "datasets", []))
     modes = [getattr(p, "clip_args", {}).get("sampling") for p in parts]
     if sorted(modes) != ["random", "streaming"]:
@@ -488,7 +489,6 @@ class RVTMixedSampler(torch.utils.data.Sampler):
             len(random_part), stream_part.stream_order(), random_per_batch, streams, self.seed, rank, world
         )
         self.random_offset, self.stream_offset = random_offset, stream_offset
-        self.epoch = 0
 
     def __iter__(self):
         n = self.schedule.num_random
@@ -498,8 +498,8 @@ class RVTMixedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.schedule.batches_per_epoch() * (self.schedule.random_per_batch + self.schedule.streams)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int) -> None:  # mmengine calls it every epoch; the schedule counts its own
+        pass
 
 
 def _instances(boxes: np.ndarray, labels: np.ndarray) -> InstanceData:

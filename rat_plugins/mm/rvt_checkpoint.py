@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..models.maxvit_rnn import RVT_BACKBONE_PREFIX, load_rvt_checkpoint, read_rvt_checkpoint
+from ..models.maxvit_rnn import RVT_BACKBONE_PREFIX, load_rvt_checkpoint, read_rvt_checkpoint, with_lightning_prefix
 from ..models.yolox_pafpn import RVT_FPN_PREFIX, RVT_HEAD_STEMS_PREFIX, load_rvt_fpn
 
 __all__ = [
@@ -56,13 +56,6 @@ _DWCONV_PARTS = {"dconv": "depthwise_conv", "pconv": "pointwise_conv"}
 RVT_BN_EPS = 1e-5
 
 
-def _with_lightning_prefix(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """Detector-level keys (``backbone.*``, ``fpn.*``, ``yolox_head.*``) get Lightning's ``mdl.``."""
-    if any(k.startswith("mdl.") for k in state_dict):
-        return dict(state_dict)
-    return {f"mdl.{k}": v for k, v in state_dict.items()}
-
-
 def convert_rvt_head(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """RVT head keys -> mmdet ``YOLOXHead`` keys (without ``bbox_head.``); pure function.
 
@@ -70,7 +63,7 @@ def convert_rvt_head(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     head module this map does not know raises ``ValueError`` naming it.
     """
     converted, unknown = {}, []
-    for key, value in _with_lightning_prefix(state_dict).items():
+    for key, value in with_lightning_prefix(state_dict).items():
         if not key.startswith(RVT_HEAD_PREFIX) or key.startswith(RVT_HEAD_STEMS_PREFIX):
             continue
         module, rest = key[len(RVT_HEAD_PREFIX) :].split(".", 1)
@@ -188,7 +181,7 @@ def _batch_norm_warnings(detector) -> List[str]:
 
 def _split(state_dict: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
     known = (RVT_BACKBONE_PREFIX, RVT_FPN_PREFIX, RVT_HEAD_PREFIX)
-    state_dict = _with_lightning_prefix(state_dict)
+    state_dict = with_lightning_prefix(state_dict)
     return state_dict, [k for k in state_dict if not k.startswith(known)]
 
 

@@ -215,18 +215,16 @@ class RecurrentYOLOX(YOLOX):
         if bool(is_first[first_valid]):
             return None
         carried = self._streams.get(name)
-        if self.training and (carried is None or carried[0] != frame - 1):
+        if carried is not None and carried[0] == frame - 1:
+            return carried[1]
+        if self.training:
             return None
-        if carried is None or carried[0] != frame - 1:
-            seen = (
-                "no segment of it yet" if carried is None else f"its last segment ended at labelled frame {carried[0]}"
-            )
-            raise RuntimeError(
-                f"streamed segment of '{name}' ending at labelled frame {frame} arrived but {seen}: a recording's "
-                "segments must come in order, each after the one before. Fix: sampler=dict(type='RVTStreamingSampler') "
-                "in the data loader, and no dataset subset (dataset_fraction / indices) in streaming mode"
-            )
-        return carried[1]
+        seen = "no segment of it yet" if carried is None else f"its last segment ended at labelled frame {carried[0]}"
+        raise RuntimeError(
+            f"streamed segment of '{name}' ending at labelled frame {frame} arrived but {seen}: a recording's "
+            "segments must come in order, each after the one before. Fix: sampler=dict(type='RVTStreamingSampler') "
+            "in the data loader, and no dataset subset (dataset_fraction / indices) in streaming mode"
+        )
 
     def _forward_streams(self, inputs: Tensor, valid: Tensor, is_first: Tensor, samples: SampleList):
         """Backbone maps of the last step of each streamed segment, each from its recording's state."""
@@ -249,11 +247,9 @@ class RecurrentYOLOX(YOLOX):
             )
             for j, b in enumerate(wave):
                 sample = samples[b]
-                if "stream_end" not in sample:
-                    pass
-                elif sample.stream_end:
+                if "stream_end" in sample and sample.stream_end:
                     self._streams.pop(sample.sequence, None)
-                else:
+                elif "stream_end" in sample:
                     state = [(h[j : j + 1].detach(), c[j : j + 1].detach()) for h, c in states]
                     self._streams[sample.sequence] = (int(sample.objframe_idx), state)
                 outputs[b] = tuple(f[j] for f in feats)

@@ -38,6 +38,7 @@ __all__ = [
     "RVTCheckpointReport",
     "MAXVIT_RNN_VARIANTS",
     "RVT_BACKBONE_PREFIX",
+    "with_lightning_prefix",
     "rvt_stage_names",
     "convert_rvt_to_maxvit_rnn",
     "rvt_backbone_architecture",
@@ -628,6 +629,14 @@ def _suggest(arch: dict) -> str:
         f"build it with maxvit_rnn_{variant}(in_chans={arch.get('in_chans')}, "
         f"patch_size=...) (RVT-{variant[0].upper()} sizes)"
     )
+
+
+def with_lightning_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """RVT keys as the Lightning module holds them: detector-level keys (``backbone.*``, ``fpn.*``,
+    ``yolox_head.*``) get ``mdl.``; keys that have it stay."""
+    if any(k.startswith("mdl.") for k in state_dict):
+        return dict(state_dict)
+    return {f"mdl.{k}": v for k, v in state_dict.items()}
 
 
 def read_rvt_checkpoint(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import select_features
-from .maxvit_rnn import read_rvt_checkpoint
+from .maxvit_rnn import read_rvt_checkpoint, with_lightning_prefix
 
 __all__ = [
     "ConvNormAct",
@@ -281,9 +281,7 @@ def convert_rvt_to_yolox_pafpn(
     Pure function. Takes the Lightning module's keys (``mdl.fpn.*``) or the detector's (``fpn.*``,
     ``yolox_head.stems.*``); backbone / other head keys are counted per prefix and left out.
     """
-    keys = list(state_dict)
-    if not any(k.startswith("mdl.") for k in keys):  # detector-level keys: add Lightning's prefix
-        state_dict = {f"mdl.{k}": v for k, v in state_dict.items()}
+    state_dict = with_lightning_prefix(state_dict)
     mapping = rvt_fpn_key_map(with_head_stems)
     converted, ignored = {}, Counter()
     for key, value in state_dict.items():
